@@ -1,0 +1,7 @@
+"""Loaders (and writers) for foreign checkpoint formats, one module each."""
+
+from gemscope_jax.convert._errors import CheckpointError
+from gemscope_jax.convert.gguf import load_gguf
+from gemscope_jax.convert.hf import config_from_hf, load_hf
+
+__all__ = ["CheckpointError", "config_from_hf", "load_gguf", "load_hf"]

@@ -1,0 +1,155 @@
+"""Flax building blocks of the Gemma 3 text decoder.
+
+Parameter names and shapes are those of the official Gemma checkpoints
+(`layer_N/attn/q_einsum/w`, `layer_N/mlp/gating_einsum`, ...), so official
+parameter trees apply without renaming. Axis letters in einsums:
+B batch, T query time, S key time, D d_model, N query heads, K kv heads,
+G query heads per kv head, H head_dim, F mlp hidden, C stacked copies, V vocab.
+
+Parameters may be stored in any float dtype; every op casts them to the
+module's compute `dtype`. Norms, RoPE and the softmax run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemscope_jax.models._config import Gemma3Config
+
+# A finite stand-in for -inf: fully masked rows (left padding) stay finite.
+_MASK_VALUE = -2.3819763e38
+
+# (site name, value) -> value. Blocks call it at every hookpoint, which is how
+# activations are recorded and edited; the identity costs nothing under jit.
+Intervene = Callable[[str, jax.Array], jax.Array]
+
+
+def _identity(_: str, x: jax.Array) -> jax.Array:
+  return x
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm multiplying by (1 + scale), scale initialised to zero."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.eps)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Einsum(nn.Module):
+  """A weight `w` of a fixed shape applied by an einsum equation."""
+  shape: tuple[int, ...]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    w = self.param("w", nn.initializers.normal(0.02), self.shape)
+    return jnp.einsum(eqn, x, w.astype(self.dtype))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float,
+               scale: float) -> jax.Array:
+  """Rotary embedding on the last axis of x (B, T, heads, H), half-split form."""
+  head_dim = x.shape[-1]
+  fraction = 2.0 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
+  inv_freq = 1.0 / (base ** fraction)
+  angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with qk-RMSNorm and per-layer RoPE."""
+  config: Gemma3Config
+  layer: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.q_einsum = Einsum((c.num_heads, c.d_model, c.head_dim), self.dtype)
+    self.kv_einsum = Einsum((2, c.num_kv_heads, c.d_model, c.head_dim),
+                            self.dtype)
+    self.attn_vec_einsum = Einsum((c.num_heads, c.head_dim, c.d_model),
+                                  self.dtype)
+    self._query_norm = RMSNorm(c.norm_eps)
+    self._key_norm = RMSNorm(c.norm_eps)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, allowed: jax.Array,
+               intervene: Intervene) -> jax.Array:
+    """x (B, T, D), positions (B, T), allowed (B, T, S) bool -> (B, T, D)."""
+    c = self.config
+    b, t, _ = x.shape
+    q = self.q_einsum("BTD,NDH->BTNH", x)
+    k, v = self.kv_einsum("BSD,CKDH->CBSKH", x)
+    q = self._query_norm(q)
+    k = self._key_norm(k)
+    base, scale = c.rope(self.layer)
+    q = apply_rope(q, positions, base, scale) * jnp.asarray(c.query_scale,
+                                                            self.dtype)
+    k = apply_rope(k, positions, base, scale)
+
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
+                        preferred_element_type=jnp.float32)
+    logits = jnp.where(allowed[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    heads = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+
+    heads = heads.reshape(b, t, c.num_heads * c.head_dim)
+    heads = intervene("attn_out", heads)
+    heads = heads.reshape(b, t, c.num_heads, c.head_dim)
+    return self.attn_vec_einsum("BTNH,NHD->BTD", heads)
+
+
+class FeedForward(nn.Module):
+  """GELU(tanh)-gated MLP; gating_einsum stacks (gate, up) as (2, F, D)."""
+  config: Gemma3Config
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    init = nn.initializers.normal(0.02)
+    w_gate_up = self.param("gating_einsum", init, (2, c.mlp_dim, c.d_model))
+    w_down = self.param("linear", init, (c.mlp_dim, c.d_model))
+    gate, up = jnp.einsum("BTD,CFD->CBTF", x, w_gate_up.astype(self.dtype))
+    hidden = jax.nn.gelu(gate, approximate=True) * up
+    return jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(self.dtype))
+
+
+class Block(nn.Module):
+  """One decoder block; calls `intervene` at each of its hookpoint sites."""
+  config: Gemma3Config
+  layer: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    eps = self.config.norm_eps
+    self.pre_attention_norm = RMSNorm(eps)
+    self.attn = Attention(self.config, self.layer, self.dtype)
+    self.post_attention_norm = RMSNorm(eps)
+    self.pre_ffw_norm = RMSNorm(eps)
+    self.mlp = FeedForward(self.config, self.dtype)
+    self.post_ffw_norm = RMSNorm(eps)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, allowed: jax.Array,
+               intervene: Intervene = _identity) -> jax.Array:
+    x = intervene("resid_pre", x)
+    h = self.attn(self.pre_attention_norm(x), positions, allowed, intervene)
+    x = intervene("resid_mid", x + self.post_attention_norm(h))
+    h = intervene("mlp_in", self.pre_ffw_norm(x))
+    h = intervene("mlp_out", self.post_ffw_norm(self.mlp(h)))
+    return intervene("resid_post", x + h)
