@@ -1,0 +1,61 @@
+"""Shared fixtures. Real-model fixtures are session-scoped: loading costs
+tens of seconds, so every test that needs the real Gemma 3 270M shares one."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+# Tests run on the CPU; keep XLA from grabbing every core for one op.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def real_model():
+  """(config, params) of the real Gemma 3 270M, float32, as jax arrays."""
+  from gemscope_jax import pretrained
+  return pretrained.load_model("default")
+
+
+@pytest.fixture(scope="session")
+def real_gguf_path():
+  from gemscope_jax import assets
+  return assets.default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_real_model(real_gguf_path):
+  """transformers' own Gemma3ForCausalLM read from the same GGUF, float32."""
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(real_gguf_path.parent), gguf_file=real_gguf_path.name,
+      dtype=torch.float32, attn_implementation="eager")
+  return model.eval()
+
+
+@pytest.fixture(scope="session")
+def real_text_tokens():
+  """(tokens, mask): 4 windows of 64 real English tokens, BOS first, the
+  last window right-padded, from Shakespeare and the Python docs."""
+  from gemscope_jax import data
+  from gemscope_jax.tokenizer import default_tokenizer
+  tok = default_tokenizer()
+  texts = [data.read_text(data.shakespeare_files()[:1])[5000:7000],
+           data.read_text(data.shakespeare_files()[7:8])[20000:22000]]
+  if data.available("python_docs"):
+    texts.append(data.read_text(data.python_doc_files()[40:41])[:2000])
+  else:
+    texts.append(data.read_text(data.shakespeare_files()[12:13])[9000:11000])
+  texts.append("The capital of France is Paris. It lies on the Seine.")
+  t = 64
+  tokens = np.zeros((len(texts), t), np.int32)
+  for i, text in enumerate(texts):
+    ids = tok.encode(text)[:t]
+    tokens[i, :len(ids)] = ids
+  return tokens, tokens != 0
