@@ -8,10 +8,13 @@ runs it with the `sentencepiece` library, so no hub download is ever needed.
 The proto can be serialized and cached, and official `tokenizer.model` files
 load through the same class.
 
-Main caveat: the rebuilt model is only as faithful as the GGUF metadata. It is
-checked against transformers' own GGUF tokenizer for Gemma 3 (see
-tests/test_tokenizer.py); other SentencePiece ("llama") GGUFs load, but their
-normalization (for instance a precompiled charsmap) is not reproduced.
+Main caveat: the rebuilt model is only as faithful as the GGUF metadata, and
+it is verified only for Gemma 3 (tests/test_tokenizer.py); other SentencePiece
+("llama") GGUFs load but are untested. It follows SentencePiece (and
+llama.cpp), not transformers' GGUF tokenizer, where the two differ: Gemma's
+user-defined whitespace pieces (runs of 2..31 spaces) are matched whole,
+longest first, so a run of 32+ spaces splits as 31 + rest, whereas
+transformers splits it by BPE merges. Everything else agrees id for id.
 Control tokens written literally in the text (`<start_of_turn>`, `<bos>`, ...)
 are encoded as their single ids by default, as transformers and llama.cpp do;
 pass `parse_special=False` to tokenize them as plain text.
@@ -54,9 +57,11 @@ _KEY_IDS = {
     "pad": "tokenizer.ggml.padding_token_id",
 }
 _KEY_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
+_KEY_REMOVE_SPACES = "tokenizer.ggml.remove_extra_whitespaces"
+_KEY_CHARSMAP = "tokenizer.ggml.precompiled_charsmap"
 _WANTED_KEYS = frozenset(
     [_KEY_MODEL, _KEY_TOKENS, _KEY_SCORES, _KEY_TYPES, _KEY_SPACE_PREFIX,
-     *_KEY_IDS.values()])
+     _KEY_REMOVE_SPACES, _KEY_CHARSMAP, *_KEY_IDS.values()])
 
 _SPIECE_SPACE = "\u2581"
 
@@ -280,8 +285,13 @@ def _proto_from_metadata(meta: dict[str, Any], source: str) -> bytes:
   norm = proto.normalizer_spec
   norm.name = "identity"
   norm.add_dummy_prefix = add_prefix
-  norm.remove_extra_whitespaces = False
+  norm.remove_extra_whitespaces = bool(meta.get(_KEY_REMOVE_SPACES, False))
   norm.escape_whitespaces = True
+  charsmap = meta.get(_KEY_CHARSMAP)
+  if charsmap is not None and len(charsmap):
+    # The same blob SentencePiece keeps in its normalizer spec (Gemma has none).
+    norm.name = "precompiled"
+    norm.precompiled_charsmap = np.asarray(charsmap, np.uint8).tobytes()
 
   seen: dict[str, int] = {}
   type_list = types.tolist()
@@ -385,11 +395,10 @@ class Tokenizer:
     Returns:
       The tokenizer.
     """
-    source = str(path if path is not None else
-                 getattr(reader, "path", None) or "<GGUFReader>")
-    # np.memmap readers carry the path as bytes or str depending on version.
-    if source.startswith("b'"):
-      source = source[2:-1]
+    if path is None:
+      # GGUFReader keeps no path of its own, but its np.memmap does.
+      path = getattr(getattr(reader, "data", None), "filename", None)
+    source = str(path) if path is not None else "<GGUFReader>"
     meta = _reader_metadata(reader)
     return cls(_proto_from_metadata(meta, source), source)
 

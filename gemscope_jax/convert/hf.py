@@ -95,18 +95,20 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json"
                           f"{scaling}; Gemma 3 uses linear")
   dims["rope_scale_global"] = float(scaling.get("factor", 1.0))
 
+  pattern = int(hf.get("sliding_window_pattern",
+                       hf.get("_sliding_window_pattern", 6)))
   layer_types = hf.get("layer_types")
   if layer_types:
-    global_idx = [i for i, t in enumerate(layer_types) if t == "full_attention"]
-    every = global_idx[0] + 1 if global_idx else len(layer_types) + 1
-    if any(((i + 1) % every == 0) != (t == "full_attention")
-           for i, t in enumerate(layer_types)):
-      raise CheckpointError(source, "layer_types", "only a periodic "
-                            "local/global pattern ending each period with a "
-                            "global layer is supported")
-    dims["global_every"] = every
-  else:
-    dims["global_every"] = int(hf.get("sliding_window_pattern", 6))
+    is_global = [t == "full_attention" for t in layer_types]
+    fits = lambda every: all(((i + 1) % every == 0) == g
+                             for i, g in enumerate(is_global))
+    if not fits(pattern):
+      pattern = is_global.index(True) + 1 if any(is_global) else 0
+      if not pattern or not fits(pattern):
+        raise CheckpointError(source, "layer_types", "only a periodic "
+                              "local/global pattern ending each period with "
+                              "a global layer is supported")
+  dims["global_every"] = pattern
 
   for c in CONFIGS.values():
     if all(getattr(c, k) == v for k, v in dims.items() if k != "vocab_size"):
