@@ -14,10 +14,13 @@ it is verified only for Gemma 3 (tests/test_tokenizer.py); other SentencePiece
 llama.cpp), not transformers' GGUF tokenizer, where the two differ: Gemma's
 user-defined whitespace pieces (runs of 2..31 spaces) are matched whole,
 longest first, so a run of 32+ spaces splits as 31 + rest, whereas
-transformers splits it by BPE merges. Everything else agrees id for id.
-Control tokens written literally in the text (`<start_of_turn>`, `<bos>`, ...)
-are encoded as their single ids by default, as transformers and llama.cpp do;
-pass `parse_special=False` to tokenize them as plain text.
+transformers splits it by BPE merges; on all other text tested (Shakespeare,
+the Python manual, unicode edge cases) the ids agree exactly. Control tokens
+written literally in the text (`<start_of_turn>`, `<bos>`, ...) are encoded
+as their single ids by default, as transformers and llama.cpp do; pass
+`parse_special=False` to tokenize them as plain text. A literal U+2581 in the
+text reads as a space (Gemma's own whitespace mark), so it does not survive
+`decode(encode(text))`.
 """
 
 from __future__ import annotations
@@ -111,6 +114,9 @@ def _read_gguf_tokenizer_metadata(path: pathlib.Path) -> dict[str, Any]:
     return _parse_metadata(buf, path)
   except struct.error as e:
     raise ValueError(f"{path}: GGUF metadata is truncated or corrupt") from e
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: GGUF metadata holds a string that is not "
+                     f"UTF-8 ({e})") from e
   finally:
     buf.close()
 
@@ -130,7 +136,7 @@ def _parse_metadata(buf: mmap.mmap, path: pathlib.Path) -> dict[str, Any]:
     pos += 8
     if pos + n > size:
       raise struct.error("string runs past the end of the file")
-    return buf[pos:pos + n].decode("utf-8", errors="surrogateescape"), pos + n
+    return buf[pos:pos + n].decode("utf-8"), pos + n
 
   def skip_or_read(pos: int, vtype: int, keep: bool) -> tuple[Any, int]:
     if vtype in _GGUF_SCALAR:
@@ -146,6 +152,8 @@ def _parse_metadata(buf: mmap.mmap, path: pathlib.Path) -> dict[str, Any]:
       pos += 12
       if etype in _GGUF_SCALAR:
         dt = _GGUF_SCALAR[etype]
+        if pos + count * dt.itemsize > size:
+          raise struct.error("array runs past the end of the file")
         value = np.frombuffer(buf, dt, count, pos).copy() if keep else None
         return value, pos + count * dt.itemsize
       if etype == _GGUF_STRING:
@@ -190,8 +198,7 @@ def _reader_metadata(reader: Any) -> dict[str, Any]:
     if types[:2] == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
       # One bytes() per part is far cheaper than field.contents(), which
       # goes through generic per-item conversion.
-      out[key] = [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape")
-                  for i in field.data]
+      out[key] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
     elif types and types[0] == gguf.GGUFValueType.ARRAY:
       if field.data:
         out[key] = np.concatenate([np.asarray(field.parts[i]) for i in field.data])
@@ -270,8 +277,8 @@ def _proto_from_metadata(meta: dict[str, Any], source: str) -> bytes:
   trainer.model_type = pb2.TrainerSpec.BPE
   trainer.vocab_size = n
   trainer.byte_fallback = bool((types == _BYTE).any())
-  # Encoding only reads byte_fallback and treat_whitespace_as_suffix; the rest
-  # mirrors Gemma's own tokenizer.model so the proto reads as one.
+  # Encoding reads only byte_fallback and treat_whitespace_as_suffix here;
+  # the other trainer fields just record what the vocabulary is like.
   trainer.treat_whitespace_as_suffix = False
   trainer.allow_whitespace_only_pieces = True
   trainer.split_digits = True
@@ -297,10 +304,11 @@ def _proto_from_metadata(meta: dict[str, Any], source: str) -> bytes:
   type_list = types.tolist()
   score_list = scores.tolist()
   for i, (piece, kind, score) in enumerate(zip(tokens, type_list, score_list)):
-    if kind == _USER_DEFINED and piece and not piece.strip(" "):
-      # The GGUF keeps runs of spaces as real spaces, but SentencePiece
-      # matches user pieces after escaping spaces to U+2581.
-      piece = _SPIECE_SPACE * len(piece)
+    if kind == _USER_DEFINED and " " in piece:
+      # llama.cpp's converter writes U+2581 in user pieces back as spaces
+      # (Gemma's runs of 2..31 spaces), but SentencePiece matches user pieces
+      # in the escaped text, where every space is U+2581.
+      piece = piece.replace(" ", _SPIECE_SPACE)
     if not piece:
       raise ValueError(f"{source}: field '{_KEY_TOKENS}' has an empty token "
                        f"at id {i}")
@@ -334,7 +342,8 @@ class Tokenizer:
   Build it with one of the `from_*` classmethods. Control and unknown tokens
   written literally in text are split out and encoded as their own ids
   (matching transformers); `decode` drops pad/bos/eos and writes every other
-  special token back as its literal text, so `decode(encode(t)) == t`.
+  special token back as its literal text, so `decode(encode(t)) == t` unless
+  `t` holds a literal `<bos>`, `<eos>`, `<pad>` or U+2581.
   """
 
   def __init__(self, data: bytes, source: str = "<serialized>"):
@@ -389,8 +398,8 @@ class Tokenizer:
 
     Args:
       reader: the open reader (the weight loader's, to avoid a second parse).
-      path: the file it reads, only for error messages; defaults to the
-        reader's own `path` attribute when it has one.
+      path: the file it reads, only for error messages; defaults to the file
+        name of the reader's memory map.
 
     Returns:
       The tokenizer.

@@ -75,7 +75,7 @@ def write_hf(directory, params, config=TINY, drop=(), replace=None):
       "sliding_window": config.sliding_window,
       "query_pre_attn_scalar": config.query_pre_attn_scalar,
       "layer_types": ["sliding_attention" if config.attention_kind(i).value
-                      == "local_sliding" else "full_attention"
+                      == "local" else "full_attention"
                       for i in range(config.num_layers)],
       "rope_parameters": {
           "sliding_attention": {"rope_type": "default",

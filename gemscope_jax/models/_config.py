@@ -14,7 +14,7 @@ import math
 
 
 class AttentionKind(enum.Enum):
-  LOCAL = "local_sliding"
+  LOCAL = "local"
   GLOBAL = "global"
 
 

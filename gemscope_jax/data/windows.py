@@ -1,0 +1,79 @@
+"""Text -> fixed-length token windows, each starting with BOS.
+
+A window holds `seq_len` positions: BOS then `seq_len - 1` consecutive tokens
+of the text stream; the last window of a stream is right-padded with the pad
+id (0) and its mask marks the real tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Iterable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """tokens (W, T) int32; mask (W, T) bool, True for real tokens."""
+  tokens: np.ndarray
+  mask: np.ndarray
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.mask.sum())
+
+
+def windows_from_ids(ids: np.ndarray, seq_len: int, bos_id: int,
+                     max_tokens: int | None = None) -> Windows:
+  """Cuts one token stream (no BOS) into BOS-led windows of seq_len."""
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be at least 2 (BOS + 1 token), got "
+                     f"{seq_len}")
+  ids = np.asarray(ids, np.int32)
+  body = seq_len - 1
+  n_windows = -(-len(ids) // body)
+  if max_tokens is not None:
+    n_windows = min(n_windows, -(-max_tokens // seq_len))
+  tokens = np.zeros((n_windows, seq_len), np.int32)
+  tokens[:, 0] = bos_id
+  for w in range(n_windows):
+    chunk = ids[w * body:(w + 1) * body]
+    tokens[w, 1:1 + len(chunk)] = chunk
+  mask = np.zeros_like(tokens, bool)
+  lengths = np.minimum(len(ids) - np.arange(n_windows) * body, body) + 1
+  mask[np.arange(seq_len)[None, :] < lengths[:, None]] = True
+  if max_tokens is not None and mask.sum() > max_tokens:
+    # Trim the last window so exactly max_tokens positions are real.
+    flat = mask.reshape(-1)
+    flat[np.flatnonzero(flat)[max_tokens:]] = False
+    tokens = np.where(mask, tokens, 0)
+  return Windows(tokens, mask)
+
+
+def windows_from_files(tokenizer, files: Iterable[str | pathlib.Path],
+                       seq_len: int, max_tokens: int | None = None) -> Windows:
+  """Reads text files in order and windows their tokens.
+
+  Raises FileNotFoundError naming a missing file, ValueError naming an empty
+  one. Only as much text as max_tokens needs (about 8 characters per token,
+  with margin) is tokenized.
+  """
+  ids: list[int] = []
+  budget = None if max_tokens is None else max_tokens * 12 + 1000
+  for f in files:
+    path = pathlib.Path(f)
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: no such text file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+      raise ValueError(f"{path}: the text file is empty")
+    if budget is not None:
+      text = text[:budget]
+      budget -= len(text)
+    ids.extend(tokenizer.encode(text, add_bos=False))
+    if budget is not None and budget <= 0:
+      break
+  return windows_from_ids(np.asarray(ids), seq_len, tokenizer.bos_id,
+                          max_tokens)
