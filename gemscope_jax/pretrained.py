@@ -27,7 +27,8 @@ DEFAULT_NAMES = ("default", "gemma3_270m", "270m")
 
 def _default_cache_file() -> pathlib.Path:
   sha = assets.default_gguf_sha256()[:16]
-  return assets.cache_dir() / f"gemma3_270m-{sha}-float32.safetensors"
+  # Bump the version when what is cached changes meaning.
+  return assets.cache_dir() / f"gemma3_270m-{sha}-float32-v2.safetensors"
 
 
 def _load_default() -> tuple[Gemma3Config, dict]:
@@ -40,7 +41,8 @@ def _load_default() -> tuple[Gemma3Config, dict]:
       cache.unlink(missing_ok=True)
   config, params = load_gguf(assets.default_gguf_path())
   with assets.atomic_path(cache) as tmp:
-    save_file(_tree.flatten(params), tmp, metadata={"config": config.name})
+    flat = {k: np.ascontiguousarray(v) for k, v in _tree.flatten(params).items()}
+    save_file(flat, tmp, metadata={"config": config.name})
   return config, params
 
 

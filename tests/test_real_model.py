@@ -89,3 +89,15 @@ def test_harvest_stops_early_and_agrees(real_model, real_text_tokens, both):
   np.testing.assert_allclose(np.asarray(out.activations["layer_6/resid_post"]),
                              np.asarray(both[4].activations["layer_6/resid_post"]),
                              rtol=1e-5, atol=1e-3)
+
+
+def test_cached_default_equals_a_fresh_gguf_read(real_model, real_gguf_path):
+  from gemscope_jax import pretrained
+  from gemscope_jax.convert import load_gguf
+  pretrained.load_model("default")  # makes sure the cache exists
+  _, cached = pretrained._load_default()  # pylint: disable=protected-access
+  _, direct = load_gguf(real_gguf_path)
+  for a, b, c in zip(jax.tree.leaves(cached), jax.tree.leaves(direct),
+                     jax.tree.leaves(real_model[1])):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(c), b)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import numpy as np
 
 from gemscope_jax.convert._errors import CheckpointError
@@ -109,6 +110,8 @@ def from_linear_layout(get: Callable[[str], np.ndarray], config: Gemma3Config,
     return {"scale": (load(name) - norm_offset).astype(dtype)}
 
   n, k, d, h = c.num_heads, c.num_kv_heads, c.d_model, c.head_dim
+  # Leaves are made C-contiguous: writers such as safetensors' numpy
+  # save_file store a strided view's raw memory, i.e. silently transposed.
   params = {
       "embedder": {"input_embedding": load(names.embedding).astype(dtype)},
       "final_norm": norm(names.final_norm),
@@ -137,7 +140,7 @@ def from_linear_layout(get: Callable[[str], np.ndarray], config: Gemma3Config,
         "pre_ffw_norm": norm(f(names.pre_ffw_norm)),
         "post_ffw_norm": norm(f(names.post_ffw_norm)),
     }
-  return params
+  return jax.tree.map(lambda x: np.ascontiguousarray(x, dtype), params)
 
 
 def to_linear_layout(params: dict, config: Gemma3Config, names: SourceNames,
