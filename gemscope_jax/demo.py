@@ -73,6 +73,7 @@ def plot_stats(rows: list[dict], path: pathlib.Path, title: str) -> None:
   for r in rows:
     if r["attention"] == "global":
       ax.axvline(r["layer"], color="0.85", zorder=0)
+  ax.set_xticks(layers)
   ax.set_xlabel("layer (grey: global attention)")
   ax.set_ylabel("mean L2 norm")
   ax.set_title(title)

@@ -2,9 +2,10 @@
 
 Parameter names and shapes are those of the official Gemma checkpoints
 (`layer_N/attn/q_einsum/w`, `layer_N/mlp/gating_einsum`, ...), so official
-parameter trees apply without renaming. Axis letters in einsums:
-B batch, T query time, S key time, D d_model, N query heads, K kv heads,
-G query heads per kv head, H head_dim, F mlp hidden, C stacked copies, V vocab.
+parameter trees apply without renaming. Every weight matmul goes through
+`project`, one (M, K) x (Bw, K, N) form that each official layout fits
+without a copy. Axis letters in attention einsums: B batch, T query time,
+S key time, K kv heads, G query heads per kv head, H head_dim.
 
 Parameters may be stored in any float dtype; every op casts them to the
 module's compute `dtype`. Norms, RoPE and the softmax run in float32.
@@ -32,6 +33,20 @@ def _identity(_: str, x: jax.Array) -> jax.Array:
   return x
 
 
+def project(x: jax.Array, w: jax.Array, *, w_transposed: bool) -> jax.Array:
+  """Every weight matmul of the model: out[..., b, n] = sum_k x[..., k] w[b, k, n].
+
+  x (..., K); w (Bw, K, N), or (Bw, N, K) with w_transposed. The official
+  weight layouts all fit this form without a copy, which lets one fast
+  matmul (gemscope_jax.kernels on CPU) serve every projection.
+  """
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
+  eqn = "MK,BNK->MBN" if w_transposed else "MK,BKN->MBN"
+  out = jnp.einsum(eqn, x2, w.astype(x.dtype))
+  return out.reshape(*lead, *out.shape[1:])
+
+
 class RMSNorm(nn.Module):
   """RMSNorm multiplying by (1 + scale), scale initialised to zero."""
   eps: float = 1e-6
@@ -46,14 +61,14 @@ class RMSNorm(nn.Module):
 
 
 class Einsum(nn.Module):
-  """A weight `w` of a fixed shape applied by an einsum equation."""
+  """Holds a weight `w` of a fixed shape; `fn(x, w)` applies it."""
   shape: tuple[int, ...]
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, fn) -> jax.Array:
     w = self.param("w", nn.initializers.normal(0.02), self.shape)
-    return jnp.einsum(eqn, x, w.astype(self.dtype))
+    return fn(x, w.astype(self.dtype))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float,
@@ -91,8 +106,12 @@ class Attention(nn.Module):
     """x (B, T, D), positions (B, T), allowed (B, T, S) bool -> (B, T, D)."""
     c = self.config
     b, t, _ = x.shape
-    q = self.q_einsum("BTD,NDH->BTNH", x)
-    k, v = self.kv_einsum("BSD,CKDH->CBSKH", x)
+    q = self.q_einsum(x, lambda x, w: project(x, w, w_transposed=False))
+    kv = self.kv_einsum(x, lambda x, w: project(
+        x, w.reshape(2 * c.num_kv_heads, c.d_model, c.head_dim),
+        w_transposed=False))
+    kv = kv.reshape(b, t, 2, c.num_kv_heads, c.head_dim)
+    k, v = kv[:, :, 0], kv[:, :, 1]
     q = self._query_norm(q)
     k = self._key_norm(k)
     base, scale = c.rope(self.layer)
@@ -110,8 +129,9 @@ class Attention(nn.Module):
 
     heads = heads.reshape(b, t, c.num_heads * c.head_dim)
     heads = intervene("attn_out", heads)
-    heads = heads.reshape(b, t, c.num_heads, c.head_dim)
-    return self.attn_vec_einsum("BTNH,NHD->BTD", heads)
+    return self.attn_vec_einsum(heads, lambda x, w: project(
+        x, w.reshape(1, c.num_heads * c.head_dim, c.d_model),
+        w_transposed=False))[:, :, 0]
 
 
 class FeedForward(nn.Module):
@@ -125,9 +145,12 @@ class FeedForward(nn.Module):
     init = nn.initializers.normal(0.02)
     w_gate_up = self.param("gating_einsum", init, (2, c.mlp_dim, c.d_model))
     w_down = self.param("linear", init, (c.mlp_dim, c.d_model))
-    gate, up = jnp.einsum("BTD,CFD->CBTF", x, w_gate_up.astype(self.dtype))
+    gate_up = project(x, w_gate_up.astype(self.dtype).reshape(
+        1, 2 * c.mlp_dim, c.d_model), w_transposed=True)[..., 0, :]
+    gate, up = gate_up[..., :c.mlp_dim], gate_up[..., c.mlp_dim:]
     hidden = jax.nn.gelu(gate, approximate=True) * up
-    return jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(self.dtype))
+    return project(hidden, w_down.astype(self.dtype)[None],
+                   w_transposed=False)[..., 0, :]
 
 
 class Block(nn.Module):

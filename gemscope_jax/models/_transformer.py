@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gemscope_jax.models._config import AttentionKind, Gemma3Config
-from gemscope_jax.models._modules import Block, Intervene, RMSNorm
+from gemscope_jax.models._modules import Block, Intervene, RMSNorm, project
 
 
 def _identity(_: str, x: jax.Array) -> jax.Array:
@@ -113,4 +113,5 @@ class Embedder(nn.Module):
     return table[tokens] * jnp.asarray(self.d_model ** 0.5, self.dtype)
 
   def decode(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("BTD,VD->BTV", x, self.input_embedding.astype(self.dtype))
+    table = self.input_embedding.astype(self.dtype)
+    return project(x, table[None], w_transposed=True)[..., 0, :]
