@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from gemscope_jax import models, pretrained
 from gemscope_jax.convert import CheckpointError, _linear, load_gguf, load_hf
 from gemscope_jax.convert.gguf import GGUF_NAMES
+from gemscope_jax.convert import hf as hf_convert
 from gemscope_jax.convert.hf import HF_NAMES
 
 TINY = models.Gemma3Config(
@@ -194,3 +195,15 @@ def test_hf_errors_name_file_and_tensor(tmp_path, tiny_params):
 
   with pytest.raises(FileNotFoundError, match="nowhere"):
     pretrained.load_model(tmp_path / "nowhere")
+
+
+def test_hf_config_defaults_are_transformers_own():
+  """A config.json that omits fields means transformers' class defaults."""
+  import transformers
+  minimal = {"hidden_size": 2560, "intermediate_size": 10240,
+             "num_hidden_layers": 34, "sliding_window": 1024,
+             "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+  ours = hf_convert.config_from_hf({"text_config": minimal})
+  full = transformers.Gemma3TextConfig(**minimal).to_dict()
+  assert ours == hf_convert.config_from_hf(full)
+  assert ours == models.Gemma3_4B.replace(vocab_size=262_208)

@@ -59,25 +59,33 @@ def _to_numpy(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+# transformers' Gemma3TextConfig defaults (checked against the installed
+# class by tests/test_loaders.py).
+_HF_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "rms_norm_eps": 1e-6,
+}
+
+
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json"
                    ) -> Gemma3Config:
   """Our config from a transformers Gemma3 (text) config dict."""
-  hf = hf.get("text_config", hf)
-  try:
-    dims = dict(
-        num_layers=int(hf["num_hidden_layers"]),
-        d_model=int(hf["hidden_size"]),
-        mlp_dim=int(hf["intermediate_size"]),
-        num_heads=int(hf["num_attention_heads"]),
-        num_kv_heads=int(hf["num_key_value_heads"]),
-        head_dim=int(hf["head_dim"]),
-        vocab_size=int(hf["vocab_size"]),
-        sliding_window=int(hf["sliding_window"]),
-        query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-    )
-  except KeyError as e:
-    raise CheckpointError(source, e.args[0], "config field is missing") from None
+  # Saved configs omit fields equal to transformers' class defaults.
+  hf = {**_HF_TEXT_DEFAULTS, **hf.get("text_config", hf)}
+  dims = dict(
+      num_layers=int(hf["num_hidden_layers"]),
+      d_model=int(hf["hidden_size"]),
+      mlp_dim=int(hf["intermediate_size"]),
+      num_heads=int(hf["num_attention_heads"]),
+      num_kv_heads=int(hf["num_key_value_heads"]),
+      head_dim=int(hf["head_dim"]),
+      vocab_size=int(hf["vocab_size"]),
+      sliding_window=int(hf["sliding_window"]),
+      query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
+      norm_eps=float(hf["rms_norm_eps"]),
+  )
 
   # transformers >= 5 keeps RoPE settings per attention type.
   rope = hf.get("rope_parameters") or {}
