@@ -33,12 +33,24 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 
-# Held-out English (Python's documentation sources), where the system allows.
-if [ ! -d /usr/share/doc/python3.11/html/_sources ] && [ "$(id -u)" = 0 ] \
-   && command -v apt-get >/dev/null 2>&1; then
-  echo "[setup] installing Debian python3.11-doc (held-out text)"
-  (apt-get install -y -qq python3.11-doc >/dev/null 2>&1 \
-   || (apt-get update -qq >/dev/null 2>&1 \
-       && apt-get install -y -qq python3.11-doc >/dev/null 2>&1)) \
-   || echo "[setup] python3.11-doc unavailable; Shakespeare is used instead"
+# System packages, where the system allows (Debian/Ubuntu as root):
+#  - g++ and oneDNN: the CPU matmul kernel (gemscope_jax/kernels), which runs
+#    bf16 at twice XLA's CPU speed; without them XLA's dot is used.
+#  - python3.11-doc: held-out English text (the Python documentation).
+apt_install() {
+  apt-get install -y -qq "$@" >/dev/null 2>&1 \
+    || (apt-get update -qq >/dev/null 2>&1 \
+        && apt-get install -y -qq "$@" >/dev/null 2>&1)
+}
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if [ ! -e /usr/include/dnnl.hpp ] || ! command -v g++ >/dev/null 2>&1; then
+    echo "[setup] installing Debian g++ libdnnl-dev (CPU matmul kernel)"
+    apt_install g++ libdnnl-dev \
+      || echo "[setup] oneDNN unavailable; XLA's CPU dot will be used"
+  fi
+  if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
+    echo "[setup] installing Debian python3.11-doc (held-out text)"
+    apt_install python3.11-doc \
+      || echo "[setup] python3.11-doc unavailable; Shakespeare is used instead"
+  fi
 fi

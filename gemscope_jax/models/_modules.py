@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemscope_jax import kernels
 from gemscope_jax.models._config import Gemma3Config
 
 # A finite stand-in for -inf: fully masked rows (left padding) stay finite.
@@ -38,12 +39,12 @@ def project(x: jax.Array, w: jax.Array, *, w_transposed: bool) -> jax.Array:
 
   x (..., K); w (Bw, K, N), or (Bw, N, K) with w_transposed. The official
   weight layouts all fit this form without a copy, which lets one fast
-  matmul (gemscope_jax.kernels on CPU) serve every projection.
+  matmul serve every projection: oneDNN on CPU (XLA's CPU dot upcasts bf16
+  to f32), XLA's own dot elsewhere (see gemscope_jax.kernels).
   """
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, x.shape[-1])
-  eqn = "MK,BNK->MBN" if w_transposed else "MK,BKN->MBN"
-  out = jnp.einsum(eqn, x2, w.astype(x.dtype))
+  out = kernels.matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype),
+                       w_transposed=w_transposed, out_dtype=x.dtype)
   return out.reshape(*lead, *out.shape[1:])
 
 

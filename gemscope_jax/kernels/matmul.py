@@ -1,0 +1,319 @@
+"""Weight matmuls that run on oneDNN on the CPU and on XLA's dot elsewhere.
+
+`matmul(x, w)` computes out[m, b, n] = sum_k x[m, k] w[b, k, n] (or
+w[b, n, k] with `w_transposed=True`). On the CPU backend it calls a small C++
+XLA FFI handler (`onednn_matmul.cc`) that runs the product with oneDNN, whose
+kernels use the CPU's bf16 dot-product instructions: XLA's CPU backend upcasts
+bf16 dots to f32 and so gains nothing from bf16. The choice is made per
+platform at lowering time (`jax.lax.platform_dependent`), so the same jitted
+code uses XLA's own dot on GPU and TPU. Gradients go through a `custom_vjp`
+whose backward pass is plain `jnp.einsum`.
+
+The handler is compiled with g++ against Debian's libdnnl-dev at first use and
+cached under `assets.cache_dir() / "kernels"`, keyed by a hash of the source,
+the jax/jaxlib versions and the compiler; set GEMSCOPE_CPU_KERNELS=0 to turn
+it off.
+
+Caveat: oneDNN parallelizes with OpenMP, beside (not inside) XLA's thread
+pool; each call uses every core OpenMP sees (OMP_NUM_THREADS), and calls are
+serialized in C++ so concurrent custom calls do not oversubscribe the cores.
+When the kernel cannot be built, one warning is logged and everything falls
+back to `jnp.einsum` (correct, but bf16 then runs at f32 speed on the CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemscope_jax import assets
+
+logger = logging.getLogger(__name__)
+
+FFI_TARGET = "gemscope_onednn_matmul"
+_HANDLER_SYMBOL = "GemscopeOnednnMatmul"
+_IMPL_NAME_SYMBOL = "gemscope_onednn_impl_name"
+_SOURCE = pathlib.Path(__file__).with_name("onednn_matmul.cc")
+_CXX = "g++"
+_CXXFLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17")
+_LIBS = ("-ldnnl",)
+_ENV_SWITCH = "GEMSCOPE_CPU_KERNELS"
+_HOW_TO_ENABLE = (
+    "To enable it, install a C++ compiler and oneDNN, e.g. on Debian/Ubuntu "
+    "`apt-get install -y g++ libdnnl-dev`; set GEMSCOPE_CPU_KERNELS=0 to turn "
+    "it off without this warning")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib" (ctypes.CDLL) or "reason" (str)
+
+_KERNEL_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
+
+
+def _disabled_by_env() -> bool:
+  return os.environ.get(_ENV_SWITCH, "1").strip().lower() in (
+      "0", "false", "no", "off")
+
+
+def _compiler_version() -> str:
+  try:
+    out = subprocess.run([_CXX, "--version"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return out.splitlines()[0] if out else "unknown"
+
+
+def _library_path() -> pathlib.Path:
+  """Cache path of the compiled handler for this source, jax and compiler."""
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  digest = hashlib.sha256()
+  for part in (_SOURCE.read_bytes(), jax.__version__.encode(),
+               jaxlib.__version__.encode(), " ".join(_CXXFLAGS).encode(),
+               " ".join(_LIBS).encode(), _compiler_version().encode(),
+               platform.machine().encode()):
+    digest.update(part)
+    digest.update(b"\0")
+  name = f"onednn_matmul-{digest.hexdigest()[:20]}.so"
+  return assets.cache_dir() / "kernels" / name
+
+
+def _compile(target: pathlib.Path) -> None:
+  """Compiles the handler into `target` (atomically); raises RuntimeError."""
+  cmd_prefix = [_CXX, *_CXXFLAGS, f"-I{jax.ffi.include_dir()}",
+                str(_SOURCE)]
+  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
+                             dir=target.parent)
+  os.close(fd)
+  try:
+    cmd = [*cmd_prefix, "-o", tmp, *_LIBS]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+      raise RuntimeError(f"running {_CXX} failed: {e}") from e
+    if proc.returncode != 0:
+      err = proc.stderr.strip()
+      if "dnnl.hpp" in err and "No such file" in err:
+        raise RuntimeError("oneDNN headers (dnnl.hpp) not found")
+      if "-ldnnl" in err or "cannot find -ldnnl" in err:
+        raise RuntimeError("oneDNN library (libdnnl.so) not found")
+      tail = "\n".join(err.splitlines()[-15:])
+      raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{tail}")
+    # mkstemp made it private; a shared cache should be loadable by others.
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+  finally:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+def _build_and_load() -> ctypes.CDLL:
+  """Returns the loaded handler library, compiling it first if needed."""
+  if shutil.which(_CXX) is None:
+    raise RuntimeError(f"no C++ compiler ({_CXX}) on PATH")
+  target = _library_path()
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Parallel processes (pytest-xdist, several notebooks) share the cache: one
+  # compiles while the others wait, then all load the same file.
+  with open(target.parent / ".build.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not target.exists():
+        logger.info("compiling the oneDNN matmul kernel into %s", target)
+        _compile(target)
+      try:
+        return ctypes.CDLL(str(target))
+      except OSError as e:
+        # A cached build can go stale when the system's libdnnl changes
+        # under it (same source and compiler, different soname): rebuild once.
+        logger.info("cached kernel %s failed to load (%s); rebuilding",
+                    target, e)
+        target.unlink(missing_ok=True)
+        _compile(target)
+        try:
+          return ctypes.CDLL(str(target))
+        except OSError as e2:
+          raise RuntimeError(f"loading the compiled kernel failed: {e2}") from e2
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _load() -> ctypes.CDLL | None:
+  """Builds, loads and registers the kernel once per process."""
+  with _lock:
+    if "lib" in _state:
+      return _state["lib"]  # type: ignore[return-value]
+    if "reason" in _state:
+      return None
+    if _disabled_by_env():
+      _state["reason"] = f"disabled by {_ENV_SWITCH}=0"
+      return None
+    try:
+      lib = _build_and_load()
+      jax.ffi.register_ffi_target(
+          FFI_TARGET, jax.ffi.pycapsule(getattr(lib, _HANDLER_SYMBOL)),
+          platform="cpu")
+    except Exception as e:  # pylint: disable=broad-except
+      # Never let a missing toolchain break the model: XLA's dot still works.
+      _state["reason"] = str(e)
+      logger.warning(
+          "gemscope_jax: the oneDNN CPU matmul kernel is unavailable (%s); "
+          "CPU matmuls fall back to XLA's dot, where bf16 runs no faster than "
+          "f32. %s.", e, _HOW_TO_ENABLE)
+      return None
+    _state["lib"] = lib
+    return lib
+
+
+def available() -> bool:
+  """Whether the oneDNN kernel is built and loaded in this process.
+
+  The first call compiles the kernel if it is not cached yet (seconds).
+  """
+  return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+  """Why `available()` is False, or None when the kernel is loaded."""
+  if _load() is not None:
+    return None
+  return str(_state.get("reason"))
+
+
+def impl_name(m: int, k: int, n: int, bw: int = 1, *,
+              w_transposed: bool = False, dtype=jnp.float32,
+              out_dtype=None) -> str:
+  """oneDNN's name for the kernel it picks for a problem (diagnostics).
+
+  Raises:
+    RuntimeError: the kernel is unavailable or oneDNN rejects the problem.
+  """
+  lib = _load()
+  if lib is None:
+    raise RuntimeError(f"kernel unavailable: {unavailable_reason()}")
+  fn = getattr(lib, _IMPL_NAME_SYMBOL)
+  fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int] * 3 + [
+      ctypes.c_char_p, ctypes.c_size_t]
+  fn.restype = ctypes.c_int
+  bf16 = np.dtype(jnp.bfloat16)
+  out_dtype = np.dtype(dtype if out_dtype is None else out_dtype)
+  buf = ctypes.create_string_buffer(512)
+  rc = fn(m, k, n, bw, int(w_transposed), int(np.dtype(dtype) == bf16),
+          int(out_dtype == bf16), buf, len(buf))
+  text = buf.value.decode(errors="replace")
+  if rc != 0:
+    raise RuntimeError(f"oneDNN rejects the problem: {text}")
+  return text
+
+
+def _w_spec(w_transposed: bool) -> str:
+  return "bnk" if w_transposed else "bkn"
+
+
+def _acc_dtype(dtype) -> np.dtype:
+  # f32 accumulation, or wider when the inputs are wider (x64 mode).
+  return np.dtype(jnp.promote_types(dtype, jnp.float32))
+
+
+def _xla_matmul(x, w, w_transposed: bool, out_dtype: np.dtype):
+  return jnp.einsum(f"mk,{_w_spec(w_transposed)}->mbn", x, w,
+                    preferred_element_type=_acc_dtype(x.dtype)
+                    ).astype(out_dtype)
+
+
+def _ffi_matmul(x, w, w_transposed: bool, out_dtype: np.dtype):
+  m = x.shape[0]
+  bw, n = w.shape[0], w.shape[1] if w_transposed else w.shape[2]
+  # oneDNN 2.6 has no f32 x f32 -> bf16 matmul; rounding the f32 result once
+  # afterwards is the same arithmetic.
+  kernel_out = np.dtype(jnp.float32) if x.dtype == np.float32 else out_dtype
+  call = jax.ffi.ffi_call(
+      FFI_TARGET, jax.ShapeDtypeStruct((m, bw, n), kernel_out),
+      vmap_method="sequential")
+  return call(x, w, w_transposed=bool(w_transposed)).astype(out_dtype)
+
+
+def _forward(x, w, w_transposed: bool, out_dtype: np.dtype):
+  in_dtype = np.dtype(jnp.promote_types(x.dtype, w.dtype))
+  x, w = x.astype(in_dtype), w.astype(in_dtype)
+  if (in_dtype not in _KERNEL_DTYPES or out_dtype not in _KERNEL_DTYPES
+      or not available()):
+    return _xla_matmul(x, w, w_transposed, out_dtype)
+  return jax.lax.platform_dependent(
+      x, w,
+      cpu=functools.partial(_ffi_matmul, w_transposed=w_transposed,
+                            out_dtype=out_dtype),
+      default=functools.partial(_xla_matmul, w_transposed=w_transposed,
+                                out_dtype=out_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x, w, w_transposed: bool, out_dtype: np.dtype):
+  return _forward(x, w, w_transposed, out_dtype)
+
+
+def _matmul_fwd(x, w, w_transposed, out_dtype):
+  return _forward(x, w, w_transposed, out_dtype), (x, w)
+
+
+def _matmul_bwd(w_transposed, out_dtype, res, g):
+  del out_dtype
+  x, w = res
+  acc = _acc_dtype(jnp.promote_types(x.dtype, w.dtype))
+  spec = _w_spec(w_transposed)
+  dx = jnp.einsum(f"mbn,{spec}->mk", g, w, preferred_element_type=acc)
+  dw = jnp.einsum(f"mk,mbn->{spec}", x, g, preferred_element_type=acc)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, *, w_transposed: bool,
+           out_dtype=None) -> jax.Array:
+  """out[m, b, n] = sum_k x[m, k] w[b, k, n], accumulated in f32.
+
+  On the CPU backend (when `available()`), float32 and bfloat16 products run
+  on oneDNN; elsewhere, and for other dtypes, on `jnp.einsum` with
+  `preferred_element_type=float32`. Both give the same values up to
+  summation order. Differentiable (the backward pass uses `jnp.einsum`).
+
+  Args:
+    x: (M, K) activations.
+    w: (Bw, K, N) weights, or (Bw, N, K) with `w_transposed=True`; the Bw
+      weight matrices all multiply the same x.
+    w_transposed: whether w is stored as (Bw, N, K).
+    out_dtype: dtype of the result; defaults to the promoted input dtype. A
+      bfloat16 result is rounded once from the f32 accumulator.
+
+  Returns:
+    (M, Bw, N) array of `out_dtype`.
+
+  Raises:
+    ValueError: on ranks or contraction sizes that do not match.
+  """
+  x, w = jnp.asarray(x), jnp.asarray(w)
+  if x.ndim != 2 or w.ndim != 3:
+    raise ValueError(
+        f"matmul expects x of shape (M, K) and w of shape (Bw, K, N) or "
+        f"(Bw, N, K); got x {x.shape}, w {w.shape}")
+  k_w = w.shape[2] if w_transposed else w.shape[1]
+  if x.shape[1] != k_w:
+    layout = "(Bw, N, K)" if w_transposed else "(Bw, K, N)"
+    raise ValueError(f"contraction sizes differ: x {x.shape} (M, K), "
+                     f"w {w.shape} {layout}")
+  if out_dtype is None:
+    out_dtype = jnp.promote_types(x.dtype, w.dtype)
+  return _matmul(x, w, bool(w_transposed), np.dtype(out_dtype))
