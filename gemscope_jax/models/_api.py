@@ -71,9 +71,11 @@ def count_params(tree: Params) -> int:
 def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
   """Mean and per-position cross-entropy of predicting tokens[:, 1:]."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  # logsumexp minus the target's logit: no (B, T, V) log-probabilities array.
+  logits = logits[:, :-1].astype(jnp.float32)
   target = tokens[:, 1:]
-  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - picked
   valid = mask[:, 1:] & mask[:, :-1]
   nll = jnp.where(valid, nll, 0.0)
   return nll.sum() / jnp.maximum(valid.sum(), 1), nll
@@ -82,9 +84,9 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array
 @functools.partial(
     jax.jit,
     static_argnames=("config", "hookpoints", "edits", "unembed", "keep_logits",
-                     "dtype"))
+                     "want_loss", "dtype"))
 def _forward(params, tokens, mask, positions, edit_args, *, config, hookpoints,
-             edits, unembed, keep_logits, dtype):
+             edits, unembed, keep_logits, want_loss, dtype):
   wanted = frozenset(hookpoints)
   edit_fns = dict(edits)
   recorded = {}
@@ -103,6 +105,8 @@ def _forward(params, tokens, mask, positions, edit_args, *, config, hookpoints,
       unembed=unembed, intervene=intervene)
   if not unembed:
     return Gemma3Output(activations=recorded)
+  if not want_loss:
+    return Gemma3Output(activations=recorded, logits=out)
   loss, token_loss = next_token_loss(out, tokens, mask)
   return Gemma3Output(activations=recorded,
                       logits=out if keep_logits else None,
@@ -162,4 +166,5 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None,
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   return _forward(params, tokens, mask, positions, edit_args, config=config,
                   hookpoints=hps, edits=edit_key, unembed=bool(unembed),
-                  keep_logits=bool(logits), dtype=jnp.dtype(dtype))
+                  keep_logits=bool(logits), want_loss=bool(loss),
+                  dtype=jnp.dtype(dtype))
