@@ -204,3 +204,18 @@ def test_bad_hookpoints_are_named(tiny):
   with pytest.raises(ValueError, match="resid_postt"):
     models.forward(params, tokens, config=config,
                    hookpoints=["layer_1/resid_postt"])
+
+
+def test_explicit_positions_take_the_direct_rope_path(tiny):
+  """Default positions use a gathered RoPE table; explicit ones compute it."""
+  _, config, params, tokens = tiny
+  default = models.forward(params, tokens, config=config)
+  explicit = models.forward(params, tokens, config=config,
+                            positions=np.broadcast_to(np.arange(T), (3, T)))
+  np.testing.assert_allclose(np.asarray(explicit.logits),
+                             np.asarray(default.logits), atol=1e-5, rtol=1e-5)
+  shifted = models.forward(params, tokens, config=config,
+                           positions=np.broadcast_to(np.arange(T) + 7, (3, T)))
+  # RoPE sees only relative positions: a shift changes nothing but rounding.
+  np.testing.assert_allclose(np.asarray(shifted.logits),
+                             np.asarray(default.logits), atol=1e-3, rtol=1e-3)

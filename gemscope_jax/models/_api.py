@@ -135,7 +135,8 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None,
     edits: {hookpoint: fn(x, args) -> x} applied in the pass; downstream
       computation sees the edited value.
     edit_args: {hookpoint: pytree} passed to the matching edit function.
-    positions: (B, T) positions; defaults to counting real tokens.
+    positions: (B, T) positions; defaults to counting real tokens before
+      each one (left and right padding both work).
     dtype: Compute dtype, jnp.float32 or jnp.bfloat16.
 
   Returns:
@@ -162,8 +163,6 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None,
   mask = jnp.asarray(mask, bool)
   if mask.shape != tokens.shape:
     raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
-  if positions is None:
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   return _forward(params, tokens, mask, positions, edit_args, config=config,
                   hookpoints=hps, edits=edit_key, unembed=bool(unembed),
                   keep_logits=bool(logits), want_loss=bool(loss),

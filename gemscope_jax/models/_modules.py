@@ -72,15 +72,32 @@ class Einsum(nn.Module):
     return fn(x, w.astype(self.dtype))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float,
-               scale: float) -> jax.Array:
-  """Rotary embedding on the last axis of x (B, T, heads, H), half-split form."""
-  head_dim = x.shape[-1]
+def rope_table(positions: jax.Array, head_dim: int, base: float, scale: float,
+               max_position: int | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+  """(sin, cos), each (B, T, 1, head_dim // 2) float32, for `apply_rope`.
+
+  XLA's CPU sin/cos are slow (tens of ns each): evaluated per layer on every
+  (batch, time, frequency) they cost a third of a bf16 attention layer. So
+  the table is built once per forward pass and attention kind, and when all
+  positions are known to lie in [0, max_position), only for those positions,
+  then gathered.
+  """
   fraction = 2.0 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
   inv_freq = 1.0 / (base ** fraction)
-  angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
+  if max_position is not None:
+    angles = (jnp.arange(max_position, dtype=jnp.float32) / scale)[:, None]
+    angles = angles * inv_freq
+    sin, cos = jnp.sin(angles)[positions], jnp.cos(angles)[positions]
+  else:
+    angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+  return sin[:, :, None, :], cos[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, table: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotary embedding on the last axis of x (B, T, heads, H), half-split form."""
+  sin, cos = table
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -102,9 +119,9 @@ class Attention(nn.Module):
     self._query_norm = RMSNorm(c.norm_eps)
     self._key_norm = RMSNorm(c.norm_eps)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, allowed: jax.Array,
-               intervene: Intervene) -> jax.Array:
-    """x (B, T, D), positions (B, T), allowed (B, T, S) bool -> (B, T, D)."""
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
+               allowed: jax.Array, intervene: Intervene) -> jax.Array:
+    """x (B, T, D), rope (sin, cos) of this layer's kind, allowed (B, T, S)."""
     c = self.config
     b, t, _ = x.shape
     q = self.q_einsum(x, lambda x, w: project(x, w, w_transposed=False))
@@ -115,10 +132,8 @@ class Attention(nn.Module):
     k, v = kv[:, :, 0], kv[:, :, 1]
     q = self._query_norm(q)
     k = self._key_norm(k)
-    base, scale = c.rope(self.layer)
-    q = apply_rope(q, positions, base, scale) * jnp.asarray(c.query_scale,
-                                                            self.dtype)
-    k = apply_rope(k, positions, base, scale)
+    q = apply_rope(q, rope) * jnp.asarray(c.query_scale, self.dtype)
+    k = apply_rope(k, rope)
 
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
@@ -169,10 +184,11 @@ class Block(nn.Module):
     self.mlp = FeedForward(self.config, self.dtype)
     self.post_ffw_norm = RMSNorm(eps)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, allowed: jax.Array,
-               intervene: Intervene = _identity) -> jax.Array:
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
+               allowed: jax.Array, intervene: Intervene = _identity
+               ) -> jax.Array:
     x = intervene("resid_pre", x)
-    h = self.attn(self.pre_attention_norm(x), positions, allowed, intervene)
+    h = self.attn(self.pre_attention_norm(x), rope, allowed, intervene)
     x = intervene("resid_mid", x + self.post_attention_norm(h))
     h = intervene("mlp_in", self.pre_ffw_norm(x))
     h = intervene("mlp_out", self.post_ffw_norm(self.mlp(h)))

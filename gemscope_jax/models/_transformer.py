@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from gemscope_jax.models._config import AttentionKind, Gemma3Config
-from gemscope_jax.models._modules import Block, Intervene, RMSNorm, project
+from gemscope_jax.models._modules import (Block, Intervene, RMSNorm, project,
+                                          rope_table)
 
 
 def _identity(_: str, x: jax.Array) -> jax.Array:
@@ -78,6 +79,8 @@ class Gemma3(nn.Module):
     if mask is None:
       mask = tokens != 0
     mask = mask.astype(bool)
+    # Default positions count real tokens, so they lie in [0, T).
+    max_position = tokens.shape[1] if positions is None else None
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     n = c.num_layers if num_blocks is None else num_blocks
@@ -86,11 +89,15 @@ class Gemma3(nn.Module):
                        f"or {c.num_layers} when unembed=True, got {n}")
 
     masks = attention_masks(c, mask)
+    ropes = {}  # One (sin, cos) table per distinct (base, scale).
     x = self.embedder.encode(tokens)
     for i in range(n):
+      key = c.rope(i)
+      if key not in ropes:
+        ropes[key] = rope_table(positions, c.head_dim, *key, max_position)
       prefix = f"layer_{i}/"
       hook = lambda site, v, prefix=prefix: intervene(prefix + site, v)
-      x = self.blocks[i](x, positions, masks[c.attention_kind(i)], hook)
+      x = self.blocks[i](x, ropes[key], masks[c.attention_kind(i)], hook)
     if not unembed:
       return x
     return self.embedder.decode(self.final_norm(x))
