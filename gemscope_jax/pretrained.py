@@ -51,9 +51,8 @@ def _load_default() -> tuple[Gemma3Config, dict]:
 
 
 def _is_orbax_dir(path: pathlib.Path) -> bool:
-  return path.is_dir() and ((path / "_METADATA").exists()
-                            or (path / "_CHECKPOINT_METADATA").exists()
-                            or (path / "manifest.ocdbt").exists())
+  from gemscope_jax.convert.orbax import _ORBAX_MARKERS  # pylint: disable=import-outside-toplevel
+  return path.is_dir() and any((path / m).exists() for m in _ORBAX_MARKERS)
 
 
 def load_model(source: str | os.PathLike = "default",

@@ -207,3 +207,11 @@ def test_hf_config_defaults_are_transformers_own():
   full = transformers.Gemma3TextConfig(**minimal).to_dict()
   assert ours == hf_convert.config_from_hf(full)
   assert ours == models.Gemma3_4B.replace(vocab_size=262_208)
+
+
+def test_orbax_directory_loads_through_load_model(tmp_path, tiny_params):
+  from gemscope_jax.convert import save_orbax
+  save_orbax(tiny_params, tmp_path / "ckpt")
+  config, params = pretrained.load_model(tmp_path / "ckpt", TINY)
+  assert config == TINY
+  assert_same_tree(jax.tree.map(np.asarray, params), tiny_params)
