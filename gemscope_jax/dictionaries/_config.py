@@ -1,0 +1,99 @@
+"""`DictConfig`: the validated description of one dictionary to build.
+
+Experiment files hold plain ml_collections fields; the trainer turns them into
+a `DictConfig`, which checks every field up front and names the bad one, so a
+typo fails at launch rather than as a NaN or a shape error hours later.
+
+Caveat: fields that an architecture does not use (k for JumpReLU, target_l0
+for TopK) are accepted and ignored, but still range-checked when set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
+PENALTIES = ("l0", "quadratic")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _bad(field: str, message: str, value) -> ValueError:
+  return ValueError(f"DictConfig.{field}: {message}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DictConfig:
+  """One sparse dictionary.
+
+  Attributes:
+    d_in: input width (activations), e.g. 640 for Gemma 3 270M resid_post.
+    d_sae: number of latents (the width: 16384 for "16k").
+    d_out: reconstruction width; None means d_in (an SAE, not a transcoder).
+    architecture: a key of `DICTIONARIES`: jumprelu, topk, batchtopk, relu.
+    bandwidth: JumpReLU straight-through kernel width, in normalised input
+      units (inputs scaled to unit mean squared norm).
+    target_l0: JumpReLU quadratic penalty's target L0 (latents per token).
+    k: TopK latents per token; BatchTopK's mean latents per token.
+    sparsity_penalty: JumpReLU's 'l0' (Gemma Scope 1) or 'quadratic'
+      (Gemma Scope 2).
+    pre_enc_bias: subtract b_dec before the encoder in training (SAEs; off
+      for transcoders).
+    dtype: compute dtype name of the matmul inputs; parameters stay float32.
+    matryoshka_prefixes: increasing prefix sizes ending at d_sae to train
+      with the Matryoshka loss, or None.
+  """
+
+  d_in: int
+  d_sae: int
+  d_out: int | None = None
+  architecture: str = "jumprelu"
+  bandwidth: float = 0.001
+  target_l0: float | None = None
+  k: int | None = None
+  sparsity_penalty: str = "quadratic"
+  pre_enc_bias: bool = True
+  dtype: str = "float32"
+  matryoshka_prefixes: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    for name in ("d_in", "d_sae"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise _bad(name, "must be a positive int", value)
+    if self.d_out is not None and (not isinstance(self.d_out, int)
+                                   or self.d_out <= 0):
+      raise _bad("d_out", "must be None or a positive int", self.d_out)
+    if self.architecture not in ARCHITECTURES:
+      raise _bad("architecture", f"must be one of {ARCHITECTURES}",
+                 self.architecture)
+    if self.dtype not in DTYPES:
+      raise _bad("dtype", f"must be one of {DTYPES}", self.dtype)
+    if self.pre_enc_bias and self.d_out not in (None, self.d_in):
+      raise _bad("pre_enc_bias", f"needs d_out == d_in={self.d_in} (turn it "
+                 f"off for transcoders; d_out={self.d_out})", self.pre_enc_bias)
+    if not self.bandwidth > 0:
+      raise _bad("bandwidth", "must be > 0", self.bandwidth)
+    if self.sparsity_penalty not in PENALTIES:
+      raise _bad("sparsity_penalty", f"must be one of {PENALTIES}",
+                 self.sparsity_penalty)
+    if self.target_l0 is not None and not 0 < self.target_l0 < self.d_sae:
+      raise _bad("target_l0", f"must be in (0, d_sae={self.d_sae})",
+                 self.target_l0)
+    if (self.architecture == "jumprelu" and self.sparsity_penalty == "quadratic"
+        and self.target_l0 is None):
+      raise _bad("target_l0", "is required by sparsity_penalty='quadratic'",
+                 None)
+    if self.k is not None and (not isinstance(self.k, int)
+                               or not 1 <= self.k <= self.d_sae):
+      raise _bad("k", f"must be an int in [1, d_sae={self.d_sae}]", self.k)
+    if self.architecture in ("topk", "batchtopk") and self.k is None:
+      raise _bad("k", f"is required by architecture={self.architecture!r}",
+                 None)
+    if self.matryoshka_prefixes is not None:
+      p = tuple(self.matryoshka_prefixes)
+      if (not p or p[-1] != self.d_sae
+          or any(a >= b for a, b in zip((0,) + p, p))):
+        raise _bad("matryoshka_prefixes", "must increase strictly from > 0 "
+                   f"to d_sae={self.d_sae}", self.matryoshka_prefixes)
+      # A list from a config file would make the frozen config unhashable.
+      object.__setattr__(self, "matryoshka_prefixes", p)

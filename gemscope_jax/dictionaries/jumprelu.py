@@ -1,0 +1,152 @@
+"""JumpReLU sparse autoencoder, trained as Gemma Scope 1 and 2 published.
+
+f = pre * H(pre - threshold), with a learned per-latent threshold. The step
+H has no useful gradient, so the threshold learns through straight-through
+estimators with a rectangle kernel of width `bandwidth` (DESIGN §5):
+  d f / d threshold  = -(threshold / eps) * rect((pre - threshold) / eps)
+  d H / d threshold  = -(1 / eps) * rect((pre - threshold) / eps)
+  d f / d pre        = H(pre - threshold)       (the hard mask)
+  d H / d pre        = 0
+where rect(u) = 1 for |u| < 1/2. The threshold is a plain fp32 parameter
+(init 0.001), not a log-parameter: under Adam a log-threshold freezes.
+
+Caveat: the training form `pre * H(pre - threshold)` equals the exported
+`relu(pre) * H(pre - threshold)` only while thresholds are >= 0; a negative
+threshold (never seen at the published settings) would let small negative
+latents through in training that the export zeroes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemscope_jax.dictionaries import _base
+
+PENALTIES = ("l0", "quadratic")
+
+
+def _rect(pre, threshold, eps):
+  return (jnp.abs((pre - threshold) / eps) < 0.5).astype(pre.dtype)
+
+
+def _sum_to_latents(g, threshold):
+  # The threshold was broadcast over every leading (token) axis.
+  return jnp.sum(g, axis=tuple(range(g.ndim - threshold.ndim)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jump_relu(pre: jax.Array, threshold: jax.Array, eps: float) -> jax.Array:
+  """pre * H(pre - threshold), with the straight-through threshold gradient."""
+  return pre * (pre > threshold).astype(pre.dtype)
+
+
+def _jump_relu_fwd(pre, threshold, eps):
+  return jump_relu(pre, threshold, eps), (pre, threshold)
+
+
+def _jump_relu_bwd(eps, res, g):
+  pre, threshold = res
+  g_pre = g * (pre > threshold).astype(g.dtype)
+  g_th = g * (-(threshold / eps) * _rect(pre, threshold, eps))
+  return g_pre, _sum_to_latents(g_th, threshold)
+
+
+jump_relu.defvjp(_jump_relu_fwd, _jump_relu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(pre: jax.Array, threshold: jax.Array, eps: float) -> jax.Array:
+  """H(pre - threshold), with the straight-through threshold gradient."""
+  return (pre > threshold).astype(pre.dtype)
+
+
+def _step_fwd(pre, threshold, eps):
+  return step(pre, threshold, eps), (pre, threshold)
+
+
+def _step_bwd(eps, res, g):
+  pre, threshold = res
+  g_th = g * (-(1.0 / eps) * _rect(pre, threshold, eps))
+  return jnp.zeros_like(pre), _sum_to_latents(g_th, threshold)
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+def sparsity_penalty(l0: jax.Array, kind: str, sparsity_coeff,
+                     target_l0: float | None = None) -> jax.Array:
+  """The sparsity term from the batch-mean (STE) L0.
+
+  'l0' (Gemma Scope 1): coeff * L0.
+  'quadratic' (Gemma Scope 2): coeff * (2 / L0*) * (L0 - L0*)^2.
+  """
+  if kind == "l0":
+    return sparsity_coeff * l0
+  if kind == "quadratic":
+    return sparsity_coeff * (2.0 / target_l0) * jnp.square(l0 - target_l0)
+  raise ValueError(f"sparsity_penalty must be one of {PENALTIES}, got {kind!r}")
+
+
+class JumpReLU(_base.Dictionary):
+  """JumpReLU SAE (or transcoder, with d_out and pre_enc_bias=False).
+
+  Attributes:
+    bandwidth: straight-through kernel width eps, for inputs normalised to
+      unit mean squared norm.
+    sparsity_penalty: 'l0' (Gemma Scope 1) or 'quadratic' (Gemma Scope 2).
+    target_l0: L0* of the quadratic penalty.
+    threshold_init: initial threshold of every latent.
+  """
+  bandwidth: float = 0.001
+  sparsity_penalty: str = "quadratic"
+  target_l0: float | None = None
+  threshold_init: float = 0.001
+
+  def setup(self):
+    super().setup()
+    if self.sparsity_penalty == "quadratic" and self.target_l0 is None:
+      raise ValueError("sparsity_penalty='quadratic' needs target_l0")
+    # Always fp32: thresholds near 1e-3 must be compared at fp32 resolution.
+    self.threshold = _base.param(
+        self, "threshold", nn.initializers.constant(self.threshold_init),
+        (self.d_sae,))
+
+  def activate(self, pre: jax.Array) -> jax.Array:
+    return jump_relu(pre.astype(jnp.float32),
+                     self.threshold.astype(jnp.float32), self.bandwidth)
+
+  def penalty(self, out: _base.DictOutput, sparsity_coeff):
+    counts = step(out.pre_acts.astype(jnp.float32),
+                  self.threshold.astype(jnp.float32), self.bandwidth)
+    l0 = jnp.mean(jnp.sum(counts, axis=-1))
+    sparsity = sparsity_penalty(l0, self.sparsity_penalty, sparsity_coeff,
+                                self.target_l0)
+    return sparsity, {"l0": l0}
+
+  @nn.nowrap
+  def to_inference(self, params: _base.Params, norm_scale,
+                   out_norm_scale=None) -> dict[str, jax.Array]:
+    """Gemma Scope 2 arrays for raw activations; see `fold_for_inference`."""
+    return _base.fold_for_inference(
+        params, norm_scale, threshold=_base.leaf_value(params["threshold"]),
+        pre_enc_bias=self.pre_enc_bias, out_norm_scale=out_norm_scale)
+
+  @classmethod
+  def from_config(cls, config) -> JumpReLU:
+    return cls(d_in=config.d_in, d_sae=config.d_sae, d_out=config.d_out,
+               pre_enc_bias=config.pre_enc_bias, dtype=jnp.dtype(config.dtype),
+               bandwidth=config.bandwidth,
+               sparsity_penalty=config.sparsity_penalty,
+               target_l0=config.target_l0)
+
+
+def to_inference(params: _base.Params, norm_scale, *, pre_enc_bias: bool = True,
+                 out_norm_scale=None) -> dict[str, jax.Array]:
+  """Module-free form of `JumpReLU.to_inference` (say how b_dec was used)."""
+  return _base.fold_for_inference(
+      params, norm_scale, threshold=_base.leaf_value(params["threshold"]),
+      pre_enc_bias=pre_enc_bias, out_norm_scale=out_norm_scale)
