@@ -34,7 +34,8 @@ def _identity(_: str, x: jax.Array) -> jax.Array:
   return x
 
 
-def project(x: jax.Array, w: jax.Array, *, w_transposed: bool) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, *, w_transposed: bool,
+            out_dtype: jnp.dtype | None = None) -> jax.Array:
   """Every weight matmul of the model: out[..., b, n] = sum_k x[..., k] w[b, k, n].
 
   x (..., K); w (Bw, K, N), or (Bw, N, K) with w_transposed. The official
@@ -44,7 +45,8 @@ def project(x: jax.Array, w: jax.Array, *, w_transposed: bool) -> jax.Array:
   """
   lead = x.shape[:-1]
   out = kernels.matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype),
-                       w_transposed=w_transposed, out_dtype=x.dtype)
+                       w_transposed=w_transposed,
+                       out_dtype=out_dtype or x.dtype)
   return out.reshape(*lead, *out.shape[1:])
 
 
@@ -161,10 +163,13 @@ class FeedForward(nn.Module):
     init = nn.initializers.normal(0.02)
     w_gate_up = self.param("gating_einsum", init, (2, c.mlp_dim, c.d_model))
     w_down = self.param("linear", init, (c.mlp_dim, c.d_model))
+    # The gate and up products stay float32 until the gating is done: bf16
+    # elementwise math on CPU is slower than float32, and less exact.
     gate_up = project(x, w_gate_up.astype(self.dtype).reshape(
-        1, 2 * c.mlp_dim, c.d_model), w_transposed=True)[..., 0, :]
+        1, 2 * c.mlp_dim, c.d_model), w_transposed=True,
+                      out_dtype=jnp.float32)[..., 0, :]
     gate, up = gate_up[..., :c.mlp_dim], gate_up[..., c.mlp_dim:]
-    hidden = jax.nn.gelu(gate, approximate=True) * up
+    hidden = (jax.nn.gelu(gate, approximate=True) * up).astype(self.dtype)
     return project(hidden, w_down.astype(self.dtype)[None],
                    w_transposed=False)[..., 0, :]
 
