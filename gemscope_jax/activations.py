@@ -43,16 +43,10 @@ def harvest(config: models.Gemma3Config, params, windows: Windows,
   names = [p.name for p in models.hooks.parse_all(hookpoints, config)]
   if not names:
     raise ValueError("harvest: give at least one hookpoint")
-  n_windows, seq_len = windows.tokens.shape
   chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
   bar = tqdm(total=windows.num_tokens, unit="tok", disable=not progress,
              desc="harvest", dynamic_ncols=True)
-  for start in range(0, n_windows, batch_size):
-    tokens = np.zeros((batch_size, seq_len), np.int32)
-    mask = np.zeros((batch_size, seq_len), bool)
-    stop = min(start + batch_size, n_windows)
-    tokens[:stop - start] = windows.tokens[start:stop]
-    mask[:stop - start] = windows.mask[start:stop]
+  for tokens, mask in windows.batches(batch_size):
     out = models.forward(params, tokens, mask, config=config,
                          hookpoints=names, logits=False, dtype=dtype)
     for n in names:

@@ -120,9 +120,7 @@ def run(model: str = "default", text_files: Sequence[str] | None = None,
   t1 = time.perf_counter()
   bar = tqdm(total=windows.num_tokens, unit="tok", desc="forward",
              dynamic_ncols=True)
-  for start in range(0, len(windows.tokens), batch_size):
-    tokens = windows.tokens[start:start + batch_size]
-    mask = windows.mask[start:start + batch_size]
+  for tokens, mask in windows.batches(batch_size):
     res = models.forward(params, tokens, mask, config=config, hookpoints=names,
                          logits=False, loss=True, dtype=dtype)
     for n in names:

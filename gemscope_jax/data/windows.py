@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -23,6 +23,18 @@ class Windows:
   @property
   def num_tokens(self) -> int:
     return int(self.mask.sum())
+
+  def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, mask) of batch_size windows; the last batch is padded with
+    empty windows, so a jitted consumer compiles one program only."""
+    n, seq_len = self.tokens.shape
+    for start in range(0, n, batch_size):
+      stop = min(start + batch_size, n)
+      tokens = np.zeros((batch_size, seq_len), np.int32)
+      mask = np.zeros((batch_size, seq_len), bool)
+      tokens[:stop - start] = self.tokens[start:stop]
+      mask[:stop - start] = self.mask[start:stop]
+      yield tokens, mask
 
 
 def windows_from_ids(ids: np.ndarray, seq_len: int, bos_id: int,

@@ -13,12 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from gemscope_jax.models._config import AttentionKind, Gemma3Config
-from gemscope_jax.models._modules import (Block, Intervene, RMSNorm, project,
-                                          rope_table)
-
-
-def _identity(_: str, x: jax.Array) -> jax.Array:
-  return x
+from gemscope_jax.models._modules import (Block, Intervene, RMSNorm, _identity,
+                                          project, rope_table)
 
 
 def attention_masks(config: Gemma3Config, mask: jax.Array
