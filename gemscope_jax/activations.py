@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,30 +30,46 @@ from gemscope_jax import models
 from gemscope_jax.data.windows import Windows
 
 
+def special_mask(tokenizer, tokens: np.ndarray) -> np.ndarray:
+  """True where a token id is special (BOS, EOS, control, unknown)."""
+  return np.isin(tokens, np.fromiter(tokenizer.special_ids, np.int32))
+
+
 def harvest(config: models.Gemma3Config, params, windows: Windows,
             hookpoints: Sequence[str], *, batch_size: int = 8,
-            dtype: jnp.dtype = jnp.float32, progress: bool = True
-            ) -> dict[str, np.ndarray]:
-  """{hookpoint: (N, width) float32} over the real tokens of `windows`.
+            dtype: jnp.dtype = jnp.float32, progress: bool = True,
+            with_loss: bool = False, desc: str = "harvest"
+            ) -> tuple[dict[str, np.ndarray], float | None]:
+  """({hookpoint: (N, width) float32} over the real tokens, mean loss).
 
   One jitted pass per batch of windows runs only up to the last block the
-  hookpoints need. The last batch is padded to `batch_size` so only one
-  program is compiled.
+  hookpoints need, unless `with_loss` asks for the next-token loss (nats per
+  predicted token over all windows; None otherwise), which needs the whole
+  model. The last batch is padded to `batch_size` so only one program is
+  compiled.
   """
   names = [p.name for p in models.hooks.parse_all(hookpoints, config)]
   if not names:
     raise ValueError("harvest: give at least one hookpoint")
   chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+  loss_sum, pairs = 0.0, 0
   bar = tqdm(total=windows.num_tokens, unit="tok", disable=not progress,
-             desc="harvest", dynamic_ncols=True)
+             desc=desc, dynamic_ncols=True)
   for tokens, mask in windows.batches(batch_size):
     out = models.forward(params, tokens, mask, config=config,
-                         hookpoints=names, logits=False, dtype=dtype)
+                         hookpoints=names, logits=False, loss=with_loss,
+                         dtype=dtype)
     for n in names:
       chunks[n].append(np.asarray(out.activations[n], np.float32)[mask])
+    if with_loss:
+      # out.loss is the mean over this batch's (token, next token) pairs.
+      n_pairs = int((mask[:, 1:] & mask[:, :-1]).sum())
+      loss_sum += float(out.loss) * n_pairs
+      pairs += n_pairs
     bar.update(int(mask.sum()))
   bar.close()
-  return {n: np.concatenate(c) for n, c in chunks.items()}
+  acts = {n: np.concatenate(c) for n, c in chunks.items()}
+  return acts, (loss_sum / max(pairs, 1) if with_loss else None)
 
 
 def dump_activations(config: models.Gemma3Config, params, tokenizer,
@@ -68,12 +84,12 @@ def dump_activations(config: models.Gemma3Config, params, tokenizer,
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
-  acts = harvest(config, params, windows, hookpoints, batch_size=batch_size,
-                 dtype=dtype, progress=progress)
+  acts, _ = harvest(config, params, windows, hookpoints,
+                    batch_size=batch_size, dtype=dtype, progress=progress)
   seconds = time.perf_counter() - t0
   real = windows.mask
   tokens = windows.tokens[real]
-  special = np.isin(tokens, np.fromiter(tokenizer.special_ids, np.int32))
+  special = special_mask(tokenizer, tokens)
   win, pos = np.nonzero(real)
   tensors = {"tokens": tokens.astype(np.int32), "special": special,
              "window": win.astype(np.int32), "position": pos.astype(np.int32),

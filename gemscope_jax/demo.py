@@ -17,9 +17,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from gemscope_jax import models, pretrained
+from gemscope_jax import activations, models, pretrained
 from gemscope_jax.data import text as text_lib
 from gemscope_jax.data.windows import windows_from_files
 
@@ -115,26 +114,12 @@ def run(model: str = "default", text_files: Sequence[str] | None = None,
   windows = windows_from_files(tok, files, seq_len, max_tokens)
   names = [f"layer_{l}/{s}" for l in range(config.num_layers)
            for s in ("resid_post", "attn_out", "mlp_out")]
-  chunks = {n: [] for n in names}
-  losses, counts = [], []
   t1 = time.perf_counter()
-  bar = tqdm(total=windows.num_tokens, unit="tok", desc="forward",
-             dynamic_ncols=True)
-  for tokens, mask in windows.batches(batch_size):
-    res = models.forward(params, tokens, mask, config=config, hookpoints=names,
-                         logits=False, loss=True, dtype=dtype)
-    for n in names:
-      chunks[n].append(np.asarray(res.activations[n], np.float32)[mask])
-    pairs = int((mask[:, 1:] & mask[:, :-1]).sum())
-    losses.append(float(res.loss) * pairs)
-    counts.append(pairs)
-    bar.update(int(mask.sum()))
-  bar.close()
+  acts, loss = activations.harvest(config, params, windows, names,
+                                   batch_size=batch_size, dtype=dtype,
+                                   with_loss=True, desc="forward")
   fwd_s = time.perf_counter() - t1
-  acts = {n: np.concatenate(c) for n, c in chunks.items()}
-  real_tokens = windows.tokens[windows.mask]
-  special = np.isin(real_tokens, np.fromiter(tok.special_ids, np.int32))
-  loss = sum(losses) / max(sum(counts), 1)
+  special = activations.special_mask(tok, windows.tokens[windows.mask])
   print(f"\nReal text: {windows.num_tokens:,} tokens from {len(files)} file(s)"
         f" in windows of {seq_len}; next-token loss {loss:.3f} nats/token; "
         f"{windows.num_tokens / fwd_s:,.0f} tokens/s (incl. compile)")
