@@ -1,8 +1,11 @@
 """The `gemscope` command line. It parses flags and calls library functions.
 
+  gemscope train         train a sparse dictionary from a config file
+                         (resumes when the workdir holds a checkpoint)
+  gemscope eval          evaluate a workdir's newest checkpoint on
+                         held-out text (metrics.json)
   gemscope demo          real Gemma 3 270M on real text: predictions and
-                         per-layer activation statistics (the main job
-                         until training lands)
+                         per-layer activation statistics
   gemscope activations   dump activations at hookpoints to safetensors
   gemscope info          the Gemma 3 sizes and their parameter counts
 """
@@ -62,6 +65,49 @@ def _cmd_activations(args) -> int:
   return 0
 
 
+def _config_overrides(items: Sequence[str] | None) -> dict:
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  out = {}
+  for item in items or ():
+    out.update(config_lib.parse_arg(item))
+  return out
+
+
+def _print_metrics(metrics: dict) -> None:
+  keys = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "dead_fraction",
+          "dense_fraction", "clean_loss", "spliced_loss",
+          "zero_ablation_loss")
+  shown = {k: metrics[k] for k in keys if k in metrics}
+  if shown:
+    print("held-out evaluation (" + str(metrics.get("eval_text", "")) + ", "
+          + f"{metrics.get('num_tokens', 0):,} tokens):")
+    for k, v in shown.items():
+      print(f"  {k:<20} {v:.4f}" if isinstance(v, float) else
+            f"  {k:<20} {v}")
+
+
+def _cmd_train(args) -> int:
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  c = config_lib.load(args.config)
+  c = config_lib.apply_overrides(c, _config_overrides(args.set))
+  if args.no_eval:
+    c.eval.at_end = False
+  result = trainer.train(c, args.workdir, progress=not args.quiet)
+  print(f"trained {result['step']:,} steps; workdir {args.workdir}")
+  _print_metrics(result)
+  return 0
+
+
+def _cmd_eval(args) -> int:
+  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  metrics = trainer.evaluate_workdir(args.workdir, progress=not args.quiet,
+                                     overrides=_config_overrides(args.set))
+  _print_metrics(metrics)
+  print(f"wrote {args.workdir}/metrics.json")
+  return 0
+
+
 def _cmd_info(_args) -> int:
   from gemscope_jax import models  # pylint: disable=import-outside-toplevel
   print(f"{'size':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
@@ -79,6 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
       prog="gemscope", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="train a sparse dictionary")
+  p.add_argument("--config", required=True,
+                 help="config file and argument, e.g. experiments/"
+                 "jumprelu_270m.py:runlocal,layer=6,width=16384,target_l0=60")
+  p.add_argument("--workdir", required=True,
+                 help="checkpoints, logs, export and metrics.json go here; "
+                 "rerunning resumes")
+  p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                 help="more overrides, e.g. --set train.lr=3e-4")
+  p.add_argument("--no-eval", action="store_true",
+                 help="skip the held-out evaluation at the end")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(fn=_cmd_train)
+
+  p = sub.add_parser("eval", help="evaluate a trained dictionary")
+  p.add_argument("--workdir", required=True, help="a gemscope train workdir")
+  p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                 help="eval overrides, e.g. --set eval.num_tokens=65536")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(fn=_cmd_eval)
 
   p = sub.add_parser("demo", help="Gemma 3 on real text: predictions and "
                      "activation statistics per layer")
@@ -113,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.fn(args)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, FloatingPointError) as e:
     # Bad input: one clear line, no traceback.
     print(f"gemscope {args.command}: error: {e}", file=sys.stderr)
     return 2

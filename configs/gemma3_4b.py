@@ -1,0 +1,18 @@
+r"""Preset: a JumpReLU SAE on Gemma 3 4B (see gemscope_jax.training.config).
+
+  gemscope train --config=configs/gemma3_4b.py:layer=L,site=S,width=W \
+      --workdir=DIR [--set model.checkpoint=PATH]
+
+Sites: resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post. Every
+field of the config can be overridden as key=value after the colon or with
+--set (e.g. train.lr=3e-4); `runlocal` shrinks the run to CPU minutes.
+No checkpoint ships for this size: set model.checkpoint to a GGUF file, a
+transformers directory or an Orbax checkpoint (or "random" to try the
+mechanics).
+"""
+
+from gemscope_jax.training import config as config_lib
+
+
+def get_config(arg=None):
+  return config_lib.preset("gemma3_4b", arg)

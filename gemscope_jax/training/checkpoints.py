@@ -1,0 +1,105 @@
+"""Orbax checkpoints of a training run: state, data position and config.
+
+Each step directory under `workdir/checkpoints` holds three items: `state`
+(the sharded train state), `data` (the activation stream's JSON position)
+and `config` (the run's config as JSON). Orbax writes a step under a
+temporary name and renames it when complete, so a run killed mid-save leaves
+no half checkpoint that looks finished. A newest checkpoint that still fails
+to restore (a damaged file) is moved aside to `workdir/corrupt/` with a
+message saying so, and the previous one is used; nothing is deleted.
+
+Caveat: restoring checks readability, not that the saved config matches the
+one being run; `trainer` compares the fields that must not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("state", "data", "config")
+
+
+class Checkpoints:
+  """A CheckpointManager with fallback past unreadable checkpoints."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2,
+               asynchronous: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self.directory = (self.workdir / "checkpoints").absolute()
+    self.max_to_keep = max_to_keep
+    self.asynchronous = asynchronous
+    self._manager = self._make()
+
+  def _make(self) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.max_to_keep, create=True,
+        enable_async_checkpointing=self.asynchronous)
+    return ocp.CheckpointManager(self.directory, options=options,
+                                 item_names=ITEMS)
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, data: dict, config: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+        config=ocp.args.JsonSave(config)), force=True)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def read_config(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+  def restore_latest(self, abstract_state) -> tuple[int, Any, dict, dict
+                                                   ] | None:
+    """(step, state, data, config) of the newest readable checkpoint.
+
+    Unreadable newer checkpoints are moved to `workdir/corrupt/` (with a
+    warning naming them and the error). None if there is no checkpoint.
+    """
+    for step in reversed(self.steps()):
+      try:
+        r = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+        return step, r["state"], r["data"], r["config"]
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax raises many types for a damaged file (ValueError, OSError,
+        # tensorstore errors); whichever it is, the step is unusable.
+        moved = self._set_aside(step)
+        log.warning("checkpoint %s is unreadable (%s: %s); moved it to %s "
+                    "and falling back to the previous checkpoint",
+                    self.directory / str(step), type(e).__name__,
+                    str(e).splitlines()[0][:300] if str(e) else "", moved)
+        print(f"warning: checkpoint {self.directory / str(step)} is "
+              f"unreadable ({type(e).__name__}); moved it to {moved}, using "
+              "the previous one")
+    return None
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    src = self.directory / str(step)
+    dest = self.workdir / "corrupt" / f"{step}-{int(time.time())}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.exists():
+      shutil.move(str(src), str(dest))
+    self._manager.close()
+    self._manager = self._make()
+    return dest
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

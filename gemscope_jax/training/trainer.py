@@ -1,0 +1,548 @@
+"""`train(config, workdir)`: one sharded optax loop for every dictionary.
+
+The loop, in order:
+1. `config.check` validates the config; Gemma and the tokenizer load.
+2. A `Mesh` with axes ('data', 'model') is built over the devices; the
+   config's logical-axis rules map the dictionary's axes ('latent', 'embed')
+   and the activation batch ('batch') onto it, and every array of the train
+   state gets an explicit `NamedSharding`.
+3. Activations stream from `data.stream` (live Gemma or an on-disk cache).
+   A fresh run estimates the input scale (E||x||^2 = 1 after dividing by it)
+   and the data mean (the initial b_dec) from the first bucket.
+4. One jitted, state-donating step: forward, loss, gradients (the decoder
+   rows' parallel component removed), Adam (beta1 = 0 by default) with
+   warm-up and a linear decay, decoder rows back to unit norm, JumpReLU
+   thresholds kept >= 0, the sparsity coefficient warmed up linearly.
+5. Every `checkpoint_every_steps` an Orbax checkpoint holds the state, the
+   stream's position and the config; rerunning the same command resumes
+   there and continues the same data order. A non-finite loss or gradient
+   stops the run with `TrainingDiverged`, leaving the last good checkpoint.
+6. Metrics go to a progress bar (activations/s, ETA, L0, FVU), a JSONL log
+   and TensorBoard; at the end the dictionary is exported in the Gemma
+   Scope 2 layout and evaluated on held-out text (`metrics.json`).
+
+Caveat: the finiteness check runs at log and checkpoint steps (reading a
+scalar every step would serialise the device queue), so a run may compute up
+to `log_every_steps` steps past a NaN before it stops; none is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gemscope_jax import assets, dictionaries, models, pretrained
+from gemscope_jax.data import pipeline, stream
+from gemscope_jax.training import checkpoints as ckpt_lib
+from gemscope_jax.training import config as config_lib
+
+log = logging.getLogger(__name__)
+
+# Changing these between a checkpoint and a resumed run changes what the
+# saved state means; everything else (logging, eval, num_tokens) may change.
+FROZEN_FIELDS = ("seed", "model.name", "model.checkpoint", "model.dtype",
+                 "hookpoint", "data.text", "data.seq_len",
+                 "data.model_batch_size", "data.bucket_tokens",
+                 "data.cache_dir", "data.shuffle_windows", "dictionary",
+                 "train.batch_size")
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss or gradient went non-finite; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; checkpointed whole.
+
+  Attributes:
+    step: steps taken.
+    params: the dictionary's parameters (float32).
+    opt_state: optax state.
+    norm_scale: the scalar inputs are divided by (E||x / s||^2 = 1).
+    last_fired: (d_sae,) the step count when each latent last fired.
+    min_kept_sum, min_kept_count: BatchTopK's running smallest kept
+      activation over the last fifth of training (its export threshold).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  norm_scale: jax.Array
+  last_fired: jax.Array
+  min_kept_sum: jax.Array
+  min_kept_count: jax.Array
+
+
+def make_mesh(c: ml_collections.ConfigDict,
+              devices: list | None = None) -> Mesh:
+  """The ('data', 'model') mesh the config asks for over `devices`."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  model = c.mesh.model
+  data = n // model if c.mesh.data == -1 else c.mesh.data
+  if data * model != n:
+    raise ValueError(f"config.mesh: data={c.mesh.data} x model={model} does "
+                     f"not cover the {n} available device(s)")
+  if c.train.batch_size % data:
+    raise ValueError(f"config.train.batch_size: {c.train.batch_size} is not "
+                     f"divisible by the mesh's data axis ({data})")
+  return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
+
+
+def dictionary_config(c: ml_collections.ConfigDict,
+                      model_config: models.Gemma3Config
+                      ) -> dictionaries.DictConfig:
+  d = c.dictionary
+  width = models.hooks.parse(c.hookpoint).width(model_config)
+  return dictionaries.DictConfig(
+      d_in=width, d_sae=d.width, architecture=d.architecture,
+      bandwidth=d.bandwidth, target_l0=d.target_l0, k=d.k,
+      sparsity_penalty=d.sparsity_penalty, dtype=d.dtype,
+      matryoshka_prefixes=d.matryoshka_prefixes)
+
+
+def num_steps(c: ml_collections.ConfigDict) -> int:
+  return c.train.num_tokens // c.train.batch_size
+
+
+def lr_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up, constant, then a linear decay to 0 at the end."""
+  total = num_steps(c)
+  t = c.train
+  warmup = min(t.lr_warmup_steps, total)
+  decay = int(round(t.lr_decay_fraction * total))
+  flat = max(total - warmup - decay, 0)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0 if warmup else t.lr, t.lr, max(warmup, 1)),
+       optax.constant_schedule(t.lr),
+       optax.linear_schedule(t.lr, 0.0, max(decay, 1))],
+      [warmup, warmup + flat])
+
+
+def make_optimizer(c: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.scale_by_adam(b1=c.train.beta1, b2=c.train.beta2),
+      optax.scale_by_learning_rate(lr_schedule(c)))
+
+
+def _unit_decoder(module) -> bool:
+  inner = getattr(module, "dictionary", module)
+  return type(inner).unit_decoder
+
+
+class Run:
+  """The pieces of a run that do not depend on data: module, optimizer,
+  mesh, shardings and the jitted step."""
+
+  def __init__(self, c: ml_collections.ConfigDict,
+               model_config: models.Gemma3Config, devices=None):
+    self.c = c
+    self.model_config = model_config
+    self.dict_config = dictionary_config(c, model_config)
+    self.module = dictionaries.make_dictionary(self.dict_config)
+    self.tx = make_optimizer(c)
+    self.mesh = make_mesh(c, devices)
+    self.rules = tuple((a, b) for a, b in c.mesh.rules)
+    self.num_steps = num_steps(c)
+    abstract = jax.eval_shape(
+        self._boxed_state, jax.random.key(0),
+        jax.ShapeDtypeStruct((self.dict_config.d_in,), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.float32))
+    specs = nn.get_partition_spec(abstract)
+    self.state_sharding = nn.logical_to_mesh_sharding(specs, self.mesh,
+                                                      self.rules)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(abstract), self.state_sharding)
+    batch_axis = dict(self.rules).get("batch")
+    self.batch_sharding = NamedSharding(
+        self.mesh, PartitionSpec(batch_axis, None))
+    self.step = jax.jit(self._step, in_shardings=(self.state_sharding,
+                                                  self.batch_sharding),
+                        out_shardings=(self.state_sharding, None),
+                        donate_argnums=0)
+    self.init = jax.jit(lambda k, b, s: nn.unbox(self._boxed_state(k, b, s)),
+                        out_shardings=self.state_sharding)
+
+  def _boxed_state(self, key, b_dec, norm_scale) -> TrainState:
+    params = dictionaries.init_params(self.module, key, b_dec=b_dec)
+    d_sae = self.dict_config.d_sae
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        opt_state=self.tx.init(params), norm_scale=norm_scale,
+        last_fired=nn.LogicallyPartitioned(jnp.zeros((d_sae,), jnp.int32),
+                                           ("latent",)),
+        min_kept_sum=jnp.zeros((), jnp.float32),
+        min_kept_count=jnp.zeros((), jnp.int32))
+
+  def sparsity_coeff(self, step):
+    t = self.c.train
+    ramp = jnp.minimum(1.0, (step + 1) / max(t.sparsity_warmup_steps, 1))
+    return t.sparsity_coeff * ramp
+
+  def _step(self, state: TrainState, x: jax.Array):
+    x = x.astype(jnp.float32) / state.norm_scale
+    coeff = self.sparsity_coeff(state.step)
+
+    def loss_fn(p):
+      lo, out = dictionaries.compute_loss(self.module, p, x,
+                                          sparsity_coeff=coeff)
+      return lo.total, (lo, out)
+
+    (_, (lo, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    unit = _unit_decoder(self.module)
+    if unit:
+      grads = dictionaries.project_decoder_grads(state.params, grads)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if unit:
+      params = dictionaries.normalize_decoder(params)
+    if "threshold" in params:
+      params = {**params, "threshold": jnp.maximum(params["threshold"], 0.0)}
+    step = state.step + 1
+    fired = jnp.any(out.latents > 0, axis=0)
+    last_fired = jnp.where(fired, step, state.last_fired)
+    silent_tokens = (step - last_fired) * x.shape[0]
+    late = step > int(0.8 * self.num_steps)
+    min_kept = lo.aux.get("min_kept")
+    kept_sum, kept_count = state.min_kept_sum, state.min_kept_count
+    if min_kept is not None:
+      ok = late & jnp.isfinite(min_kept)
+      kept_sum = kept_sum + jnp.where(ok, min_kept, 0.0)
+      kept_count = kept_count + ok.astype(jnp.int32)
+    grad_norm = optax.global_norm(grads)
+    metrics = {
+        "loss": lo.total, "mse": lo.mse, "sparsity": lo.sparsity,
+        "sparsity_coeff": coeff, "lr": lr_schedule(self.c)(state.step),
+        "grad_norm": grad_norm,
+        "finite": jnp.isfinite(lo.total) & jnp.isfinite(grad_norm),
+        "dead_fraction": jnp.mean(
+            (silent_tokens >= self.c.train.dead_after_tokens
+             ).astype(jnp.float32)),
+        **{k: v for k, v in lo.aux.items() if jnp.ndim(v) == 0},
+    }
+    new = TrainState(step=step, params=params, opt_state=opt_state,
+                     norm_scale=state.norm_scale, last_fired=last_fired,
+                     min_kept_sum=kept_sum, min_kept_count=kept_count)
+    return new, metrics
+
+
+def load_gemma(c: ml_collections.ConfigDict, model_config: models.Gemma3Config
+               ) -> dict:
+  dtype = jnp.dtype(c.model.dtype)
+  if c.model.checkpoint == "random":
+    return models.init_params(model_config, jax.random.key(c.seed), dtype)
+  _, params = pretrained.load_model(c.model.checkpoint, model_config, dtype)
+  return params
+
+
+def _window_dataset(c: ml_collections.ConfigDict, tokenizer, *, progress):
+  files = config_lib.text_files(c.data.text, "data.text")
+  source = pipeline.TokenWindowSource.from_files(
+      tokenizer, files, c.data.seq_len, progress=progress)
+  return pipeline.make_window_dataset(
+      source, batch_size=c.data.model_batch_size, seed=c.seed,
+      shuffle=c.data.shuffle_windows, num_epochs=None,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def make_source(c: ml_collections.ConfigDict, run: Run, gemma_params,
+                tokenizer, *, progress: bool) -> stream.BucketSource:
+  """The bucket source the config asks for: live Gemma, or a disk cache."""
+  data_size = run.mesh.shape["data"]
+  sharding = None
+  if data_size > 1 and c.data.model_batch_size % data_size == 0:
+    sharding = NamedSharding(run.mesh, PartitionSpec("data", None))
+  live = stream.HarvestSource(
+      run.model_config, gemma_params, _window_dataset(c, tokenizer,
+                                                      progress=progress),
+      [c.hookpoint], tokenizer, bucket_tokens=c.data.bucket_tokens,
+      dtype=jnp.dtype(c.model.dtype), sharding=sharding)
+  if not c.data.cache_dir:
+    return live
+  from gemscope_jax.data import activation_cache  # pylint: disable=import-outside-toplevel
+  meta = {"model": c.model.name, "checkpoint": str(c.model.checkpoint),
+          "dtype": c.model.dtype, "hookpoints": [c.hookpoint],
+          "text": str(c.data.text), "seq_len": c.data.seq_len,
+          "seed": c.seed}
+  activation_cache.write_cache(c.data.cache_dir, live,
+                               num_tokens=c.train.num_tokens, metadata=meta,
+                               progress=progress)
+  cache = activation_cache.ActivationCache(c.data.cache_dir)
+  return activation_cache.CacheBuckets(cache, seed=c.seed)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resumable(saved: dict, c: ml_collections.ConfigDict,
+                    workdir: pathlib.Path) -> None:
+  """Raises if `c` changes a field the checkpoint in `workdir` depends on."""
+  old, new = _flat(saved), _flat(config_lib.to_json(c))
+  for key in sorted(set(old) | set(new)):
+    if not any(key == f or key.startswith(f + ".") for f in FROZEN_FIELDS):
+      continue
+    a, b = old.get(key), new.get(key)
+    if json.dumps(a) != json.dumps(b):
+      raise ValueError(
+          f"config.{key}: {workdir} holds a run with {key}={a!r}, this config "
+          f"has {b!r}; resume with the original value or use a new workdir")
+
+
+class _MetricsLog:
+  """metrics.jsonl in the workdir, plus TensorBoard if tensorboardX exists."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    self.path = workdir / "metrics.jsonl"
+    if self.path.exists():
+      # Rows past the resumed step describe a timeline that is replayed.
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+      with assets.atomic_path(self.path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+    self.file = open(self.path, "a", encoding="utf-8")
+    try:
+      import tensorboardX  # pylint: disable=import-outside-toplevel
+      self.tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:
+      self.tb = None
+
+  def write(self, step: int, row: dict) -> None:
+    self.file.write(json.dumps({"step": step, **row}) + "\n")
+    self.file.flush()
+    if self.tb is not None:
+      for k, v in row.items():
+        if isinstance(v, (int, float)):
+          self.tb.add_scalar(f"train/{k}", v, step)
+
+  def close(self) -> None:
+    self.file.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _progress_bar(run: Run, start_step: int, progress: bool):
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  b = run.c.train.batch_size
+  return tqdm(total=run.num_steps * b, initial=start_step * b, unit="act",
+              unit_scale=True, desc="train", disable=not progress,
+              dynamic_ncols=True, smoothing=0.1)
+
+
+def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          progress: bool = True, devices=None) -> dict[str, Any]:
+  """Trains (or resumes) the dictionary `c` describes in `workdir`.
+
+  Args:
+    c: a config (see `config.default_config`).
+    workdir: where checkpoints, logs, the export and metrics go; rerunning
+      with the same workdir resumes.
+    progress: show progress bars.
+    devices: the devices to build the mesh over; all of them if None.
+
+  Returns:
+    The final metrics: training metrics of the last step, plus the
+    held-out evaluation's when `c.eval.at_end`.
+
+  Raises:
+    ValueError / FileNotFoundError: a bad config, naming the field.
+    TrainingDiverged: non-finite loss or gradients.
+  """
+  model_config = config_lib.check(c)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  run = Run(c, model_config, devices)
+  ckpts = ckpt_lib.Checkpoints(workdir, max_to_keep=c.train.keep_checkpoints)
+  latest = ckpts.latest_step()
+  if latest is not None:
+    check_resumable(ckpts.read_config(latest), c, workdir)
+  config_json = config_lib.to_json(c)
+  with assets.atomic_path(workdir / "config.json") as tmp:
+    tmp.write_text(json.dumps(config_json, indent=2))
+
+  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
+  tokenizer = default_tokenizer()
+  gemma_params = load_gemma(c, model_config)
+  source = make_source(c, run, gemma_params, tokenizer, progress=progress)
+  batches = stream.ActivationBatches(source, batch_size=c.train.batch_size,
+                                     seed=c.seed)
+
+  restored = ckpts.restore_latest(run.abstract_state) if latest is not None \
+      else None
+  if restored is not None:
+    start_step, state, data_state, _ = restored
+    batches.set_state(data_state)
+    print(f"resuming from step {start_step} in {ckpts.directory}")
+  else:
+    start_step = 0
+    first = batches.peek_bucket()[c.hookpoint]
+    mean, sq = stream.bucket_stats({"x": first})["x"]
+    scale = float(np.sqrt(sq))
+    b_dec = (mean / scale if c.train.b_dec_init == "mean"
+             else np.zeros_like(mean)).astype(np.float32)
+    state = run.init(jax.random.key(c.seed), jnp.asarray(b_dec),
+                     jnp.float32(scale))
+
+  metrics_log = _MetricsLog(workdir, start_step)
+  bar = _progress_bar(run, start_step, progress)
+  t0, acts_done = time.perf_counter(), 0
+  last = {}
+  metrics = None
+  step = start_step
+  try:
+    while step < run.num_steps:
+      x = next(batches)[c.hookpoint]
+      state, metrics = run.step(state, jax.device_put(x, run.batch_sharding))
+      step += 1
+      acts_done += c.train.batch_size
+      bar.update(c.train.batch_size)
+      save = (step % c.train.checkpoint_every_steps == 0
+              or step == run.num_steps)
+      if step % c.train.log_every_steps == 0 or save:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not last.pop("finite"):
+          raise TrainingDiverged(
+              f"loss {last['loss']} / gradient norm {last['grad_norm']} at "
+              f"step {step}: training stopped; the last good checkpoint is "
+              f"step {ckpts.latest_step()} in {ckpts.directory}")
+        elapsed = time.perf_counter() - t0
+        last["acts_per_s"] = acts_done / max(elapsed, 1e-9)
+        last["tokens"] = step * c.train.batch_size
+        metrics_log.write(step, last)
+        bar.set_postfix(l0=f"{last.get('l0', 0):.1f}",
+                        fvu=f"{last.get('fvu', 0):.3f}",
+                        dead=f"{last['dead_fraction']:.2f}")
+      if save:
+        ckpts.save(step, state, batches.get_state(), config_json)
+  finally:
+    bar.close()
+    metrics_log.close()
+    ckpts.wait()
+  ckpts.close()
+
+  result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
+  export(run, state, workdir)
+  if c.eval.at_end:
+    result.update(evaluate_state(run, state, gemma_params, tokenizer, workdir,
+                                 progress=progress))
+  return result
+
+
+def export(run: Run, state: TrainState, workdir: pathlib.Path) -> pathlib.Path:
+  """Writes the Gemma Scope 2 layout (raw-unit weights) to workdir/export."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  c = run.c
+  module = getattr(run.module, "dictionary", run.module)
+  params = jax.device_get(state.params)
+  arch = c.dictionary.architecture
+  if arch == "batchtopk":
+    count = max(int(state.min_kept_count), 1)
+    threshold = float(state.min_kept_sum) / count
+    arrays = module.to_inference(params, state.norm_scale,
+                                 threshold=threshold)
+  elif arch == "topk":
+    arrays = dictionaries.fold_for_inference(
+        params, state.norm_scale, threshold=0.0,
+        pre_enc_bias=module.pre_enc_bias)
+    del arrays["threshold"]
+  else:
+    arrays = module.to_inference(params, state.norm_scale)
+  out = workdir / "export"
+  out.mkdir(parents=True, exist_ok=True)
+  hp = models.hooks.parse(c.hookpoint)
+  meta = {
+      "architecture": "jump_relu" if arch != "topk" else "topk",
+      "trained_architecture": arch,
+      "model_name": run.model_config.name, "hf_hook_point_in": hp.hf_name,
+      "hookpoint": hp.name, "width": c.dictionary.width,
+      "d_in": run.dict_config.d_in, "norm_scale": float(state.norm_scale),
+      "target_l0": c.dictionary.target_l0, "k": c.dictionary.k,
+      "trained_tokens": int(state.step) * c.train.batch_size,
+      "affine_connection": False,
+  }
+  with assets.atomic_path(out / "params.safetensors") as tmp:
+    save_file({k: np.asarray(v, np.float32) for k, v in arrays.items()},
+              str(tmp))
+  with assets.atomic_path(out / "config.json") as tmp:
+    tmp.write_text(json.dumps(meta, indent=2))
+  return out
+
+
+def _eval_windows(c: ml_collections.ConfigDict, tokenizer):
+  from gemscope_jax.data.windows import windows_from_files  # pylint: disable=import-outside-toplevel
+  files = config_lib.text_files(c.eval.text, "eval.text")
+  return windows_from_files(tokenizer, files, c.eval.seq_len,
+                            c.eval.num_tokens)
+
+
+def evaluate_state(run: Run, state: TrainState, gemma_params, tokenizer,
+                   workdir: pathlib.Path, *, progress: bool = True
+                   ) -> dict[str, Any]:
+  """Held-out evaluation -> workdir/metrics.json and the frequency plot."""
+  from gemscope_jax.training import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
+  c = run.c
+  params = jax.device_get(state.params)
+  result = eval_lib.evaluate(
+      model_config=run.model_config, model_params=gemma_params,
+      hookpoint=c.hookpoint, module=run.module, params=params,
+      norm_scale=float(state.norm_scale),
+      windows=_eval_windows(c, tokenizer), tokenizer=tokenizer,
+      batch_size=c.eval.batch_size, dtype=jnp.dtype(c.model.dtype),
+      dense_threshold=c.eval.dense_threshold, progress=progress)
+  metrics = {**result.metrics, "step": int(state.step),
+             "trained_tokens": int(state.step) * c.train.batch_size,
+             "target_l0": c.dictionary.target_l0, "eval_text": c.eval.text,
+             "hookpoint": c.hookpoint}
+  eval_lib.plot_frequency_histogram(
+      result.frequency, workdir / "latent_frequency.png",
+      title=f"{c.hookpoint} {c.dictionary.architecture} "
+      f"{c.dictionary.width}: latent firing frequency")
+  eval_lib.write_metrics(metrics, workdir / "metrics.json")
+  return metrics
+
+
+def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
+                     overrides: dict | None = None) -> dict[str, Any]:
+  """Evaluates the newest checkpoint in `workdir` (the `gemscope eval` job)."""
+  workdir = pathlib.Path(workdir)
+  ckpts = ckpt_lib.Checkpoints(workdir, asynchronous=False)
+  latest = ckpts.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate (train "
+                            "first, or check the path)")
+  c = config_lib.from_json(ckpts.read_config(latest))
+  if overrides:
+    c = config_lib.apply_overrides(c, overrides)
+  model_config = config_lib.check(c)
+  run = Run(c, model_config)
+  restored = ckpts.restore_latest(run.abstract_state)
+  ckpts.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}: no readable checkpoint")
+  _, state, _, _ = restored
+  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
+  tokenizer = default_tokenizer()
+  gemma_params = load_gemma(c, model_config)
+  return evaluate_state(run, state, gemma_params, tokenizer, workdir,
+                        progress=progress)

@@ -1,0 +1,284 @@
+"""The training loop end to end on the real Gemma 3 270M (early layer, small
+dictionary): resume after SIGKILL, a corrupt newest checkpoint, a diverging
+run, the data stream's position, the export, and 1 vs 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gemscope_jax import dictionaries
+from gemscope_jax.training import config as config_lib
+from gemscope_jax.training import trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GEMSCOPE = [sys.executable, "-m", "gemscope_jax.cli"]
+
+# A run of 24 steps of 256 layer-1 activations: seconds on a CPU.
+TINY = ("runlocal,layer=1,width=256,tokens=6144,batch=256,"
+        "data.bucket_tokens=2048,data.seq_len=64,"
+        "train.checkpoint_every_steps=8,train.log_every_steps=4,"
+        "train.sparsity_warmup_steps=8,train.lr_warmup_steps=4")
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(extra: str = "") -> config_lib.ml_collections.ConfigDict:
+  c = config_lib.load(f"{ROOT}/experiments/jumprelu_270m.py:{TINY}")
+  c = config_lib.apply_overrides(c, config_lib.parse_arg(extra))
+  c.eval.at_end = False
+  return c
+
+
+def run_cli(workdir, extra_sets=(), *, env=None, check=True, **kwargs):
+  cmd = GEMSCOPE + ["train", f"--config=experiments/jumprelu_270m.py:{TINY}",
+                    f"--workdir={workdir}", "--no-eval", "--quiet"]
+  cmd += [f"--set={s}" for s in extra_sets]
+  full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  if kwargs.pop("background", False):
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True,
+                        text=True, timeout=600)
+  if check:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+  return proc
+
+
+def exported(workdir) -> dict[str, np.ndarray]:
+  return load_file(str(pathlib.Path(workdir) / "export" / "params.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """One uninterrupted CLI run; other tests compare against its export."""
+  workdir = tmp_path_factory.mktemp("reference")
+  run_cli(workdir)
+  return workdir
+
+
+def test_uninterrupted_run_learns_and_logs(reference_run):
+  rows = [json.loads(l) for l in
+          (reference_run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(4, 25, 4))
+  # The loss falls and L0 comes down from its dense start towards L0*=60.
+  assert rows[-1]["mse"] < rows[0]["mse"]
+  assert rows[-1]["l0"] < rows[0]["l0"]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  steps = sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [16, 24]  # every 8 steps, keep 2
+
+
+def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path):
+  rng = np.random.default_rng()
+  proc = run_cli(tmp_path, background=True)
+  ckpt = tmp_path / "checkpoints" / "8"
+  deadline = time.time() + 300
+  while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  # An arbitrary moment after the first checkpoint, possibly mid-save.
+  time.sleep(rng.uniform(0.0, 1.0))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+  resumed = run_cli(tmp_path)
+  assert "resuming from step" in resumed.stdout
+  ref, got = exported(reference_run), exported(tmp_path)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_corrupt_newest_checkpoint_falls_back(reference_run, tmp_path):
+  import shutil
+  shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+  newest = tmp_path / "checkpoints" / "24"
+  files = sorted(p for p in (newest / "state").rglob("*") if p.is_file()
+                 and p.stat().st_size > 1000)
+  assert files, "no array data in the checkpoint"
+  for f in files:
+    f.write_bytes(f.read_bytes()[:100])  # truncated, as by a full disk
+  proc = run_cli(tmp_path)
+  assert "unreadable" in proc.stdout and "24" in proc.stdout
+  assert "resuming from step 16" in proc.stdout
+  assert any((tmp_path / "corrupt").iterdir())  # kept, not deleted
+  ref, got = exported(reference_run), exported(tmp_path)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_divergence_stops_with_last_good_checkpoint(tmp_path):
+  c = tiny_config("train.lr=1e30,train.lr_warmup_steps=0,"
+                  "train.checkpoint_every_steps=1,train.log_every_steps=1")
+  with pytest.raises(trainer.TrainingDiverged, match="last good checkpoint"):
+    trainer.train(c, tmp_path, progress=False)
+  ckpts = trainer.ckpt_lib.Checkpoints(tmp_path)
+  last = ckpts.latest_step()
+  assert last is not None and last >= 1
+  run = trainer.Run(c, config_lib.check(c))
+  step, state, _, _ = ckpts.restore_latest(run.abstract_state)
+  assert step == last
+  assert all(np.isfinite(np.asarray(v)).all()
+             for v in jax.tree.leaves(state.params))
+
+
+def test_changed_config_refuses_to_resume(reference_run, tmp_path):
+  import shutil
+  shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+  proc = run_cli(tmp_path, ["dictionary.width=512"], check=False)
+  assert proc.returncode == 2
+  assert "config.dictionary.width" in proc.stderr
+
+
+def test_export_reproduces_training_reconstruction(reference_run):
+  """The folded Gemma Scope 2 arrays on raw activations equal the trained
+  module on normalised ones (times the scale)."""
+  c = tiny_config()
+  mc = config_lib.check(c)
+  run = trainer.Run(c, mc)
+  ckpts = trainer.ckpt_lib.Checkpoints(reference_run)
+  _, state, _, _ = ckpts.restore_latest(run.abstract_state)
+  x = np.random.default_rng(0).normal(size=(64, run.dict_config.d_in)) * 5
+  x = x.astype(np.float32)
+  s = float(state.norm_scale)
+  out = run.module.apply({"params": state.params}, x / s)
+  ex = exported(reference_run)
+  pre = x @ ex["w_enc"] + ex["b_enc"]
+  f = np.maximum(pre, 0) * (pre > ex["threshold"])
+  np.testing.assert_allclose(f @ ex["w_dec"] + ex["b_dec"],
+                             np.asarray(out.recon) * s, rtol=1e-4, atol=1e-3)
+  meta = json.loads((reference_run / "export" / "config.json").read_text())
+  assert meta["architecture"] == "jump_relu"
+  assert meta["hf_hook_point_in"] == "model.layers.1.output"
+
+
+def test_stream_position_restores_exactly(real_model):
+  """ActivationBatches resumed from a saved position yields the same
+  batches as the original stream, including across a bucket boundary."""
+  from gemscope_jax.data import stream
+  from gemscope_jax.tokenizer import default_tokenizer
+  c = tiny_config()
+  config, params = real_model
+  run = trainer.Run(c, config)
+  tok = default_tokenizer()
+
+  def make():
+    return stream.ActivationBatches(
+        trainer.make_source(c, run, params, tok, progress=False),
+        batch_size=c.train.batch_size, seed=c.seed)
+
+  a = make()
+  first = [next(a)["layer_1/resid_post"] for _ in range(5)]
+  state = json.loads(json.dumps(a.get_state()))
+  rest = [next(a)["layer_1/resid_post"] for _ in range(10)]
+  b = make()
+  b.set_state(state)
+  again = [next(b)["layer_1/resid_post"] for _ in range(10)]
+  for x, y in zip(rest, again):
+    np.testing.assert_array_equal(x, y)
+  # Buckets are shuffled: consecutive rows are not consecutive tokens, and
+  # every activation is an ordinary token's (no BOS outlier norms).
+  norms = np.linalg.norm(np.concatenate(first + rest), axis=-1)
+  assert norms.max() < 20 * np.median(norms)
+
+
+def test_eight_devices_match_one(tmp_path):
+  """Data-parallel (8x1) and data x model (4x2) meshes over 8 simulated CPU
+  devices give the single-device result within fp tolerance."""
+  one = tmp_path / "one"
+  run_cli(one)
+  results = {}
+  for name, mesh in (("dp", ["mesh.data=8", "mesh.model=1"]),
+                     ("dpmp", ["mesh.data=4", "mesh.model=2"])):
+    wd = tmp_path / name
+    run_cli(wd, mesh, env={"XLA_FLAGS":
+                           "--xla_force_host_platform_device_count=8"})
+    results[name] = exported(wd)
+  ref = exported(one)
+  for name, got in results.items():
+    for k in ref:
+      np.testing.assert_allclose(got[k], ref[k], rtol=2e-3, atol=2e-4,
+                                 err_msg=f"{name}: {k}")
+
+
+def test_bad_configs_name_the_field(tmp_path):
+  cases = {
+      "dictionary.widht=5": "did you mean 'width'",
+      "layer=40": "config.hookpoint",
+      "site=resid_postt": "resid_postt",
+      "target_l0=5000,width=256": "config.dictionary.target_l0",
+      "data.text=/no/such/file.txt": "config.data.text",
+      "arch=topk": "config.dictionary.k",
+      "mesh.model=3": "mesh.model=3",
+      "mesh.data=3": "config.mesh",
+      "train.batch_size=0": "config.train.batch_size",
+  }
+  for override, expected in cases.items():
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+      c = tiny_config(override)
+      trainer.train(c, tmp_path / "never", progress=False)
+    assert expected in str(e.value), (override, str(e.value))
+  # Nothing was written for a config rejected at start.
+  assert not (tmp_path / "never" / "checkpoints").exists()
+
+
+def test_unknown_config_field_in_file_is_rejected():
+  c = tiny_config()
+  c.train.learning_rate = 1e-3
+  with pytest.raises(ValueError, match=r"train\.learning_rate"):
+    config_lib.check(c)
+
+
+def test_parse_arg_and_shorthands():
+  got = config_lib.parse_arg("runlocal,layer=9,width=8192,lr=3e-4,"
+                             "dictionary.matryoshka_prefixes=(64,256)")
+  assert got == {"runlocal": True, "layer": 9, "width": 8192, "lr": 3e-4,
+                 "dictionary.matryoshka_prefixes": (64, 256)}
+  c = config_lib.apply_overrides(config_lib.default_config(),
+                                 {"layer": 9, "site": "mlp_out",
+                                  "width": 8192, "lr": 3e-4})
+  assert c.hookpoint == "layer_9/mlp_out"
+  assert (c.dictionary.width, c.train.lr) == (8192, 3e-4)
+  back = config_lib.from_json(json.loads(json.dumps(config_lib.to_json(c))))
+  assert back == c
+
+
+def test_lr_schedule_shape():
+  c = tiny_config("train.lr=1e-3,train.lr_warmup_steps=4,"
+                  "train.lr_decay_fraction=0.25")
+  sched = trainer.lr_schedule(c)  # 24 steps: warm-up 4, flat 14, decay 6
+  got = np.array([float(sched(i)) for i in range(25)])
+  want = np.concatenate([np.arange(4) / 4 * 1e-3, np.full(14, 1e-3),
+                         1e-3 * (1 - np.arange(7) / 6)])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_sparsity_warmup_and_threshold_clip(real_model):
+  """One step by hand: the coefficient ramps linearly, decoder rows stay
+  unit norm, thresholds stay >= 0, and the step's loss equals
+  dictionaries.compute_loss on the same batch."""
+  c = tiny_config()
+  run = trainer.Run(c, real_model[0])
+  x = np.random.default_rng(1).normal(size=(256, 640)).astype(np.float32)
+  state = run.init(jax.random.key(0), jnp.zeros(640), jnp.float32(2.0))
+  params0 = jax.device_get(state.params)
+  new, m = run.step(state, x)
+  lo, _ = dictionaries.compute_loss(run.module, params0, x / 2.0,
+                                    sparsity_coeff=1.0 / 8)
+  np.testing.assert_allclose(float(m["loss"]), float(lo.total), rtol=1e-5)
+  assert float(m["sparsity_coeff"]) == pytest.approx(1.0 / 8)
+  p = jax.device_get(new.params)
+  np.testing.assert_allclose(np.linalg.norm(p["w_dec"], axis=-1), 1.0,
+                             rtol=1e-5)
+  assert (p["threshold"] >= 0).all()
