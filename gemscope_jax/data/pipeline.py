@@ -54,6 +54,47 @@ def _cache_key(path: pathlib.Path, stat: os.stat_result,
   return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+PARQUET_SUFFIXES = (".parquet",)
+ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
+
+
+def read_documents(path: str | os.PathLike, *,
+                   text_field: str = "text") -> str:
+  """The text of one file: plain text, or the documents of a shard.
+
+  A `.parquet` file contributes its `text_field` column and an
+  array_record file (`.array_record`) its records, decoded as UTF-8; the
+  documents are joined by blank lines. Anything else is read as UTF-8 text
+  (undecodable bytes replaced).
+
+  Raises:
+    ValueError: a parquet file without `text_field` (the message names the
+      file and its columns).
+  """
+  path = pathlib.Path(path)
+  if path.suffix in PARQUET_SUFFIXES:
+    try:
+      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ImportError(f"{path}: reading parquet needs pyarrow "
+                        "(pip install pyarrow)") from e
+    schema = pq.read_schema(path)
+    if text_field not in schema.names:
+      raise ValueError(f"{path}: parquet file has no {text_field!r} column "
+                       f"(columns: {', '.join(schema.names)})")
+    docs = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
+    return "\n\n".join(d for d in docs if d)
+  if path.suffix in ARRAY_RECORD_SUFFIXES:
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    reader = array_record_module.ArrayRecordReader(str(path))
+    try:
+      records = reader.read_all()
+    finally:
+      reader.close()
+    return "\n\n".join(r.decode("utf-8", errors="replace") for r in records)
+  return path.read_text(encoding="utf-8", errors="replace")
+
+
 def _check_text_file(path: pathlib.Path) -> os.stat_result:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such text file")
@@ -74,7 +115,8 @@ def tokenize_files(tokenizer, files: Iterable[str | os.PathLike], *,
   Args:
     tokenizer: a `gemscope_jax.tokenizer.Tokenizer` (needs `encode`,
       `vocab_size` and `serialized`).
-    files: the text files, read as UTF-8 (undecodable bytes replaced).
+    files: text files (UTF-8, undecodable bytes replaced) or parquet /
+      array_record shards of documents (see `read_documents`).
     cache: whether to read and write the token cache.
     cache_dir: where the cache lives; `assets.cache_dir() / "tokens"` if None.
     progress: show a tqdm bar over the files with the token rate; None shows
@@ -110,7 +152,7 @@ def tokenize_files(tokenizer, files: Iterable[str | os.PathLike], *,
       except (OSError, ValueError):
         ids = None  # a damaged cache file is rewritten below
     if ids is None:
-      text = path.read_text(encoding="utf-8", errors="replace")
+      text = read_documents(path)
       if not text.strip():
         raise ValueError(f"{path}: the text file is empty")
       ids = np.asarray(tokenizer.encode(text, add_bos=False), np.int32)

@@ -37,6 +37,9 @@ from gemscope_jax.data import pipeline
 
 Bucket = dict[str, np.ndarray]
 
+# Window batches are cheap to cut; a few threads keep Gemma fed.
+_READ = pipeline.grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
 
 class BucketSource(Protocol):
   """Yields buckets of activations from a restorable position."""
@@ -88,7 +91,7 @@ class HarvestSource:
     self.dtype = dtype
     self.sharding = sharding
     self.tokens_seen = 0
-    self._it = pipeline.iterate(window_dataset)
+    self._it = pipeline.iterate(window_dataset, _READ)
 
   def _forward(self, tokens: np.ndarray, mask: np.ndarray) -> Bucket:
     t, m = tokens, mask
@@ -118,7 +121,7 @@ class HarvestSource:
     return {"windows": self._it.get_state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._it = pipeline.iterate(self.dataset)
+    self._it = pipeline.iterate(self.dataset, _READ)
     self._it.set_state(state["windows"])
 
 

@@ -9,6 +9,7 @@ Parameters follow the Gemma Scope 2 names and carry logical axis names.
 from __future__ import annotations
 
 from gemscope_jax.dictionaries._base import (AXES, DictOutput, Dictionary,
+                                             apply_update,
                                              LossOutput, compute_loss,
                                              fold_for_inference, fvu,
                                              init_params, mse_loss,
@@ -37,7 +38,7 @@ def make_dictionary(config: DictConfig) -> Dictionary | Matryoshka:
 
 
 __all__ = [
-    "ARCHITECTURES", "AXES", "BatchTopK", "DICTIONARIES", "DictConfig",
+    "ARCHITECTURES", "AXES", "apply_update", "BatchTopK", "DICTIONARIES", "DictConfig",
     "DictOutput", "Dictionary", "JumpReLU", "LossOutput", "Matryoshka", "ReLU",
     "TopK", "compute_loss", "fold_for_inference", "fvu", "global_threshold",
     "init_params", "make_dictionary", "mse_loss", "normalize_decoder",

@@ -21,6 +21,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 Params = dict[str, Any]
 
@@ -279,6 +280,27 @@ def project_decoder_grads(params: Params, grads: Params) -> Params:
   def project(g):
     return g - jnp.sum(g * unit, axis=-1, keepdims=True) * unit
   return _replace(grads, "w_dec", project)
+
+
+def apply_update(module: nn.Module, optimizer, params: Params, opt_state,
+                 grads: Params) -> tuple[Params, Any]:
+  """One optimiser step with the dictionary constraints around it.
+
+  Decoder-row gradients lose their parallel component (unit-decoder
+  modules), optax updates the parameters, decoder rows go back to unit norm
+  and a JumpReLU threshold is kept >= 0. Returns (params, opt_state).
+  """
+  inner = getattr(module, "dictionary", module)  # through a Matryoshka
+  unit = type(inner).unit_decoder
+  if unit:
+    grads = project_decoder_grads(params, grads)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  if unit:
+    params = normalize_decoder(params)
+  if "threshold" in params:
+    params = _replace(params, "threshold", lambda t: jnp.maximum(t, 0.0))
+  return params, opt_state
 
 
 def fold_for_inference(params: Params, norm_scale, *, threshold,

@@ -390,14 +390,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *,
     else:
       loss, _, grads = dense_loss_and_grads(module, params, x,
                                             sparsity_coeff=sparsity_coeff)
-    if module.unit_decoder:
-      grads = _base.project_decoder_grads(params, grads)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    if module.unit_decoder:
-      params = _base.normalize_decoder(params)
-    if "threshold" in params:
-      params = {**params, "threshold": jnp.maximum(params["threshold"], 0.0)}
+    params, opt_state = _base.apply_update(module, optimizer, params,
+                                           opt_state, grads)
     metrics = {"loss": loss.total, "mse": loss.mse, "sparsity": loss.sparsity,
                **loss.aux}
     return params, opt_state, metrics

@@ -351,6 +351,11 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   _need(t.b_dec_init in ("mean", "zeros"), "train.b_dec_init",
         "must be 'mean' or 'zeros'", t.b_dec_init)
   _need(t.step in STEPS, "train.step", f"must be one of {STEPS}", t.step)
+  _need(t.step == "dense" or (d.architecture in ("jumprelu", "topk",
+                                                 "batchtopk")
+                              and d.matryoshka_prefixes is None),
+        "train.step", "'sparse' supports jumprelu/topk/batchtopk without "
+        "matryoshka_prefixes", t.step)
   _need(c.data.seq_len >= 2, "data.seq_len", "must be at least 2",
         c.data.seq_len)
   _need(c.data.bucket_tokens >= t.batch_size, "data.bucket_tokens",

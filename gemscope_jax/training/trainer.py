@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gemscope_jax import assets, dictionaries, models, pretrained
 from gemscope_jax.data import pipeline, stream
+from gemscope_jax.dictionaries import sparse as sparse_lib
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
 
@@ -138,11 +139,6 @@ def make_optimizer(c: ml_collections.ConfigDict
       optax.scale_by_learning_rate(lr_schedule(c)))
 
 
-def _unit_decoder(module) -> bool:
-  inner = getattr(module, "dictionary", module)
-  return type(inner).unit_decoder
-
-
 class Run:
   """The pieces of a run that do not depend on data: module, optimizer,
   mesh, shardings and the jitted step."""
@@ -193,28 +189,31 @@ class Run:
     ramp = jnp.minimum(1.0, (step + 1) / max(t.sparsity_warmup_steps, 1))
     return t.sparsity_coeff * ramp
 
-  def _step(self, state: TrainState, x: jax.Array):
-    x = x.astype(jnp.float32) / state.norm_scale
-    coeff = self.sparsity_coeff(state.step)
+  def _loss_and_grads(self, params, x, coeff):
+    """(LossOutput, (d_sae,) fired-in-this-batch mask, grads)."""
+    if self.c.train.step == "sparse":
+      lo, out, grads = sparse_lib.sparse_loss_and_grads(
+          self.module, params, x, sparsity_coeff=coeff,
+          capacity=self.c.train.sparse_capacity * x.shape[0])
+      fired = jnp.zeros((self.dict_config.d_sae,), bool).at[
+          out.latent_ids].max(out.values > 0)
+      return lo, fired, grads
 
     def loss_fn(p):
       lo, out = dictionaries.compute_loss(self.module, p, x,
                                           sparsity_coeff=coeff)
       return lo.total, (lo, out)
 
-    (_, (lo, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    unit = _unit_decoder(self.module)
-    if unit:
-      grads = dictionaries.project_decoder_grads(state.params, grads)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if unit:
-      params = dictionaries.normalize_decoder(params)
-    if "threshold" in params:
-      params = {**params, "threshold": jnp.maximum(params["threshold"], 0.0)}
+    (_, (lo, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return lo, jnp.any(out.latents > 0, axis=0), grads
+
+  def _step(self, state: TrainState, x: jax.Array):
+    x = x.astype(jnp.float32) / state.norm_scale
+    coeff = self.sparsity_coeff(state.step)
+    lo, fired, grads = self._loss_and_grads(state.params, x, coeff)
+    params, opt_state = dictionaries.apply_update(
+        self.module, self.tx, state.params, state.opt_state, grads)
     step = state.step + 1
-    fired = jnp.any(out.latents > 0, axis=0)
     last_fired = jnp.where(fired, step, state.last_fired)
     silent_tokens = (step - last_fired) * x.shape[0]
     late = step > int(0.8 * self.num_steps)

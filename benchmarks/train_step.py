@@ -1,0 +1,230 @@
+"""Activations/s of a full SAE training step: SAELens vs ours dense vs ours sparse.
+
+One step = forward, backward, Adam (b1=0, b2=0.999) and, for ours, decoder
+gradient projection + renormalisation (and the threshold clip). Measured in
+one process on the CPU, fp32, for JumpReLU (quadratic L0 penalty) and TopK:
+
+  saelens  SAELens's own `JumpReLUTrainingSAE` / `TopKTrainingSAE`: its
+           `training_forward_pass`, the trainer's firing statistics,
+           `loss.backward()`, grad-norm clipping and a torch Adam step, as
+           `SAETrainer._train_step` does them.
+  dense    `jax.value_and_grad` of `compute_loss` (make_train_step(sparse=False)).
+  sparse   `sparse_loss_and_grads` (make_train_step(sparse=True)).
+
+Inputs are standard normal (B, d_in). For a realistic JumpReLU sparsity the
+thresholds are set, before timing, to each latent's (1 - L0*/width) quantile
+of the pre-activations of one batch (the m-th largest of its B values, m =
+B * L0* / width), so every latent fires on ~L0*/width of the tokens and L0 is
+~L0* per token (the measured L0 is printed). A small learning rate keeps it
+there over the timed steps. A JAX matmul (4096x2048x4096) gives the machine's
+dense fp32 rate; each step's "dense-equivalent" rate 12*B*d_in*width / time
+is shown as a fraction of it.
+
+  .venv/bin/python benchmarks/train_step.py [--width 16384] [--batch 4096]
+      [--steps 5] [--quick]
+
+Caveat: on a small shared CPU the figures move by tens of percent between
+runs (other processes compete for the cores); the medians of a handful of
+steps are indicative, compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
+import torch  # pylint: disable=wrong-import-position
+
+from gemscope_jax.dictionaries import JumpReLU, TopK  # pylint: disable=wrong-import-position
+from gemscope_jax.dictionaries import _base  # pylint: disable=wrong-import-position
+from gemscope_jax.dictionaries import sparse  # pylint: disable=wrong-import-position
+
+LR = 1e-5
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_rate(repeats: int = 5) -> float:
+  """GFLOP/s of a jitted fp32 4096x2048x4096 jnp.dot."""
+  a = jnp.ones((4096, 2048), jnp.float32)
+  b = jnp.ones((2048, 4096), jnp.float32)
+  f = jax.jit(jnp.dot)
+  t = _median_time(lambda: f(a, b).block_until_ready(), repeats, 1)
+  return 2 * 4096 * 2048 * 4096 / t / 1e9
+
+
+def _quantile_thresholds(module, params, x, target_l0: float) -> jax.Array:
+  """Per-latent threshold so each latent fires on ~target_l0/width tokens."""
+  _, pre = sparse._pre_acts(module, params, x)  # pylint: disable=protected-access
+  m = max(1, int(round(x.shape[0] * target_l0 / module.d_sae)))
+  top, _ = jax.lax.top_k(pre.T, m + 1)
+  return jnp.maximum(0.5 * (top[:, m - 1] + top[:, m]), 0.0)
+
+
+def time_ours(module, params, x, *, sparse_step: bool, capacity, coeff,
+              steps: int) -> tuple[float, dict]:
+  """Median seconds per step of our jitted train step, and its last metrics."""
+  opt = optax.adam(LR, b1=0.0, b2=0.999)
+  step = sparse.make_train_step(module, opt, sparse=sparse_step,
+                                capacity=capacity)
+  state = {"p": jax.tree.map(jnp.array, params)}
+  state["s"] = opt.init(state["p"])
+  state["m"] = None
+
+  def one():
+    state["p"], state["s"], state["m"] = step(state["p"], state["s"], x,
+                                              coeff)
+    jax.block_until_ready(state["p"])
+  t = _median_time(one, steps, warmup=2)
+  return t, {k: float(v) for k, v in state["m"].items()}
+
+
+def time_saelens(kind: str, params, x, *, k: int, target_l0: float,
+                 bandwidth: float, steps: int) -> float:
+  """Median seconds per SAELens training step (forward/backward/Adam)."""
+  # pylint: disable=import-outside-toplevel
+  from sae_lens.saes.jumprelu_sae import (JumpReLUTrainingSAE,
+                                          JumpReLUTrainingSAEConfig)
+  from sae_lens.saes.sae import TrainStepInput
+  from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+  d_in, width = params["w_enc"].shape
+  if kind == "jumprelu":
+    cfg = JumpReLUTrainingSAEConfig(
+        d_in=d_in, d_sae=width, dtype="float32", device="cpu",
+        jumprelu_bandwidth=bandwidth, jumprelu_sparsity_loss_mode="quadratic",
+        target_l0=target_l0, l0_coefficient=1.0)
+    sae = JumpReLUTrainingSAE(cfg)
+    coefficients = {"l0": 1.0}
+  else:
+    cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k, dtype="float32",
+                                device="cpu")
+    sae = TopKTrainingSAE(cfg)
+    coefficients = {}
+  with torch.no_grad():  # Same starting point as ours.
+    for ours, theirs in (("w_enc", "W_enc"), ("w_dec", "W_dec"),
+                         ("b_enc", "b_enc"), ("b_dec", "b_dec"),
+                         ("threshold", "threshold")):
+      if hasattr(sae, theirs) and ours in params:
+        getattr(sae, theirs).copy_(torch.from_numpy(np.array(params[ours])))
+  opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.0, 0.999))
+  xt = torch.from_numpy(np.array(x))
+  dead = torch.zeros(width, dtype=torch.bool)
+  act_freq = torch.zeros(width)
+
+  def one():
+    sae.train()
+    out = sae.training_forward_pass(step_input=TrainStepInput(
+        sae_in=xt, coefficients=coefficients, dead_neuron_mask=dead,
+        n_training_steps=0, is_logging_step=False))
+    with torch.no_grad():  # The trainer's firing statistics.
+      act_freq.add_(out.feature_acts.bool().float().sum(-2))
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+  return _median_time(one, steps, warmup=1)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--width", type=int, default=16384)
+  ap.add_argument("--batch", type=int, default=4096)
+  ap.add_argument("--d-in", type=int, default=640)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--k", type=int, default=60)
+  ap.add_argument("--target-l0", type=float, default=60.0)
+  ap.add_argument("--bandwidth", type=float, default=0.001)
+  ap.add_argument("--quick", action="store_true",
+                  help="smoke run: width 2048, batch 512, 2 steps")
+  ap.add_argument("--skip-saelens", action="store_true")
+  args = ap.parse_args()
+  if args.quick:
+    args.width, args.batch, args.steps = 2048, 512, 2
+  b, d, w = args.batch, args.d_in, args.width
+  flops = 12 * b * d * w
+  print(f"d_in {d}, width {w}, batch {b}, fp32, {args.steps} timed steps "
+        f"(median), jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        flush=True)
+  rate = matmul_rate()
+  print(f"matmul 4096x2048x4096 fp32 (jnp.dot): {rate:.1f} GFLOP/s",
+        flush=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, d), jnp.float32)
+  rows = []
+
+  def add(arch, impl, t, note=""):
+    eq = flops / t / 1e9
+    rows.append((arch, impl, b / t, t, eq, eq / rate, note))
+    print(f"  {arch:8s} {impl:8s} {b / t:9.0f} act/s  {t:7.3f} s/step  {note}",
+          flush=True)
+
+  # JumpReLU.
+  jr = JumpReLU(d_in=d, d_sae=w, bandwidth=args.bandwidth,
+                sparsity_penalty="quadratic", target_l0=args.target_l0)
+  params = {k: _base.leaf_value(v) for k, v in
+            _base.init_params(jr, jax.random.PRNGKey(1)).items()}
+  params["threshold"] = _quantile_thresholds(jr, params, x, args.target_l0)
+  capacity = sparse.default_capacity(jr, b)
+  print(f"JumpReLU: thresholds at per-latent quantiles for L0 ~ "
+        f"{args.target_l0:g}; sparse capacity {capacity // b}/token",
+        flush=True)
+  if not args.skip_saelens:
+    add("jumprelu", "saelens",
+        time_saelens("jumprelu", params, x, k=args.k,
+                     target_l0=args.target_l0, bandwidth=args.bandwidth,
+                     steps=args.steps))
+  t, m = time_ours(jr, params, x, sparse_step=False, capacity=None,
+                   coeff=1.0, steps=args.steps)
+  add("jumprelu", "dense", t, f"L0 {m['l0']:.1f}")
+  t, m = time_ours(jr, params, x, sparse_step=True, capacity=capacity,
+                   coeff=1.0, steps=args.steps)
+  add("jumprelu", "sparse", t,
+      f"L0 {m['l0']:.1f}, listed {m['n_selected'] / b:.1f}/token, "
+      f"overflow {m['overflow']:.0f}")
+
+  # TopK.
+  tk = TopK(d_in=d, d_sae=w, k=args.k)
+  params = {k: _base.leaf_value(v) for k, v in
+            _base.init_params(tk, jax.random.PRNGKey(1)).items()}
+  if not args.skip_saelens:
+    add("topk", "saelens",
+        time_saelens("topk", params, x, k=args.k, target_l0=args.target_l0,
+                     bandwidth=args.bandwidth, steps=args.steps))
+  t, m = time_ours(tk, params, x, sparse_step=False, capacity=None,
+                   coeff=0.0, steps=args.steps)
+  add("topk", "dense", t, f"L0 {m['l0']:.1f}")
+  t, m = time_ours(tk, params, x, sparse_step=True, capacity=None,
+                   coeff=0.0, steps=args.steps)
+  add("topk", "sparse", t, f"L0 {m['l0']:.1f}")
+
+  anchors = {r[0]: r[2] for r in rows if r[1] == "saelens"}
+  print()
+  print(f"{'arch':8s} {'impl':8s} {'act/s':>9s} {'s/step':>8s} "
+        f"{'dense-eq GF/s':>13s} {'of matmul':>9s} {'vs SAELens':>10s}  note")
+  for arch, impl, acts, t, eq, frac, note in rows:
+    ratio = f"{acts / anchors[arch]:.2f}x" if arch in anchors else "-"
+    print(f"{arch:8s} {impl:8s} {acts:9.0f} {t:8.3f} {eq:13.1f} "
+          f"{frac:9.2f} {ratio:>10s}  {note}")
+  print(f"(matmul rate {rate:.1f} GFLOP/s; dense-eq = 12*B*d_in*width / "
+        f"step time, so a sparse step can exceed 1.0)")
+
+
+if __name__ == "__main__":
+  main()
