@@ -285,3 +285,29 @@ def test_metrics_json_round_trips(tmp_path):
                   "loss_recovered": None, "name": "layer_1"}
   assert isinstance(back["num_tokens"], int)
   assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.slow
+def test_loss_tokens_limits_only_the_loss_passes(env):
+  """With loss_tokens covering the first batch, the losses are the first
+  batch's (checked against a run on that batch alone) while the statistics
+  still cover every window."""
+  d = env["d"]
+  rng = np.random.default_rng(3)
+  w_dec = (rng.normal(size=(2 * d, d)) / np.sqrt(d)).astype(np.float32)
+  params = _params(w_dec.T.copy(), w_dec,
+                   threshold=np.full(2 * d, 0.05, np.float32))
+  module = _module(d)
+  full = _run(env, module, params).metrics
+  part = _run(env, module, params, loss_tokens=1).metrics
+  w = env["windows"]
+  first = ev.evaluate(
+      model_config=env["config"], model_params=env["params"], hookpoint=HP,
+      module=module, params=params, norm_scale=env["scale"],
+      windows=Windows(w.tokens[:2], w.mask[:2]), tokenizer=env["tok"],
+      batch_size=2, progress=False).metrics
+  for k in ("l0", "fvu", "dead_fraction", "num_tokens"):
+    assert part[k] == full[k], k
+  assert part["loss_tokens"] == int(w.mask[:2].sum()) < full["loss_tokens"]
+  for k in ("clean_loss", "spliced_loss", "zero_ablation_loss", "num_pairs"):
+    assert part[k] == pytest.approx(first[k], rel=1e-6), k

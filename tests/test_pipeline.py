@@ -4,6 +4,7 @@ sharding and resuming an iterator from its saved state."""
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -258,3 +259,17 @@ def test_parquet_and_array_record_shards_read_as_their_documents(
   pq.write_table(pa.table({"content": docs}), bad)
   with pytest.raises(ValueError, match=r"bad\.parquet.*'text'.*content"):
     pipeline.read_documents(bad)
+
+
+def test_english_corpus_split_is_by_file_and_disjoint():
+  from gemscope_jax.data import text as text_lib
+  train = text_lib.english_files()
+  heldout = text_lib.english_heldout_files()
+  everything = text_lib.shakespeare_files() + text_lib.python_doc_files()
+  assert not set(train) & set(heldout)
+  assert set(train) | set(heldout) == set(everything)
+  assert all(text_lib.is_heldout(f) for f in heldout)
+  assert not any(text_lib.is_heldout(f) for f in train)
+  # About one file in ten, decided by name alone (the same on any machine).
+  assert 0.03 < len(heldout) / len(everything) < 0.2
+  assert text_lib.is_heldout(pathlib.Path("/elsewhere") / heldout[0].name)

@@ -6,12 +6,19 @@
   11 MB of modern technical English), used as held-out text. The setup
   script installs it where it can; `available()` says whether it is there.
 
+Training and evaluation use a fixed file-level split of both: `english`
+(the training default: Shakespeare and the Python docs, minus the held-out
+files) and `english_heldout` (about one file in ten of each, chosen by a hash
+of the file's name, so the split is the same on every machine). Without the
+Python docs both fall back to Shakespeare alone, still split by file.
+
 Real runs read the user's own text files; these only make the defaults real.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import os
 import pathlib
@@ -37,7 +44,34 @@ def python_doc_files() -> list[pathlib.Path]:
       os.path.join(_PY_DOCS, "**", "*.rst.txt"), recursive=True))
 
 
-CORPORA = {"shakespeare": shakespeare_files, "python_docs": python_doc_files}
+HELDOUT_ONE_IN = 10
+
+
+def is_heldout(path: str | os.PathLike) -> bool:
+  """Whether a corpus file belongs to the held-out split (by name hash)."""
+  name = pathlib.Path(path).name.encode("utf-8")
+  return int(hashlib.sha256(name).hexdigest(), 16) % HELDOUT_ONE_IN == 0
+
+
+def _split(heldout: bool) -> list[pathlib.Path]:
+  files = shakespeare_files() + python_doc_files()
+  chosen = [f for f in files if is_heldout(f) == heldout]
+  # Held-out files are read in hash order so that a token budget draws on
+  # both corpora rather than the alphabetically first files of one.
+  key = lambda f: hashlib.sha256(str(f.name).encode()).hexdigest()
+  return sorted(chosen, key=key) if heldout else chosen
+
+
+def english_files() -> list[pathlib.Path]:
+  return _split(heldout=False)
+
+
+def english_heldout_files() -> list[pathlib.Path]:
+  return _split(heldout=True)
+
+
+CORPORA = {"shakespeare": shakespeare_files, "python_docs": python_doc_files,
+           "english": english_files, "english_heldout": english_heldout_files}
 
 
 def corpus_files(name: str) -> list[pathlib.Path]:

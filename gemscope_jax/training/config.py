@@ -68,9 +68,10 @@ def default_config() -> ml_collections.ConfigDict:
       name="gemma3_270m", checkpoint="default", dtype="float32"))
   c.hookpoint = "layer_6/resid_post"
   c.data = ml_collections.ConfigDict(dict(
-      # A corpus name (shakespeare, python_docs) or text files, directories
-      # and globs separated by commas.
-      text="shakespeare",
+      # A corpus name (english, shakespeare, python_docs: data.text) or
+      # text files, directories, globs and parquet/array_record shards
+      # separated by commas.
+      text="english",
       seq_len=128,              # tokens per window, BOS included
       model_batch_size=8,       # windows per Gemma forward pass
       bucket_tokens=65536,      # activations shuffled together
@@ -112,8 +113,9 @@ def default_config() -> ml_collections.ConfigDict:
       rules=(("batch", "data"), ("latent", "model"), ("embed", None)),
   ))
   c.eval = ml_collections.ConfigDict(dict(
-      text="python_docs",       # held out: never trained on
-      num_tokens=16_384,
+      text="english_heldout",   # files the 'english' corpus leaves out
+      num_tokens=131_072,       # L0, FVU, dead/dense latents
+      loss_tokens=8_192,        # delta LM loss (3 full passes: the cost)
       seq_len=128,
       batch_size=8,
       dense_threshold=0.1,
@@ -140,7 +142,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # What `runlocal` shrinks a preset to: minutes on a laptop CPU.
 RUNLOCAL = {"train.num_tokens": 65_536, "train.batch_size": 256,
             "train.checkpoint_every_steps": 64, "train.sparsity_warmup_steps":
-            64, "dictionary.width": 1024, "eval.num_tokens": 2048,
+            64, "dictionary.width": 1024, "eval.num_tokens": 8192,
+            "eval.loss_tokens": 1024,
             "data.bucket_tokens": 16_384}
 
 
@@ -171,7 +174,8 @@ def preset(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 2000
     c.train.log_every_steps = 100
     c.data.bucket_tokens = 1 << 20
-    c.eval.num_tokens = 1 << 17
+    c.eval.num_tokens = 1 << 20
+    c.eval.loss_tokens = 1 << 17
   return apply_overrides(c, parse_arg(arg))
 
 
@@ -365,6 +369,8 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
         "must be positive", c.data.model_batch_size)
   _need(c.eval.num_tokens > 0, "eval.num_tokens", "must be positive",
         c.eval.num_tokens)
+  _need(c.eval.loss_tokens > 0, "eval.loss_tokens", "must be positive",
+        c.eval.loss_tokens)
   _need(0 < c.eval.dense_threshold < 1, "eval.dense_threshold",
         "must be in (0, 1)", c.eval.dense_threshold)
   _need(c.mesh.model >= 1, "mesh.model", "must be >= 1", c.mesh.model)

@@ -24,7 +24,10 @@ special tokens (BOS's residual is a huge outlier the dictionary never saw)
 keep their activations. All three passes run one program (`splice_edit`)
 whose per-batch masks in `edit_args` say which positions to reconstruct or
 zero, so they share one compilation and the same rounding.
+With `loss_tokens`, only the leading windows get the three loss passes (full
+model and logits: most of the cost); the statistics above use all windows.
 Plus num_tokens (ordinary tokens), num_special, num_pairs (loss pairs),
+loss_tokens (window positions in the loss passes),
 num_latents. The dictionary sees x / norm_scale, as in training.
 
 Caveat: dead_fraction depends on the number of eval tokens (a latent firing
@@ -124,8 +127,8 @@ def _pair_loss_sum(out: models.Gemma3Output) -> float:
 def evaluate(*, model_config: models.Gemma3Config, model_params, hookpoint,
              module: nn.Module, params, norm_scale, windows: Windows,
              tokenizer, batch_size: int = 8, dtype=jnp.float32,
-             dense_threshold: float = 0.1, progress: bool = True
-             ) -> EvalResult:
+             dense_threshold: float = 0.1, progress: bool = True,
+             loss_tokens: int | None = None) -> EvalResult:
   """Reconstruction, sparsity and spliced-loss metrics over `windows`.
 
   Args:
@@ -141,6 +144,10 @@ def evaluate(*, model_config: models.Gemma3Config, model_params, hookpoint,
     dtype: the model's compute dtype.
     dense_threshold: firing frequency above which a latent counts as dense.
     progress: show a tqdm bar (tokens/s).
+    loss_tokens: run the three LM-loss passes (full model with logits, the
+      expensive part) only on the leading batches until this many window
+      positions are covered; the reconstruction statistics use every window
+      through a pass that stops at the hookpoint. None: all windows.
 
   Returns:
     An EvalResult: metrics (names in the module docstring) and frequencies.
@@ -151,7 +158,7 @@ def evaluate(*, model_config: models.Gemma3Config, model_params, hookpoint,
   scale = jnp.asarray(norm_scale, jnp.float32)
   edit = splice_edit(module)
   counts = jnp.zeros((d_sae,), jnp.int32)
-  n_tok, n_special, n_pairs = 0, 0, 0
+  n_tok, n_special, n_pairs, n_loss_tok = 0, 0, 0, 0
   acc = {k: 0.0 for k in ("l0", "l0_sq", "err", "cos", "m2")}
   mean = np.zeros((), np.float64)
   losses = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
@@ -162,16 +169,25 @@ def evaluate(*, model_config: models.Gemma3Config, model_params, hookpoint,
     keep_np = mask & ~special_mask(tokenizer, tokens)
     keep = jnp.asarray(keep_np)
     none = jnp.zeros_like(keep)
-    run = lambda splice, zero: models.forward(
-        model_params, tokens, mask, config=model_config, hookpoints=(name,),
-        logits=False, loss=True, edits={name: edit}, dtype=dtype,
-        edit_args={name: edit_args(params, scale, splice=splice, zero=zero)})
-    clean, spliced, zeroed = run(none, none), run(keep, none), run(none, keep)
+    if loss_tokens is None or n_loss_tok < loss_tokens:
+      run = lambda splice, zero: models.forward(
+          model_params, tokens, mask, config=model_config,
+          hookpoints=(name,), logits=False, loss=True, edits={name: edit},
+          dtype=dtype, edit_args={name: edit_args(params, scale,
+                                                  splice=splice, zero=zero)})
+      clean, spliced, zeroed = run(none, none), run(keep, none), run(none,
+                                                                    keep)
+      for key, out in (("clean", clean), ("spliced", spliced),
+                       ("zero", zeroed)):
+        losses[key] += _pair_loss_sum(out)
+      n_pairs += int((mask[:, 1:] & mask[:, :-1]).sum())
+      n_loss_tok += int(mask.sum())
+    else:
+      clean = models.forward(model_params, tokens, mask, config=model_config,
+                             hookpoints=(name,), logits=False, loss=False,
+                             dtype=dtype)
     counts, sums, batch_mean = _batch_stats(
         module, params, scale, clean.activations[name], keep, counts)
-    for key, out in (("clean", clean), ("spliced", spliced), ("zero", zeroed)):
-      losses[key] += _pair_loss_sum(out)
-    n_pairs += int((mask[:, 1:] & mask[:, :-1]).sum())
     n_special += int((mask & ~keep_np).sum())
     nb = int(keep_np.sum())
     if nb:
@@ -213,6 +229,7 @@ def evaluate(*, model_config: models.Gemma3Config, model_params, hookpoint,
       "num_tokens": n_tok,
       "num_special": n_special,
       "num_pairs": n_pairs,
+      "loss_tokens": n_loss_tok,
       "num_latents": d_sae,
       "dense_threshold": float(dense_threshold),
       "norm_scale": s,

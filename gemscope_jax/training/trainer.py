@@ -395,6 +395,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     print(f"resuming from step {start_step} in {ckpts.directory}")
   else:
     start_step = 0
+    if progress:
+      print(f"harvesting the first {c.data.bucket_tokens:,} activations of "
+            f"{c.hookpoint} (input scale and mean)...", flush=True)
     first = batches.peek_bucket()[c.hookpoint]
     mean, sq = stream.bucket_stats({"x": first})["x"]
     scale = float(np.sqrt(sq))
@@ -508,8 +511,13 @@ def evaluate_state(run: Run, state: TrainState, gemma_params, tokenizer,
       norm_scale=float(state.norm_scale),
       windows=_eval_windows(c, tokenizer), tokenizer=tokenizer,
       batch_size=c.eval.batch_size, dtype=jnp.dtype(c.model.dtype),
-      dense_threshold=c.eval.dense_threshold, progress=progress)
+      dense_threshold=c.eval.dense_threshold, progress=progress,
+      loss_tokens=c.eval.loss_tokens)
+  silent = (int(state.step) - np.asarray(state.last_fired)) * c.train.batch_size
   metrics = {**result.metrics, "step": int(state.step),
+             # Latents silent over the last dead_after_tokens of training.
+             "train_dead_fraction": float(np.mean(
+                 silent >= c.train.dead_after_tokens)),
              "trained_tokens": int(state.step) * c.train.batch_size,
              "target_l0": c.dictionary.target_l0, "eval_text": c.eval.text,
              "hookpoint": c.hookpoint}
