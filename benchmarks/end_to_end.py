@@ -280,10 +280,13 @@ def main():
           f"{anchor['pipeline_act_s']:16.0f}   (1/(1/h + 1/t))")
     ours_pipe = 1.0 / (1.0 / ours["harvest_rows_s"]
                        + 1.0 / ours["train_act_s"])
-    print(f"{'ratio':10s} {ours['harvest_tok_s'] / anchor['harvest_tok_s']:12.2f}x "
+
+    def ratio(ours_key, anchor_key):
+      return ours[ours_key] / anchor[anchor_key]
+    print(f"{'ratio':10s} {ratio('harvest_tok_s', 'harvest_tok_s'):12.2f}x "
           f"{ours['harvest_rows_s'] / anchor['harvest_rows_s']:13.2f}x "
           f"{ours['train_act_s'] / anchor['train_act_s']:9.2f}x "
-          f"{ours['e2e_act_s'] / anchor['pipeline_act_s']:15.2f}x   ours / anchor")
+          f"{ratio('e2e_act_s', 'pipeline_act_s'):15.2f}x   ours / anchor")
     print(f"(ours as 1/(1/h + 1/t) from its phases: {ours_pipe:.0f} act/s; "
           f"the trainer's logged acts_per_s, which starts after the first "
           f"bucket's harvest: {ours['logged_acts_per_s'] or float('nan'):.0f})")

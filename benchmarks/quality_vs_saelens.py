@@ -23,7 +23,8 @@ of training steps (`--tokens` // 512).
                     warm-up steps, linear decay over the last 20 % of steps,
                     Adam b1=0, l0 warm-up 300 steps, bandwidth and initial
                     threshold 1e-3, inputs scaled to unit mean squared norm
-                    (its `ActivationScaler.scaling_factor` set to 1/sqrt(E||x||^2)
+                    (its `ActivationScaler.scaling_factor` set to
+                    1/sqrt(E||x||^2)
                     from the cache's statistics; `fit` folds it back), b_dec
                     started at the (scaled) data mean; one run per
                     l0_coefficient c in --saelens-coeffs.
@@ -96,7 +97,7 @@ def train_ours(c, workdir: pathlib.Path) -> tuple[dict, dict, float]:
 
 
 def cache_batches(c, cache: activation_cache.ActivationCache):
-  """The same shuffled (512, d_in) batches, in the same order, ours trains on."""
+  """The shuffled (batch, d_in) batches ours trains on, in the same order."""
   return stream.ActivationBatches(
       activation_cache.CacheBuckets(cache, seed=c.seed),
       batch_size=c.train.batch_size, seed=c.seed)
@@ -296,7 +297,8 @@ def main():
   ours = rows[0]["eval"]
   print()
   print(f"Held-out ({ours['num_tokens']} python_docs tokens; clean loss "
-        f"{ours['clean_loss']:.3f}, zero-ablation {ours['zero_ablation_loss']:.2f}"
+        f"{ours['clean_loss']:.3f}, zero-ablation "
+        f"{ours['zero_ablation_loss']:.2f}"
         " nats):")
   print(f"{'run':22s} {'L0':>7s} {'FVU':>7s} {'dead':>6s} {'dLM':>7s} "
         f"{'recov':>6s} {'cos':>6s} {'FVU/ours':>8s} {'train s':>8s}")
@@ -306,6 +308,8 @@ def main():
           f"{m['dead_fraction']:6.1%} {m['delta_lm_loss']:7.3f} "
           f"{m['loss_recovered']:6.1%} {m['cosine_sim']:6.3f} "
           f"{m['fvu'] / ours['fvu']:7.2f}x {row['train_s']:8.0f}")
+  print("(train s: wall seconds of training; ours' includes harvesting the "
+        "cache from Gemma, the SAELens runs read that cache)")
   sweep = [r for r in rows if r["name"].startswith("saelens-ourhp")]
   matched = interpolate_at([r["eval"]["l0"] for r in sweep],
                            [r["eval"]["fvu"] for r in sweep], ours["l0"])
@@ -319,7 +323,9 @@ def main():
     span = ", ".join(f"{r['eval']['l0']:.1f}" for r in sweep)
     print(f"L0s NOT matched: our L0 {ours['l0']:.1f} lies outside the "
           f"saelens-ourhp sweep's L0s [{span}]; the FVU ratios above compare "
-          "different sparsities (widen --saelens-coeffs)")
+          "different sparsities (widen --saelens-coeffs; under the quadratic "
+          "penalty the coefficient sets how hard L0 is pulled to the target, "
+          "so it moves L0 little)")
   if args.json:
     out = {"tokens": args.tokens, "eval_tokens": args.eval_tokens,
            "matched_fvu_saelens": matched,
