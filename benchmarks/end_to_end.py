@@ -3,11 +3,11 @@ PyTorch pipeline doing the same work, in one run on the same CPU.
 
   ours    `trainer.train` on experiments/jumprelu_270m.py (JumpReLU width
           4096, batch 512, Gemma 3 270M `layer_6/resid_post` harvested live
-          from Shakespeare in windows of 8 x 128, no cache), with
+          from its data.text in windows of 8 x 128, no cache), with
           train.num_tokens=--tokens and eval.at_end=False (data.bucket_tokens
           cut to --tokens when smaller, else a whole 65,536-row bucket is
-          harvested for a smaller run). Timed phases (by
-          wrapping the trainer's own functions, nothing changed in them): Gemma
+          harvested for a smaller run). Timed phases (by wrapping the
+          trainer's own functions, nothing changed in them): Gemma
           loading, tokenization of the corpus, every `HarvestSource.next_bucket`
           (the Gemma forwards) and the export; end-to-end rate = trained
           activations / (wall time - loading - tokenization - export), so the
@@ -17,7 +17,8 @@ PyTorch pipeline doing the same work, in one run on the same CPU.
           step rate alone; it is shown too.)
   anchor  transformers' Gemma3ForCausalLM read from the same GGUF (float32,
           eager attention, as tests/conftest.py's `hf_real_model`), run on the
-          same kind of windows (8 x 128 Shakespeare tokens, BOS first) and
+          same kind of windows (8 x 128 tokens of the job's data.text, BOS
+          first, in file order rather than shuffled) and
           stopped after block 6 by a forward hook that raises; ordinary-token
           rows kept. Then SAELens 6.54's `JumpReLUTrainingSAE` trained by its
           `SAETrainer.step` (quadratic L0 penalty, target 60, width 4096,
@@ -51,7 +52,6 @@ import numpy as np  # pylint: disable=wrong-import-position
 from gemscope_jax import assets  # pylint: disable=wrong-import-position
 from gemscope_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 from gemscope_jax.data import pipeline, stream  # pylint: disable=wrong-import-position
-from gemscope_jax.data import text as text_lib  # pylint: disable=wrong-import-position
 from gemscope_jax.data.windows import windows_from_files  # pylint: disable=wrong-import-position
 from gemscope_jax.training import config as config_lib  # pylint: disable=wrong-import-position
 from gemscope_jax.training import trainer  # pylint: disable=wrong-import-position
@@ -139,6 +139,7 @@ def run_ours(tokens: int, workdir: pathlib.Path) -> dict:
       "l0": result.get("train_l0"), "fvu": result.get("train_fvu"),
       "batch": c.train.batch_size, "width": c.dictionary.width,
       "target_l0": c.dictionary.target_l0, "hookpoint": c.hookpoint,
+      "text": c.data.text,
   }
 
 
@@ -146,8 +147,8 @@ class _Stop(Exception):
   """Raised by the hook after block STOP_LAYER: the forward ends there."""
 
 
-def run_anchor(tokens: int, *, batch: int, width: int, target_l0: float,
-               seed: int = 0) -> dict:
+def run_anchor(tokens: int, *, text: str, batch: int, width: int,
+               target_l0: float, seed: int = 0) -> dict:
   """transformers to layer 6 + SAELens JumpReLU training, timed apart."""
   # pylint: disable=import-outside-toplevel
   import torch
@@ -166,7 +167,8 @@ def run_anchor(tokens: int, *, batch: int, width: int, target_l0: float,
   tok = tokenizer_lib.default_tokenizer()
   special = np.fromiter(tok.special_ids, np.int64)
   # Enough windows for `tokens` ordinary rows (BOS is dropped), plus margin.
-  windows = windows_from_files(tok, text_lib.shakespeare_files(), SEQ,
+  files = config_lib.text_files(text, "data.text")
+  windows = windows_from_files(tok, files, SEQ,
                                int(tokens * SEQ / (SEQ - 1)) + BATCH * SEQ)
   captured = {}
 
@@ -257,8 +259,8 @@ def main():
         f"{ours['l0']:.1f}, FVU {ours['fvu']:.3f}", flush=True)
   anchor = None
   if not args.skip_anchor:
-    anchor = run_anchor(args.tokens, batch=ours["batch"], width=ours["width"],
-                        target_l0=ours["target_l0"])
+    anchor = run_anchor(args.tokens, text=ours["text"], batch=ours["batch"],
+                        width=ours["width"], target_l0=ours["target_l0"])
     print(f"anchor: transformers {anchor['transformers']} "
           f"({anchor['torch_threads']} torch threads), loaded in "
           f"{anchor['load_s']:.1f} s; harvest {anchor['harvest_s']:.1f} s, "
