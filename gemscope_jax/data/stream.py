@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemscope_jax import models
+from gemscope_jax import activations, models
 from gemscope_jax.data import pipeline
 
 Bucket = dict[str, np.ndarray]
@@ -86,7 +86,7 @@ class HarvestSource:
     self.dataset = window_dataset
     self.hookpoints = [h.name for h in
                        models.hooks.parse_all(hookpoints, model_config)]
-    self.special_ids = np.fromiter(tokenizer.special_ids, np.int32)
+    self.tokenizer = tokenizer
     self.bucket_tokens = int(bucket_tokens)
     self.dtype = dtype
     self.sharding = sharding
@@ -101,7 +101,7 @@ class HarvestSource:
     out = models.forward(self.params, t, m, config=self.config,
                          hookpoints=self.hookpoints, logits=False,
                          loss=False, dtype=self.dtype)
-    keep = mask & ~np.isin(tokens, self.special_ids)
+    keep = mask & ~activations.special_mask(self.tokenizer, tokens)
     self.tokens_seen += int(mask.sum())
     return {n: np.asarray(out.activations[n], np.float32)[keep]
             for n in self.hookpoints}

@@ -14,15 +14,12 @@ one being run; `trainer` compares the fields that must not change.
 
 from __future__ import annotations
 
-import logging
 import pathlib
 import shutil
 import time
 from typing import Any
 
 import orbax.checkpoint as ocp
-
-log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "config")
 
@@ -81,10 +78,6 @@ class Checkpoints:
         # Orbax raises many types for a damaged file (ValueError, OSError,
         # tensorstore errors); whichever it is, the step is unusable.
         moved = self._set_aside(step)
-        log.warning("checkpoint %s is unreadable (%s: %s); moved it to %s "
-                    "and falling back to the previous checkpoint",
-                    self.directory / str(step), type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else "", moved)
         print(f"warning: checkpoint {self.directory / str(step)} is "
               f"unreadable ({type(e).__name__}); moved it to {moved}, using "
               "the previous one")

@@ -386,6 +386,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   source = make_source(c, run, gemma_params, tokenizer, progress=progress)
   batches = stream.ActivationBatches(source, batch_size=c.train.batch_size,
                                      seed=c.seed)
+  # acts_per_s counts from here: the first bucket's harvest (or its refill
+  # on resume) is part of the end-to-end rate.
+  t0 = time.perf_counter()
 
   restored = ckpts.restore_latest(run.abstract_state) if latest is not None \
       else None
@@ -408,7 +411,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   metrics_log = _MetricsLog(workdir, start_step)
   bar = _progress_bar(run, start_step, progress)
-  t0, acts_done = time.perf_counter(), 0
+  acts_done = 0
   last = {}
   metrics = None
   step = start_step
