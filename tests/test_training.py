@@ -195,21 +195,41 @@ def test_stream_position_restores_exactly(real_model):
 
 def test_eight_devices_match_one(tmp_path):
   """Data-parallel (8x1) and data x model (4x2) meshes over 8 simulated CPU
-  devices give the single-device result within fp tolerance."""
-  one = tmp_path / "one"
-  run_cli(one)
-  results = {}
-  for name, mesh in (("dp", ["mesh.data=8", "mesh.model=1"]),
-                     ("dpmp", ["mesh.data=4", "mesh.model=2"])):
-    wd = tmp_path / name
-    run_cli(wd, mesh, env={"XLA_FLAGS":
-                           "--xla_force_host_platform_device_count=8"})
-    results[name] = exported(wd)
-  ref = exported(one)
-  for name, got in results.items():
-    for k in ref:
-      np.testing.assert_allclose(got[k], ref[k], rtol=2e-3, atol=2e-4,
+  devices compute the single-device steps: from one state, three steps give
+  the same losses and parameters within fp tolerance."""
+  out = tmp_path / "mesh.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "tests" / "mesh_parity.py"), TINY,
+       str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  got = json.loads(out.read_text())
+  ref = got.pop("one")
+  for name, run in got.items():
+    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5,
+                               err_msg=name)
+    for k in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"):
+      np.testing.assert_allclose(run[k], ref[k], rtol=1e-4, atol=1e-6,
                                  err_msg=f"{name}: {k}")
+
+
+def test_eight_device_cli_run_follows_one_device_run(reference_run,
+                                                      tmp_path):
+  """The whole job (sharded harvest, sharded steps) on a 4x2 mesh: the
+  first logged metrics equal the single-device run's. Later steps are not
+  compared parameter by parameter: Adam with beta1 = 0 turns rounding-level
+  gradient differences on near-zero coordinates into +-lr steps, so long
+  trajectories drift apart by about the learning rate."""
+  run_cli(tmp_path, ["mesh.data=4", "mesh.model=2"],
+          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  first = lambda wd: json.loads(
+      (wd / "metrics.jsonl").read_text().splitlines()[0])
+  ref, got = first(reference_run), first(tmp_path)
+  assert got["step"] == ref["step"] == 4
+  for k in ("loss", "mse", "l0", "fvu", "grad_norm"):
+    assert got[k] == pytest.approx(ref[k], rel=1e-5), k
+  assert all(np.isfinite(v).all() for v in exported(tmp_path).values())
 
 
 def test_bad_configs_name_the_field(tmp_path):
