@@ -146,6 +146,33 @@ def test_sparsity_penalties_equal_formulas():
   np.testing.assert_allclose(quad.total, mse + quad.sparsity, rtol=1e-6)
 
 
+def test_preact_loss_value_and_its_gradient_on_silent_latents():
+  """coeff * mean_t sum_i relu(th_i - pre_ti): value and d/d{b_enc, th}."""
+  coeff, eps = 0.01, 1e-4  # a tiny bandwidth: no STE terms in the gradient
+  p, x = _random_params(threshold=(0.1, 0.5)), _x()
+  p["b_enc"][:3] = -50.0  # three latents that never fire
+  base = D.JumpReLU(D_IN, D_SAE, bandwidth=eps, sparsity_penalty="l0")
+  with_pre = D.JumpReLU(D_IN, D_SAE, bandwidth=eps, sparsity_penalty="l0",
+                        preact_coeff=coeff)
+  pre = (x - p["b_dec"]) @ p["w_enc"] + p["b_enc"]
+  gap = np.maximum(p["threshold"] - pre, 0.0)
+  a, b = _loss(base, p, x, 0.0), _loss(with_pre, p, x, 0.0)
+  np.testing.assert_allclose(b.aux["preact_loss"], gap.sum(1).mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(b.total - a.total, coeff * gap.sum(1).mean(),
+                             rtol=1e-4)
+  g = jax.grad(lambda q: _loss(with_pre, q, x, 0.0).total)(p)
+  below = (pre < p["threshold"]).astype(np.float32)
+  # Silent latents: no reconstruction gradient, only the pre-act term,
+  # which pushes b_enc up and the threshold down at every token.
+  np.testing.assert_allclose(g["b_enc"][:3], -coeff * below[:, :3].sum(0) / B,
+                             rtol=1e-5)
+  np.testing.assert_allclose(g["threshold"][:3], coeff * np.ones(3),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="preact_coeff"):
+    D.DictConfig(d_in=4, d_sae=8, target_l0=2.0, preact_coeff=-1.0)
+
+
 def test_threshold_stays_fp32_under_bf16_compute():
   module = D.JumpReLU(D_IN, D_SAE, target_l0=3.0, dtype=jnp.bfloat16)
   params = nn.unbox(D.init_params(module, jax.random.key(0)))

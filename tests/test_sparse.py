@@ -132,3 +132,11 @@ def test_train_steps_track_dense():
   assert float(jnp.min(ps["threshold"])) >= 0.0
   norms = jnp.linalg.norm(ps["w_dec"], axis=-1)
   np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_preact_loss_is_refused_not_ignored():
+  module = JumpReLU(d_in=8, d_sae=16, target_l0=2.0, preact_coeff=1e-3)
+  params = _base.init_params(module, jax.random.key(0))
+  with pytest.raises(ValueError, match="pre-activation loss"):
+    sparse.sparse_loss_and_grads(module, params, jnp.ones((4, 8)),
+                                 sparsity_coeff=1.0)

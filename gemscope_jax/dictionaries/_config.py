@@ -41,6 +41,8 @@ class DictConfig:
     dtype: compute dtype name of the matmul inputs; parameters stay float32.
     matryoshka_prefixes: increasing prefix sizes ending at d_sae to train
       with the Matryoshka loss, or None.
+    preact_coeff: JumpReLU pre-activation loss weight (revives silent
+      latents; 0 is the published recipe).
   """
 
   d_in: int
@@ -54,6 +56,7 @@ class DictConfig:
   pre_enc_bias: bool = True
   dtype: str = "float32"
   matryoshka_prefixes: tuple[int, ...] | None = None
+  preact_coeff: float = 0.0
 
   def __post_init__(self):
     for name in ("d_in", "d_sae"):
@@ -73,6 +76,8 @@ class DictConfig:
                  f"off for transcoders; d_out={self.d_out})", self.pre_enc_bias)
     if not self.bandwidth > 0:
       raise _bad("bandwidth", "must be > 0", self.bandwidth)
+    if not self.preact_coeff >= 0:
+      raise _bad("preact_coeff", "must be >= 0", self.preact_coeff)
     if self.sparsity_penalty not in PENALTIES:
       raise _bad("sparsity_penalty", f"must be one of {PENALTIES}",
                  self.sparsity_penalty)

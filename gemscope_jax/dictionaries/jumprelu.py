@@ -100,11 +100,19 @@ class JumpReLU(_base.Dictionary):
     sparsity_penalty: 'l0' (Gemma Scope 1) or 'quadratic' (Gemma Scope 2).
     target_l0: L0* of the quadratic penalty.
     threshold_init: initial threshold of every latent.
+    preact_coeff: weight of the pre-activation loss
+      `mean_tokens sum_latents relu(threshold - pre)` (decoder rows are unit
+      norm), 0 for the published recipe. A latent that stops firing gets no
+      other gradient, so without it a dead latent stays dead; with it, Adam
+      moves a silent latent's encoder and threshold towards firing at the
+      full learning rate, while for live latents the term is negligible
+      beside the reconstruction gradient.
   """
   bandwidth: float = 0.001
   sparsity_penalty: str = "quadratic"
   target_l0: float | None = None
   threshold_init: float = 0.001
+  preact_coeff: float = 0.0
 
   def setup(self):
     super().setup()
@@ -125,7 +133,13 @@ class JumpReLU(_base.Dictionary):
     l0 = jnp.mean(jnp.sum(counts, axis=-1))
     sparsity = sparsity_penalty(l0, self.sparsity_penalty, sparsity_coeff,
                                 self.target_l0)
-    return sparsity, {"l0": l0}
+    aux = {"l0": l0}
+    if self.preact_coeff:
+      gap = jax.nn.relu(self.threshold.astype(jnp.float32)
+                        - out.pre_acts.astype(jnp.float32))
+      aux["preact_loss"] = jnp.mean(jnp.sum(gap, axis=-1))
+      sparsity = sparsity + self.preact_coeff * aux["preact_loss"]
+    return sparsity, aux
 
   @nn.nowrap
   def to_inference(self, params: _base.Params, norm_scale,
@@ -141,7 +155,7 @@ class JumpReLU(_base.Dictionary):
                pre_enc_bias=config.pre_enc_bias, dtype=jnp.dtype(config.dtype),
                bandwidth=config.bandwidth,
                sparsity_penalty=config.sparsity_penalty,
-               target_l0=config.target_l0)
+               target_l0=config.target_l0, preact_coeff=config.preact_coeff)
 
 
 def to_inference(params: _base.Params, norm_scale, *, pre_enc_bias: bool = True,

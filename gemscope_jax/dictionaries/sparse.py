@@ -340,6 +340,10 @@ def sparse_loss_and_grads(module, params: Params, x: jax.Array, *,
     raise ValueError("sparse steps support SAEs only (d_out == d_in)")
   params = {k: _base.leaf_value(v) for k, v in params.items()}
   if isinstance(module, jumprelu_lib.JumpReLU):
+    if module.preact_coeff:
+      raise ValueError("sparse steps do not compute the pre-activation loss "
+                       f"(preact_coeff={module.preact_coeff}); use the "
+                       "dense step")
     if capacity is None:
       capacity = default_capacity(module, x.shape[0])
     return _jumprelu(module, params, x, sparsity_coeff, int(capacity))

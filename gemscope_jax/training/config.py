@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
-from gemscope_jax import models
+from gemscope_jax import dictionaries, models
 
 # Shorthands accepted in `file.py:key=value,...` and by `apply_overrides`.
 SHORTHANDS = {
@@ -83,8 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
       width=4096,
       target_l0=60.0,           # JumpReLU quadratic penalty's L0*
       k=config_dict.placeholder(int),  # TopK / BatchTopK
-      bandwidth=0.001,
-      sparsity_penalty="quadratic",
+      bandwidth=0.001,          # JumpReLU STE kernel width (normalised units)
+      sparsity_penalty="quadratic",  # JumpReLU: quadratic (GS2) or l0 (GS1)
+      preact_coeff=0.0,         # JumpReLU pre-activation loss (0: published)
       dtype="float32",
       matryoshka_prefixes=config_dict.placeholder(tuple),
   ))
@@ -299,6 +300,18 @@ def _need(ok: bool, field: str, message: str, value: Any) -> None:
     raise ValueError(f"config.{field}: {message}, got {value!r}")
 
 
+def dict_config(c: ml_collections.ConfigDict, d_in: int
+                ) -> dictionaries.DictConfig:
+  """The validated `DictConfig` of `c.dictionary` for inputs of width d_in."""
+  d = c.dictionary
+  return dictionaries.DictConfig(
+      d_in=d_in, d_sae=d.width, architecture=d.architecture,
+      bandwidth=d.bandwidth, target_l0=d.target_l0, k=d.k,
+      sparsity_penalty=d.sparsity_penalty, dtype=d.dtype,
+      matryoshka_prefixes=d.matryoshka_prefixes,
+      preact_coeff=d.preact_coeff)
+
+
 def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   """Validates `c`; returns the Gemma config it names. Raises ValueError.
 
@@ -306,7 +319,6 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   ranges, the model size and hookpoint, the dictionary (through
   `dictionaries.DictConfig`), the mesh and the text files' existence.
   """
-  from gemscope_jax import dictionaries  # pylint: disable=import-outside-toplevel
   bad = _unknown_fields(c, default_config(), "")
   if bad:
     raise ValueError("config has unknown field(s): " + ", ".join(bad))
@@ -330,11 +342,7 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
     raise ValueError(f"config.hookpoint: {e}") from None
   d = c.dictionary
   try:
-    dictionaries.DictConfig(
-        d_in=hp.width(mc), d_sae=d.width, architecture=d.architecture,
-        bandwidth=d.bandwidth, target_l0=d.target_l0, k=d.k,
-        sparsity_penalty=d.sparsity_penalty, dtype=d.dtype,
-        matryoshka_prefixes=d.matryoshka_prefixes)
+    dict_config(c, hp.width(mc))
   except ValueError as e:
     raise ValueError(str(e).replace("DictConfig.", "config.dictionary.")
                      .replace("d_sae", "width")) from None
@@ -360,6 +368,9 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
                               and d.matryoshka_prefixes is None),
         "train.step", "'sparse' supports jumprelu/topk/batchtopk without "
         "matryoshka_prefixes", t.step)
+  _need(t.step == "dense" or not d.preact_coeff, "train.step",
+        "'sparse' does not compute dictionary.preact_coeff's loss; use "
+        "'dense'", t.step)
   _need(c.data.seq_len >= 2, "data.seq_len", "must be at least 2",
         c.data.seq_len)
   _need(c.data.bucket_tokens >= t.batch_size, "data.bucket_tokens",

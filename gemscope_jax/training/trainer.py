@@ -105,13 +105,8 @@ def make_mesh(c: ml_collections.ConfigDict,
 def dictionary_config(c: ml_collections.ConfigDict,
                       model_config: models.Gemma3Config
                       ) -> dictionaries.DictConfig:
-  d = c.dictionary
   width = models.hooks.parse(c.hookpoint).width(model_config)
-  return dictionaries.DictConfig(
-      d_in=width, d_sae=d.width, architecture=d.architecture,
-      bandwidth=d.bandwidth, target_l0=d.target_l0, k=d.k,
-      sparsity_penalty=d.sparsity_penalty, dtype=d.dtype,
-      matryoshka_prefixes=d.matryoshka_prefixes)
+  return config_lib.dict_config(c, width)
 
 
 def num_steps(c: ml_collections.ConfigDict) -> int:
