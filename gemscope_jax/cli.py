@@ -3,7 +3,12 @@
   gemscope train         train a sparse dictionary from a config file
                          (resumes when the workdir holds a checkpoint)
   gemscope eval          evaluate a workdir's newest checkpoint on
-                         held-out text (metrics.json)
+                         held-out text (metrics.json), or a released
+                         dictionary folder (--dictionary)
+  gemscope export        write a workdir's newest checkpoint as a Gemma
+                         Scope 2 or SAELens folder
+  gemscope export-model  write Gemma 3 weights as a Hugging Face directory
+                         (transformers' Gemma3ForCausalLM loads it)
   gemscope demo          real Gemma 3 270M on real text: predictions and
                          per-layer activation statistics
   gemscope activations   dump activations at hookpoints to safetensors
@@ -100,11 +105,50 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+  if args.dictionary is not None:
+    return _eval_dictionary(args)
   from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
   metrics = trainer.evaluate_workdir(args.workdir, progress=not args.quiet,
                                      overrides=_config_overrides(args.set))
   _print_metrics(metrics)
   print(f"wrote {args.workdir}/metrics.json")
+  return 0
+
+
+def _eval_dictionary(args) -> int:
+  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
+  if args.set:
+    raise ValueError("--set applies to --workdir; with --dictionary use "
+                     "--model, --text, --num-tokens, --loss-tokens")
+  metrics = interop.evaluate_dictionary(
+      args.dictionary, model=args.model, text=args.text,
+      num_tokens=args.num_tokens, loss_tokens=args.loss_tokens,
+      hookpoint=args.hookpoint, progress=not args.quiet)
+  _print_metrics(metrics)
+  return 0
+
+
+def _cmd_export(args) -> int:
+  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
+  d = interop.from_workdir(args.workdir)
+  if args.format == "gemmascope2":
+    out = interop.save_gemmascope2(d, args.out, l0=args.l0)
+  else:
+    out = interop.save_saelens(d, args.out)
+  print(f"wrote {args.format} {d.architecture} dictionary ({d.d_in} -> "
+        f"{d.d_sae} latents, {d.hookpoint}) to {out}")
+  return 0
+
+
+def _cmd_export_model(args) -> int:
+  from gemscope_jax.convert import hf_write  # pylint: disable=import-outside-toplevel
+  max_bytes = None if args.max_shard_mb is None else args.max_shard_mb << 20
+  out = hf_write.export_model(args.model, args.out, dtype=args.dtype,
+                              max_shard_bytes=max_bytes,
+                              overwrite=args.overwrite)
+  files = sorted(p.name for p in out.iterdir())
+  print(f"wrote {args.model} as a Hugging Face Gemma3ForCausalLM ({args.dtype})"
+        f" to {out}: {', '.join(files)}")
   return 0
 
 
@@ -141,11 +185,54 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=_cmd_train)
 
   p = sub.add_parser("eval", help="evaluate a trained dictionary")
-  p.add_argument("--workdir", required=True, help="a gemscope train workdir")
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--workdir", help="a gemscope train workdir")
+  which.add_argument("--dictionary",
+                     help="a Gemma Scope 2 or SAELens dictionary folder "
+                     "(format detected from its files)")
   p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                 help="eval overrides, e.g. --set eval.num_tokens=65536")
+                 help="eval overrides, e.g. --set eval.num_tokens=65536 "
+                 "(with --workdir)")
+  p.add_argument("--model", default="default",
+                 help="with --dictionary: the model to splice it into")
+  p.add_argument("--text", default="english_heldout",
+                 help="with --dictionary: held-out corpus name or files")
+  p.add_argument("--num-tokens", type=int, default=131_072,
+                 help="with --dictionary: eval tokens")
+  p.add_argument("--loss-tokens", type=int, default=8_192,
+                 help="with --dictionary: positions in the LM-loss passes")
+  p.add_argument("--hookpoint", default=None,
+                 help="with --dictionary: override its hookpoint, e.g. "
+                 "layer_6/resid_post")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(fn=_cmd_eval)
+
+  p = sub.add_parser("export", help="write a trained dictionary as a Gemma "
+                     "Scope 2 or SAELens folder")
+  p.add_argument("--workdir", required=True, help="a gemscope train workdir")
+  p.add_argument("--format", required=True,
+                 choices=("gemmascope2", "saelens"))
+  p.add_argument("--out", required=True,
+                 help="gemmascope2: the release root (the folder goes to "
+                 "OUT/{site}/layer_L_width_W_l0_N); saelens: the folder")
+  p.add_argument("--l0", type=float, default=None,
+                 help="gemmascope2: target L0 for config.json and the "
+                 "folder name (default: the training target, or k)")
+  p.set_defaults(fn=_cmd_export)
+
+  p = sub.add_parser("export-model", help="write Gemma 3 weights as a "
+                     "Hugging Face directory (config.json + safetensors)")
+  p.add_argument("--model", default="default",
+                 help="'default' (real Gemma 3 270M), a .gguf file, a "
+                 "transformers directory or an Orbax checkpoint")
+  p.add_argument("--out", required=True, help="the directory to write")
+  p.add_argument("--dtype", default="float32",
+                 choices=("float32", "bfloat16"), help="stored dtype")
+  p.add_argument("--max-shard-mb", type=int, default=None,
+                 help="split into model-0000i-of-0000n.safetensors files")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a non-empty --out")
+  p.set_defaults(fn=_cmd_export_model)
 
   p = sub.add_parser("demo", help="Gemma 3 on real text: predictions and "
                      "activation statistics per layer")

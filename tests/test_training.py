@@ -330,3 +330,40 @@ def test_sparse_step_tracks_dense_step(real_model, arch):
                                atol=1e-5, err_msg=k)
   np.testing.assert_array_equal(finals["sparse"].last_fired,
                                 finals["dense"].last_fired)
+
+
+def test_cli_export_and_eval_of_released_folders_match_the_workdir(
+    reference_run, tmp_path):
+  """gemscope export (both formats) then eval --dictionary on each folder
+  gives the metrics eval --workdir gives for the checkpoint."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  ev = ["--quiet"]
+  small = dict(num_tokens=2048, loss_tokens=512)
+
+  def run(args):
+    proc = subprocess.run(GEMSCOPE + args, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+  run(["eval", f"--workdir={reference_run}", "--set=eval.num_tokens=2048",
+       "--set=eval.loss_tokens=512", "--set=eval.text=english_heldout"] + ev)
+  want = json.loads((reference_run / "metrics.json").read_text())
+  for fmt in ("gemmascope2", "saelens"):
+    out = tmp_path / fmt
+    run(["export", f"--workdir={reference_run}", f"--format={fmt}",
+         f"--out={out}"])
+    from gemscope_jax import interop
+    got = interop.evaluate_dictionary(
+        out, text="english_heldout", num_tokens=small["num_tokens"],
+        loss_tokens=small["loss_tokens"], seq_len=want_seq_len(reference_run),
+        progress=False)
+    for key in ("l0", "fvu", "dead_fraction", "delta_lm_loss",
+                "loss_recovered"):
+      np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=2e-5,
+                                 err_msg=f"{fmt} {key}")
+
+
+def want_seq_len(workdir) -> int:
+  return json.loads((pathlib.Path(workdir) / "config.json").read_text()
+                    )["eval"]["seq_len"]

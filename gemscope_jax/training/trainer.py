@@ -450,43 +450,13 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
 
 def export(run: Run, state: TrainState, workdir: pathlib.Path) -> pathlib.Path:
-  """Writes the Gemma Scope 2 layout (raw-unit weights) to workdir/export."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  c = run.c
-  module = getattr(run.module, "dictionary", run.module)
-  params = jax.device_get(state.params)
-  arch = c.dictionary.architecture
-  if arch == "batchtopk":
-    count = max(int(state.min_kept_count), 1)
-    threshold = float(state.min_kept_sum) / count
-    arrays = module.to_inference(params, state.norm_scale,
-                                 threshold=threshold)
-  elif arch == "topk":
-    arrays = dictionaries.fold_for_inference(
-        params, state.norm_scale, threshold=0.0,
-        pre_enc_bias=module.pre_enc_bias)
-    del arrays["threshold"]
-  else:
-    arrays = module.to_inference(params, state.norm_scale)
-  out = workdir / "export"
-  out.mkdir(parents=True, exist_ok=True)
-  hp = models.hooks.parse(c.hookpoint)
-  meta = {
-      "architecture": "jump_relu" if arch != "topk" else "topk",
-      "trained_architecture": arch,
-      "model_name": run.model_config.name, "hf_hook_point_in": hp.hf_name,
-      "hookpoint": hp.name, "width": c.dictionary.width,
-      "d_in": run.dict_config.d_in, "norm_scale": float(state.norm_scale),
-      "target_l0": c.dictionary.target_l0, "k": c.dictionary.k,
-      "trained_tokens": int(state.step) * c.train.batch_size,
-      "affine_connection": False,
-  }
-  with assets.atomic_path(out / "params.safetensors") as tmp:
-    save_file({k: np.asarray(v, np.float32) for k, v in arrays.items()},
-              str(tmp))
-  with assets.atomic_path(out / "config.json") as tmp:
-    tmp.write_text(json.dumps(meta, indent=2))
-  return out
+  """Writes the Gemma Scope 2 params folder (raw-unit weights) to
+  workdir/export; see `interop.from_state` for what each architecture
+  becomes."""
+  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
+  d = interop.from_state(run, state)
+  return interop.save_gemmascope2(d, pathlib.Path(workdir) / "export",
+                                  release_layout=False)
 
 
 def _eval_windows(c: ml_collections.ConfigDict, tokenizer):
