@@ -134,9 +134,16 @@ def test_train_steps_track_dense():
   np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 
-def test_preact_loss_is_refused_not_ignored():
-  module = JumpReLU(d_in=8, d_sae=16, target_l0=2.0, preact_coeff=1e-3)
-  params = _base.init_params(module, jax.random.key(0))
-  with pytest.raises(ValueError, match="pre-activation loss"):
-    sparse.sparse_loss_and_grads(module, params, jnp.ones((4, 8)),
-                                 sparsity_coeff=1.0)
+
+@pytest.mark.parametrize("capacity", [CAP, 2 * B])
+def test_jumprelu_preact_loss_parity(capacity):
+  """The pre-activation loss through the pair list (rank-one dense part plus
+  per-pair corrections) equals autodiff; the small capacity overflows."""
+  module = JumpReLU(d_in=D_IN, d_sae=D_SAE, bandwidth=EPS, target_l0=8.0,
+                    preact_coeff=0.05)
+  x = _x()
+  params = _set_window(module, _params(module), x)
+  loss, dense_grads = _check(module, params, x, coeff=0.3, capacity=capacity)
+  assert float(loss.aux["preact_loss"]) > 0
+  assert float(loss.aux["overflow"]) == float(capacity < CAP)
+

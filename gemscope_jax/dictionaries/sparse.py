@@ -155,7 +155,8 @@ def _decode(p: Params, tok, lat, val, n_tokens: int, sorted_tokens: bool):
 
 
 def _backward(module, p: Params, xc, tok, lat, f_val, g_f_mask, g_th_extra,
-              recon_grad, n_tokens: int, per_token: int | None = None):
+              recon_grad, n_tokens: int, per_token: int | None = None,
+              g_pre_extra=None, g_pre_everywhere: float = 0.0):
   """Parameter gradients from the pair list.
 
   Args:
@@ -169,6 +170,9 @@ def _backward(module, p: Params, xc, tok, lat, f_val, g_f_mask, g_th_extra,
     recon_grad: (B, d_out) dL/d recon.
     n_tokens: B.
     per_token: k when the pairs are exactly k per token in token order (TopK).
+    g_pre_extra: None, or (n,) more d loss / d pre at the pairs.
+    g_pre_everywhere: a d loss / d pre added at every (token, latent), as
+      rank-one updates (the pre-activation loss's dense part).
 
   Returns:
     The gradient dict.
@@ -183,10 +187,15 @@ def _backward(module, p: Params, xc, tok, lat, f_val, g_f_mask, g_th_extra,
                               ).reshape(-1, a.shape[-1])
   g_f = jnp.sum(by_pair(recon_grad) * p["w_dec"][lat], axis=-1)
   g_pre = g_f * g_f_mask
+  if g_pre_extra is not None:
+    g_pre = g_pre + g_pre_extra
   g_w_dec = jax.ops.segment_sum(f_val[:, None] * by_pair(recon_grad), lat,
                                 d_sae)
   g_w_enc = jax.ops.segment_sum(g_pre[:, None] * by_pair(xc), lat, d_sae).T
   g_b_enc = jax.ops.segment_sum(g_pre, lat, d_sae)
+  if g_pre_everywhere:
+    g_w_enc = g_w_enc + g_pre_everywhere * jnp.sum(xc, axis=0)[:, None]
+    g_b_enc = g_b_enc + g_pre_everywhere * n_tokens
   g_b_dec = jnp.sum(recon_grad, axis=0)
   if module.pre_enc_bias:
     g_b_dec = g_b_dec - p["w_enc"] @ g_b_enc
@@ -233,10 +242,19 @@ def _jumprelu(module, p, x, sparsity_coeff, capacity):
     return jumprelu_lib.sparsity_penalty(l0, module.sparsity_penalty,
                                          sparsity_coeff, module.target_l0)
   sparsity, d_pen = jax.value_and_grad(penalty)(l0)
+  # The pre-activation loss c * mean_b sum_i relu(th_i - pre_bi) has
+  # d/dpre = -c/B wherever pre < th: everywhere (a rank-one update) except
+  # at the active pairs, which are in the list and get +c/B back.
+  c_pre = module.preact_coeff / n_tokens
+  if module.preact_coeff:
+    preact = jnp.sum(jax.nn.relu(th - pre)) / n_tokens
+    sparsity = sparsity + module.preact_coeff * preact
   sizes = buckets(capacity)
   overflow = n_sel > sizes[-1]
   extra = {"l0": l0, "overflow": overflow.astype(jnp.float32),
            "n_selected": n_sel.astype(jnp.float32)}
+  if module.preact_coeff:
+    extra["preact_loss"] = preact
   # Every branch returns lists of the largest size (padded) so the
   # branches agree on shapes; the work runs on the bucket's length only.
   full = sizes[-1]
@@ -259,9 +277,12 @@ def _jumprelu(module, p, x, sparsity_coeff, capacity):
       loss, g_recon = _finish(x, recon, sparsity, extra)
       def g_th(g_f):
         per_count = d_pen / n_tokens * (-1.0 / eps)
-        return w_val * (g_f * (-(th_val / eps)) + per_count)
+        return w_val * (g_f * (-(th_val / eps)) + per_count) - c_pre * a_val
       grads = _backward(module, p, xc, tok, lat, f_val, a_val, g_th, g_recon,
-                        n_tokens)
+                        n_tokens, g_pre_extra=c_pre * a_val if c_pre else None,
+                        g_pre_everywhere=-c_pre)
+      if c_pre:  # d/dth = +c/B at every pair below the threshold.
+        grads["threshold"] = grads["threshold"] + module.preact_coeff
       return loss, recon, grads, (pad(tok), pad(lat), pad(f_val))
     return run
 
@@ -340,10 +361,6 @@ def sparse_loss_and_grads(module, params: Params, x: jax.Array, *,
     raise ValueError("sparse steps support SAEs only (d_out == d_in)")
   params = {k: _base.leaf_value(v) for k, v in params.items()}
   if isinstance(module, jumprelu_lib.JumpReLU):
-    if module.preact_coeff:
-      raise ValueError("sparse steps do not compute the pre-activation loss "
-                       f"(preact_coeff={module.preact_coeff}); use the "
-                       "dense step")
     if capacity is None:
       capacity = default_capacity(module, x.shape[0])
     return _jumprelu(module, params, x, sparsity_coeff, int(capacity))
