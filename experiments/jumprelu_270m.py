@@ -2,15 +2,17 @@ r"""The main job: a JumpReLU SAE on Gemma 3 270M's layer-6 residual stream.
 
   gemscope train --config=experiments/jumprelu_270m.py --workdir=out/main
 
-Trains on the embedded Shakespeare (real Gemma 3 270M weights, live
-activations, no cache) with the Gemma Scope 2 recipe scaled to a 2-core
-CPU: width 4096, quadratic L0 penalty towards L0* = 60, Adam(beta1=0),
-inputs scaled to unit mean squared norm, b_dec started at the data mean,
-smaller batches and more steps than the published 4096. Then evaluates on
-held-out text (the Python documentation) and writes metrics.json.
+Trains on the embedded English (Shakespeare and the Python docs minus the
+held-out files; real Gemma 3 270M weights, live activations, no cache) with
+the Gemma Scope 2 recipe scaled to a 2-core CPU: width 4096, quadratic L0
+penalty towards L0* = 60, Adam(beta1=0), inputs scaled to unit mean squared
+norm, b_dec started at the data mean, batch 512 for 1,200 steps, plus a
+small pre-activation loss that revives silent latents (preact_coeff=0 for
+the published recipe). Then evaluates on the held-out files and writes
+metrics.json.
 
-Expected (2 CPU cores, about 10 minutes): L0 about 60, FVU about 0.1, a few
-per cent dead latents, about 97% of the LM loss recovered; see README.
+Expected (2 CPU cores, about 12 minutes): L0 59.6, FVU 0.068, 2.3% dead
+latents, 95.4% of the LM loss recovered on 130k held-out tokens; see README.
 
 Arguments after the colon override fields, e.g.
   experiments/jumprelu_270m.py:runlocal               a 2-minute smoke run

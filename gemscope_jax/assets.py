@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Iterator
 
@@ -44,6 +45,45 @@ def atomic_path(target: str | os.PathLike) -> Iterator[pathlib.Path]:
     os.replace(tmp, target)
   finally:
     tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True
+               ) -> Iterator[pathlib.Path]:
+  """Yields an empty folder beside `target`, renamed there on success.
+
+  An existing `target` folder is replaced (refused when it is not empty and
+  `overwrite` is False); on any exception the temporary folder is removed
+  and `target` is left as it was.
+  """
+  target = pathlib.Path(target)
+  if target.exists() and not target.is_dir():
+    raise FileExistsError(f"{target}: exists and is not a directory")
+  if target.is_dir() and any(target.iterdir()) and not overwrite:
+    raise FileExistsError(f"{target}: directory is not empty (pass "
+                          "overwrite=True to replace it)")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.",
+                                      suffix=".partial", dir=target.parent))
+  try:
+    yield tmp
+    old = None
+    if target.exists():
+      # A folder cannot be renamed over a non-empty one: move it aside
+      # first, and put it back if the final rename fails.
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.",
+                                          suffix=".old", dir=target.parent))
+      os.replace(target, old / "previous")
+    try:
+      os.replace(tmp, target)
+    except BaseException:
+      if old is not None:
+        os.replace(old / "previous", target)
+      raise
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_gguf_path() -> pathlib.Path:

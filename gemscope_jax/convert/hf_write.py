@@ -26,17 +26,15 @@ so sharding limits file sizes, not memory. No tokenizer files are written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from gemscope_jax import assets
 from gemscope_jax.convert import _tree
 from gemscope_jax.convert._linear import to_linear_layout
 from gemscope_jax.convert.hf import HF_NAMES
@@ -134,43 +132,6 @@ def _shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int | None
   return groups
 
 
-@contextlib.contextmanager
-def _atomic_dir(target: pathlib.Path, overwrite: bool
-                ) -> Iterator[pathlib.Path]:
-  """Yields an empty temporary sibling of `target`, renamed there on success.
-
-  On any exception the temporary directory is removed and `target` is left
-  as it was.
-  """
-  if target.exists() and not target.is_dir():
-    raise FileExistsError(f"{target}: exists and is not a directory")
-  if target.is_dir() and any(target.iterdir()) and not overwrite:
-    raise FileExistsError(f"{target}: directory is not empty (pass "
-                          "overwrite=True to replace it)")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.",
-                                      suffix=".partial", dir=target.parent))
-  try:
-    yield tmp
-    old = None
-    if target.exists():
-      # A directory cannot be renamed over a non-empty one: move it aside
-      # first, and put it back if the final rename fails.
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.",
-                                          suffix=".old", dir=target.parent))
-      os.replace(target, old)
-    try:
-      os.replace(tmp, target)
-    except BaseException:
-      if old is not None:
-        os.replace(old, target)
-      raise
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_safetensors(tensors: Mapping[str, np.ndarray],
                        path: pathlib.Path) -> None:
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
@@ -212,7 +173,7 @@ def save_hf(config: Gemma3Config, params: Mapping[str, Any],
   _tree.check_params(params, config, source="params")
   tensors = to_linear_layout(params, config, HF_NAMES, dtype=DTYPES[dtype])
 
-  with _atomic_dir(target, overwrite) as tmp:
+  with assets.atomic_dir(target, overwrite=overwrite) as tmp:
     groups = _shards(tensors, max_shard_bytes)
     if len(groups) == 1:
       _write_safetensors(tensors, tmp / "model.safetensors")

@@ -13,7 +13,7 @@ on raw (un-normalised) activations. `as_module` rebuilds one of our Flax
 modules with the same arithmetic so `training.evaluate` can splice it.
 
 Also here: the checks every reader shares (`FormatError`, shapes, finiteness)
-and `atomic_dir`, which builds an output folder beside its destination and
+and `assets.atomic_dir`, which builds an output folder beside its destination and
 renames it into place.
 
 Caveat: arrays are held in host memory as numpy (a 1m-wide 27B dictionary is
@@ -24,13 +24,8 @@ which is fine for tests and small batches but not for a hot loop (use
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import pathlib
-import shutil
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,29 +62,6 @@ def require_keys(file: str, arrays: dict[str, Any], keys) -> None:
   if missing:
     raise FormatError(f"{file}: missing key(s) {', '.join(missing)} (holds "
                       f"{', '.join(sorted(arrays)) or 'nothing'})")
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[pathlib.Path]:
-  """Yields an empty temporary folder beside `target`; on success it replaces
-  `target` (an existing folder there is removed), on an exception it is
-  deleted and `target` is left as it was."""
-  target = pathlib.Path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.",
-                                      suffix=".partial", dir=target.parent))
-  try:
-    yield tmp
-    old = None
-    if target.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.",
-                                          suffix=".old", dir=target.parent))
-      os.replace(target, old / "x")
-    os.replace(tmp, target)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _f32(name: str, value) -> np.ndarray:

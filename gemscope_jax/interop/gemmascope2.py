@@ -38,6 +38,7 @@ import re
 
 import numpy as np
 
+from gemscope_jax import assets
 from gemscope_jax.interop import _inference
 from gemscope_jax.interop._inference import FormatError, InferenceDictionary
 
@@ -167,7 +168,7 @@ def save_gemmascope2(d: InferenceDictionary, out: str | os.PathLike, *,
   _inference.check_finite(f"{folder / PARAMS} (not written)", arrays)
   config = _config(d, l0)
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  with _inference.atomic_dir(folder) as tmp:
+  with assets.atomic_dir(folder) as tmp:
     save_file(arrays, str(tmp / PARAMS))
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
   return folder

@@ -41,6 +41,7 @@ import re
 
 import numpy as np
 
+from gemscope_jax import assets
 from gemscope_jax.interop import _inference
 from gemscope_jax.interop._inference import FormatError, InferenceDictionary
 from gemscope_jax.interop.gemmascope2 import (find_params_folder, read_arrays,
@@ -157,7 +158,7 @@ def save_saelens(d: InferenceDictionary, out: str | os.PathLike
   if d.architecture == "topk":
     cfg.update(k=d.k, rescale_acts_by_decoder_norm=False)
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  with _inference.atomic_dir(out) as tmp:
+  with assets.atomic_dir(out) as tmp:
     save_file(arrays, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
   return out
