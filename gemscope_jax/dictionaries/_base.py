@@ -8,6 +8,12 @@ mesh can later shard the latent axis. Pure functions here (decoder
 normalisation, gradient projection, folding for export) accept the parameter
 dict either boxed (as `init` returns it) or unboxed (`nn.unbox`).
 
+Multi-layer dictionaries (crosscoders, cross-layer transcoders) keep these
+names with extra layer axes; their decoder "row" of a latent is everything
+after the latent axis (`decoder_row_axes`), so unit norm is taken jointly over
+all output layers, and a module's `masks()` (causal variants) are
+re-applied after every update.
+
 Caveat: a dense step costs about 12 * B * d_in * d_sae FLOPs and holds several
 (B, d_sae) fp32 arrays; `decode` takes an optional (values, indices) form as
 the hook for a later sparsity-aware decoder, but nothing here uses it yet.
@@ -32,6 +38,9 @@ AXES = {
     "b_enc": ("latent",),
     "b_dec": ("embed",),
     "threshold": ("latent",),
+    # Affine skip of a transcoder; its output axis is named apart from the
+    # input's so a rule sharding 'embed' never names one mesh axis twice.
+    "w_skip": ("embed", "embed_out"),
 }
 
 
@@ -68,10 +77,11 @@ class LossOutput:
   aux: dict[str, jax.Array]
 
 
-def param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...]
-          ) -> jax.Array:
-  """A float32 parameter carrying its logical axis names from `AXES`."""
-  return module.param(name, nn.with_logical_partitioning(init, AXES[name]),
+def param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
+          axes: tuple[str, ...] | None = None) -> jax.Array:
+  """A float32 parameter carrying logical axis names (`axes`, else `AXES`)."""
+  axes = AXES[name] if axes is None else axes
+  return module.param(name, nn.with_logical_partitioning(init, axes),
                       shape, jnp.float32)
 
 
@@ -105,6 +115,10 @@ class Dictionary(nn.Module):
       and should turn `pre_enc_bias` off.
     pre_enc_bias: subtract b_dec from x before the encoder (training-time
       form; `fold_for_inference` moves it into b_enc). Needs d_out == d_in.
+    affine_skip: add a learned linear term `x @ w_skip` (w_skip (d_in,
+      d_out), zero at init) to the reconstruction: Gemma Scope 2's affine
+      transcoders (`affine_skip_connection`). `decode` alone leaves it out
+      (it has no x); `__call__` adds it.
     dtype: compute dtype of the two matmuls' inputs; they accumulate in fp32
       and parameters are always stored in fp32.
   """
@@ -112,6 +126,7 @@ class Dictionary(nn.Module):
   d_sae: int
   d_out: int | None = None
   pre_enc_bias: bool = True
+  affine_skip: bool = False
   dtype: Any = jnp.float32
 
   # Whether the training loop should keep decoder rows at unit norm (and
@@ -121,6 +136,11 @@ class Dictionary(nn.Module):
   @property
   def out_dim(self) -> int:
     return self.d_in if self.d_out is None else self.d_out
+
+  @property
+  def in_shape(self) -> tuple[int, ...]:
+    """Trailing shape of one input token (what `init_params` feeds)."""
+    return (self.d_in,)
 
   def setup(self):
     if self.pre_enc_bias and self.out_dim != self.d_in:
@@ -143,6 +163,9 @@ class Dictionary(nn.Module):
                        (self.d_sae,))
     self.b_dec = param(self, "b_dec", nn.initializers.zeros_init(),
                        (self.out_dim,))
+    if self.affine_skip:
+      self.w_skip = param(self, "w_skip", nn.initializers.zeros_init(),
+                          (self.d_in, self.out_dim))
 
   def pre_acts(self, x: jax.Array) -> jax.Array:
     """(..., d_in) -> (..., d_sae) fp32: (x - b_dec) @ w_enc + b_enc."""
@@ -184,11 +207,19 @@ class Dictionary(nn.Module):
                          w_dec[indices], preferred_element_type=jnp.float32)
     return (recon + self.b_dec).astype(self.dtype)
 
+  def skip(self, x: jax.Array) -> jax.Array:
+    """(..., d_in) -> (..., d_out) fp32 affine skip term `x @ w_skip`."""
+    return jnp.einsum("...d,de->...e", x.astype(self.dtype),
+                      self.w_skip.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
   def __call__(self, x: jax.Array) -> DictOutput:
     pre = self.pre_acts(x)
     latents = self.activate(pre)
-    return DictOutput(latents=latents, recon=self.decode(latents),
-                      pre_acts=pre)
+    recon = self.decode(latents)
+    if self.affine_skip:
+      recon = (recon.astype(jnp.float32) + self.skip(x)).astype(self.dtype)
+    return DictOutput(latents=latents, recon=recon, pre_acts=pre)
 
   def loss(self, x: jax.Array, out: DictOutput, *, sparsity_coeff,
            target: jax.Array | None = None) -> LossOutput:
@@ -235,7 +266,8 @@ def init_params(module: Dictionary, key: jax.Array, *,
     b_dec: e.g. the (normalised) data mean; DESIGN §6 found starting there
       matters where activations have a large constant offset.
   """
-  x = jnp.zeros((1, module.d_in), jnp.float32)
+  in_shape = getattr(module, "in_shape", (module.d_in,))
+  x = jnp.zeros((1, *in_shape), jnp.float32)
   params = module.init(key, x)["params"]
   if b_dec is not None:
     params = _replace(
@@ -259,14 +291,32 @@ def _replace(params: Params, name: str, fn: Callable) -> Params:
   return {**params, name: new}
 
 
+def decoder_row_axes(ndim: int) -> tuple[int, ...]:
+  """Axes of w_dec that form one latent's decoder "row", by w_dec's rank.
+
+  (d_sae, d_out) SAE/transcoder: (-1,). (d_sae, n_layers, d) crosscoder and
+  (n_layers_src, d_sae, n_layers_out, d) cross-layer transcoder: (-2, -1),
+  i.e. a latent's writes to all output layers together have unit norm (as in
+  Anthropic's crosscoders and CLTs); a latent may then write mostly to one
+  layer, which a per-layer unit norm would forbid.
+  """
+  if ndim == 2:
+    return (-1,)
+  if ndim in (3, 4):
+    return (-2, -1)
+  raise ValueError(f"w_dec of rank {ndim}: expected 2, 3 or 4")
+
+
 def _unit_rows(w: jax.Array) -> jax.Array:
   # A zero row stays zero instead of turning into NaN.
-  norm = jnp.linalg.norm(w, axis=-1, keepdims=True)
+  norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=decoder_row_axes(w.ndim),
+                          keepdims=True))
   return w / jnp.maximum(norm, jnp.finfo(w.dtype).tiny)
 
 
 def normalize_decoder(params: Params) -> Params:
-  """params with every row of w_dec scaled to unit norm (after each step)."""
+  """params with every latent's decoder row (all output layers jointly, see
+  `decoder_row_axes`) scaled to unit norm (after each step)."""
   return _replace(params, "w_dec", _unit_rows)
 
 
@@ -277,8 +327,9 @@ def project_decoder_grads(params: Params, grads: Params) -> Params:
   fights the renormalisation; the optimiser should never see it.
   """
   unit = _unit_rows(leaf_value(params["w_dec"]))
+  axes = decoder_row_axes(unit.ndim)
   def project(g):
-    return g - jnp.sum(g * unit, axis=-1, keepdims=True) * unit
+    return g - jnp.sum(g * unit, axis=axes, keepdims=True) * unit
   return _replace(grads, "w_dec", project)
 
 
@@ -288,7 +339,11 @@ def apply_update(module: nn.Module, optimizer, params: Params, opt_state,
 
   Decoder-row gradients lose their parallel component (unit-decoder
   modules), optax updates the parameters, decoder rows go back to unit norm
-  and a JumpReLU threshold is kept >= 0. Returns (params, opt_state).
+  and a JumpReLU threshold is kept >= 0. A module with a `masks()`
+  method (causal crosscoders, cross-layer transcoders) has its masked
+  w_enc/w_dec blocks set back to exactly zero: their gradients are already
+  zero, but an optimiser with weight decay or a stateful transform could
+  otherwise move them. Returns (params, opt_state).
   """
   inner = getattr(module, "dictionary", module)  # through a Matryoshka
   unit = type(inner).unit_decoder
@@ -296,6 +351,13 @@ def apply_update(module: nn.Module, optimizer, params: Params, opt_state,
     grads = project_decoder_grads(params, grads)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
+  masks = getattr(inner, "masks", None)
+  if masks is not None:
+    # Before the renormalisation, so rows are unit over their allowed blocks.
+    for name, mask in masks().items():
+      if mask is not None:
+        params = _replace(params, name,
+                          lambda w, m=mask: w * jnp.asarray(m, w.dtype))
   if unit:
     params = normalize_decoder(params)
   if "threshold" in params:
@@ -321,6 +383,10 @@ def fold_for_inference(params: Params, norm_scale, *, threshold,
     pre_enc_bias: whether training subtracted b_dec before the encoder.
     out_norm_scale: the target's scalar if it differs (transcoders); None
       means norm_scale.
+
+  An affine transcoder's `w_skip` comes out as `affine_skip_connection`
+  (d_in, d_out) = w_skip * out_norm_scale / norm_scale, so that
+  `recon_raw = f @ w_dec + b_dec + x_raw @ affine_skip_connection`.
   """
   p = {k: jnp.asarray(leaf_value(v), jnp.float32) for k, v in params.items()}
   s_in = jnp.asarray(norm_scale, jnp.float32)
@@ -331,10 +397,13 @@ def fold_for_inference(params: Params, norm_scale, *, threshold,
     b_enc = b_enc - p["b_dec"] @ p["w_enc"]
   threshold = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32),
                                b_enc.shape)
-  return {
+  arrays = {
       "w_enc": p["w_enc"] * (s_out / s_in),
       "b_enc": b_enc * s_out,
       "w_dec": p["w_dec"],
       "b_dec": p["b_dec"] * s_out,
       "threshold": threshold * s_out,
   }
+  if "w_skip" in p:
+    arrays["affine_skip_connection"] = p["w_skip"] * (s_out / s_in)
+  return arrays

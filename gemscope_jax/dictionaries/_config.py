@@ -4,6 +4,11 @@ Experiment files hold plain ml_collections fields; the trainer turns them into
 a `DictConfig`, which checks every field up front and names the bad one, so a
 typo fails at launch rather than as a NaN or a shape error hours later.
 
+Transcoders (`*_transcoder`: mlp_in -> mlp_out of one layer), crosscoders
+(`*_crosscoder`: one site at `n_layers` layers) and cross-layer transcoders
+(`*_clt`) are architectures like the others; their own fields (`affine_skip`,
+`n_layers`, `causal`) are refused elsewhere.
+
 Caveat: fields that an architecture does not use (k for JumpReLU, target_l0
 for TopK) are accepted and ignored, but still range-checked when set.
 """
@@ -12,7 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
+SAES = ("jumprelu", "topk", "batchtopk", "relu")
+TRANSCODERS = ("jumprelu_transcoder", "topk_transcoder")
+CROSSCODERS = ("jumprelu_crosscoder", "topk_crosscoder")
+CLTS = ("jumprelu_clt", "topk_clt")
+MULTILAYER = CROSSCODERS + CLTS
+ARCHITECTURES = SAES + TRANSCODERS + MULTILAYER
 PENALTIES = ("l0", "quadratic")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -29,20 +39,28 @@ class DictConfig:
     d_in: input width (activations), e.g. 640 for Gemma 3 270M resid_post.
     d_sae: number of latents (the width: 16384 for "16k").
     d_out: reconstruction width; None means d_in (an SAE, not a transcoder).
-    architecture: a key of `DICTIONARIES`: jumprelu, topk, batchtopk, relu.
+      Multi-layer dictionaries: None or d_in (d_in is one layer's width).
+    architecture: a key of `DICTIONARIES`: jumprelu, topk, batchtopk, relu,
+      {jumprelu,topk}_{transcoder,crosscoder,clt}.
     bandwidth: JumpReLU straight-through kernel width, in normalised input
       units (inputs scaled to unit mean squared norm).
-    target_l0: JumpReLU quadratic penalty's target L0 (latents per token).
-    k: TopK latents per token; BatchTopK's mean latents per token.
+    target_l0: JumpReLU quadratic penalty's target L0 (latents per token;
+      a CLT's total over its layers).
+    k: TopK latents per token (a CLT's total over its layers); BatchTopK's
+      mean latents per token.
     sparsity_penalty: JumpReLU's 'l0' (Gemma Scope 1) or 'quadratic'
       (Gemma Scope 2).
-    pre_enc_bias: subtract b_dec before the encoder in training (SAEs; off
-      for transcoders).
+    pre_enc_bias: subtract b_dec before the encoder in training; None means
+      the architecture's default (True for SAEs, False otherwise; transcoders
+      and multi-layer dictionaries refuse True).
     dtype: compute dtype name of the matmul inputs; parameters stay float32.
     matryoshka_prefixes: increasing prefix sizes ending at d_sae to train
       with the Matryoshka loss, or None.
     preact_coeff: JumpReLU pre-activation loss weight (revives silent
       latents; 0 is the published recipe).
+    affine_skip: transcoders only: learn the affine skip `x @ w_skip`.
+    n_layers: crosscoders and CLTs only (required): layers read/written.
+    causal: crosscoders only: weakly causal masks (see `Crosscoder`).
   """
 
   d_in: int
@@ -53,10 +71,13 @@ class DictConfig:
   target_l0: float | None = None
   k: int | None = None
   sparsity_penalty: str = "quadratic"
-  pre_enc_bias: bool = True
+  pre_enc_bias: bool | None = None
   dtype: str = "float32"
   matryoshka_prefixes: tuple[int, ...] | None = None
   preact_coeff: float = 0.0
+  affine_skip: bool = False
+  n_layers: int | None = None
+  causal: bool = False
 
   def __post_init__(self):
     for name in ("d_in", "d_sae"):
@@ -71,6 +92,32 @@ class DictConfig:
                  self.architecture)
     if self.dtype not in DTYPES:
       raise _bad("dtype", f"must be one of {DTYPES}", self.dtype)
+    arch = self.architecture
+    multi = arch in MULTILAYER
+    if self.pre_enc_bias is None:
+      object.__setattr__(self, "pre_enc_bias", arch in SAES)
+    if self.pre_enc_bias and arch not in SAES:
+      raise _bad("pre_enc_bias", f"must be off for architecture={arch!r}",
+                 self.pre_enc_bias)
+    if self.affine_skip and arch not in TRANSCODERS:
+      raise _bad("affine_skip", f"needs a transcoder architecture "
+                 f"{TRANSCODERS}, not {arch!r}", self.affine_skip)
+    if multi:
+      if not isinstance(self.n_layers, int) or self.n_layers < 1:
+        raise _bad("n_layers", f"must be a positive int for {arch!r}",
+                   self.n_layers)
+      if self.d_out not in (None, self.d_in):
+        raise _bad("d_out", f"must be None or d_in={self.d_in} for {arch!r}",
+                   self.d_out)
+    elif self.n_layers is not None:
+      raise _bad("n_layers", f"only for {MULTILAYER}, not {arch!r}",
+                 self.n_layers)
+    if self.causal and arch not in CROSSCODERS:
+      raise _bad("causal", f"only for {CROSSCODERS} (CLTs are always causal),"
+                 f" not {arch!r}", self.causal)
+    if self.causal and self.d_sae < self.n_layers:
+      raise _bad("causal", f"needs d_sae >= n_layers={self.n_layers}",
+                 self.causal)
     if self.pre_enc_bias and self.d_out not in (None, self.d_in):
       raise _bad("pre_enc_bias", f"needs d_out == d_in={self.d_in} (turn it "
                  f"off for transcoders; d_out={self.d_out})", self.pre_enc_bias)
@@ -81,19 +128,25 @@ class DictConfig:
     if self.sparsity_penalty not in PENALTIES:
       raise _bad("sparsity_penalty", f"must be one of {PENALTIES}",
                  self.sparsity_penalty)
-    if self.target_l0 is not None and not 0 < self.target_l0 < self.d_sae:
-      raise _bad("target_l0", f"must be in (0, d_sae={self.d_sae})",
-                 self.target_l0)
-    if (self.architecture == "jumprelu" and self.sparsity_penalty == "quadratic"
+    # A CLT's budget is over all n_layers * d_sae latents.
+    n_latents = self.d_sae * self.n_layers if arch in CLTS else self.d_sae
+    if self.target_l0 is not None and not 0 < self.target_l0 < n_latents:
+      raise _bad("target_l0", f"must be in (0, {n_latents}) (latents per "
+                 "token)", self.target_l0)
+    if (arch.startswith("jumprelu") and self.sparsity_penalty == "quadratic"
         and self.target_l0 is None):
       raise _bad("target_l0", "is required by sparsity_penalty='quadratic'",
                  None)
     if self.k is not None and (not isinstance(self.k, int)
-                               or not 1 <= self.k <= self.d_sae):
-      raise _bad("k", f"must be an int in [1, d_sae={self.d_sae}]", self.k)
-    if self.architecture in ("topk", "batchtopk") and self.k is None:
-      raise _bad("k", f"is required by architecture={self.architecture!r}",
-                 None)
+                               or not 1 <= self.k <= n_latents):
+      raise _bad("k", f"must be an int in [1, {n_latents}] (latents per "
+                 "token)", self.k)
+    if arch.startswith(("topk", "batchtopk")) and self.k is None:
+      raise _bad("k", f"is required by architecture={arch!r}", None)
+    if self.matryoshka_prefixes is not None and (multi or self.affine_skip):
+      raise _bad("matryoshka_prefixes", "is not supported for multi-layer "
+                 "dictionaries or affine skip transcoders",
+                 self.matryoshka_prefixes)
     if self.matryoshka_prefixes is not None:
       p = tuple(self.matryoshka_prefixes)
       if (not p or p[-1] != self.d_sae

@@ -10,6 +10,10 @@ estimators with a rectangle kernel of width `bandwidth` (DESIGN §5):
 where rect(u) = 1 for |u| < 1/2. The threshold is a plain fp32 parameter
 (init 0.001), not a log-parameter: under Adam a log-threshold freezes.
 
+`JumpReLUTranscoder` is the same module read as a transcoder (mlp_in of a
+layer -> its mlp_out): no pre-encoder bias, input and target each divided by
+their own scalar, optionally an affine skip `x @ w_skip`.
+
 Caveat: the training form `pre * H(pre - threshold)` equals the exported
 `relu(pre) * H(pre - threshold)` only while thresholds are >= 0; a negative
 threshold (never seen at the published settings) would let small negative
@@ -91,6 +95,33 @@ def sparsity_penalty(l0: jax.Array, kind: str, sparsity_coeff,
   raise ValueError(f"sparsity_penalty must be one of {PENALTIES}, got {kind!r}")
 
 
+def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
+                  kind: str, sparsity_coeff, target_l0: float | None,
+                  preact_coeff: float, latent_axes: tuple[int, ...] = (-1,)
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """JumpReLU's (coeff * penalty [+ pre-activation loss], metrics).
+
+  Args:
+    pre: (..., *latent_shape) fp32 pre-activations.
+    threshold: latent_shape thresholds (broadcast over the token axes).
+    bandwidth, kind, target_l0, preact_coeff: as the `JumpReLU` attributes.
+    sparsity_coeff: penalty weight.
+    latent_axes: the trailing axes one token's L0 counts over; a cross-layer
+      transcoder passes (-2, -1) so its L0 is the total over layers.
+  """
+  pre = pre.astype(jnp.float32)
+  threshold = threshold.astype(jnp.float32)
+  counts = step(pre, threshold, bandwidth)
+  l0 = jnp.mean(jnp.sum(counts, axis=latent_axes))
+  sparsity = sparsity_penalty(l0, kind, sparsity_coeff, target_l0)
+  aux = {"l0": l0}
+  if preact_coeff:
+    gap = jax.nn.relu(threshold - pre)
+    aux["preact_loss"] = jnp.mean(jnp.sum(gap, axis=latent_axes))
+    sparsity = sparsity + preact_coeff * aux["preact_loss"]
+  return sparsity, aux
+
+
 class JumpReLU(_base.Dictionary):
   """JumpReLU SAE (or transcoder, with d_out and pre_enc_bias=False).
 
@@ -128,18 +159,10 @@ class JumpReLU(_base.Dictionary):
                      self.threshold.astype(jnp.float32), self.bandwidth)
 
   def penalty(self, out: _base.DictOutput, sparsity_coeff):
-    counts = step(out.pre_acts.astype(jnp.float32),
-                  self.threshold.astype(jnp.float32), self.bandwidth)
-    l0 = jnp.mean(jnp.sum(counts, axis=-1))
-    sparsity = sparsity_penalty(l0, self.sparsity_penalty, sparsity_coeff,
-                                self.target_l0)
-    aux = {"l0": l0}
-    if self.preact_coeff:
-      gap = jax.nn.relu(self.threshold.astype(jnp.float32)
-                        - out.pre_acts.astype(jnp.float32))
-      aux["preact_loss"] = jnp.mean(jnp.sum(gap, axis=-1))
-      sparsity = sparsity + self.preact_coeff * aux["preact_loss"]
-    return sparsity, aux
+    return penalty_terms(
+        out.pre_acts, self.threshold, bandwidth=self.bandwidth,
+        kind=self.sparsity_penalty, sparsity_coeff=sparsity_coeff,
+        target_l0=self.target_l0, preact_coeff=self.preact_coeff)
 
   @nn.nowrap
   def to_inference(self, params: _base.Params, norm_scale,
@@ -153,6 +176,27 @@ class JumpReLU(_base.Dictionary):
   def from_config(cls, config) -> JumpReLU:
     return cls(d_in=config.d_in, d_sae=config.d_sae, d_out=config.d_out,
                pre_enc_bias=config.pre_enc_bias, dtype=jnp.dtype(config.dtype),
+               bandwidth=config.bandwidth,
+               sparsity_penalty=config.sparsity_penalty,
+               target_l0=config.target_l0, preact_coeff=config.preact_coeff)
+
+
+class JumpReLUTranscoder(JumpReLU):
+  """JumpReLU transcoder: reads mlp_in of a layer, predicts its mlp_out.
+
+  The published recipe adapted (DESIGN §5): no pre-encoder bias (input and
+  target are different tensors), input and target each divided by their own
+  scalar (`to_inference(..., out_norm_scale=)` folds both), and optionally
+  the affine skip `x @ w_skip` (`affine_skip=True`, exported as
+  `affine_skip_connection`). Call `loss(x, out, target=mlp_out, ...)`.
+  """
+  pre_enc_bias: bool = False
+
+  @classmethod
+  def from_config(cls, config) -> JumpReLUTranscoder:
+    return cls(d_in=config.d_in, d_sae=config.d_sae, d_out=config.d_out,
+               pre_enc_bias=config.pre_enc_bias,
+               affine_skip=config.affine_skip, dtype=jnp.dtype(config.dtype),
                bandwidth=config.bandwidth,
                sparsity_penalty=config.sparsity_penalty,
                target_l0=config.target_l0, preact_coeff=config.preact_coeff)

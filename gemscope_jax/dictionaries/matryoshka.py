@@ -63,6 +63,9 @@ class Matryoshka(nn.Module):
         a >= b for a, b in zip((0,) + p, p)):
       raise ValueError(f"prefixes must increase strictly from > 0 to d_sae="
                        f"{self.dictionary.d_sae}, got {p}")
+    if getattr(self.dictionary, "affine_skip", False):
+      raise ValueError("Matryoshka: the prefix losses leave out an affine "
+                       "skip connection; use affine_skip=False")
     if self.reduction not in REDUCTIONS:
       raise ValueError(f"reduction must be one of {REDUCTIONS}, "
                        f"got {self.reduction!r}")

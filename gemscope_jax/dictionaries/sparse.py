@@ -359,6 +359,8 @@ def sparse_loss_and_grads(module, params: Params, x: jax.Array, *,
     raise ValueError(f"x must be (B, d_in), got shape {x.shape}")
   if module.out_dim != module.d_in:
     raise ValueError("sparse steps support SAEs only (d_out == d_in)")
+  if getattr(module, "affine_skip", False):
+    raise ValueError("sparse steps have no affine skip connection")
   params = {k: _base.leaf_value(v) for k, v in params.items()}
   if isinstance(module, jumprelu_lib.JumpReLU):
     if capacity is None:

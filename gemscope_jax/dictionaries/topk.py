@@ -62,6 +62,31 @@ class TopK(_base.Dictionary):
                k=config.k)
 
 
+class TopKTranscoder(TopK):
+  """Per-token TopK transcoder (mlp_in -> mlp_out; see `JumpReLUTranscoder`).
+
+  Exported as a Gemma Scope 2 folder with `architecture: "topk"` (this
+  package's extension), optionally with `affine_skip_connection`.
+  """
+  pre_enc_bias: bool = False
+
+  @nn.nowrap
+  def to_inference(self, params: _base.Params, norm_scale,
+                   out_norm_scale=None) -> dict[str, jax.Array]:
+    """Raw-unit arrays (`fold_for_inference`); `threshold` is all zeros and
+    means nothing for TopK (the selection is per token, keep `k`)."""
+    return _base.fold_for_inference(
+        params, norm_scale, threshold=0.0, pre_enc_bias=self.pre_enc_bias,
+        out_norm_scale=out_norm_scale)
+
+  @classmethod
+  def from_config(cls, config) -> TopKTranscoder:
+    return cls(d_in=config.d_in, d_sae=config.d_sae, d_out=config.d_out,
+               pre_enc_bias=config.pre_enc_bias,
+               affine_skip=config.affine_skip, dtype=jnp.dtype(config.dtype),
+               k=config.k)
+
+
 class BatchTopK(TopK):
   """BatchTopK SAE: keeps the k * N largest activations of N tokens.
 

@@ -18,6 +18,9 @@ from gemscope_jax.interop.gemmascope2 import (folder_name, load_gemmascope2,
                                               save_gemmascope2)
 from gemscope_jax.interop.load import (detect_format, evaluate_dictionary,
                                        load_dictionary)
+from gemscope_jax.interop.multilayer import (MultiLayerInference,
+                                             load_multilayer_gemmascope2,
+                                             save_multilayer_gemmascope2)
 from gemscope_jax.interop.saelens import load_saelens, save_saelens
 from gemscope_jax.interop.workdir import from_state, from_workdir
 
@@ -27,5 +30,6 @@ __all__ = [
     "FORMATS", "FormatError", "InferenceDictionary", "as_module",
     "detect_format", "evaluate_dictionary", "folder_name", "from_state",
     "from_workdir", "load_dictionary", "load_gemmascope2", "load_saelens",
-    "save_gemmascope2", "save_saelens",
+    "save_gemmascope2", "save_saelens", "MultiLayerInference",
+    "load_multilayer_gemmascope2", "save_multilayer_gemmascope2",
 ]
