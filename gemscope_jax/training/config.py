@@ -46,6 +46,8 @@ SHORTHANDS = {
     "checkpoint": "model.checkpoint",
     "dtype": "model.dtype",
     "seed": "seed",
+    "layers": "group.layers",
+    "sites": "group.sites",
 }
 
 STEPS = ("dense", "sparse")
@@ -67,6 +69,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="gemma3_270m", checkpoint="default", dtype="float32"))
   c.hookpoint = "layer_6/resid_post"
+  # Many dictionaries from one Gemma pass (training/group.py): one per
+  # (layer, site). Both None: the one dictionary at `hookpoint`.
+  c.group = ml_collections.ConfigDict(dict(
+      # 'all', 'a-b' (inclusive), 'a+b+c', an int or a tuple of ints;
+      # None with sites set: hookpoint's layer.
+      layers=config_dict.placeholder(object),
+      # A site, 'site+site' or a tuple of sites (models.hooks.SITES);
+      # None with layers set: hookpoint's site.
+      sites=config_dict.placeholder(object),
+  ))
   c.data = ml_collections.ConfigDict(dict(
       # A corpus name (english, shakespeare, python_docs: data.text) or
       # text files, directories, globs and parquet/array_record shards
@@ -338,15 +350,17 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
     _need(pathlib.Path(c.model.checkpoint).exists(), "model.checkpoint",
           "no such file or directory", c.model.checkpoint)
   try:
-    hp = models.hooks.parse(c.hookpoint).check(mc)
+    models.hooks.parse(c.hookpoint).check(mc)
   except ValueError as e:
     raise ValueError(f"config.hookpoint: {e}") from None
   d = c.dictionary
-  try:
-    dict_config(c, hp.width(mc))
-  except ValueError as e:
-    raise ValueError(str(e).replace("DictConfig.", "config.dictionary.")
-                     .replace("d_sae", "width")) from None
+  for width in sorted({models.hooks.parse(h).width(mc)
+                       for h in hookpoints(c, mc)}):
+    try:
+      dict_config(c, width)
+    except ValueError as e:
+      raise ValueError(str(e).replace("DictConfig.", "config.dictionary.")
+                       .replace("d_sae", "width")) from None
   t = c.train
   for name in ("num_tokens", "batch_size", "checkpoint_every_steps",
                "keep_checkpoints", "log_every_steps", "sparse_capacity"):
@@ -391,6 +405,90 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   if c.eval.num_tokens and c.eval.at_end:
     text_files(c.eval.text, "eval.text")
   return mc
+
+
+# --- Groups: many hookpoints from one forward pass (training/group.py). ---
+
+
+def is_group(c: ml_collections.ConfigDict) -> bool:
+  """Whether `c` asks for several dictionaries (`group.layers`/`sites`)."""
+  g = c.get("group")
+  return g is not None and (g.layers is not None or g.sites is not None)
+
+
+def _group_layers(spec: Any, num_layers: int) -> list[int]:
+  field = "group.layers"
+  if isinstance(spec, bool):
+    _need(False, field, "must be 'all', 'a-b', 'a+b', an int or ints", spec)
+  if isinstance(spec, int):
+    layers = [spec]
+  elif isinstance(spec, str):
+    text = spec.strip()
+    try:
+      if text == "all":
+        layers = list(range(num_layers))
+      elif "-" in text:
+        lo, hi = (int(t) for t in text.split("-"))
+        layers = list(range(lo, hi + 1))
+        if not layers:
+          raise ValueError
+      else:
+        layers = [int(t) for t in text.split("+")]
+    except ValueError:
+      _need(False, field, "must be 'all', 'a-b' (a <= b), 'a+b', an int or "
+            "ints", spec)
+  elif isinstance(spec, (tuple, list)) and spec and all(
+      isinstance(v, int) and not isinstance(v, bool) for v in spec):
+    layers = list(spec)
+  else:
+    _need(False, field, "must be 'all', 'a-b', 'a+b', an int or ints", spec)
+  for layer in layers:
+    _need(0 <= layer < num_layers, field,
+          f"the model has layers 0..{num_layers - 1}", spec)
+  return sorted(set(layers))
+
+
+def _group_sites(spec: Any) -> list[str]:
+  if isinstance(spec, str):
+    sites = [t.strip() for t in spec.split("+")]
+  elif isinstance(spec, (tuple, list)) and spec and all(
+      isinstance(v, str) for v in spec):
+    sites = list(spec)
+  else:
+    _need(False, "group.sites", "must be a site, 'a+b' or a tuple of sites",
+          spec)
+  for site in sites:
+    # A transcoder member would read 'mlp_in->mlp_out'; SAEs only so far.
+    _need("->" not in site, "group.sites", "input->target members "
+          "(transcoders) are not supported by group training yet", spec)
+    _need(site in models.hooks.SITES, "group.sites",
+          f"unknown site {site!r}; sites are {', '.join(models.hooks.SITES)}",
+          spec)
+  return list(dict.fromkeys(sites))
+
+
+def hookpoints(c: ml_collections.ConfigDict,
+               mc: models.Gemma3Config | None = None) -> list[str]:
+  """The hookpoint names `c` trains dictionaries at, sorted (layer, site).
+
+  `[c.hookpoint]` unless `group.layers` or `group.sites` is set; then every
+  (layer, site) pair of the two, the unset one taken from `hookpoint`.
+  Errors name the field.
+  """
+  if not is_group(c):
+    return [c.hookpoint]
+  mc = mc or models.get_config(c.model.name)
+  try:
+    default = models.hooks.parse(c.hookpoint)
+  except ValueError as e:
+    raise ValueError(f"config.hookpoint: {e}") from None
+  g = c.group
+  layers = ([default.layer] if g.layers is None
+            else _group_layers(g.layers, mc.num_layers))
+  sites = [default.site] if g.sites is None else _group_sites(g.sites)
+  return [h.name for h in models.hooks.parse_all(
+      models.hooks.Hookpoint(layer, site) for layer in layers
+      for site in sites)]
 
 
 def text_files(spec: str, field: str) -> list[pathlib.Path]:

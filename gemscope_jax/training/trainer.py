@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # Changing these between a checkpoint and a resumed run changes what the
 # saved state means; everything else (logging, eval, num_tokens) may change.
 FROZEN_FIELDS = ("seed", "model.name", "model.checkpoint", "model.dtype",
-                 "hookpoint", "data.text", "data.seq_len",
+                 "hookpoint", "group", "data.text", "data.seq_len",
                  "data.model_batch_size", "data.bucket_tokens",
                  "data.cache_dir", "data.shuffle_windows", "dictionary",
                  "train.batch_size")
@@ -255,8 +255,13 @@ def _window_dataset(c: ml_collections.ConfigDict, tokenizer, *, progress):
 
 
 def make_source(c: ml_collections.ConfigDict, run: Run, gemma_params,
-                tokenizer, *, progress: bool) -> stream.BucketSource:
-  """The bucket source the config asks for: live Gemma, or a disk cache."""
+                tokenizer, *, progress: bool,
+                hookpoints: list[str] | None = None) -> stream.BucketSource:
+  """The bucket source the config asks for: live Gemma, or a disk cache.
+
+  `hookpoints` (default `[c.hookpoint]`) are all harvested by each forward.
+  """
+  hookpoints = [c.hookpoint] if hookpoints is None else list(hookpoints)
   data_size = run.mesh.shape["data"]
   sharding = None
   if data_size > 1 and c.data.model_batch_size % data_size == 0:
@@ -264,13 +269,13 @@ def make_source(c: ml_collections.ConfigDict, run: Run, gemma_params,
   live = stream.HarvestSource(
       run.model_config, gemma_params, _window_dataset(c, tokenizer,
                                                       progress=progress),
-      [c.hookpoint], tokenizer, bucket_tokens=c.data.bucket_tokens,
+      hookpoints, tokenizer, bucket_tokens=c.data.bucket_tokens,
       dtype=jnp.dtype(c.model.dtype), sharding=sharding)
   if not c.data.cache_dir:
     return live
   from gemscope_jax.data import activation_cache  # pylint: disable=import-outside-toplevel
   meta = {"model": c.model.name, "checkpoint": str(c.model.checkpoint),
-          "dtype": c.model.dtype, "hookpoints": [c.hookpoint],
+          "dtype": c.model.dtype, "hookpoints": hookpoints,
           "text": str(c.data.text), "seq_len": c.data.seq_len,
           "seed": c.seed}
   activation_cache.write_cache(c.data.cache_dir, live,
@@ -363,6 +368,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     ValueError / FileNotFoundError: a bad config, naming the field.
     TrainingDiverged: non-finite loss or gradients.
   """
+  if config_lib.is_group(c):
+    from gemscope_jax.training import group  # pylint: disable=import-outside-toplevel
+    return group.train(c, workdir, progress=progress, devices=devices)
   model_config = config_lib.check(c)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -509,6 +517,11 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
   c = config_lib.from_json(ckpts.read_config(latest))
   if overrides:
     c = config_lib.apply_overrides(c, overrides)
+  if config_lib.is_group(c):
+    ckpts.close()
+    from gemscope_jax.training import group  # pylint: disable=import-outside-toplevel
+    return group.evaluate_workdir(workdir, progress=progress,
+                                  overrides=overrides)
   model_config = config_lib.check(c)
   run = Run(c, model_config)
   restored = ckpts.restore_latest(run.abstract_state)
