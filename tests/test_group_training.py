@@ -163,3 +163,15 @@ def test_stack_shardings_keep_latents_on_model_axis():
   assert spec(p["w_dec"]) == (None, "model", None)
   assert spec(stack.abstract_state.last_fired) == (None, "model")
   assert stack.abstract_state.norm_scale.shape == (3,)
+
+
+def test_member_exports_load_and_workdir_export_points_to_them(group_run):
+  """Each member's export is a Gemma Scope 2 folder that loads; exporting
+  the group workdir as one dictionary is refused with the way out named."""
+  from gemscope_jax import interop
+  d = interop.load_gemmascope2(group_run / "export" / "resid_post" / "layer_2")
+  np.testing.assert_array_equal(d.w_enc, member_export(group_run, 2)["w_enc"])
+  assert d.hookpoint == "layer_2/resid_post"
+  with pytest.raises(ValueError, match=r"a group run .*layer_1/resid_post.*"
+                     r"--dictionary"):
+    interop.from_workdir(group_run)

@@ -88,6 +88,12 @@ def from_workdir(workdir: str | os.PathLike) -> InferenceDictionary:
       raise FileNotFoundError(f"{workdir}: no checkpoint to export (train "
                               "first, or check the path)")
     c = config_lib.from_json(ckpts.read_config(latest))
+    if config_lib.is_group(c):
+      names = ", ".join(config_lib.hookpoints(c))
+      raise ValueError(
+          f"{workdir}: a group run ({names}); each member is exported to "
+          f"{workdir / 'export'}/{{site}}/layer_{{L}}/ (Gemma Scope 2 "
+          "layout): load or evaluate those folders with --dictionary")
     run = trainer.Run(c, config_lib.check(c))
     restored = ckpts.restore_latest(run.abstract_state)
   finally:
