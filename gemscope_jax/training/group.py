@@ -260,40 +260,20 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             flush=True)
     state = run.init(batches.peek_bucket())
 
-  metrics_log = trainer._MetricsLog(workdir, start_step)  # pylint: disable=protected-access
-  bar = trainer._progress_bar(run, start_step, progress)  # pylint: disable=protected-access
-  acts_done, last, step = 0, {}, start_step
-  try:
-    while step < run.num_steps:
-      state, metrics = run.step(state, next(batches))
-      step += 1
-      acts_done += c.train.batch_size
-      bar.update(c.train.batch_size)
-      save = (step % c.train.checkpoint_every_steps == 0
-              or step == run.num_steps)
-      if step % c.train.log_every_steps == 0 or save:
-        per = run.host_metrics(metrics)
-        bad = [h for h, m in per.items() if not m.pop("finite")]
-        if bad:
-          raise trainer.TrainingDiverged(
-              f"{', '.join(bad)}: non-finite loss or gradient at step "
-              f"{step}: training stopped; the last good checkpoint is step "
-              f"{ckpts.latest_step()} in {ckpts.directory}")
-        last = _row(per)
-        elapsed = time.perf_counter() - t0
-        last["acts_per_s"] = acts_done / max(elapsed, 1e-9)
-        last["tokens"] = step * c.train.batch_size
-        metrics_log.write(step, last)
-        bar.set_postfix(l0=f"{last.get('l0', 0):.1f}",
-                        fvu=f"{last.get('fvu', 0):.3f}",
-                        dead=f"{last['dead_fraction']:.2f}")
-      if save:
-        ckpts.save(step, state, batches.get_state(), config_json)
-  finally:
-    bar.close()
-    metrics_log.close()
-    ckpts.wait()
-  ckpts.close()
+  def read(metrics, step):
+    per = run.host_metrics(metrics)
+    bad = [h for h, m in per.items() if not m.pop("finite")]
+    if bad:
+      raise trainer.TrainingDiverged(
+          f"{', '.join(bad)}: non-finite loss or gradient at step "
+          f"{step}: training stopped; the last good checkpoint is step "
+          f"{ckpts.latest_step()} in {ckpts.directory}")
+    return _row(per)
+
+  step, state, last = trainer.run_steps(
+      c, run, state, batches, ckpts, config_json, workdir,
+      start_step=start_step, t0=t0, feed=lambda batch: batch, read=read,
+      progress=progress)
 
   result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
   export(run, state, workdir)

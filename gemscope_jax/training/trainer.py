@@ -349,6 +349,59 @@ def _progress_bar(run: Run, start_step: int, progress: bool):
               dynamic_ncols=True, smoothing=0.1)
 
 
+def run_steps(c: ml_collections.ConfigDict, run, state, batches, ckpts,
+              config_json: dict, workdir: pathlib.Path, *, start_step: int,
+              t0: float, feed, read, progress: bool):
+  """The loop shared by single and group runs: step, log, checkpoint.
+
+  Args:
+    c: the config.
+    run: a `Run` or `group.GroupRun` (`step`, `num_steps`, `c`).
+    state: the train state at `start_step`.
+    batches: the activation batches (restorable position).
+    ckpts: the workdir's `Checkpoints`; closed on return.
+    config_json: the config as saved beside each checkpoint.
+    workdir: where metrics.jsonl goes.
+    start_step: the step `state` is at.
+    t0: when the end-to-end activations/s clock started.
+    feed: batch dict -> the step's input.
+    read: (device metrics, step) -> flat float metrics; raises
+      `TrainingDiverged` on a non-finite loss or gradient.
+    progress: show the progress bar.
+
+  Returns:
+    (final step, final state, last logged metrics).
+  """
+  metrics_log = _MetricsLog(workdir, start_step)
+  bar = _progress_bar(run, start_step, progress)
+  acts_done, last, step = 0, {}, start_step
+  try:
+    while step < run.num_steps:
+      state, metrics = run.step(state, feed(next(batches)))
+      step += 1
+      acts_done += c.train.batch_size
+      bar.update(c.train.batch_size)
+      save = (step % c.train.checkpoint_every_steps == 0
+              or step == run.num_steps)
+      if step % c.train.log_every_steps == 0 or save:
+        last = read(metrics, step)
+        elapsed = time.perf_counter() - t0
+        last["acts_per_s"] = acts_done / max(elapsed, 1e-9)
+        last["tokens"] = step * c.train.batch_size
+        metrics_log.write(step, last)
+        bar.set_postfix(l0=f"{last.get('l0', 0):.1f}",
+                        fvu=f"{last.get('fvu', 0):.3f}",
+                        dead=f"{last['dead_fraction']:.2f}")
+      if save:
+        ckpts.save(step, state, batches.get_state(), config_json)
+  finally:
+    bar.close()
+    metrics_log.close()
+    ckpts.wait()
+  ckpts.close()
+  return step, state, last
+
+
 def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           progress: bool = True, devices=None) -> dict[str, Any]:
   """Trains (or resumes) the dictionary `c` describes in `workdir`.
@@ -412,43 +465,21 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     state = run.init(jax.random.key(c.seed), jnp.asarray(b_dec),
                      jnp.float32(scale))
 
-  metrics_log = _MetricsLog(workdir, start_step)
-  bar = _progress_bar(run, start_step, progress)
-  acts_done = 0
-  last = {}
-  metrics = None
-  step = start_step
-  try:
-    while step < run.num_steps:
-      x = next(batches)[c.hookpoint]
-      state, metrics = run.step(state, jax.device_put(x, run.batch_sharding))
-      step += 1
-      acts_done += c.train.batch_size
-      bar.update(c.train.batch_size)
-      save = (step % c.train.checkpoint_every_steps == 0
-              or step == run.num_steps)
-      if step % c.train.log_every_steps == 0 or save:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not last.pop("finite"):
-          raise TrainingDiverged(
-              f"loss {last['loss']} / gradient norm {last['grad_norm']} at "
-              f"step {step}: training stopped; the last good checkpoint is "
-              f"step {ckpts.latest_step()} in {ckpts.directory}")
-        elapsed = time.perf_counter() - t0
-        last["acts_per_s"] = acts_done / max(elapsed, 1e-9)
-        last["tokens"] = step * c.train.batch_size
-        metrics_log.write(step, last)
-        bar.set_postfix(l0=f"{last.get('l0', 0):.1f}",
-                        fvu=f"{last.get('fvu', 0):.3f}",
-                        dead=f"{last['dead_fraction']:.2f}")
-      if save:
-        ckpts.save(step, state, batches.get_state(), config_json)
-  finally:
-    bar.close()
-    metrics_log.close()
-    ckpts.wait()
-  ckpts.close()
+  def feed(batch):
+    return jax.device_put(batch[c.hookpoint], run.batch_sharding)
 
+  def read(metrics, step):
+    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not last.pop("finite"):
+      raise TrainingDiverged(
+          f"loss {last['loss']} / gradient norm {last['grad_norm']} at "
+          f"step {step}: training stopped; the last good checkpoint is "
+          f"step {ckpts.latest_step()} in {ckpts.directory}")
+    return last
+
+  step, state, last = run_steps(c, run, state, batches, ckpts, config_json,
+                                workdir, start_step=start_step, t0=t0,
+                                feed=feed, read=read, progress=progress)
   result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
   export(run, state, workdir)
   if c.eval.at_end:
