@@ -41,7 +41,8 @@ FVU is compared at matched L0: the saelens-ourhp sweep's FVU is interpolated
 says the L0s are not matched.
 
   .venv/bin/python benchmarks/quality_vs_saelens.py [--tokens 204800]
-      [--eval-tokens 16384] [--saelens-coeffs 1,3,10] [--quick]
+      [--eval-tokens 16384] [--saelens-coeffs 1,3,10] [--saelens-targets 70,80]
+      [--quick]
 
 Caveat: on a shared CPU the wall times are indicative only; the quality
 metrics do not depend on load. One seed per run: differences of a few
@@ -108,7 +109,8 @@ def cache_batches(c, cache: activation_cache.ActivationCache):
 
 
 def train_saelens(c, cache: activation_cache.ActivationCache, *, variant: str,
-                  coeff: float, steps: int) -> tuple[dict, float, dict]:
+                  coeff: float, steps: int, target_l0: float | None = None
+                  ) -> tuple[dict, float, dict]:
   """Trains SAELens's JumpReLU with its own `SAETrainer` on the cache.
 
   Args:
@@ -118,6 +120,7 @@ def train_saelens(c, cache: activation_cache.ActivationCache, *, variant: str,
       hyper-parameters and unit mean-squared-norm inputs).
     coeff: SAELens's l0_coefficient.
     steps: training steps (batches of c.train.batch_size).
+    target_l0: SAELens's quadratic-penalty target; None means ours.
 
   Returns:
     (inference arrays in raw units, the final step's training stats, seconds).
@@ -133,7 +136,8 @@ def train_saelens(c, cache: activation_cache.ActivationCache, *, variant: str,
   d_in, width, batch = cache.widths[hp], c.dictionary.width, c.train.batch_size
   common = dict(d_in=d_in, d_sae=width, dtype="float32", device="cpu",
                 jumprelu_sparsity_loss_mode="quadratic",
-                target_l0=float(c.dictionary.target_l0), l0_coefficient=coeff)
+                target_l0=float(c.dictionary.target_l0 if target_l0 is None
+                                else target_l0), l0_coefficient=coeff)
   if variant == "default":
     sae_cfg = JumpReLUTrainingSAEConfig(
         normalize_activations="expected_average_only_in", **common)
@@ -236,6 +240,10 @@ def main():
                   help="held-out Python-docs tokens")
   ap.add_argument("--saelens-coeffs", default="1,3,10",
                   help="l0_coefficient values of the saelens-ourhp sweep")
+  ap.add_argument("--saelens-targets", default="",
+                  help="also sweep SAELens's target_l0 (comma list; each "
+                  "with every coefficient): the way to bracket our L0, since "
+                  "its coefficient barely moves L0")
   ap.add_argument("--skip-default", action="store_true",
                   help="skip the SAELens-defaults run")
   ap.add_argument("--workdir", default="/tmp/gemscope_quality_vs_saelens",
@@ -272,10 +280,14 @@ def main():
                          "fvu": res.get("train_fvu")}})
   cache = activation_cache.ActivationCache(cache_dir)
   runs = [] if args.skip_default else [("saelens-default", "default", 1.0)]
-  runs += [(f"saelens-ourhp@{v:g}", "ourhp", v) for v in coeffs]
-  for name, variant, coeff in runs:
+  runs = [(n, v, cf, None) for n, v, cf in runs]
+  runs += [(f"saelens-ourhp@{v:g}", "ourhp", v, None) for v in coeffs]
+  targets = [float(t) for t in args.saelens_targets.split(",") if t.strip()]
+  runs += [(f"saelens-ourhp@{v:g}/L0*{t:g}", "ourhp", v, t)
+           for t in targets for v in coeffs]
+  for name, variant, coeff, target in runs:
     arrays, last, secs = train_saelens(c, cache, variant=variant, coeff=coeff,
-                                       steps=steps)
+                                       steps=steps, target_l0=target)
     print(f"{name}: trained in {secs:.0f} s (last batch L0 "
           f"{last.get('l0', float('nan')):.1f}, FVU "
           f"{last.get('fvu', float('nan')):.3f})", flush=True)
@@ -320,7 +332,8 @@ def main():
   print()
   if matched is not None:
     print(f"At matched L0 {ours['l0']:.1f}: SAELens (our hyper-parameters, "
-          f"interpolated over l0_coefficient {args.saelens_coeffs}) FVU "
+          f"interpolated over l0_coefficient {args.saelens_coeffs}, "
+          f"targets {args.saelens_targets or 'ours'}) FVU "
           f"{matched:.3f} vs ours {ours['fvu']:.3f}: SAELens/ours FVU ratio "
           f"{matched / ours['fvu']:.2f}x")
   else:
