@@ -39,7 +39,6 @@ loss passes of evaluation cost 1 + 2 x members full forwards per batch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import time
@@ -53,7 +52,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gemscope_jax import assets, models
+from gemscope_jax import models
 from gemscope_jax.data import stream
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
@@ -226,16 +225,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   plus the evaluation's when `c.eval.at_end`.
   """
   model_config = config_lib.check(c)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   run = GroupRun(c, model_config, devices)
-  ckpts = ckpt_lib.Checkpoints(workdir, max_to_keep=c.train.keep_checkpoints)
-  latest = ckpts.latest_step()
-  if latest is not None:
-    trainer.check_resumable(ckpts.read_config(latest), c, workdir)
-  config_json = config_lib.to_json(c)
-  with assets.atomic_path(workdir / "config.json") as tmp:
-    tmp.write_text(json.dumps(config_json, indent=2))
+  workdir, ckpts, latest, config_json = trainer.open_workdir(c, workdir)
 
   from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
@@ -246,14 +237,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   batches = stream.ActivationBatches(source, batch_size=c.train.batch_size,
                                      seed=c.seed)
   t0 = time.perf_counter()
-  restored = ckpts.restore_latest(run.abstract_state) if latest is not None \
-      else None
-  if restored is not None:
-    start_step, state, data_state, _ = restored
-    batches.set_state(data_state)
-    print(f"resuming from step {start_step} in {ckpts.directory}")
-  else:
-    start_step = 0
+  start_step, state = trainer.restore(ckpts, latest, run, batches)
+  if state is None:
     if progress:
       print(f"harvesting the first {c.data.bucket_tokens:,} activations of "
             f"{len(run.hookpoints)} hookpoints (input scales and means)...",

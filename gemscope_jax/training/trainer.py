@@ -349,6 +349,39 @@ def _progress_bar(run: Run, start_step: int, progress: bool):
               dynamic_ncols=True, smoothing=0.1)
 
 
+def open_workdir(c: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+  """Creates `workdir`, checks a checkpoint there may be resumed with `c`,
+  and saves `c` as workdir/config.json.
+
+  Returns:
+    (workdir as a Path, its `Checkpoints`, the newest step or None, the
+    config as JSON).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpts = ckpt_lib.Checkpoints(workdir, max_to_keep=c.train.keep_checkpoints)
+  latest = ckpts.latest_step()
+  if latest is not None:
+    check_resumable(ckpts.read_config(latest), c, workdir)
+  config_json = config_lib.to_json(c)
+  with assets.atomic_path(workdir / "config.json") as tmp:
+    tmp.write_text(json.dumps(config_json, indent=2))
+  return workdir, ckpts, latest, config_json
+
+
+def restore(ckpts, latest: int | None, run, batches):
+  """(step, state) of the newest readable checkpoint, the stream moved to
+  its position; (0, None) when there is none (the caller initialises)."""
+  restored = ckpts.restore_latest(run.abstract_state) if latest is not None \
+      else None
+  if restored is None:
+    return 0, None
+  start_step, state, data_state, _ = restored
+  batches.set_state(data_state)
+  print(f"resuming from step {start_step} in {ckpts.directory}")
+  return start_step, state
+
+
 def run_steps(c: ml_collections.ConfigDict, run, state, batches, ckpts,
               config_json: dict, workdir: pathlib.Path, *, start_step: int,
               t0: float, feed, read, progress: bool):
@@ -425,16 +458,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     from gemscope_jax.training import group  # pylint: disable=import-outside-toplevel
     return group.train(c, workdir, progress=progress, devices=devices)
   model_config = config_lib.check(c)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   run = Run(c, model_config, devices)
-  ckpts = ckpt_lib.Checkpoints(workdir, max_to_keep=c.train.keep_checkpoints)
-  latest = ckpts.latest_step()
-  if latest is not None:
-    check_resumable(ckpts.read_config(latest), c, workdir)
-  config_json = config_lib.to_json(c)
-  with assets.atomic_path(workdir / "config.json") as tmp:
-    tmp.write_text(json.dumps(config_json, indent=2))
+  workdir, ckpts, latest, config_json = open_workdir(c, workdir)
 
   from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
@@ -446,14 +471,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   # on resume) is part of the end-to-end rate.
   t0 = time.perf_counter()
 
-  restored = ckpts.restore_latest(run.abstract_state) if latest is not None \
-      else None
-  if restored is not None:
-    start_step, state, data_state, _ = restored
-    batches.set_state(data_state)
-    print(f"resuming from step {start_step} in {ckpts.directory}")
-  else:
-    start_step = 0
+  start_step, state = restore(ckpts, latest, run, batches)
+  if state is None:
     if progress:
       print(f"harvesting the first {c.data.bucket_tokens:,} activations of "
             f"{c.hookpoint} (input scale and mean)...", flush=True)
