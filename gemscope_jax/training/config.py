@@ -69,6 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="gemma3_270m", checkpoint="default", dtype="float32"))
   c.hookpoint = "layer_6/resid_post"
+  # What the dictionary predicts: None reconstructs its input (an SAE); a
+  # transcoder architecture defaults to mlp_out of the hookpoint's layer
+  # (its hookpoint is that layer's mlp_in).
+  c.target = config_dict.placeholder(str)
   # Many dictionaries from one Gemma pass (training/group.py): one per
   # (layer, site). Both None: the one dictionary at `hookpoint`.
   c.group = ml_collections.ConfigDict(dict(
@@ -124,6 +128,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1, model=1,
       rules=(("batch", "data"), ("latent", "model"), ("embed", None)),
+      # How Gemma's parameters are laid out over the mesh: 'replicated'
+      # (every device holds all), 'fsdp' (sharded over 'data', gathered
+      # per layer) or 'fsdp_tp' (also tensor-parallel over 'model').
+      gemma="replicated",
+  ))
+  # Multi-host runs (JAX's multi-controller runtime). num_processes 0: a
+  # single process unless the environment says otherwise (Cloud TPU, SLURM,
+  # or the GEMSCOPE_* variables); see training/distributed.py.
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="",   # host:port of process 0
+      num_processes=0,
+      process_id=-1,
+      initialization_timeout_s=300,
+      # A process that stops heartbeating for this long fails the others.
+      heartbeat_timeout_s=60,
   ))
   c.eval = ml_collections.ConfigDict(dict(
       text="english_heldout",   # files the 'english' corpus leaves out

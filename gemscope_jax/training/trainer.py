@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # Changing these between a checkpoint and a resumed run changes what the
 # saved state means; everything else (logging, eval, num_tokens) may change.
 FROZEN_FIELDS = ("seed", "model.name", "model.checkpoint", "model.dtype",
-                 "hookpoint", "group", "data.text", "data.seq_len",
+                 "hookpoint", "target", "group", "data.text", "data.seq_len",
                  "data.model_batch_size", "data.bucket_tokens",
                  "data.cache_dir", "data.shuffle_windows", "dictionary",
                  "train.batch_size")
