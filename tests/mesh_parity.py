@@ -16,10 +16,11 @@ for name, mesh in (("one", None), ("dp", (8, 1)), ("dpmp", (4, 2))):
   if mesh: c.mesh.data, c.mesh.model = mesh
   devices = [jax.devices()[0]] if mesh is None else None
   run = trainer.Run(c, config_lib.check(c), devices)
-  state = run.init(jax.random.key(0), jnp.asarray(offset / 8), jnp.float32(8.0))
+  state = run.init(jax.random.key(0), jnp.asarray(offset / 8), jnp.float32(8.0),
+                   jnp.float32(8.0))
   losses = []
   for x in xs:
-    state, m = run.step(state, x)
+    state, m = run.step(state, {"x": x})
     losses.append(float(m["loss"]))
   p = jax.device_get(state.params)
   out[name] = {"losses": losses, **{k: np.asarray(v).tolist() for k, v in p.items()}}

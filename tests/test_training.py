@@ -291,9 +291,10 @@ def test_sparsity_warmup_and_threshold_clip(real_model):
   c = tiny_config()
   run = trainer.Run(c, real_model[0])
   x = np.random.default_rng(1).normal(size=(256, 640)).astype(np.float32)
-  state = run.init(jax.random.key(0), jnp.zeros(640), jnp.float32(2.0))
+  state = run.init(jax.random.key(0), jnp.zeros(640), jnp.float32(2.0),
+                   jnp.float32(2.0))
   params0 = jax.device_get(state.params)
-  new, m = run.step(state, x)
+  new, m = run.step(state, {"x": x})
   lo, _ = dictionaries.compute_loss(run.module, params0, x / 2.0,
                                     sparsity_coeff=1.0 / 8)
   np.testing.assert_allclose(float(m["loss"]), float(lo.total), rtol=1e-5)
@@ -317,10 +318,10 @@ def test_sparse_step_tracks_dense_step(real_model, arch):
   finals, losses = {}, {}
   for name, run in runs.items():
     state = run.init(jax.random.key(0), jnp.asarray(offset / 4),
-                     jnp.float32(4.0))
+                     jnp.float32(4.0), jnp.float32(4.0))
     losses[name] = []
     for x in xs:
-      state, m = run.step(state, x)
+      state, m = run.step(state, {"x": x})
       losses[name].append(float(m["loss"]))
     finals[name] = jax.device_get(state)
   np.testing.assert_allclose(losses["sparse"], losses["dense"], rtol=1e-4)

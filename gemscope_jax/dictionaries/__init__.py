@@ -18,7 +18,9 @@ from gemscope_jax.dictionaries._base import (AXES, DictOutput, Dictionary,
                                              init_params, mse_loss,
                                              normalize_decoder,
                                              project_decoder_grads)
-from gemscope_jax.dictionaries._config import ARCHITECTURES, DictConfig
+from gemscope_jax.dictionaries._config import (ARCHITECTURES, CLTS,
+                                               CROSSCODERS, MULTILAYER, SAES,
+                                               TRANSCODERS, DictConfig)
 from gemscope_jax.dictionaries.clt import CrossLayerTranscoder
 from gemscope_jax.dictionaries.crosscoder import Crosscoder
 from gemscope_jax.dictionaries.jumprelu import JumpReLU, JumpReLUTranscoder
@@ -52,7 +54,8 @@ def make_dictionary(config: DictConfig) -> Dictionary | Matryoshka:
 
 
 __all__ = [
-    "ARCHITECTURES", "AXES", "apply_update", "BatchTopK", "DICTIONARIES", "DictConfig",
+    "ARCHITECTURES", "CLTS", "CROSSCODERS", "MULTILAYER", "SAES",
+    "TRANSCODERS", "AXES", "apply_update", "BatchTopK", "DICTIONARIES", "DictConfig",
     "CrossLayerTranscoder", "Crosscoder", "DictOutput", "Dictionary",
     "JumpReLU", "JumpReLUTranscoder", "LossOutput", "Matryoshka", "ReLU",
     "TopK", "TopKTranscoder", "compute_loss", "fold_for_inference", "fvu",

@@ -13,6 +13,7 @@ into `edit_args`, which is traced.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Iterable, Mapping
@@ -28,6 +29,23 @@ from gemscope_jax.models._transformer import Gemma3
 Params = Mapping[str, Any]
 # fn(activation, args) -> new activation, same shape.
 EditFn = Callable[[jax.Array, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadingEdit:
+  """An edit that also sees activations computed earlier in the same pass.
+
+  `fn(x, args, seen)` gets `seen = {name: value}` for each hookpoint in
+  `reads`, as the pass computed it (after any edit there): e.g. a
+  transcoder replacing `layer_L/mlp_out` reads `layer_L/mlp_in`, so in a
+  replacement model every layer's transcoder reads the replaced stream.
+  Every name in `reads` must come before the edited hookpoint in the pass.
+  """
+  fn: Callable[[jax.Array, Any, dict[str, jax.Array]], jax.Array]
+  reads: tuple[str, ...]
+
+  def __call__(self, x, args, seen):
+    return self.fn(x, args, seen)
 
 
 @flax.struct.dataclass
@@ -90,10 +108,21 @@ def _forward(params, tokens, mask, positions, edit_args, *, config, hookpoints,
   wanted = frozenset(hookpoints)
   edit_fns = dict(edits)
   recorded = {}
+  seen = {}  # every hookpoint so far (ReadingEdits; unused ones vanish)
 
   def intervene(name, x):
     if name in edit_fns:
-      x = edit_fns[name](x, edit_args.get(name)).astype(x.dtype)
+      fn, dtype_in = edit_fns[name], x.dtype
+      if isinstance(fn, ReadingEdit):
+        missing = [r for r in fn.reads if r not in seen]
+        if missing:
+          raise ValueError(f"edit at {name} reads {', '.join(missing)}, "
+                           "which the pass has not computed before it")
+        x = fn(x, edit_args.get(name), {r: seen[r] for r in fn.reads})
+      else:
+        x = fn(x, edit_args.get(name))
+      x = x.astype(dtype_in)
+    seen[name] = x
     if name in wanted:
       recorded[name] = x
     return x
@@ -133,7 +162,8 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None,
       stops after the last block that a hookpoint or edit needs.
     loss: Compute the next-token loss; defaults to the value of `logits`.
     edits: {hookpoint: fn(x, args) -> x} applied in the pass; downstream
-      computation sees the edited value.
+      computation sees the edited value. A `ReadingEdit` also gets earlier
+      hookpoints' values of the same pass.
     edit_args: {hookpoint: pytree} passed to the matching edit function.
     positions: (B, T) positions; defaults to counting real tokens before
       each one (left and right padding both work).

@@ -17,6 +17,7 @@ else kept as strings.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import pathlib
@@ -104,6 +105,12 @@ def default_config() -> ml_collections.ConfigDict:
       preact_coeff=3e-6,        # JumpReLU pre-activation loss (0: published)
       dtype="float32",
       matryoshka_prefixes=config_dict.placeholder(tuple),
+      affine_skip=False,        # transcoders: learn x @ w_skip as well
+      # Crosscoders and CLTs: the layers one dictionary spans ('all',
+      # 'a-b', 'a+b', ints), reading the hookpoint's site (crosscoder) or
+      # mlp_in -> mlp_out (CLT) at each.
+      layers=config_dict.placeholder(object),
+      causal=False,             # crosscoders: weakly causal masks
   ))
   c.train = ml_collections.ConfigDict(dict(
       num_tokens=614_400,       # activations seen in training
@@ -332,16 +339,140 @@ def _need(ok: bool, field: str, message: str, value: Any) -> None:
     raise ValueError(f"config.{field}: {message}, got {value!r}")
 
 
-def dict_config(c: ml_collections.ConfigDict, d_in: int
+def dict_config(c: ml_collections.ConfigDict, d_in: int, *,
+                d_out: int | None = None, n_layers: int | None = None
                 ) -> dictionaries.DictConfig:
-  """The validated `DictConfig` of `c.dictionary` for inputs of width d_in."""
+  """The validated `DictConfig` of `c.dictionary` for inputs of width d_in
+  (targets of width d_out; n_layers for crosscoders and CLTs)."""
   d = c.dictionary
   return dictionaries.DictConfig(
       d_in=d_in, d_sae=d.width, architecture=d.architecture,
+      d_out=None if d_out == d_in else d_out,
       bandwidth=d.bandwidth, target_l0=d.target_l0, k=d.k,
       sparsity_penalty=d.sparsity_penalty, dtype=d.dtype,
       matryoshka_prefixes=d.matryoshka_prefixes,
-      preact_coeff=d.preact_coeff)
+      preact_coeff=d.preact_coeff, affine_skip=bool(d.affine_skip),
+      n_layers=n_layers, causal=bool(d.causal))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What one dictionary reads and predicts.
+
+  Attributes:
+    kind: 'sae', 'transcoder', 'crosscoder' or 'clt'.
+    inputs: hookpoints read, in layer order (one, or one per layer).
+    targets: hookpoints predicted, aligned with `inputs`; equal to `inputs`
+      for SAEs and crosscoders.
+  """
+  kind: str
+  inputs: tuple[str, ...]
+  targets: tuple[str, ...]
+
+  @property
+  def multilayer(self) -> bool:
+    return self.kind in ("crosscoder", "clt")
+
+  @property
+  def reconstructs_input(self) -> bool:
+    return self.inputs == self.targets
+
+  @property
+  def hookpoints(self) -> list[str]:
+    """Every hookpoint a batch must hold (inputs, then new targets)."""
+    return list(dict.fromkeys(self.inputs + self.targets))
+
+  @property
+  def name(self) -> str:
+    """How metrics and progress name it: the hookpoint (SAEs),
+    'layer_L/transcoder', or the kind with its layers."""
+    first = models.hooks.parse(self.inputs[0])
+    if self.kind == "sae":
+      return first.name
+    if self.kind == "transcoder":
+      return f"layer_{first.layer}/transcoder"
+    layers = [models.hooks.parse(h).layer for h in self.inputs]
+    return f"{self.kind}_layers_{layers[0]}-{layers[-1]}"
+
+  @property
+  def family(self) -> str:
+    """The Gemma Scope 2 folder family: the site (SAEs), 'transcoder',
+    'crosscoder' or 'clt'."""
+    if self.kind == "sae":
+      return models.hooks.parse(self.inputs[0]).site
+    return self.kind
+
+  def config(self, c: ml_collections.ConfigDict,
+             mc: models.Gemma3Config) -> dictionaries.DictConfig:
+    """The `DictConfig` of `c.dictionary` over this layout's widths."""
+    d_in = models.hooks.parse(self.inputs[0]).width(mc)
+    d_out = models.hooks.parse(self.targets[0]).width(mc)
+    return dict_config(c, d_in, d_out=d_out, n_layers=(
+        len(self.inputs) if self.multilayer else None))
+
+
+def kind(c: ml_collections.ConfigDict) -> str:
+  """The layout kind of `c.dictionary.architecture`."""
+  arch = c.dictionary.architecture
+  if arch in dictionaries.TRANSCODERS:
+    return "transcoder"
+  if arch in dictionaries.CROSSCODERS:
+    return "crosscoder"
+  if arch in dictionaries.CLTS:
+    return "clt"
+  return "sae"
+
+
+def layout(c: ml_collections.ConfigDict, hookpoint: str | None = None,
+           mc: models.Gemma3Config | None = None) -> Layout:
+  """What the dictionary of `c` at `hookpoint` (default `c.hookpoint`) reads
+  and predicts. Errors name the field.
+
+  - SAE: the hookpoint itself.
+  - Transcoder: reads the hookpoint (usually `layer_L/mlp_in`), predicts
+    `c.target`'s site at the same layer (default `mlp_out`); in a single
+    run `c.target` may name another layer at or after the input's.
+  - Crosscoder: the hookpoint's site at each of `dictionary.layers`.
+  - CLT: `mlp_in` -> `mlp_out` at each of `dictionary.layers`.
+  """
+  mc = mc or models.get_config(c.model.name)
+  name = c.hookpoint if hookpoint is None else hookpoint
+  try:
+    hp = models.hooks.parse(name).check(mc)
+  except ValueError as e:
+    raise ValueError(f"config.hookpoint: {e}") from None
+  k = kind(c)
+  if c.target is not None and k != "transcoder":
+    _need(False, "target", "is only for transcoder architectures "
+          f"{dictionaries.TRANSCODERS} (an SAE reconstructs its input)",
+          c.target)
+  if c.dictionary.layers is not None and k not in ("crosscoder", "clt"):
+    _need(False, "dictionary.layers", "is only for crosscoders and CLTs "
+          "(many dictionaries, one per layer: group.layers)",
+          c.dictionary.layers)
+  if k == "sae":
+    return Layout(k, (hp.name,), (hp.name,))
+  if k == "transcoder":
+    target = models.hooks.Hookpoint(hp.layer, "mlp_out")
+    if c.target is not None:
+      try:
+        t = models.hooks.parse(c.target).check(mc)
+      except ValueError as e:
+        raise ValueError(f"config.target: {e}") from None
+      target = t if hookpoint is None else models.hooks.Hookpoint(
+          hp.layer, t.site)
+    _need(target.layer >= hp.layer, "target", f"must be at or after the "
+          f"input's layer ({hp.name})", target.name)
+    _need(target != hp, "target", "must differ from the hookpoint (that is "
+          "an SAE)", target.name)
+    return Layout(k, (hp.name,), (target.name,))
+  spec = "all" if c.dictionary.layers is None else c.dictionary.layers
+  layers = _group_layers(spec, mc.num_layers, "dictionary.layers")
+  if k == "crosscoder":
+    names = tuple(models.hooks.Hookpoint(l, hp.site).name for l in layers)
+    return Layout(k, names, names)
+  return Layout(k, tuple(f"layer_{l}/mlp_in" for l in layers),
+                tuple(f"layer_{l}/mlp_out" for l in layers))
 
 
 def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
@@ -373,10 +504,19 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   except ValueError as e:
     raise ValueError(f"config.hookpoint: {e}") from None
   d = c.dictionary
-  for width in sorted({models.hooks.parse(h).width(mc)
-                       for h in hookpoints(c, mc)}):
+  _need(not (is_group(c) and kind(c) in ("crosscoder", "clt")), "group",
+        f"a {d.architecture} is one dictionary over many layers: set "
+        "dictionary.layers, not group.layers/group.sites",
+        (c.group.layers, c.group.sites))
+  _need(not (is_group(c) and kind(c) == "transcoder" and c.group.sites
+             is not None and len(_group_sites(c.group.sites)) > 1),
+        "group.sites", "a group of transcoders reads one site (each "
+        "predicts mlp_out of its layer)", c.group.sites)
+  layouts = ([layout(c, h, mc) for h in hookpoints(c, mc)] if is_group(c)
+             else [layout(c, None, mc)])
+  for lay in layouts:
     try:
-      dict_config(c, width)
+      lay.config(c, mc)
     except ValueError as e:
       raise ValueError(str(e).replace("DictConfig.", "config.dictionary.")
                        .replace("d_sae", "width")) from None
@@ -435,8 +575,8 @@ def is_group(c: ml_collections.ConfigDict) -> bool:
   return g is not None and (g.layers is not None or g.sites is not None)
 
 
-def _group_layers(spec: Any, num_layers: int) -> list[int]:
-  field = "group.layers"
+def _group_layers(spec: Any, num_layers: int,
+                  field: str = "group.layers") -> list[int]:
   if isinstance(spec, bool):
     _need(False, field, "must be 'all', 'a-b', 'a+b', an int or ints", spec)
   if isinstance(spec, int):
@@ -477,9 +617,6 @@ def _group_sites(spec: Any) -> list[str]:
     _need(False, "group.sites", "must be a site, 'a+b' or a tuple of sites",
           spec)
   for site in sites:
-    # A transcoder member would read 'mlp_in->mlp_out'; SAEs only so far.
-    _need("->" not in site, "group.sites", "input->target members "
-          "(transcoders) are not supported by group training yet", spec)
     _need(site in models.hooks.SITES, "group.sites",
           f"unknown site {site!r}; sites are {', '.join(models.hooks.SITES)}",
           spec)

@@ -1,4 +1,5 @@
-"""Many dictionaries from one Gemma pass: e.g. a resid_post SAE per layer.
+"""Many dictionaries from one Gemma pass: e.g. a resid_post SAE per layer,
+or a transcoder per layer (mlp_in -> mlp_out), i.e. a replacement model.
 
 `train(config, workdir)` is what `trainer.train` runs when the config sets
 `group.layers` / `group.sites` (see `config.hookpoints`). The pieces:
@@ -64,9 +65,13 @@ MEAN_KEYS = ("loss", "mse", "l0", "fvu", "dead_fraction", "grad_norm")
 
 def member_config(c: ml_collections.ConfigDict, hookpoint: str
                   ) -> ml_collections.ConfigDict:
-  """The single-dictionary config of one member: `c` at `hookpoint`."""
+  """The single-dictionary config of one member: `c` at `hookpoint` (a
+  transcoder predicting the target site at the same layer)."""
   m = config_lib.from_json(config_lib.to_json(c))
+  layout = config_lib.layout(c, hookpoint)
   m.hookpoint = hookpoint
+  if layout.kind == "transcoder":
+    m.target = layout.targets[0]
   m.group.layers = None
   m.group.sites = None
   return m
@@ -81,15 +86,18 @@ class Stack:
   """Members of one shape, trained by one vmapped step.
 
   Attributes:
-    names: the members' hookpoints, in stack order.
+    names: the members' input hookpoints, in stack order.
+    layouts: what each member reads and predicts (`config.Layout`).
     template: a `trainer.Run` for the first member (module, optimizer,
       mesh, unbatched step); every member shares its shapes.
     state_sharding, abstract_state: of the stacked TrainState.
-    batch_sharding: of a (members, batch, d_in) input.
-    step: jitted, donated (state, x) -> (state, {metric: (members,)}).
-    init: jitted (key, b_decs, scales) -> stacked state.
+    batch_sharding: of the stacked step input {'x': (members, batch, d_in),
+      'target': (members, batch, d_out) for transcoders}.
+    step: jitted, donated (state, batch) -> (state, {metric: (members,)}).
+    init: jitted (key, b_decs, scales, target_scales) -> stacked state.
   """
   names: list[str]
+  layouts: list[config_lib.Layout]
   template: trainer.Run
   state_sharding: Any = None
   abstract_state: Any = None
@@ -100,11 +108,9 @@ class Stack:
   def __post_init__(self):
     run = self.template
     n = len(self.names)
-    d_in = run.dict_config.d_in
     abstract = jax.eval_shape(
         run._boxed_state, jax.random.key(0),  # pylint: disable=protected-access
-        jax.ShapeDtypeStruct((d_in,), jnp.float32),
-        jax.ShapeDtypeStruct((), jnp.float32))
+        *run.init_shapes)
     specs = jax.tree.map(_stacked, nn.get_partition_spec(abstract),
                          is_leaf=lambda x: isinstance(x, PartitionSpec))
     rules = run.rules + (("dict", None),)
@@ -112,17 +118,18 @@ class Stack:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct((n, *a.shape), a.dtype, sharding=s),
         nn.unbox(abstract), self.state_sharding)
-    self.batch_sharding = NamedSharding(
-        run.mesh, PartitionSpec(None, dict(run.rules).get("batch"), None))
+    self.batch_sharding = {
+        k: NamedSharding(run.mesh, PartitionSpec(None, *v.spec))
+        for k, v in run.batch_sharding.items()}
     self.step = jax.jit(jax.vmap(run._step),  # pylint: disable=protected-access
                         in_shardings=(self.state_sharding,
                                       self.batch_sharding),
                         out_shardings=(self.state_sharding, None),
                         donate_argnums=0)
 
-    def init(key, b_decs, scales):
-      one = lambda b, s: nn.unbox(run._boxed_state(key, b, s))  # pylint: disable=protected-access
-      return jax.vmap(one)(b_decs, scales)
+    def init(key, b_decs, scales, target_scales):
+      one = lambda b, s, t: nn.unbox(run._boxed_state(key, b, s, t))  # pylint: disable=protected-access
+      return jax.vmap(one)(b_decs, scales, target_scales)
     self.init = jax.jit(init, out_shardings=self.state_sharding)
 
   def member_state(self, state, i: int) -> trainer.TrainState:
@@ -134,7 +141,16 @@ class Stack:
     run = self.template
     return types.SimpleNamespace(
         c=member_config(run.c, self.names[i]), module=run.module,
-        model_config=run.model_config, dict_config=run.dict_config)
+        model_config=run.model_config, dict_config=run.dict_config,
+        layout=self.layouts[i])
+
+  def batch(self, rows: stream.Bucket) -> dict[str, np.ndarray]:
+    """The stacked step input from rows holding every member's hookpoints."""
+    out = {"x": np.stack([rows[lay.inputs[0]] for lay in self.layouts])}
+    if "target" in self.batch_sharding:
+      out["target"] = np.stack([rows[lay.targets[0]]
+                                for lay in self.layouts])
+    return out
 
 
 class GroupRun:
@@ -143,8 +159,10 @@ class GroupRun:
   Attributes:
     c: the group config.
     model_config: the Gemma config.
-    hookpoints: all members, sorted by (layer, site).
-    stacks: {'d_in_{width}': Stack}.
+    hookpoints: all members' inputs, sorted by (layer, site).
+    layouts: {input hookpoint: `config.Layout`} (SAEs or transcoders).
+    harvest: every hookpoint a batch must hold (inputs and targets).
+    stacks: {'d_in_{width}' (SAEs) or 'd_{in}_to_{out}': Stack}.
     mesh, num_steps: as `trainer.Run`'s.
   """
 
@@ -153,14 +171,23 @@ class GroupRun:
     self.c = c
     self.model_config = model_config
     self.hookpoints = config_lib.hookpoints(c, model_config)
-    by_width: dict[int, list[str]] = {}
-    for h in self.hookpoints:
-      by_width.setdefault(models.hooks.parse(h).width(model_config),
-                          []).append(h)
+    self.layouts = {h: config_lib.layout(c, h, model_config)
+                    for h in self.hookpoints}
+    self.harvest = [h.name for h in models.hooks.parse_all(
+        n for lay in self.layouts.values() for n in lay.hookpoints)]
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for h, lay in self.layouts.items():
+      by_shape.setdefault((models.hooks.parse(h).width(model_config),
+                           models.hooks.parse(lay.targets[0]).width(
+                               model_config)), []).append(h)
+    def key(w_in, w_out):
+      return f"d_in_{w_in}" if config_lib.kind(c) == "sae" else (
+          f"d_{w_in}_to_{w_out}")
     self.stacks = {
-        f"d_in_{w}": Stack(names, trainer.Run(member_config(c, names[0]),
-                                              model_config, devices))
-        for w, names in sorted(by_width.items())}
+        key(*shape): Stack(names, [self.layouts[h] for h in names],
+                           trainer.Run(member_config(c, names[0]),
+                                       model_config, devices))
+        for shape, names in sorted(by_shape.items())}
     first = next(iter(self.stacks.values())).template
     self.mesh = first.mesh
     self.num_steps = first.num_steps
@@ -171,36 +198,28 @@ class GroupRun:
 
   def init(self, bucket: stream.Bucket) -> dict:
     """The initial stacked states: scales and b_dec from `bucket`."""
-    stats = stream.bucket_stats(bucket)
     state = {}
     for key, stack in self.stacks.items():
-      scales, b_decs = [], []
-      for h in stack.names:
-        mean, sq = stats[h]
-        scale = float(np.sqrt(sq))
-        b_decs.append((mean / scale if self.c.train.b_dec_init == "mean"
-                       else np.zeros_like(mean)).astype(np.float32))
-        scales.append(np.float32(scale))
+      args = [trainer.init_args(self.c, lay, bucket) for lay in stack.layouts]
       state[key] = stack.init(jax.random.key(self.c.seed),
-                              jnp.asarray(np.stack(b_decs)),
-                              jnp.asarray(np.stack(scales)))
+                              *(jnp.asarray(np.stack(a)) for a in zip(*args)))
     return state
 
   def step(self, state: dict, batch: stream.Bucket) -> tuple[dict, dict]:
-    """One step of every stack; metrics {hookpoint: {metric: value}}."""
+    """One step of every stack; metrics {stack: {metric: (members,)}}."""
     new, metrics = {}, {}
     for key, stack in self.stacks.items():
-      x = np.stack([batch[h] for h in stack.names])
-      new[key], m = stack.step(state[key],
-                               jax.device_put(x, stack.batch_sharding))
+      new[key], m = stack.step(state[key], jax.device_put(
+          stack.batch(batch), stack.batch_sharding))
       metrics[key] = m
     return new, metrics
 
   def host_metrics(self, metrics: dict) -> dict[str, dict[str, float]]:
+    """{member name: {metric: value}} (names: `config.Layout.name`)."""
     out = {}
     for key, m in jax.device_get(metrics).items():
-      for i, h in enumerate(self.stacks[key].names):
-        out[h] = {k: float(np.asarray(v)[i]) for k, v in m.items()}
+      for i, lay in enumerate(self.stacks[key].layouts):
+        out[lay.name] = {k: float(np.asarray(v)[i]) for k, v in m.items()}
     return out
 
 
@@ -233,7 +252,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   gemma_params = trainer.load_gemma(c, model_config)
   first = next(iter(run.stacks.values())).template
   source = trainer.make_source(c, first, gemma_params, tokenizer,
-                               progress=progress, hookpoints=run.hookpoints)
+                               progress=progress, hookpoints=run.harvest)
   batches = stream.ActivationBatches(source, batch_size=c.train.batch_size,
                                      seed=c.seed)
   t0 = time.perf_counter()
@@ -241,7 +260,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   if state is None:
     if progress:
       print(f"harvesting the first {c.data.bucket_tokens:,} activations of "
-            f"{len(run.hookpoints)} hookpoints (input scales and means)...",
+            f"{len(run.harvest)} hookpoints (scales and means)...",
             flush=True)
     state = run.init(batches.peek_bucket())
 
@@ -268,10 +287,17 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   return result
 
 
-def export_dir(workdir: str | pathlib.Path, hookpoint: str) -> pathlib.Path:
-  """Where member `hookpoint` is exported: export/{site}/layer_{L}."""
-  hp = models.hooks.parse(hookpoint)
-  return pathlib.Path(workdir) / "export" / hp.site / f"layer_{hp.layer}"
+def export_dir(workdir: str | pathlib.Path,
+               member: str | config_lib.Layout) -> pathlib.Path:
+  """Where a member is exported: export/{family}/layer_{L}, the family
+  being the site of an SAE (a hookpoint name) or 'transcoder'."""
+  if isinstance(member, str):
+    hp = models.hooks.parse(member)
+    family, layer = hp.site, hp.layer
+  else:
+    family = member.family
+    layer = models.hooks.parse(member.inputs[0]).layer
+  return pathlib.Path(workdir) / "export" / family / f"layer_{layer}"
 
 
 def export(run: GroupRun, state: dict, workdir: pathlib.Path
@@ -280,53 +306,12 @@ def export(run: GroupRun, state: dict, workdir: pathlib.Path
   from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
   out = {}
   for key, stack in run.stacks.items():
-    for i, h in enumerate(stack.names):
+    for i, lay in enumerate(stack.layouts):
       d = interop.from_state(stack.member_run(i), stack.member_state(
           state[key], i))
-      out[h] = interop.save_gemmascope2(d, export_dir(workdir, h),
-                                        release_layout=False)
+      out[lay.name] = interop.save_gemmascope2(d, export_dir(workdir, lay),
+                                               release_layout=False)
   return out
-
-
-class _Stats:
-  """Running reconstruction statistics of one member (as evaluate.py)."""
-
-  def __init__(self, d_sae: int):
-    self.counts = jnp.zeros((d_sae,), jnp.int32)
-    self.n = 0
-    self.acc = {k: 0.0 for k in ("l0", "l0_sq", "err", "cos", "m2")}
-    self.mean = np.zeros((), np.float64)
-
-  def add(self, module, params, scale, x, keep, nb: int) -> None:
-    from gemscope_jax.training import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-    self.counts, sums, batch_mean = eval_lib._batch_stats(  # pylint: disable=protected-access
-        module, params, scale, x, keep, self.counts)
-    if not nb:
-      return
-    sums = {k: float(v) for k, v in sums.items()}
-    delta = np.asarray(batch_mean, np.float64) - self.mean
-    total = self.n + nb
-    self.acc["m2"] += sums["m2"] + float(delta @ delta) * self.n * nb / total
-    self.mean = self.mean + delta * (nb / total)
-    for k in ("l0", "l0_sq", "err", "cos"):
-      self.acc[k] += sums[k]
-    self.n = total
-
-  def metrics(self, scale: float, dense_threshold: float
-              ) -> tuple[dict[str, float], np.ndarray]:
-    n, a = max(self.n, 1), self.acc
-    freq = np.asarray(self.counts, np.float64) / n
-    l0 = a["l0"] / n
-    fvu = a["err"] / a["m2"] if a["m2"] > 0 else math.nan
-    return {
-        "l0": l0, "l0_std": math.sqrt(max(a["l0_sq"] / n - l0 * l0, 0.0)),
-        "fvu": fvu, "explained_variance": 1.0 - fvu, "mse": a["err"] / n,
-        "mse_normalized": a["err"] / n / (scale * scale),
-        "cosine_sim": a["cos"] / n,
-        "dead_fraction": float(np.mean(freq == 0)),
-        "dense_fraction": float(np.mean(freq > dense_threshold)),
-        "num_tokens": self.n, "num_latents": int(freq.size),
-        "norm_scale": scale}, freq
 
 
 def evaluate_state(run: GroupRun, state: dict, gemma_params, tokenizer,
@@ -334,94 +319,60 @@ def evaluate_state(run: GroupRun, state: dict, gemma_params, tokenizer,
                    ) -> dict[str, Any]:
   """Held-out evaluation of every member -> workdir/metrics.json.
 
-  Entries `{hookpoint}/{metric}` (the metrics of `evaluate.evaluate`) and
-  the means over members under the plain names; a firing-frequency plot per
-  member beside its export.
+  Entries `{member}/{metric}` (the metrics of `evaluate.evaluate`; members
+  named as `config.Layout.name`), the means over members under the plain
+  names, and for a group of transcoders the replacement model (every
+  member replacing its MLP at once): `replacement_loss`,
+  `replacement_delta_lm_loss`, `replacement_loss_recovered` (against every
+  MLP output zeroed). A firing-frequency plot per member beside its export.
   """
-  from gemscope_jax.activations import special_mask  # pylint: disable=import-outside-toplevel
   from gemscope_jax.training import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import splice as splice_lib  # pylint: disable=import-outside-toplevel
   c, mc = run.c, run.model_config
-  dtype = jnp.dtype(c.model.dtype)
-  members = {}  # hookpoint -> (module, params, scale, last_fired, step)
+  members, trained = [], {}
   for key, stack in run.stacks.items():
-    for i, h in enumerate(stack.names):
+    for i, lay in enumerate(stack.layouts):
       s = stack.member_state(state[key], i)
-      members[h] = (stack.template.module, s.params,
-                    jnp.float32(s.norm_scale), s.last_fired, int(s.step))
-  names = list(members)
-  edits = {h: eval_lib.splice_edit(m[0]) for h, m in members.items()}
-  stats = {h: _Stats(int(np.shape(m[3])[0])) for h, m in members.items()}
-  losses = {h: {"spliced": 0.0, "zero": 0.0} for h in names}
-  clean_loss, n_pairs, n_loss_tok = 0.0, 0, 0
-  windows = trainer._eval_windows(c, tokenizer)  # pylint: disable=protected-access
-  bar = eval_lib.tqdm(total=windows.num_tokens, unit="tok", unit_scale=True,
-                      disable=not progress, desc=f"eval {len(names)} dicts",
-                      dynamic_ncols=True)
-  t0 = time.perf_counter()
-  for tokens, mask in windows.batches(c.eval.batch_size):
-    keep_np = mask & ~special_mask(tokenizer, tokens)
-    keep = jnp.asarray(keep_np)
-    none = jnp.zeros_like(keep)
-    if n_loss_tok < c.eval.loss_tokens:
-      def forward(target=None, how=None):
-        args = {h: eval_lib.edit_args(
-            members[h][1], members[h][2],
-            splice=keep if (h == target and how == "spliced") else none,
-            zero=keep if (h == target and how == "zero") else none)
-                for h in names}
-        return models.forward(gemma_params, tokens, mask, config=mc,
-                              hookpoints=names, logits=False, loss=True,
-                              edits=edits, edit_args=args, dtype=dtype)
-      clean = forward()
-      clean_loss += eval_lib._pair_loss_sum(clean)  # pylint: disable=protected-access
-      for h in names:
-        for how in ("spliced", "zero"):
-          losses[h][how] += eval_lib._pair_loss_sum(forward(h, how))  # pylint: disable=protected-access
-      n_pairs += int((mask[:, 1:] & mask[:, :-1]).sum())
-      n_loss_tok += int(mask.sum())
-    else:
-      clean = models.forward(gemma_params, tokens, mask, config=mc,
-                             hookpoints=names, logits=False, loss=False,
-                             dtype=dtype)
-    nb = int(keep_np.sum())
-    for h, (module, params, scale, _, _) in members.items():
-      stats[h].add(module, params, scale, clean.activations[h], keep, nb)
-    bar.update(int(mask.sum()))
-  bar.close()
-  clean_l = clean_loss / max(n_pairs, 1)
-  metrics: dict[str, Any] = {}
+      members.append(splice_lib.Member(
+          name=lay.name, layout=lay, module=stack.template.module,
+          params=s.params, norm_scale=s.norm_scale,
+          target_scale=s.target_scale))
+      trained[lay.name] = (lay, s.last_fired, int(s.step))
+  members.sort(key=lambda m: [models.hooks.parse(h)
+                              for h in m.layout.inputs])
+  results, shared = eval_lib.evaluate_members(
+      members, model_config=mc, model_params=gemma_params,
+      windows=trainer._eval_windows(c, tokenizer),  # pylint: disable=protected-access
+      tokenizer=tokenizer, batch_size=c.eval.batch_size,
+      dtype=jnp.dtype(c.model.dtype), dense_threshold=c.eval.dense_threshold,
+      progress=progress, loss_tokens=c.eval.loss_tokens,
+      replacement=config_lib.kind(c) == "transcoder" and len(members) > 1)
   per = {}
-  for h, (_, _, scale, last_fired, step) in members.items():
-    m, freq = stats[h].metrics(float(scale), c.eval.dense_threshold)
-    spliced_l = losses[h]["spliced"] / max(n_pairs, 1)
-    zero_l = losses[h]["zero"] / max(n_pairs, 1)
+  for name, r in results.items():
+    lay, last_fired, step = trained[name]
     silent = (step - np.asarray(last_fired)) * c.train.batch_size
-    m.update({
-        "clean_loss": clean_l, "spliced_loss": spliced_l,
-        "zero_ablation_loss": zero_l, "delta_lm_loss": spliced_l - clean_l,
-        "loss_recovered": ((zero_l - spliced_l) / (zero_l - clean_l)
-                           if zero_l != clean_l else math.nan),
-        "train_dead_fraction": float(np.mean(
-            silent >= c.train.dead_after_tokens))})
-    per[h] = m
-    folder = export_dir(workdir, h)
+    per[name] = {**r.metrics, "train_dead_fraction": float(np.mean(
+        silent >= c.train.dead_after_tokens))}
+    folder = export_dir(workdir, lay)
     folder.mkdir(parents=True, exist_ok=True)
     eval_lib.plot_frequency_histogram(
-        freq, folder / "latent_frequency.png",
-        title=f"{h} {c.dictionary.architecture} {c.dictionary.width}: "
+        r.frequency, folder / "latent_frequency.png",
+        title=f"{name} {c.dictionary.architecture} {c.dictionary.width}: "
         "latent firing frequency")
+  metrics: dict[str, Any] = {}
   for k in ("l0", "fvu", "dead_fraction", "delta_lm_loss",
             "loss_recovered"):
     vals = [m[k] for m in per.values() if not math.isnan(m[k])]
     metrics[k] = float(np.mean(vals)) if vals else math.nan
-  for h, m in per.items():
-    metrics.update({f"{h}/{k}": v for k, v in m.items()})
-  step = next(iter(members.values()))[4]
+  for name, m in per.items():
+    metrics.update({f"{name}/{k}": v for k, v in m.items()})
+  step = next(iter(trained.values()))[2]
+  metrics.update(shared)
   metrics.update({
       "step": step, "trained_tokens": step * c.train.batch_size,
       "target_l0": c.dictionary.target_l0, "eval_text": c.eval.text,
-      "hookpoints": ",".join(names), "num_pairs": n_pairs,
-      "loss_tokens": n_loss_tok, "seconds": time.perf_counter() - t0})
+      "hookpoints": ",".join(run.hookpoints),
+      "members": ",".join(m.name for m in members)})
   eval_lib.write_metrics(metrics, workdir / "metrics.json")
   return metrics
 

@@ -72,8 +72,11 @@ class TrainState:
     step: steps taken.
     params: the dictionary's parameters (float32).
     opt_state: optax state.
-    norm_scale: the scalar inputs are divided by (E||x / s||^2 = 1).
-    last_fired: (d_sae,) the step count when each latent last fired.
+    norm_scale: the scalar inputs are divided by (E||x / s||^2 = 1); one
+      per layer, (n_layers,), for crosscoders and CLTs.
+    target_scale: the same for the target (transcoders, CLTs); equal to
+      norm_scale where the dictionary reconstructs its input.
+    last_fired: (latent shape) the step count when each latent last fired.
     min_kept_sum, min_kept_count: BatchTopK's running smallest kept
       activation over the last fifth of training (its export threshold).
   """
@@ -81,6 +84,7 @@ class TrainState:
   params: Any
   opt_state: Any
   norm_scale: jax.Array
+  target_scale: jax.Array
   last_fired: jax.Array
   min_kept_sum: jax.Array
   min_kept_count: jax.Array
@@ -105,8 +109,27 @@ def make_mesh(c: ml_collections.ConfigDict,
 def dictionary_config(c: ml_collections.ConfigDict,
                       model_config: models.Gemma3Config
                       ) -> dictionaries.DictConfig:
-  width = models.hooks.parse(c.hookpoint).width(model_config)
-  return config_lib.dict_config(c, width)
+  return config_lib.layout(c, None, model_config).config(c, model_config)
+
+
+def init_args(c: ml_collections.ConfigDict, layout: config_lib.Layout,
+              bucket: stream.Bucket) -> tuple[np.ndarray, ...]:
+  """(b_dec, norm_scale, target_scale) of a fresh run, from a bucket.
+
+  Each input (and target) hookpoint is divided by the root of its mean
+  squared norm; b_dec starts at the target's normalised mean (or zeros).
+  Multi-layer layouts get one scale per layer and a (n_layers, d) b_dec.
+  """
+  stats = stream.bucket_stats({h: bucket[h] for h in layout.hookpoints})
+  scales = {h: np.sqrt(stats[h][1]) for h in layout.hookpoints}
+  s_in = np.asarray([scales[h] for h in layout.inputs], np.float32)
+  s_out = np.asarray([scales[h] for h in layout.targets], np.float32)
+  b_dec = np.stack([stats[h][0] / scales[h] for h in layout.targets])
+  if c.train.b_dec_init != "mean":
+    b_dec = np.zeros_like(b_dec)
+  if not layout.multilayer:
+    return b_dec[0].astype(np.float32), s_in[0], s_out[0]
+  return b_dec.astype(np.float32), s_in, s_out
 
 
 def num_steps(c: ml_collections.ConfigDict) -> int:
@@ -136,22 +159,36 @@ def make_optimizer(c: ml_collections.ConfigDict
 
 class Run:
   """The pieces of a run that do not depend on data: module, optimizer,
-  mesh, shardings and the jitted step."""
+  mesh, shardings and the jitted step.
+
+  Attributes:
+    layout: what the dictionary reads and predicts (`config.Layout`).
+    init_shapes: (b_dec, norm_scale, target_scale) ShapeDtypeStructs of
+      `init`'s arguments after the key.
+    batch_sharding: {'x': ..., 'target': ...} of the step's input (no
+      'target' where the dictionary reconstructs its input).
+  """
 
   def __init__(self, c: ml_collections.ConfigDict,
                model_config: models.Gemma3Config, devices=None):
     self.c = c
     self.model_config = model_config
-    self.dict_config = dictionary_config(c, model_config)
+    self.layout = config_lib.layout(c, None, model_config)
+    self.dict_config = self.layout.config(c, model_config)
     self.module = dictionaries.make_dictionary(self.dict_config)
     self.tx = make_optimizer(c)
     self.mesh = make_mesh(c, devices)
     self.rules = tuple((a, b) for a, b in c.mesh.rules)
     self.num_steps = num_steps(c)
-    abstract = jax.eval_shape(
-        self._boxed_state, jax.random.key(0),
-        jax.ShapeDtypeStruct((self.dict_config.d_in,), jnp.float32),
-        jax.ShapeDtypeStruct((), jnp.float32))
+    dc = self.dict_config
+    d_out = dc.d_out or dc.d_in
+    n = len(self.layout.inputs)
+    multi = self.layout.multilayer
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    self.init_shapes = (f32(n, d_out) if multi else f32(d_out),
+                        f32(n) if multi else f32(), f32(n) if multi else f32())
+    abstract = jax.eval_shape(self._boxed_state, jax.random.key(0),
+                              *self.init_shapes)
     specs = nn.get_partition_spec(abstract)
     self.state_sharding = nn.logical_to_mesh_sharding(specs, self.mesh,
                                                       self.rules)
@@ -159,33 +196,68 @@ class Run:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.unbox(abstract), self.state_sharding)
     batch_axis = dict(self.rules).get("batch")
-    self.batch_sharding = NamedSharding(
-        self.mesh, PartitionSpec(batch_axis, None))
+    rows = PartitionSpec(batch_axis, *([None] * (2 if multi else 1)))
+    self.batch_sharding = {"x": NamedSharding(self.mesh, rows)}
+    if not self.layout.reconstructs_input:
+      self.batch_sharding["target"] = NamedSharding(self.mesh, rows)
     self.step = jax.jit(self._step, in_shardings=(self.state_sharding,
                                                   self.batch_sharding),
                         out_shardings=(self.state_sharding, None),
                         donate_argnums=0)
-    self.init = jax.jit(lambda k, b, s: nn.unbox(self._boxed_state(k, b, s)),
-                        out_shardings=self.state_sharding)
+    self.init = jax.jit(
+        lambda k, b, s, t: nn.unbox(self._boxed_state(k, b, s, t)),
+        out_shardings=self.state_sharding)
 
-  def _boxed_state(self, key, b_dec, norm_scale) -> TrainState:
+  def batch(self, bucket_rows: stream.Bucket) -> dict[str, np.ndarray]:
+    """The step's host input from rows of a bucket: {'x': (B, d) or
+    (B, n_layers, d), 'target': the same for the targets}."""
+    def gather(names):
+      if not self.layout.multilayer:
+        return bucket_rows[names[0]]
+      return np.stack([bucket_rows[h] for h in names], axis=1)
+    out = {"x": gather(self.layout.inputs)}
+    if not self.layout.reconstructs_input:
+      out["target"] = gather(self.layout.targets)
+    return out
+
+  def initial_state(self, bucket: stream.Bucket) -> TrainState:
+    """A fresh state: scales and b_dec from `bucket` (`init_args`)."""
+    b_dec, scale, target_scale = init_args(self.c, self.layout, bucket)
+    return self.init(jax.random.key(self.c.seed), jnp.asarray(b_dec),
+                     jnp.asarray(scale), jnp.asarray(target_scale))
+
+  def _boxed_state(self, key, b_dec, norm_scale, target_scale) -> TrainState:
     params = dictionaries.init_params(self.module, key, b_dec=b_dec)
-    d_sae = self.dict_config.d_sae
+    inner = getattr(self.module, "dictionary", self.module)
+    shape = getattr(inner, "latent_shape", (self.dict_config.d_sae,))
+    names = getattr(inner, "latent_axes_names", ("latent",))
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         opt_state=self.tx.init(params), norm_scale=norm_scale,
-        last_fired=nn.LogicallyPartitioned(jnp.zeros((d_sae,), jnp.int32),
-                                           ("latent",)),
+        target_scale=target_scale,
+        last_fired=nn.LogicallyPartitioned(jnp.zeros(shape, jnp.int32),
+                                           names),
         min_kept_sum=jnp.zeros((), jnp.float32),
         min_kept_count=jnp.zeros((), jnp.int32))
+
+  def normalised(self, state: TrainState, batch: dict) -> tuple:
+    """(x, target or None) of a step input in training units."""
+    def scaled(a, s):
+      s = s[:, None] if self.layout.multilayer else s
+      return a.astype(jnp.float32) / s
+    x = scaled(batch["x"], state.norm_scale)
+    target = batch.get("target")
+    if target is not None:
+      target = scaled(target, state.target_scale)
+    return x, target
 
   def sparsity_coeff(self, step):
     t = self.c.train
     ramp = jnp.minimum(1.0, (step + 1) / max(t.sparsity_warmup_steps, 1))
     return t.sparsity_coeff * ramp
 
-  def _loss_and_grads(self, params, x, coeff):
-    """(LossOutput, (d_sae,) fired-in-this-batch mask, grads)."""
+  def _loss_and_grads(self, params, x, coeff, target=None):
+    """(LossOutput, (latent shape) fired-in-this-batch mask, grads)."""
     if self.c.train.step == "sparse":
       lo, out, grads = sparse_lib.sparse_loss_and_grads(
           self.module, params, x, sparsity_coeff=coeff,
@@ -196,16 +268,16 @@ class Run:
 
     def loss_fn(p):
       lo, out = dictionaries.compute_loss(self.module, p, x,
-                                          sparsity_coeff=coeff)
+                                          sparsity_coeff=coeff, target=target)
       return lo.total, (lo, out)
 
     (_, (lo, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return lo, jnp.any(out.latents > 0, axis=0), grads
 
-  def _step(self, state: TrainState, x: jax.Array):
-    x = x.astype(jnp.float32) / state.norm_scale
+  def _step(self, state: TrainState, batch: dict):
+    x, target = self.normalised(state, batch)
     coeff = self.sparsity_coeff(state.step)
-    lo, fired, grads = self._loss_and_grads(state.params, x, coeff)
+    lo, fired, grads = self._loss_and_grads(state.params, x, coeff, target)
     params, opt_state = dictionaries.apply_update(
         self.module, self.tx, state.params, state.opt_state, grads)
     step = state.step + 1
@@ -229,8 +301,13 @@ class Run:
              ).astype(jnp.float32)),
         **{k: v for k, v in lo.aux.items() if jnp.ndim(v) == 0},
     }
+    for k, v in lo.aux.items():
+      if k.endswith("_per_layer"):  # multi-layer: one entry per target
+        for i, h in enumerate(self.layout.targets):
+          metrics[f"{h}/{k[:-len('_per_layer')]}"] = v[i]
     new = TrainState(step=step, params=params, opt_state=opt_state,
-                     norm_scale=state.norm_scale, last_fired=last_fired,
+                     norm_scale=state.norm_scale,
+                     target_scale=state.target_scale, last_fired=last_fired,
                      min_kept_sum=kept_sum, min_kept_count=kept_count)
     return new, metrics
 
@@ -464,7 +541,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
   gemma_params = load_gemma(c, model_config)
-  source = make_source(c, run, gemma_params, tokenizer, progress=progress)
+  source = make_source(c, run, gemma_params, tokenizer, progress=progress,
+                       hookpoints=run.layout.hookpoints)
   batches = stream.ActivationBatches(source, batch_size=c.train.batch_size,
                                      seed=c.seed)
   # acts_per_s counts from here: the first bucket's harvest (or its refill
@@ -475,17 +553,12 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   if state is None:
     if progress:
       print(f"harvesting the first {c.data.bucket_tokens:,} activations of "
-            f"{c.hookpoint} (input scale and mean)...", flush=True)
-    first = batches.peek_bucket()[c.hookpoint]
-    mean, sq = stream.bucket_stats({"x": first})["x"]
-    scale = float(np.sqrt(sq))
-    b_dec = (mean / scale if c.train.b_dec_init == "mean"
-             else np.zeros_like(mean)).astype(np.float32)
-    state = run.init(jax.random.key(c.seed), jnp.asarray(b_dec),
-                     jnp.float32(scale))
+            f"{', '.join(run.layout.hookpoints)} (scales and mean)...",
+            flush=True)
+    state = run.initial_state(batches.peek_bucket())
 
   def feed(batch):
-    return jax.device_put(batch[c.hookpoint], run.batch_sharding)
+    return jax.device_put(run.batch(batch), run.batch_sharding)
 
   def read(metrics, step):
     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -509,12 +582,14 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
 def export(run: Run, state: TrainState, workdir: pathlib.Path) -> pathlib.Path:
   """Writes the Gemma Scope 2 params folder (raw-unit weights) to
-  workdir/export; see `interop.from_state` for what each architecture
-  becomes."""
+  workdir/export (per-layer files for crosscoders and CLTs); see
+  `interop.from_state` for what each architecture becomes."""
   from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
   d = interop.from_state(run, state)
-  return interop.save_gemmascope2(d, pathlib.Path(workdir) / "export",
-                                  release_layout=False)
+  out = pathlib.Path(workdir) / "export"
+  if isinstance(d, interop.MultiLayerInference):
+    return interop.save_multilayer_gemmascope2(d, out)
+  return interop.save_gemmascope2(d, out, release_layout=False)
 
 
 def _eval_windows(c: ml_collections.ConfigDict, tokenizer):
@@ -534,7 +609,8 @@ def evaluate_state(run: Run, state: TrainState, gemma_params, tokenizer,
   result = eval_lib.evaluate(
       model_config=run.model_config, model_params=gemma_params,
       hookpoint=c.hookpoint, module=run.module, params=params,
-      norm_scale=float(state.norm_scale),
+      norm_scale=np.asarray(state.norm_scale),
+      target_scale=np.asarray(state.target_scale), layout=run.layout,
       windows=_eval_windows(c, tokenizer), tokenizer=tokenizer,
       batch_size=c.eval.batch_size, dtype=jnp.dtype(c.model.dtype),
       dense_threshold=c.eval.dense_threshold, progress=progress,
@@ -546,10 +622,12 @@ def evaluate_state(run: Run, state: TrainState, gemma_params, tokenizer,
                  silent >= c.train.dead_after_tokens)),
              "trained_tokens": int(state.step) * c.train.batch_size,
              "target_l0": c.dictionary.target_l0, "eval_text": c.eval.text,
-             "hookpoint": c.hookpoint}
+             "hookpoint": c.hookpoint, "kind": run.layout.kind,
+             "inputs": ",".join(run.layout.inputs),
+             "targets": ",".join(run.layout.targets)}
   eval_lib.plot_frequency_histogram(
       result.frequency, workdir / "latent_frequency.png",
-      title=f"{c.hookpoint} {c.dictionary.architecture} "
+      title=f"{run.layout.name} {c.dictionary.architecture} "
       f"{c.dictionary.width}: latent firing frequency")
   eval_lib.write_metrics(metrics, workdir / "metrics.json")
   return metrics

@@ -1,0 +1,36 @@
+r"""JumpReLU transcoders on Gemma 3 270M: mlp_in -> mlp_out of one layer,
+or of every layer at once (a replacement model for all 18 MLPs).
+
+  gemscope train --config=experiments/transcoder_270m.py --workdir=out/tc
+  gemscope train --config=experiments/transcoder_270m.py:skip \
+      --workdir=out/tc_skip                     with the affine skip
+  gemscope train --config=experiments/transcoder_270m.py:layers=all \
+      --workdir=out/tc_all                      one per layer, one pass
+
+The published JumpReLU recipe adapted to transcoders (DESIGN §5): no
+pre-encoder bias, mlp_in and mlp_out each divided by their own scalar,
+b_dec started at the mean of mlp_out, quadratic L0 penalty towards 60.
+metrics.json holds the FVU of mlp_out, L0, dead/dense latents and the LM
+loss with the transcoder replacing layer 6's MLP (against the MLP's output
+zeroed); with `layers=...` also `replacement_*`: every layer's transcoder
+replacing its MLP at once.
+
+Expected: see the closing table in README ("Transcoders, crosscoders and
+CLTs"); `runlocal` is a 2-minute smoke run.
+"""
+
+from gemscope_jax.training import config as config_lib
+
+
+def get_config(arg=None):
+  overrides = config_lib.parse_arg(arg)
+  c = config_lib.preset("gemma3_270m")
+  c.hookpoint = "layer_6/mlp_in"
+  c.dictionary.architecture = "jumprelu_transcoder"
+  if overrides.pop("topk", False):
+    c.dictionary.architecture = "topk_transcoder"
+    c.dictionary.k = 60
+    c.train.sparsity_coeff = 0.0
+  if overrides.pop("skip", False):
+    c.dictionary.affine_skip = True
+  return config_lib.apply_overrides(c, overrides)
