@@ -193,6 +193,11 @@ def test_transcoder_replacement_loss_equals_layer_by_layer(env):
       members, model_config=cfg, model_params=env["params"],
       windows=Windows(env["tokens"], mask), tokenizer=env["tok"],
       batch_size=2, progress=False, replacement=True)
+  want_ci = loss_sum(_forward(env, {
+      m.layout.targets[0]: predict(j, clean_out.activations[
+          m.layout.inputs[0]]) for j, m in enumerate(members)})) / pairs
+  assert shared["replacement_clean_input_loss"] == pytest.approx(want_ci,
+                                                                 abs=2e-4)
   assert shared["num_pairs"] == pairs
   assert shared["replacement_loss"] == pytest.approx(want_repl, abs=2e-4)
   assert shared["replacement_zero_loss"] == pytest.approx(want_zero,

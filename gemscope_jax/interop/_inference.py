@@ -206,21 +206,31 @@ def as_module(d: InferenceDictionary):
 
   The module reads activations divided by norm_scale = 1, so
   `training.evaluate.evaluate(module=..., params=..., norm_scale=...)` runs
-  it unchanged. Affine transcoders have no module here.
+  it unchanged. Transcoders become our transcoder modules (the affine skip
+  as `w_skip`); a ReLU transcoder has no module here.
   """
   from gemscope_jax import dictionaries  # pylint: disable=import-outside-toplevel
-  if d.affine_skip is not None:
-    raise ValueError("as_module: our modules have no affine skip connection")
+  transcoder = d.is_transcoder
   common = dict(d_in=d.d_in, d_sae=d.d_sae,
                 d_out=None if d.d_out == d.d_in else d.d_out,
                 pre_enc_bias=d.pre_enc_bias)
+  if transcoder:
+    d = d.folded()
+    common.update(pre_enc_bias=False, affine_skip=d.affine_skip is not None)
   params = {k: jnp.asarray(getattr(d, k))
             for k in ("w_enc", "w_dec", "b_enc", "b_dec")}
+  if d.affine_skip is not None:
+    params["w_skip"] = jnp.asarray(d.affine_skip)
   if d.architecture == "jumprelu":
-    module = dictionaries.JumpReLU(**common, sparsity_penalty="l0")
+    cls = dictionaries.JumpReLUTranscoder if transcoder else (
+        dictionaries.JumpReLU)
+    module = cls(**common, sparsity_penalty="l0")
     params["threshold"] = jnp.asarray(d.threshold)
   elif d.architecture == "topk":
-    module = dictionaries.TopK(**common, k=d.k)
+    cls = dictionaries.TopKTranscoder if transcoder else dictionaries.TopK
+    module = cls(**common, k=d.k)
+  elif transcoder:
+    raise ValueError("as_module: no ReLU transcoder module")
   else:
     module = dictionaries.ReLU(**common)
   return module, params, 1.0

@@ -71,9 +71,13 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
     dense_threshold: firing frequency counted as dense.
     progress: show progress bars.
 
+  A transcoder (a folder with an output hook) is spliced in place of its
+  output hookpoint (e.g. replacing the MLP), reading its input in the same
+  pass.
+
   Returns:
     The metrics of `training.evaluate.evaluate`, plus `hookpoint`,
-    `eval_text` and `source`.
+    `hookpoint_out`, `eval_text` and `source`.
   """
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from gemscope_jax import pretrained  # pylint: disable=import-outside-toplevel
@@ -87,8 +91,13 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
   if hp is None:
     raise ValueError(f"{source}: its hook name maps to none of our "
                      "hookpoints; pass hookpoint=")
+  layout = None
   if d.is_transcoder:
-    raise ValueError(f"{source}: a transcoder; evaluation splices SAEs only")
+    out = d.hookpoint_out
+    if out is None:
+      raise ValueError(f"{source}: a transcoder whose output hook maps to "
+                       "none of our hookpoints")
+    layout = config_lib.Layout("transcoder", (hp,), (out,))
   module, params, norm_scale = as_module(d)
   files = config_lib.text_files(text, "eval.text")
   model_config, model_params = pretrained.load_model(model,
@@ -100,7 +109,8 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
       module=module, params=params, norm_scale=norm_scale, windows=windows,
       tokenizer=tokenizer, batch_size=batch_size, dtype=jnp.dtype(dtype),
       dense_threshold=dense_threshold, progress=progress,
-      loss_tokens=loss_tokens)
-  return {**result.metrics, "hookpoint": hp, "eval_text": text,
+      loss_tokens=loss_tokens, layout=layout)
+  return {**result.metrics, "hookpoint": hp,
+          "hookpoint_out": d.hookpoint_out, "eval_text": text,
           "source": str(source) if not isinstance(
               source, InferenceDictionary) else None}

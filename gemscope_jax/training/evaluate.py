@@ -29,7 +29,12 @@ tokens, as `models.forward` computes it) is measured three ways:
 `evaluate_members(..., replacement=True)` adds the same for all members
 spliced at once (e.g. one transcoder per layer replacing every MLP):
 replacement_loss, replacement_zero_loss, replacement_delta_lm_loss,
-replacement_loss_recovered.
+replacement_loss_recovered. Where a later replacement reads an earlier
+one's output (a CLT; several transcoders at once) the same splice with
+predictions from the clean pass's inputs is reported beside it
+(clean_input_spliced_loss, clean_input_loss_recovered;
+replacement_clean_input_loss, replacement_clean_input_loss_recovered): the
+gap between the two is what compounding errors cost.
 Only ordinary tokens are replaced in the spliced and zero-ablated passes:
 special tokens (BOS's residual is a huge outlier the dictionary never saw)
 keep their activations. All passes run one program (`splice.member_edits`)
@@ -243,19 +248,26 @@ def evaluate_members(members: list[splice_lib.Member], *,
     multi-layer members); shared: clean_loss, num_pairs, loss_tokens,
     num_special, seconds and with `replacement` the replacement_* losses.
   """
-  edits: dict[str, Any] = {}
-  for m in members:
-    for t, e in splice_lib.member_edits(m).items():
-      if t in edits:
-        raise ValueError(f"evaluate_members: two dictionaries predict {t}")
-      edits[t] = e
+  targets = [t for m in members for t in m.layout.targets]
+  dup = sorted({t for t in targets if targets.count(t) > 1})
+  if dup:
+    raise ValueError(f"evaluate_members: two dictionaries predict "
+                     f"{', '.join(dup)}")
   names = sorted({h for m in members for h in m.layout.hookpoints},
                  key=models.hooks.parse)
   stats = [_Stats(m) for m in members]
+  # A CLT (or a replacement of several members) is also spliced with
+  # predictions from the clean pass's inputs: the gap to the in-pass
+  # replacement is what compounding errors cost.
+  compounding = [i for i, m in enumerate(members)
+                 if m.mode == "in_pass" and len(m.layout.targets) > 1]
   passes = [(i, how) for i in range(len(members))
             for how in ("spliced", "zero")]
+  passes += [(i, "clean_input") for i in compounding]
   if replacement:
     passes += [("all", "spliced"), ("all", "zero")]
+    if any(m.mode == "in_pass" for m in members):
+      passes.append(("all", "clean_input"))
   losses = {key: 0.0 for key in passes}
   clean_loss, n_special, n_pairs, n_loss_tok = 0.0, 0, 0, 0
   label = members[0].name if len(members) == 1 else f"{len(members)} dicts"
@@ -270,19 +282,23 @@ def evaluate_members(members: list[splice_lib.Member], *,
       recons = [None] * len(members)
 
       def run(target=None, how=None):
-        args = {}
+        edits, args = {}, {}
         for i, m in enumerate(members):
           on = target in (i, "all")
+          mode = "clean" if on and how == "clean_input" else None
+          edits.update(splice_lib.member_edits(m, mode))
           args.update(splice_lib.member_args(
-              m, splice=keep if on and how == "spliced" else none,
-              zero=keep if on and how == "zero" else none, recon=recons[i]))
+              m, splice=keep if on and how != "zero" else none,
+              zero=keep if on and how == "zero" else none, recon=recons[i],
+              mode=mode))
         return models.forward(model_params, tokens, mask,
                               config=model_config, hookpoints=names,
                               logits=False, loss=True, edits=edits,
                               edit_args=args, dtype=dtype)
       clean = run()
       for i, m in enumerate(members):
-        if m.mode == "clean":
+        if m.mode == "clean" or i in compounding or (
+            ("all", "clean_input") in losses):
           x, _ = splice_lib.stacked_inputs(m, clean.activations)
           recons[i], _ = splice_lib.predict(
               m.module, m.params, m.norm_scale, m.target_scale, x,
@@ -317,6 +333,11 @@ def evaluate_members(members: list[splice_lib.Member], *,
         "loss_recovered": _recovered(clean_l, spliced_l, zero_l),
         "num_special": n_special, "num_pairs": n_pairs,
         "loss_tokens": n_loss_tok})
+    if i in compounding:
+      ci = losses[(i, "clean_input")] / pairs
+      metrics.update({"clean_input_spliced_loss": ci,
+                      "clean_input_loss_recovered": _recovered(clean_l, ci,
+                                                               zero_l)})
     results[m.name] = EvalResult(metrics=metrics, frequency=freq)
   shared = {"clean_loss": clean_l, "num_pairs": n_pairs,
             "loss_tokens": n_loss_tok, "num_special": n_special,
@@ -328,6 +349,12 @@ def evaluate_members(members: list[splice_lib.Member], *,
         "replacement_loss": repl, "replacement_zero_loss": zero_all,
         "replacement_delta_lm_loss": repl - clean_l,
         "replacement_loss_recovered": _recovered(clean_l, repl, zero_all)})
+    if ("all", "clean_input") in losses:
+      ci = losses[("all", "clean_input")] / pairs
+      shared.update({
+          "replacement_clean_input_loss": ci,
+          "replacement_clean_input_loss_recovered": _recovered(
+              clean_l, ci, zero_all)})
   for r in results.values():
     r.metrics["seconds"] = shared["seconds"]
   return results, shared

@@ -154,15 +154,17 @@ def _edit_for(module, kind: str, mode: str, index: int,
                             sources)
 
 
-def member_edits(member: Member) -> dict[str, Any]:
-  """{target hookpoint: edit} for `models.forward(edits=...)`."""
+def member_edits(member: Member, mode: str | None = None) -> dict[str, Any]:
+  """{target hookpoint: edit} for `models.forward(edits=...)`; `mode`
+  'clean' forces predictions from the clean pass (default: member.mode)."""
   lay = member.layout
-  return {t: _edit_for(member.module, lay.kind, member.mode, i, lay.inputs)
+  mode = mode or member.mode
+  return {t: _edit_for(member.module, lay.kind, mode, i, lay.inputs)
           for i, t in enumerate(lay.targets)}
 
 
-def member_args(member: Member, *, splice, zero, recon=None
-                ) -> dict[str, Any]:
+def member_args(member: Member, *, splice, zero, recon=None,
+                mode: str | None = None) -> dict[str, Any]:
   """{target hookpoint: args} for `models.forward(edit_args=...)`.
 
   Args:
@@ -170,13 +172,14 @@ def member_args(member: Member, *, splice, zero, recon=None
     splice, zero: (B, T) bool masks applied at every target of the member.
     recon: clean mode only: the raw prediction, (B, T, d) or (B, T, n, d)
       (`predict` on the clean pass's inputs); None means zeros.
+    mode: as `member_edits`.
   """
   splice = jnp.asarray(splice, bool)
   zero = jnp.asarray(zero, bool)
   lay = member.layout
   out = {}
   for i, t in enumerate(lay.targets):
-    if member.mode == "clean":
+    if (mode or member.mode) == "clean":
       if recon is None:
         r = jnp.zeros((*splice.shape, _width(member)), jnp.float32)
       else:
