@@ -197,3 +197,51 @@ def test_bad_sae_configs_name_the_field(extra, field):
 def test_bad_configs_name_the_field(experiment, extra, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     config_lib.check(short_config(experiment, extra))
+
+
+def test_sharded_steps_match_one_device(tmp_path):
+  """A CLT and an affine-skip transcoder: three steps on a 4x2 mesh of 8
+  simulated CPU devices (latents on 'model') equal one device's."""
+  import os
+  import subprocess
+  import sys
+  out = tmp_path / "mesh.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "tests" / "multilayer_mesh_parity.py"),
+       str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  got = json.loads(out.read_text())
+  for case in ("clt", "transcoder"):
+    ref, run = got[f"{case}/one"], got[f"{case}/dpmp"]
+    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5,
+                               err_msg=case)
+    assert ref["losses"][2] != ref["losses"][0]  # it trained
+    for k in ref:
+      if k != "losses":
+        np.testing.assert_allclose(run[k], ref[k], rtol=1e-4, atol=1e-6,
+                                   err_msg=f"{case}: {k}")
+
+
+def test_clt_resume_equals_uninterrupted(tmp_path):
+  """A CLT run resumed from its middle checkpoint (per-layer scales and
+  (layer, latent) dead-latent counters restored) ends bit-identical."""
+  import shutil
+  extra = ("clt_layers='1-2',width=64,tokens=4096,eval.at_end=False,"
+           "train.checkpoint_every_steps=8")
+  c = short_config("clt_270m.py", extra)
+  trainer.train(c, tmp_path / "a", progress=False)
+  shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" /
+                  "checkpoints")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "16")
+  trainer.train(short_config("clt_270m.py", extra), tmp_path / "b",
+                progress=False)
+  ref = interop.load_multilayer_gemmascope2(tmp_path / "a" / "export")
+  got = interop.load_multilayer_gemmascope2(tmp_path / "b" / "export")
+  for k in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"):
+    np.testing.assert_array_equal(getattr(got, k), getattr(ref, k),
+                                  err_msg=k)
+  _, state = final_run_and_state(tmp_path / "b")
+  assert np.asarray(state.last_fired).shape == (2, 64)
+  assert np.asarray(state.norm_scale).shape == (2,)
