@@ -15,4 +15,8 @@ from gemscope_jax.training import config as config_lib
 
 
 def get_config(arg=None):
-  return config_lib.preset("gemma3_1b", arg)
+  c = config_lib.preset("gemma3_1b")
+  # Gemma's bf16 weights split over the mesh's 'data' axis (FSDP);
+  # see gemscope_jax/training/sharding.py and docs/memory_plan.md.
+  c.mesh.gemma = "fsdp"
+  return config_lib.apply_overrides(c, config_lib.parse_arg(arg))

@@ -15,4 +15,9 @@ from gemscope_jax.training import config as config_lib
 
 
 def get_config(arg=None):
-  return config_lib.preset("gemma3_27b", arg)
+  c = config_lib.preset("gemma3_27b")
+  # Gemma's bf16 weights split over 'data' (FSDP), heads and MLP hidden
+  # units over 'model' (tensor parallel);
+  # see gemscope_jax/training/sharding.py and docs/memory_plan.md.
+  c.mesh.gemma = "fsdp_tp"
+  return config_lib.apply_overrides(c, config_lib.parse_arg(arg))

@@ -560,6 +560,8 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
         "must be >= 1 or -1 (all remaining devices)", c.mesh.data)
   _need(d.width % c.mesh.model == 0, "dictionary.width",
         f"must be divisible by mesh.model={c.mesh.model}", d.width)
+  _need(c.mesh.gemma in ("replicated", "fsdp", "fsdp_tp"), "mesh.gemma",
+        "must be 'replicated', 'fsdp' or 'fsdp_tp'", c.mesh.gemma)
   text_files(c.data.text, "data.text")
   if c.eval.num_tokens and c.eval.at_end:
     text_files(c.eval.text, "eval.text")

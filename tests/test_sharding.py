@@ -1,0 +1,246 @@
+"""Gemma 3 parameter layouts over a mesh (training/sharding.py) and the
+memory plan (scripts/memory_plan.py).
+
+The multi-device checks run this file as a script in a subprocess with 8
+simulated CPU devices (XLA_FLAGS must be set before jax is imported):
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+      python tests/test_sharding.py OUT.json
+
+There the real Gemma 3 270M runs replicated, 'fsdp' on an 8 x 1 mesh and
+'fsdp_tp' on a 4 x 2 mesh, and the script records activations, logits and
+every parameter's shard shape for the tests to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HOOKS = ("layer_3/resid_post", "layer_11/attn_out", "layer_17/mlp_out")
+MESHES = {"fsdp": (8, 1), "fsdp_tp": (4, 2)}
+
+
+def _worker(out_path: str) -> None:
+  """The 8-device half: forward passes and shard shapes -> JSON."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+
+  from gemscope_jax import models, pretrained  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import sharding, trainer  # pylint: disable=import-outside-toplevel
+
+  assert len(jax.devices()) == 8, jax.devices()
+  mc, params = pretrained.load_model("default")
+  params = jax.device_get(params)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, mc.vocab_size, size=(8, 48)).astype(np.int32)
+  tokens[:, 0] = 2  # BOS
+  tokens[5, 40:] = 0  # a right-padded window
+
+  def run(p, sharding_=None):
+    t = tokens if sharding_ is None else jax.device_put(tokens, sharding_)
+    out = models.forward(p, t, config=mc, hookpoints=HOOKS)
+    return {"logits": np.asarray(out.logits[:, :, :2048]).tolist(),
+            "loss": float(out.loss),
+            **{h: np.asarray(out.activations[h]).tolist() for h in HOOKS}}
+
+  result = {"replicated": run(params)}
+  for mode, shape in MESHES.items():
+    mesh = Mesh(np.asarray(jax.devices()).reshape(shape), ("data", "model"))
+    placed = sharding.shard_gemma_params(params, mc, mesh, mode)
+    result[mode] = run(placed, NamedSharding(mesh, PartitionSpec("data")))
+    flat = jax.tree_util.tree_flatten_with_path(placed)[0]
+    result[mode]["shards"] = {
+        sharding._path_name(p): [list(s.data.shape) for s in x.addressable_shards]  # pylint: disable=protected-access
+        for p, x in flat}
+
+  # trainer.load_gemma: random weights made in their shards equal the
+  # replicated ones.
+  c = config_lib.load(f"{ROOT}/configs/gemma3_270m.py:checkpoint=random")
+  c.mesh.data, c.mesh.model = 4, 2
+  ref = trainer.load_gemma(c, mc)
+  c.mesh.gemma = "fsdp_tp"
+  mesh = trainer.make_mesh(c)
+  got = trainer.load_gemma(c, mc, mesh)
+  emb = got["embedder"]["input_embedding"]
+  result["load_gemma"] = {
+      "equal": bool(jax.tree.all(jax.tree.map(
+          lambda a, b: bool(jnp.array_equal(a, b)), ref, got))),
+      "embedding_spec": [str(a) for a in emb.sharding.spec],
+      "embedding_shard": list(emb.addressable_shards[0].data.shape)}
+  with open(out_path, "w", encoding="utf-8") as f:
+    json.dump(result, f)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sharding") / "out.json"
+  proc = subprocess.run(
+      [sys.executable, str(pathlib.Path(__file__)), str(out)], cwd=ROOT,
+      capture_output=True, text=True, timeout=900,
+      env={**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", sorted(MESHES))
+def test_sharded_forward_matches_replicated(eight_devices, mode):
+  """The real 270M with sharded weights computes the replicated pass's
+  activations, logits and loss (float32; only summation order differs)."""
+  ref, got = eight_devices["replicated"], eight_devices[mode]
+  for h in HOOKS:
+    a, b = np.asarray(ref[h]), np.asarray(got[h])
+    scale = np.abs(a).max()
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=f"{mode}: {h}")
+  np.testing.assert_allclose(got["logits"], ref["logits"], rtol=1e-4,
+                             atol=1e-3, err_msg=mode)
+  assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+def test_shard_shapes_follow_the_rules(eight_devices):
+  """Each device's piece of each weight is what the rules say, including
+  the fallback for the single key/value head on a 2-way 'model' axis."""
+  fsdp, tp = eight_devices["fsdp"]["shards"], eight_devices["fsdp_tp"][
+      "shards"]
+  # 8 x 1: the embedding's vocabulary axis and every d_model axis over data.
+  want_fsdp = {
+      "embedder/input_embedding": [262144 // 8, 640],
+      "layer_0/attn/q_einsum/w": [4, 640 // 8, 256],
+      "layer_0/attn/kv_einsum/w": [2, 1, 640 // 8, 256],
+      "layer_0/attn/attn_vec_einsum/w": [4, 256, 640 // 8],
+      "layer_0/mlp/gating_einsum": [2, 2048, 640 // 8],
+      "layer_0/mlp/linear": [2048, 640 // 8],
+      "layer_0/pre_ffw_norm/scale": [640],
+      "final_norm/scale": [640],
+  }
+  # 4 x 2: d_model over data (4), heads / MLP hidden / embedding width over
+  # model (2); one KV head cannot be split, so kv_einsum is data-only.
+  want_tp = {
+      "embedder/input_embedding": [262144 // 4, 640 // 2],
+      "layer_0/attn/q_einsum/w": [4 // 2, 640 // 4, 256],
+      "layer_0/attn/kv_einsum/w": [2, 1, 640 // 4, 256],
+      "layer_0/attn/attn_vec_einsum/w": [4 // 2, 256, 640 // 4],
+      "layer_0/mlp/gating_einsum": [2, 2048 // 2, 640 // 4],
+      "layer_0/mlp/linear": [2048 // 2, 640 // 4],
+      "layer_0/attn/_query_norm/scale": [256],
+  }
+  for got, want in ((fsdp, want_fsdp), (tp, want_tp)):
+    for name, shape in want.items():
+      assert len(got[name]) == 8, name
+      assert all(s == shape for s in got[name]), (name, got[name], shape)
+  assert len(fsdp) == len(tp) == 2 + 18 * 11
+
+
+def test_load_gemma_builds_random_weights_in_shards(eight_devices):
+  got = eight_devices["load_gemma"]
+  assert got["equal"]
+  assert got["embedding_spec"] == ["data", "model"]
+  assert got["embedding_shard"] == [262144 // 4, 640 // 2]
+
+
+def test_rules_and_fallbacks_in_closed_form():
+  """Shard bytes from the rules equal the closed-form parameter count /
+  devices when every axis divides, and the fallbacks are reported."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import sharding  # pylint: disable=import-outside-toplevel
+
+  mc = models.Gemma3_27B
+  abstract = models.abstract_params(mc, jnp.bfloat16)
+  specs = sharding.gemma_param_specs(mc, {"data": 16, "model": 8}, "fsdp_tp",
+                                     abstract)
+  norms = mc.num_layers * (4 * mc.d_model + 2 * mc.head_dim) + mc.d_model
+  sharded = 0
+  for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(
+      specs, is_leaf=lambda v: isinstance(v, P))):
+    n = 1
+    for axis in s:
+      n *= {"data": 16, "model": 8, None: 1}[axis]
+    sharded += x.size // n
+  assert sharded * 128 == (mc.num_params() - norms) + norms * 128
+  assert sharding.describe(mc, {"data": 16, "model": 8}, "fsdp_tp") == []
+  notes = sharding.describe(models.Gemma3_270M, {"data": 4, "model": 2},
+                            "fsdp_tp")
+  assert len(notes) == 18 and all("kv_einsum" in n for n in notes)
+  assert sharding.param_spec("layer_0/mlp/linear", (2048, 640),
+                             {"data": 3, "model": 1}, "fsdp")[0] == P(None,
+                                                                      None)
+
+
+def test_bad_layout_names_the_field():
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import sharding  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(ValueError, match=r"config\.mesh\.gemma.*'zero3'"):
+    sharding.check_layout("zero3")
+  with pytest.raises(ValueError, match=r"config\.mesh\.gemma"):
+    sharding.gemma_param_specs(models.Gemma3_270M, {"data": 2}, "tp")
+  c = config_lib.load(f"{ROOT}/configs/gemma3_270m.py")
+  c.mesh.gemma = "sharded"
+  with pytest.raises(ValueError, match=r"config\.mesh\.gemma"):
+    config_lib.check(c)
+
+
+def test_presets_choose_a_layout():
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  want = {"270m": "replicated", "1b": "fsdp", "4b": "fsdp", "12b": "fsdp_tp",
+          "27b": "fsdp_tp"}
+  for size, layout in want.items():
+    c = config_lib.load(f"{ROOT}/configs/gemma3_{size}.py")
+    assert c.mesh.gemma == layout, size
+  c = config_lib.load(f"{ROOT}/configs/gemma3_27b.py:mesh.gemma=fsdp")
+  assert c.mesh.gemma == "fsdp"
+
+
+def test_memory_plan_quick_path_counts_weights_exactly(tmp_path):
+  """scripts/memory_plan.py for 270M (compiled abstractly on simulated
+  devices): each row's per-device weight bytes equal the closed-form count
+  x 2 bytes (bf16) / shards, the train state equals the SAE's parameters
+  and two Adam moments in fp32 plus its counters, and the compiled harvest
+  step holds at least the weights and the token batch."""
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "plan.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "memory_plan.py"), "--quick",
+       "--sizes=270m", "--out", str(tmp_path / "plan.md"), "--json",
+       str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  rows = json.loads(out.read_text())
+  mc = models.Gemma3_270M
+  n = mc.num_params()
+  norms = mc.num_layers * (4 * mc.d_model + 2 * mc.head_dim) + mc.d_model
+  assert n == models.count_params(models.abstract_params(mc))
+  assert {(r["data"], r["model"], r["layout"]) for r in rows} == {
+      (1, 1, "replicated"), (4, 1, "replicated"), (4, 1, "fsdp")}
+  for r in rows:
+    shards = r["data"] if r["layout"] == "fsdp" else 1
+    assert r["gemma_param_bytes"] == 2 * ((n - norms) // shards + norms), r
+    d, w = mc.d_model, r["width"]
+    sae = 2 * d * w + 2 * w + d  # w_enc, w_dec, b_enc, threshold, b_dec
+    counters = r["train_state_bytes"] - 3 * 4 * sae - 4 * w  # + last_fired
+    assert 0 <= counters < 64, r
+    tokens = 4 * 1024 * (4 + 1)  # 4 windows per device: int32 ids + mask
+    assert r["harvest_bytes"] >= r["gemma_param_bytes"] + tokens, r
+    assert r["peak_bytes"] >= r["train_bytes"] > r["train_state_bytes"], r
+  text = (tmp_path / "plan.md").read_text()
+  assert "| 270m | 65,536 | 6 | 4 x 1 | fsdp |" in text
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1])
