@@ -98,7 +98,16 @@ def _cmd_train(args) -> int:
   c = config_lib.apply_overrides(c, _config_overrides(args.set))
   if args.no_eval:
     c.eval.at_end = False
+  from gemscope_jax.training import distributed  # pylint: disable=import-outside-toplevel
+  try:
+    # First, before any device is used (a multi-host run starts here).
+    distributed.initialize(c)
+  except distributed.DistributedError as e:
+    print(f"gemscope train: error: {e}", file=sys.stderr)
+    return 3
   result = trainer.train(c, args.workdir, progress=not args.quiet)
+  if not distributed.is_main_process():
+    return 0  # process 0 reports the run
   print(f"trained {result['step']:,} steps; workdir {args.workdir}")
   _print_metrics(result)
   return 0
@@ -131,6 +140,15 @@ def _eval_dictionary(args) -> int:
 def _cmd_export(args) -> int:
   from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
   d = interop.from_workdir(args.workdir)
+  if isinstance(d, interop.MultiLayerInference):
+    if args.format != "gemmascope2":
+      raise SystemExit(f"gemscope export: a {d.kind} has no {args.format} "
+                       "form (SAELens has no multi-layer dictionaries); use "
+                       "--format=gemmascope2")
+    out = interop.save_multilayer_gemmascope2(d, args.out)
+    print(f"wrote gemmascope2 {d.kind} ({d.n_layers} layers x {d.d_in} -> "
+          f"{d.d_sae} latents) to {out}")
+    return 0
   if args.format == "gemmascope2":
     out = interop.save_gemmascope2(d, args.out, l0=args.l0)
   else:

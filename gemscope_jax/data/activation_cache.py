@@ -334,16 +334,31 @@ class CacheBuckets:
   one whole shard. The state is {"epoch": e, "position": p}, p being the
   index into epoch e's order of the next shard to serve.
 
+  With `shard_count` > 1 (a data shard of a multi-host run) it serves only
+  the cache shards `shard_index, shard_index + shard_count, ...`, in that
+  subset's own per-epoch order.
+
   Args:
     cache: an `ActivationCache`.
     seed: seed of the per-epoch shard orders.
     num_epochs: epochs to serve before StopIteration; None serves forever.
+    shard_index: which data shard this source is, in [0, shard_count).
+    shard_count: data shards the cache is split into.
   """
 
   def __init__(self, cache: ActivationCache, *, seed: int,
-               num_epochs: int | None = None):
+               num_epochs: int | None = None, shard_index: int = 0,
+               shard_count: int = 1):
     if cache.num_shards == 0:
       raise ValueError(f"{cache.directory}: the cache has no shards")
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index must be in [0, {shard_count}), got "
+                       f"{shard_index}")
+    self.files = np.arange(shard_index, cache.num_shards, shard_count)
+    if self.files.size == 0:
+      raise ValueError(f"{cache.directory}: {cache.num_shards} cache shards "
+                       f"leave data shard {shard_index} of {shard_count} "
+                       "empty; cache more tokens or use fewer data shards")
     self.cache = cache
     self.seed = int(seed)
     self.num_epochs = num_epochs
@@ -355,7 +370,8 @@ class CacheBuckets:
     """Shard indices in the order epoch `epoch` visits them."""
     if self._order_cache is None or self._order_cache[0] != epoch:
       rng = np.random.default_rng([self.seed, epoch])
-      self._order_cache = (epoch, rng.permutation(self.cache.num_shards))
+      self._order_cache = (epoch, self.files[rng.permutation(
+          self.files.size)])
     return self._order_cache[1]
 
   def next_bucket(self) -> dict[str, np.ndarray]:
@@ -363,7 +379,7 @@ class CacheBuckets:
       raise StopIteration
     bucket = self.cache.shard(int(self.order(self._epoch)[self._position]))
     self._position += 1
-    if self._position == self.cache.num_shards:
+    if self._position == self.files.size:
       self._epoch, self._position = self._epoch + 1, 0
     return bucket
 
@@ -372,7 +388,7 @@ class CacheBuckets:
 
   def set_state(self, state: dict) -> None:
     epoch, position = int(state["epoch"]), int(state["position"])
-    if epoch < 0 or not 0 <= position < self.cache.num_shards:
+    if epoch < 0 or not 0 <= position < self.files.size:
       raise ValueError(f"invalid CacheBuckets state {state} for "
-                       f"{self.cache.num_shards} shards")
+                       f"{self.files.size} shards")
     self._epoch, self._position = epoch, position

@@ -16,6 +16,11 @@ the same data order exactly:
   index and the batches already served from it: restoring refills that
   bucket (recomputing it, for a live source) and skips what was served.
 
+Multi-host runs (and `data.num_shards` > 1) split the stream into S data
+shards, each its own `ActivationBatches`; `ShardedBatches` serves a
+process's shards and makes global batches that do not depend on the
+process count.
+
 Gemma Scope shuffled activations in buckets of about a million tokens; the
 bucket size is the memory/shuffle-quality trade-off here too.
 
@@ -26,6 +31,7 @@ bucket of Gemma forwards.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterator, Protocol, Sequence
 
 import jax
@@ -194,6 +200,75 @@ class ActivationBatches:
       self._bucket_index = int(state["bucket_index"])
 
 
+class ShardedBatches:
+  """Global batches made of S data shards, of which this process serves some.
+
+  Shard s is its own `ActivationBatches` (its own windows or cache shards,
+  batch_size / S rows a batch); a global batch is the concatenation over
+  shards 0 .. S-1 of their batches, so it does not depend on how the shards
+  are spread over processes. `next` returns this process's rows: the
+  concatenation over its (contiguous) shards.
+
+  The state is {'shards': {str(s): position}} for the local shards;
+  `set_state` reads the local ones out of a union over all processes.
+  """
+
+  def __init__(self, shards: dict[int, ActivationBatches], num_shards: int):
+    self.shards = dict(sorted(shards.items()))
+    self.num_shards = int(num_shards)
+
+  def __iter__(self) -> Iterator[Bucket]:
+    return self
+
+  def __next__(self) -> Bucket:
+    parts = [next(b) for b in self.shards.values()]
+    if len(parts) == 1:
+      return parts[0]
+    return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+  def peek_bucket(self) -> Bucket:
+    """Shard 0's first bucket, on every process (sent from the process that
+    serves shard 0): the same initial scales and mean for any layout."""
+    local = self.shards[0].peek_bucket() if 0 in self.shards else None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    names = sorted(local) if local is not None else None
+    names = _broadcast_json(names)
+    shapes = np.zeros((len(names), 2), np.int64)
+    if local is not None:
+      shapes[:] = [local[n].shape for n in names]
+    shapes = np.asarray(multihost_utils.broadcast_one_to_all(shapes))
+    tree = local if local is not None else {
+        n: np.zeros(tuple(int(v) for v in sh), np.float32)
+        for n, sh in zip(names, shapes)}
+    got = multihost_utils.broadcast_one_to_all(tree)
+    return {n: np.asarray(got[n], np.float32) for n in names}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"num_shards": self.num_shards,
+            "shards": {str(s): b.get_state() for s, b in self.shards.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if int(state.get("num_shards", -1)) != self.num_shards:
+      raise ValueError(f"the saved stream has {state.get('num_shards')} data "
+                       f"shards, this run {self.num_shards} (data.num_shards)")
+    for s, b in self.shards.items():
+      b.set_state(state["shards"][str(s)])
+
+
+def _broadcast_json(value):
+  """`value` (JSON-able) of process 0, on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  n = int(np.asarray(multihost_utils.broadcast_one_to_all(
+      np.asarray([raw.size], np.int32)))[0])
+  buf = np.zeros(n, np.uint8)
+  buf[:min(n, raw.size)] = raw[:n]
+  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+  return json.loads(buf.tobytes())
+
+
 def bucket_stats(bucket: Bucket) -> dict[str, tuple[np.ndarray, float]]:
   """{hookpoint: (mean vector, mean squared norm)} of a bucket, in float64."""
   out = {}
@@ -204,4 +279,4 @@ def bucket_stats(bucket: Bucket) -> dict[str, tuple[np.ndarray, float]]:
 
 
 __all__ = ["ActivationBatches", "Bucket", "BucketSource", "HarvestSource",
-           "bucket_permutation", "bucket_stats"]
+           "ShardedBatches", "bucket_permutation", "bucket_stats"]

@@ -94,6 +94,11 @@ def default_config() -> ml_collections.ConfigDict:
       bucket_tokens=65536,      # activations shuffled together
       cache_dir="",             # '' streams; a path harvests there once
       shuffle_windows=True,
+      # Data shards the activation stream is split into (each its own
+      # windows or cache files, batch_size / num_shards rows of every global
+      # batch); 0: one per process. The global batch depends on this, not on
+      # the process count (training/distributed.py).
+      num_shards=0,
   ))
   c.dictionary = ml_collections.ConfigDict(dict(
       architecture="jumprelu",  # jumprelu, topk, batchtopk, relu
@@ -547,6 +552,12 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   _need(c.data.bucket_tokens >= t.batch_size, "data.bucket_tokens",
         f"must be at least train.batch_size={t.batch_size}",
         c.data.bucket_tokens)
+  _need(isinstance(c.data.num_shards, int) and c.data.num_shards >= 0,
+        "data.num_shards", "must be an int >= 0 (0: one per process)",
+        c.data.num_shards)
+  _need(c.data.num_shards == 0 or t.batch_size % c.data.num_shards == 0,
+        "data.num_shards", f"must divide train.batch_size={t.batch_size}",
+        c.data.num_shards)
   _need(c.data.model_batch_size > 0, "data.model_batch_size",
         "must be positive", c.data.model_batch_size)
   _need(c.eval.num_tokens > 0, "eval.num_tokens", "must be positive",

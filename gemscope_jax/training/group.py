@@ -57,6 +57,7 @@ from gemscope_jax import models
 from gemscope_jax.data import stream
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
+from gemscope_jax.training import distributed
 from gemscope_jax.training import trainer
 
 # Means over members shown in the progress bar and logged under plain names.
@@ -209,7 +210,7 @@ class GroupRun:
     """One step of every stack; metrics {stack: {metric: (members,)}}."""
     new, metrics = {}, {}
     for key, stack in self.stacks.items():
-      new[key], m = stack.step(state[key], jax.device_put(
+      new[key], m = stack.step(state[key], distributed.global_batch(
           stack.batch(batch), stack.batch_sharding))
       metrics[key] = m
     return new, metrics
@@ -249,12 +250,10 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
-  gemma_params = trainer.load_gemma(c, model_config)
+  gemma_params = trainer.load_gemma(c, model_config, run.mesh)
   first = next(iter(run.stacks.values())).template
-  source = trainer.make_source(c, first, gemma_params, tokenizer,
-                               progress=progress, hookpoints=run.harvest)
-  batches = stream.ActivationBatches(source, batch_size=c.train.batch_size,
-                                     seed=c.seed)
+  batches = trainer.make_batches(c, first, gemma_params, tokenizer,
+                                 progress=progress, hookpoints=run.harvest)
   t0 = time.perf_counter()
   start_step, state = trainer.restore(ckpts, latest, run, batches)
   if state is None:
@@ -280,6 +279,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       progress=progress)
 
   result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
+  state = distributed.host_tree(state)
+  if not distributed.is_main_process():
+    return result  # process 0 exports and evaluates
   export(run, state, workdir)
   if c.eval.at_end:
     result.update(evaluate_state(run, state, gemma_params, tokenizer,
@@ -396,6 +398,6 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
     raise FileNotFoundError(f"{workdir}: no readable checkpoint")
   from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
-  gemma_params = trainer.load_gemma(c, model_config)
+  gemma_params = trainer.load_gemma(c, model_config, run.mesh)
   return evaluate_state(run, restored[1], gemma_params, tokenizer, workdir,
                         progress=progress)

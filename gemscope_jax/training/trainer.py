@@ -48,6 +48,7 @@ from gemscope_jax.data import pipeline, stream
 from gemscope_jax.dictionaries import sparse as sparse_lib
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
+from gemscope_jax.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ log = logging.getLogger(__name__)
 FROZEN_FIELDS = ("seed", "model.name", "model.checkpoint", "model.dtype",
                  "hookpoint", "target", "group", "data.text", "data.seq_len",
                  "data.model_batch_size", "data.bucket_tokens",
-                 "data.cache_dir", "data.shuffle_windows", "dictionary",
+                 "data.cache_dir", "data.shuffle_windows",
+                 "data.num_shards", "dictionary",
                  "train.batch_size")
 
 
@@ -92,14 +94,31 @@ class TrainState:
 
 def make_mesh(c: ml_collections.ConfigDict,
               devices: list | None = None) -> Mesh:
-  """The ('data', 'model') mesh the config asks for over `devices`."""
-  devices = jax.devices() if devices is None else devices
+  """The ('data', 'model') mesh the config asks for over `devices`.
+
+  With several processes the devices are ordered by process, so each
+  process's devices hold a contiguous block of the batch's rows, and a
+  'model' group must not span processes (each process feeds whole rows).
+  """
+  procs = jax.process_count()
+  if devices is None:
+    devices = jax.devices()
+    if procs > 1:
+      devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   n = len(devices)
   model = c.mesh.model
   data = n // model if c.mesh.data == -1 else c.mesh.data
+  where = (f"the {n} device(s) of {procs} processes "
+           f"({jax.local_device_count()} per process)" if procs > 1 else
+           f"the {n} available device(s)")
   if data * model != n:
     raise ValueError(f"config.mesh: data={c.mesh.data} x model={model} does "
-                     f"not cover the {n} available device(s)")
+                     f"not cover {where}")
+  if procs > 1 and jax.local_device_count() % model:
+    raise ValueError(f"config.mesh.model: {model} does not divide the "
+                     f"{jax.local_device_count()} devices of each process "
+                     f"({procs} processes); a model group must sit in one "
+                     "process")
   if c.train.batch_size % data:
     raise ValueError(f"config.train.batch_size: {c.train.batch_size} is not "
                      f"divisible by the mesh's data axis ({data})")
@@ -312,54 +331,127 @@ class Run:
     return new, metrics
 
 
-def load_gemma(c: ml_collections.ConfigDict, model_config: models.Gemma3Config
-               ) -> dict:
+def load_gemma(c: ml_collections.ConfigDict, model_config: models.Gemma3Config,
+               mesh: Mesh | None = None) -> dict:
+  """Gemma's parameters in `c.model.dtype`, laid out as `c.mesh.gemma` says.
+
+  Args:
+    c: the config (model.checkpoint, model.dtype, mesh.gemma, seed).
+    model_config: the Gemma size.
+    mesh: the run's mesh; needed for 'fsdp' / 'fsdp_tp' (built from the
+      config over all devices when None). With several processes the
+      weights go on this process's devices (`sharding.gemma_mesh`).
+
+  Returns:
+    The parameter tree: replicated arrays, or arrays sharded by
+    `sharding.gemma_param_shardings`. Random weights are created directly
+    in their shards; a checkpoint is read whole first, then placed.
+  """
+  from gemscope_jax.training import sharding  # pylint: disable=import-outside-toplevel
   dtype = jnp.dtype(c.model.dtype)
+  mode = sharding.check_layout(c.mesh.gemma)
+  shardings = None
+  if mode != "replicated":
+    mesh = sharding.gemma_mesh(make_mesh(c) if mesh is None else mesh)
+    shardings = sharding.gemma_param_shardings(model_config, mesh, mode)
   if c.model.checkpoint == "random":
-    return models.init_params(model_config, jax.random.key(c.seed), dtype)
+    init = lambda key: models.init_params(model_config, key, dtype)
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(c.seed))
   _, params = pretrained.load_model(c.model.checkpoint, model_config, dtype)
+  if shardings is not None:
+    params = jax.device_put(params, shardings)
   return params
 
 
-def _window_dataset(c: ml_collections.ConfigDict, tokenizer, *, progress):
+def _window_dataset(c: ml_collections.ConfigDict, tokenizer, *, progress,
+                    shard_index: int = 0, shard_count: int = 1):
   files = config_lib.text_files(c.data.text, "data.text")
   source = pipeline.TokenWindowSource.from_files(
       tokenizer, files, c.data.seq_len, progress=progress)
   return pipeline.make_window_dataset(
       source, batch_size=c.data.model_batch_size, seed=c.seed,
       shuffle=c.data.shuffle_windows, num_epochs=None,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+      shard_index=shard_index, shard_count=shard_count)
+
+
+def _harvest_sharding(c: ml_collections.ConfigDict, run: Run):
+  """How Gemma's token batches are split: over the run's 'data' axis on one
+  process; over this process's own devices on several (each process runs
+  Gemma on its own windows, the weights replicated, no traffic between
+  processes)."""
+  if jax.process_count() == 1:
+    mesh = run.mesh
+  else:
+    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+  data_size = mesh.shape["data"]
+  if data_size > 1 and c.data.model_batch_size % data_size == 0:
+    return NamedSharding(mesh, PartitionSpec("data", None))
+  return None
 
 
 def make_source(c: ml_collections.ConfigDict, run: Run, gemma_params,
                 tokenizer, *, progress: bool,
-                hookpoints: list[str] | None = None) -> stream.BucketSource:
+                hookpoints: list[str] | None = None, shard_index: int = 0,
+                shard_count: int = 1) -> stream.BucketSource:
   """The bucket source the config asks for: live Gemma, or a disk cache.
 
   `hookpoints` (default `[c.hookpoint]`) are all harvested by each forward.
+  With `shard_count` > 1 the source is data shard `shard_index`: every
+  `shard_count`-th window (buckets of bucket_tokens / shard_count rows), or
+  every `shard_count`-th cache shard. A cache is written whole, by process
+  0 alone from the unsharded stream, so it does not depend on the layout.
   """
   hookpoints = [c.hookpoint] if hookpoints is None else list(hookpoints)
-  data_size = run.mesh.shape["data"]
-  sharding = None
-  if data_size > 1 and c.data.model_batch_size % data_size == 0:
-    sharding = NamedSharding(run.mesh, PartitionSpec("data", None))
-  live = stream.HarvestSource(
-      run.model_config, gemma_params, _window_dataset(c, tokenizer,
-                                                      progress=progress),
-      hookpoints, tokenizer, bucket_tokens=c.data.bucket_tokens,
-      dtype=jnp.dtype(c.model.dtype), sharding=sharding)
+
+  def live(index, count):
+    return stream.HarvestSource(
+        run.model_config, gemma_params,
+        _window_dataset(c, tokenizer, progress=progress, shard_index=index,
+                        shard_count=count),
+        hookpoints, tokenizer,
+        bucket_tokens=-(-c.data.bucket_tokens // count),
+        dtype=jnp.dtype(c.model.dtype), sharding=_harvest_sharding(c, run))
+
   if not c.data.cache_dir:
-    return live
+    return live(shard_index, shard_count)
   from gemscope_jax.data import activation_cache  # pylint: disable=import-outside-toplevel
   meta = {"model": c.model.name, "checkpoint": str(c.model.checkpoint),
           "dtype": c.model.dtype, "hookpoints": hookpoints,
           "text": str(c.data.text), "seq_len": c.data.seq_len,
           "seed": c.seed}
-  activation_cache.write_cache(c.data.cache_dir, live,
-                               num_tokens=c.train.num_tokens, metadata=meta,
-                               progress=progress)
+  if distributed.is_main_process():
+    activation_cache.write_cache(c.data.cache_dir, live(0, 1),
+                                 num_tokens=c.train.num_tokens,
+                                 metadata=meta, progress=progress)
+  # Every process passes here once per local shard: number the barriers.
+  per_process = max(1, shard_count // jax.process_count())
+  distributed.barrier(f"gemscope_cache_{shard_index % per_process}")
   cache = activation_cache.ActivationCache(c.data.cache_dir)
-  return activation_cache.CacheBuckets(cache, seed=c.seed)
+  return activation_cache.CacheBuckets(cache, seed=c.seed,
+                                       shard_index=shard_index,
+                                       shard_count=shard_count)
+
+
+def make_batches(c: ml_collections.ConfigDict, run: Run, gemma_params,
+                 tokenizer, *, progress: bool,
+                 hookpoints: list[str] | None = None):
+  """This process's training batches: `stream.ActivationBatches` over
+  `make_source` for one data shard (the single-process default), else a
+  `stream.ShardedBatches` over the data shards this process serves."""
+  num_shards = distributed.num_data_shards(c)
+  if num_shards == 1:
+    return stream.ActivationBatches(
+        make_source(c, run, gemma_params, tokenizer, progress=progress,
+                    hookpoints=hookpoints),
+        batch_size=c.train.batch_size, seed=c.seed)
+  shards = {}
+  for s in distributed.local_shards(num_shards):
+    source = make_source(c, run, gemma_params, tokenizer, progress=progress,
+                         hookpoints=hookpoints, shard_index=s,
+                         shard_count=num_shards)
+    shards[s] = stream.ActivationBatches(
+        source, batch_size=c.train.batch_size // num_shards, seed=c.seed)
+  return stream.ShardedBatches(shards, num_shards)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -391,6 +483,9 @@ class _MetricsLog:
 
   def __init__(self, workdir: pathlib.Path, resume_step: int):
     self.path = workdir / "metrics.jsonl"
+    self.file = self.tb = None
+    if not distributed.is_main_process():
+      return  # process 0 writes the run's metrics
     if self.path.exists():
       # Rows past the resumed step describe a timeline that is replayed.
       kept = [line for line in self.path.read_text().splitlines()
@@ -405,6 +500,8 @@ class _MetricsLog:
       self.tb = None
 
   def write(self, step: int, row: dict) -> None:
+    if self.file is None:
+      return
     self.file.write(json.dumps({"step": step, **row}) + "\n")
     self.file.flush()
     if self.tb is not None:
@@ -413,7 +510,8 @@ class _MetricsLog:
           self.tb.add_scalar(f"train/{k}", v, step)
 
   def close(self) -> None:
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
     if self.tb is not None:
       self.tb.close()
 
@@ -422,7 +520,8 @@ def _progress_bar(run: Run, start_step: int, progress: bool):
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   b = run.c.train.batch_size
   return tqdm(total=run.num_steps * b, initial=start_step * b, unit="act",
-              unit_scale=True, desc="train", disable=not progress,
+              unit_scale=True, desc="train",
+              disable=not (progress and distributed.is_main_process()),
               dynamic_ncols=True, smoothing=0.1)
 
 
@@ -441,8 +540,9 @@ def open_workdir(c: ml_collections.ConfigDict, workdir: str | pathlib.Path):
   if latest is not None:
     check_resumable(ckpts.read_config(latest), c, workdir)
   config_json = config_lib.to_json(c)
-  with assets.atomic_path(workdir / "config.json") as tmp:
-    tmp.write_text(json.dumps(config_json, indent=2))
+  if distributed.is_main_process():
+    with assets.atomic_path(workdir / "config.json") as tmp:
+      tmp.write_text(json.dumps(config_json, indent=2))
   return workdir, ckpts, latest, config_json
 
 
@@ -455,7 +555,8 @@ def restore(ckpts, latest: int | None, run, batches):
     return 0, None
   start_step, state, data_state, _ = restored
   batches.set_state(data_state)
-  print(f"resuming from step {start_step} in {ckpts.directory}")
+  if distributed.is_main_process():
+    print(f"resuming from step {start_step} in {ckpts.directory}")
   return start_step, state
 
 
@@ -468,7 +569,8 @@ def run_steps(c: ml_collections.ConfigDict, run, state, batches, ckpts,
     c: the config.
     run: a `Run` or `group.GroupRun` (`step`, `num_steps`, `c`).
     state: the train state at `start_step`.
-    batches: the activation batches (restorable position).
+    batches: the activation batches (restorable position); with several
+      processes every one saves the union of their positions.
     ckpts: the workdir's `Checkpoints`; closed on return.
     config_json: the config as saved beside each checkpoint.
     workdir: where metrics.jsonl goes.
@@ -503,7 +605,9 @@ def run_steps(c: ml_collections.ConfigDict, run, state, batches, ckpts,
                         fvu=f"{last.get('fvu', 0):.3f}",
                         dead=f"{last['dead_fraction']:.2f}")
       if save:
-        ckpts.save(step, state, batches.get_state(), config_json)
+        ckpts.save(step, state,
+                   distributed.gather_data_state(batches.get_state()),
+                   config_json)
   finally:
     bar.close()
     metrics_log.close()
@@ -530,7 +634,12 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   Raises:
     ValueError / FileNotFoundError: a bad config, naming the field.
     TrainingDiverged: non-finite loss or gradients.
+    distributed.DistributedError: the multi-host runtime did not start.
   """
+  # Before anything touches a device: a multi-host run fixes the process
+  # layout here. Only process 0 shows progress and prints.
+  distributed.initialize(c)
+  progress = progress and distributed.is_main_process()
   if config_lib.is_group(c):
     from gemscope_jax.training import group  # pylint: disable=import-outside-toplevel
     return group.train(c, workdir, progress=progress, devices=devices)
@@ -540,11 +649,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
-  gemma_params = load_gemma(c, model_config)
-  source = make_source(c, run, gemma_params, tokenizer, progress=progress,
-                       hookpoints=run.layout.hookpoints)
-  batches = stream.ActivationBatches(source, batch_size=c.train.batch_size,
-                                     seed=c.seed)
+  gemma_params = load_gemma(c, model_config, run.mesh)
+  batches = make_batches(c, run, gemma_params, tokenizer, progress=progress,
+                         hookpoints=run.layout.hookpoints)
   # acts_per_s counts from here: the first bucket's harvest (or its refill
   # on resume) is part of the end-to-end rate.
   t0 = time.perf_counter()
@@ -558,7 +665,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     state = run.initial_state(batches.peek_bucket())
 
   def feed(batch):
-    return jax.device_put(run.batch(batch), run.batch_sharding)
+    return distributed.global_batch(run.batch(batch), run.batch_sharding)
 
   def read(metrics, step):
     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -573,6 +680,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                                 workdir, start_step=start_step, t0=t0,
                                 feed=feed, read=read, progress=progress)
   result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
+  state = distributed.host_tree(state)
+  if not distributed.is_main_process():
+    return result  # process 0 exports and evaluates
   export(run, state, workdir)
   if c.eval.at_end:
     result.update(evaluate_state(run, state, gemma_params, tokenizer, workdir,
@@ -659,6 +769,6 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
   _, state, _, _ = restored
   from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
-  gemma_params = load_gemma(c, model_config)
+  gemma_params = load_gemma(c, model_config, run.mesh)
   return evaluate_state(run, state, gemma_params, tokenizer, workdir,
                         progress=progress)
