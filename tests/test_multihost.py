@@ -248,7 +248,7 @@ def test_default_is_a_single_process(monkeypatch):
 
 def test_shards_must_split_over_processes():
   c = config_lib.default_config()
-  c.data.num_shards = 3  # an unknown field until config.py declares it
+  c.data.num_shards = 3
   c.train.batch_size = 256
   with pytest.raises(ValueError, match="config.train.batch_size"):
     distributed.num_data_shards(c)
