@@ -236,13 +236,14 @@ def markdown(rows: list[Row], *, margin: float, windows: int,
       "gather block by block and should need less.",
       "- The CPU backend's temporaries are an estimate of TPU/GPU ones; "
       "weights, optimizer state and batches are exact.",
-      '- **Multi-host slices** (e.g. v5e-16 = 4 hosts x 4 chips): each '
-      'host still harvests its own windows with Gemma laid out over its '
-      'own devices only (see docs/launch.md), so the Gemma weights column'
-      " holds only when one host has all the mesh's devices; on several "
-      "hosts a host's chips must hold Gemma / (chips per host) for "
-      "'fsdp_tp'. The 12B and 27B v5e entries need the global-mesh "
-      'harvest, not built yet.',
+      '- **Multi-host slices** (e.g. v5e-16 = 4 hosts x 4 chips): with '
+      'live activations the harvest runs Gemma over the global mesh in '
+      'lockstep (data/lockstep.py), its weights laid out over every '
+      "host's chips, so the Gemma weights column holds as computed for "
+      'the whole mesh. With data.cache_dir process 0 writes the cache '
+      "alone, with Gemma over its own chips only (Gemma / (chips per "
+      "host) for 'fsdp_tp'); evaluation at the end gathers the weights "
+      "whole on process 0's host.",
       "",
       "| size | dict width | layer | mesh data x model | Gemma layout | "
       "Gemma weights | train state | harvest step | train step | peak | "

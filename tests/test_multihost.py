@@ -48,8 +48,10 @@ def free_port() -> int:
 
 
 def start(workdir, cache, *, num_processes: int, devices: int, port=None,
-          env=None) -> list[subprocess.Popen]:
-  """Starts the worker processes of one run (stdout+stderr to files)."""
+          env=None, config: str | None = None) -> list[subprocess.Popen]:
+  """Starts the worker processes of one run (stdout+stderr to files): the
+  TINY config reading `cache`, or the overrides `config`."""
+  config = f"{TINY},data.cache_dir={cache}" if config is None else config
   procs = []
   for pid in range(num_processes):
     e = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -62,7 +64,7 @@ def start(workdir, cache, *, num_processes: int, devices: int, port=None,
     log = open(pathlib.Path(workdir).with_name(
         f"{pathlib.Path(workdir).name}.p{pid}.log"), "ab")
     procs.append(subprocess.Popen(
-        WORKER + [str(workdir), f"{TINY},data.cache_dir={cache}"], cwd=ROOT,
+        WORKER + [str(workdir), config], cwd=ROOT,
         env=e, stdout=log, stderr=subprocess.STDOUT))
     log.close()
   return procs
@@ -179,6 +181,20 @@ def test_killed_process_stops_the_other_and_rerun_resumes(one_by_eight,
   run(workdir, cache, num_processes=2, devices=4, port=free_port())
   assert "resuming from step" in output(workdir, 0)
   assert_same_run(workdir, two_by_four)
+
+
+# Live Gemma (no cache), its weights FSDP-split over the global mesh: 16
+# steps of 256 rows, 2 shards, one forward of 2 x 8 windows at a time.
+LIVE = TINY.replace("tokens=8192", "tokens=4096") + (
+    ",data.model_batch_size=8,mesh.gemma=fsdp")
+
+
+def test_live_harvest_over_the_global_mesh_matches_one_process(tmp_path):
+  one, two = tmp_path / "live_one", tmp_path / "live_two"
+  run(one, None, num_processes=1, devices=8, config=LIVE)
+  run(two, None, num_processes=2, devices=4, port=free_port(), config=LIVE)
+  assert_same_run(two, one)
+  assert "process 1 done: step 16" in output(two, 1)
 
 
 def test_unreachable_coordinator_fails_in_time():

@@ -19,7 +19,9 @@ the same data order exactly:
 Multi-host runs (and `data.num_shards` > 1) split the stream into S data
 shards, each its own `ActivationBatches`; `ShardedBatches` serves a
 process's shards and makes global batches that do not depend on the
-process count.
+process count. Live shards are harvested together, in lockstep, by
+`data.lockstep.LockstepHarvest` (one Gemma forward over the global mesh
+for all shards of all processes).
 
 Gemma Scope shuffled activations in buckets of about a million tokens; the
 bucket size is the memory/shuffle-quality trade-off here too.
@@ -211,11 +213,18 @@ class ShardedBatches:
 
   The state is {'shards': {str(s): position}} for the local shards;
   `set_state` reads the local ones out of a union over all processes.
+
+  `group` is the `lockstep.LockstepHarvest` the shards' sources belong to
+  (live shards harvested together), if any: it is then restored whole, and
+  `peek_bucket` loads every local shard's first bucket on every process
+  (each harvest is a collective of all processes).
   """
 
-  def __init__(self, shards: dict[int, ActivationBatches], num_shards: int):
+  def __init__(self, shards: dict[int, ActivationBatches], num_shards: int,
+               group=None):
     self.shards = dict(sorted(shards.items()))
     self.num_shards = int(num_shards)
+    self.group = group
 
   def __iter__(self) -> Iterator[Bucket]:
     return self
@@ -229,6 +238,9 @@ class ShardedBatches:
   def peek_bucket(self) -> Bucket:
     """Shard 0's first bucket, on every process (sent from the process that
     serves shard 0): the same initial scales and mean for any layout."""
+    if self.group is not None:
+      for b in self.shards.values():
+        b.peek_bucket()
     local = self.shards[0].peek_bucket() if 0 in self.shards else None
     if jax.process_count() == 1:
       return local
@@ -253,6 +265,9 @@ class ShardedBatches:
     if int(state.get("num_shards", -1)) != self.num_shards:
       raise ValueError(f"the saved stream has {state.get('num_shards')} data "
                        f"shards, this run {self.num_shards} (data.num_shards)")
+    if self.group is not None:
+      self.group.set_states({s: state["shards"][str(s)]["source"]
+                             for s in self.shards})
     for s, b in self.shards.items():
       b.set_state(state["shards"][str(s)])
 

@@ -280,6 +280,10 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
   state = distributed.host_tree(state)
+  if c.eval.at_end and trainer.global_harvest(c):
+    # The weights span every process; process 0 evaluates alone, on a
+    # whole copy (a collective, so every process takes part).
+    gemma_params = distributed.host_tree(gemma_params)
   if not distributed.is_main_process():
     return result  # process 0 exports and evaluates
   export(run, state, workdir)

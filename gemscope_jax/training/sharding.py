@@ -31,10 +31,12 @@ rest of the rule still applies. For example Gemma 3 270M and 1B have one
 key/value head, so with mesh.model = 2 their kv_einsum is split over 'data'
 only; `describe` lists every such fallback.
 
-With several processes (multi-host) each process runs Gemma on its own
-windows (see `trainer._harvest_sharding`), so the weights are laid out over
-the process's own devices (`gemma_mesh`): a (local_devices / model, model)
-mesh, never across hosts.
+With several processes (multi-host) and live activations, Gemma runs once
+over the global mesh for every process's windows (`data.lockstep`), so the
+weights are laid out over the run's whole mesh, across hosts
+(`trainer.load_gemma`). Only when process 0 writes an activation cache
+alone are they laid out over its own devices (`gemma_mesh`): a
+(local_devices / model, model) mesh.
 
 Caveat: the sharding saves memory, not time. Each layer's weights are
 all-gathered over 'data' at every forward pass, which costs interconnect

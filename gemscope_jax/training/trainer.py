@@ -331,27 +331,41 @@ class Run:
     return new, metrics
 
 
+def global_harvest(c: ml_collections.ConfigDict) -> bool:
+  """Whether Gemma runs over the global mesh across processes: several
+  processes and a live source (an activation cache is written by process 0
+  alone, with weights on its own devices)."""
+  return jax.process_count() > 1 and not c.data.cache_dir
+
+
 def load_gemma(c: ml_collections.ConfigDict, model_config: models.Gemma3Config,
                mesh: Mesh | None = None) -> dict:
   """Gemma's parameters in `c.model.dtype`, laid out as `c.mesh.gemma` says.
 
   Args:
-    c: the config (model.checkpoint, model.dtype, mesh.gemma, seed).
+    c: the config (model.checkpoint, model.dtype, mesh.gemma, seed,
+      data.cache_dir).
     model_config: the Gemma size.
     mesh: the run's mesh; needed for 'fsdp' / 'fsdp_tp' (built from the
-      config over all devices when None). With several processes the
-      weights go on this process's devices (`sharding.gemma_mesh`).
+      config over all devices when None). With several processes and a
+      live source (`global_harvest`) the weights are laid out over this
+      global mesh (replicated or split over every process's devices); with
+      an activation cache, over this process's devices (`sharding.gemma_mesh`).
 
   Returns:
     The parameter tree: replicated arrays, or arrays sharded by
     `sharding.gemma_param_shardings`. Random weights are created directly
-    in their shards; a checkpoint is read whole first, then placed.
+    in their shards; a checkpoint is read whole first (by every process),
+    then placed.
   """
   from gemscope_jax.training import sharding  # pylint: disable=import-outside-toplevel
   dtype = jnp.dtype(c.model.dtype)
   mode = sharding.check_layout(c.mesh.gemma)
   shardings = None
-  if mode != "replicated":
+  if global_harvest(c):
+    mesh = make_mesh(c) if mesh is None else mesh
+    shardings = sharding.gemma_param_shardings(model_config, mesh, mode)
+  elif mode != "replicated":
     mesh = sharding.gemma_mesh(make_mesh(c) if mesh is None else mesh)
     shardings = sharding.gemma_param_shardings(model_config, mesh, mode)
   if c.model.checkpoint == "random":
@@ -375,10 +389,10 @@ def _window_dataset(c: ml_collections.ConfigDict, tokenizer, *, progress,
 
 
 def _harvest_sharding(c: ml_collections.ConfigDict, run: Run):
-  """How Gemma's token batches are split: over the run's 'data' axis on one
-  process; over this process's own devices on several (each process runs
-  Gemma on its own windows, the weights replicated, no traffic between
-  processes)."""
+  """How a single shard's Gemma token batches are split: over the run's
+  'data' axis on one process; over this process's own devices on several
+  (only when process 0 alone writes an activation cache; live multi-process
+  shards go through `_lockstep_batches`)."""
   if jax.process_count() == 1:
     mesh = run.mesh
   else:
@@ -432,18 +446,52 @@ def make_source(c: ml_collections.ConfigDict, run: Run, gemma_params,
                                        shard_count=shard_count)
 
 
+def _lockstep_batches(c: ml_collections.ConfigDict, run: Run, gemma_params,
+                      tokenizer, *, progress: bool, hookpoints: list[str],
+                      num_shards: int) -> stream.ShardedBatches:
+  """Live data shards harvested together (`lockstep.LockstepHarvest`):
+  every forward takes model_batch_size windows of every shard, over the
+  global mesh when there are several processes."""
+  from gemscope_jax.data import lockstep  # pylint: disable=import-outside-toplevel
+  local = distributed.local_shards(num_shards)
+  rows = len(local) * c.data.model_batch_size
+  per_process = run.mesh.shape["data"] // jax.process_count()
+  if jax.process_count() > 1 and rows % per_process:
+    raise ValueError(
+        f"config.data.model_batch_size: {c.data.model_batch_size} windows x "
+        f"{len(local)} data shard(s) per process is not divisible by the "
+        f"{per_process} rows of the mesh's data axis each process holds")
+  group = lockstep.LockstepHarvest(
+      run.model_config, gemma_params,
+      {s: _window_dataset(c, tokenizer, progress=progress, shard_index=s,
+                          shard_count=num_shards) for s in local},
+      hookpoints, tokenizer,
+      rows_per_bucket=-(-c.data.bucket_tokens // num_shards),
+      mesh=run.mesh, dtype=jnp.dtype(c.model.dtype))
+  shards = {s: stream.ActivationBatches(
+      group.shard(s), batch_size=c.train.batch_size // num_shards,
+      seed=c.seed) for s in local}
+  return stream.ShardedBatches(shards, num_shards, group=group)
+
+
 def make_batches(c: ml_collections.ConfigDict, run: Run, gemma_params,
                  tokenizer, *, progress: bool,
                  hookpoints: list[str] | None = None):
   """This process's training batches: `stream.ActivationBatches` over
   `make_source` for one data shard (the single-process default), else a
-  `stream.ShardedBatches` over the data shards this process serves."""
+  `stream.ShardedBatches` over the data shards this process serves (live
+  ones harvested in lockstep, see `_lockstep_batches`)."""
   num_shards = distributed.num_data_shards(c)
   if num_shards == 1:
     return stream.ActivationBatches(
         make_source(c, run, gemma_params, tokenizer, progress=progress,
                     hookpoints=hookpoints),
         batch_size=c.train.batch_size, seed=c.seed)
+  if not c.data.cache_dir:
+    return _lockstep_batches(
+        c, run, gemma_params, tokenizer, progress=progress,
+        hookpoints=[c.hookpoint] if hookpoints is None else list(hookpoints),
+        num_shards=num_shards)
   shards = {}
   for s in distributed.local_shards(num_shards):
     source = make_source(c, run, gemma_params, tokenizer, progress=progress,
@@ -681,6 +729,10 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                                 feed=feed, read=read, progress=progress)
   result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
   state = distributed.host_tree(state)
+  if c.eval.at_end and global_harvest(c):
+    # The weights span every process; process 0 evaluates alone, on a
+    # whole copy (a collective, so every process takes part).
+    gemma_params = distributed.host_tree(gemma_params)
   if not distributed.is_main_process():
     return result  # process 0 exports and evaluates
   export(run, state, workdir)
