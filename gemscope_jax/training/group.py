@@ -55,7 +55,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gemscope_jax import models
 from gemscope_jax.data import stream
-from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
 from gemscope_jax.training import distributed
 from gemscope_jax.training import trainer
@@ -381,27 +380,3 @@ def evaluate_state(run: GroupRun, state: dict, gemma_params, tokenizer,
       "members": ",".join(m.name for m in members)})
   eval_lib.write_metrics(metrics, workdir / "metrics.json")
   return metrics
-
-
-def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
-                     overrides: dict | None = None) -> dict[str, Any]:
-  """Evaluates the newest group checkpoint in `workdir`."""
-  workdir = pathlib.Path(workdir)
-  ckpts = ckpt_lib.Checkpoints(workdir, asynchronous=False)
-  latest = ckpts.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate")
-  c = config_lib.from_json(ckpts.read_config(latest))
-  if overrides:
-    c = config_lib.apply_overrides(c, overrides)
-  model_config = config_lib.check(c)
-  run = GroupRun(c, model_config)
-  restored = ckpts.restore_latest(run.abstract_state)
-  ckpts.close()
-  if restored is None:
-    raise FileNotFoundError(f"{workdir}: no readable checkpoint")
-  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
-  tokenizer = default_tokenizer()
-  gemma_params = trainer.load_gemma(c, model_config, run.mesh)
-  return evaluate_state(run, restored[1], gemma_params, tokenizer, workdir,
-                        progress=progress)

@@ -797,7 +797,8 @@ def evaluate_state(run: Run, state: TrainState, gemma_params, tokenizer,
 
 def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
                      overrides: dict | None = None) -> dict[str, Any]:
-  """Evaluates the newest checkpoint in `workdir` (the `gemscope eval` job)."""
+  """Evaluates the newest checkpoint in `workdir` (the `gemscope eval` job),
+  a single dictionary or a group."""
   workdir = pathlib.Path(workdir)
   ckpts = ckpt_lib.Checkpoints(workdir, asynchronous=False)
   latest = ckpts.latest_step()
@@ -807,13 +808,12 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
   c = config_lib.from_json(ckpts.read_config(latest))
   if overrides:
     c = config_lib.apply_overrides(c, overrides)
-  if config_lib.is_group(c):
-    ckpts.close()
-    from gemscope_jax.training import group  # pylint: disable=import-outside-toplevel
-    return group.evaluate_workdir(workdir, progress=progress,
-                                  overrides=overrides)
   model_config = config_lib.check(c)
-  run = Run(c, model_config)
+  if config_lib.is_group(c):
+    from gemscope_jax.training import group  # pylint: disable=import-outside-toplevel
+    run, evaluate = group.GroupRun(c, model_config), group.evaluate_state
+  else:
+    run, evaluate = Run(c, model_config), evaluate_state
   restored = ckpts.restore_latest(run.abstract_state)
   ckpts.close()
   if restored is None:
@@ -822,5 +822,5 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
   from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
   gemma_params = load_gemma(c, model_config, run.mesh)
-  return evaluate_state(run, state, gemma_params, tokenizer, workdir,
-                        progress=progress)
+  return evaluate(run, state, gemma_params, tokenizer, workdir,
+                  progress=progress)
