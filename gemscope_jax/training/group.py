@@ -276,20 +276,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       c, run, state, batches, ckpts, config_json, workdir,
       start_step=start_step, t0=t0, feed=lambda batch: batch, read=read,
       progress=progress)
-
-  result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
-  state = distributed.host_tree(state)
-  if c.eval.at_end and trainer.global_harvest(c):
-    # The weights span every process; process 0 evaluates alone, on a
-    # whole copy (a collective, so every process takes part).
-    gemma_params = distributed.host_tree(gemma_params)
-  if not distributed.is_main_process():
-    return result  # process 0 exports and evaluates
-  export(run, state, workdir)
-  if c.eval.at_end:
-    result.update(evaluate_state(run, state, gemma_params, tokenizer,
-                                 workdir, progress=progress))
-  return result
+  return trainer.finish(c, run, state, gemma_params, tokenizer, workdir,
+                        step, last, export_fn=export,
+                        evaluate_fn=evaluate_state, progress=progress)
 
 
 def export_dir(workdir: str | pathlib.Path,

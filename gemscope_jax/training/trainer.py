@@ -727,6 +727,20 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   step, state, last = run_steps(c, run, state, batches, ckpts, config_json,
                                 workdir, start_step=start_step, t0=t0,
                                 feed=feed, read=read, progress=progress)
+  return finish(c, run, state, gemma_params, tokenizer, workdir, step, last,
+                export_fn=export, evaluate_fn=evaluate_state,
+                progress=progress)
+
+
+def finish(c: ml_collections.ConfigDict, run, state, gemma_params,
+           tokenizer, workdir: pathlib.Path, step: int, last: dict, *,
+           export_fn, evaluate_fn, progress: bool) -> dict[str, Any]:
+  """The end shared by single and group runs: the final state whole on
+  the host, then process 0 exports and (with `eval.at_end`) evaluates.
+
+  Returns:
+    {'step', 'train_{metric}'...} plus the evaluation's metrics.
+  """
   result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
   state = distributed.host_tree(state)
   if c.eval.at_end and global_harvest(c):
@@ -735,10 +749,10 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     gemma_params = distributed.host_tree(gemma_params)
   if not distributed.is_main_process():
     return result  # process 0 exports and evaluates
-  export(run, state, workdir)
+  export_fn(run, state, workdir)
   if c.eval.at_end:
-    result.update(evaluate_state(run, state, gemma_params, tokenizer, workdir,
-                                 progress=progress))
+    result.update(evaluate_fn(run, state, gemma_params, tokenizer, workdir,
+                              progress=progress))
   return result
 
 
