@@ -4,12 +4,17 @@ One step = forward, backward, Adam (b1=0, b2=0.999) and, for ours, decoder
 gradient projection + renormalisation (and the threshold clip). Measured in
 one process on the CPU, fp32, for JumpReLU (quadratic L0 penalty) and TopK:
 
-  saelens  SAELens's own `JumpReLUTrainingSAE` / `TopKTrainingSAE`: its
-           `training_forward_pass`, the trainer's firing statistics,
-           `loss.backward()`, grad-norm clipping and a torch Adam step, as
-           `SAETrainer._train_step` does them.
-  dense    `jax.value_and_grad` of `compute_loss` (make_train_step(sparse=False)).
-  sparse   `sparse_loss_and_grads` (make_train_step(sparse=True)).
+  saelens   SAELens's own `JumpReLUTrainingSAE` / `TopKTrainingSAE`: its
+            `training_forward_pass`, the trainer's firing statistics,
+            `loss.backward()`, grad-norm clipping and a torch Adam step, as
+            `SAETrainer._train_step` does them.
+  autodiff  `jax.value_and_grad` of `compute_loss`
+            (make_train_step(sparse=False, autodiff=True)).
+  dense     the trainer's default step (make_train_step(sparse=False)): for
+            JumpReLU the hand-derived gradients of `dictionaries/dense.py`
+            with the fused CPU kernel, the same five dense matmuls; for TopK
+            the same as autodiff.
+  sparse    `sparse_loss_and_grads` (make_train_step(sparse=True)).
 
 Inputs are standard normal (B, d_in). For a realistic JumpReLU sparsity the
 thresholds are set, before timing, to each latent's (1 - L0*/width) quantile
@@ -18,7 +23,9 @@ B * L0* / width), so every latent fires on ~L0*/width of the tokens and L0 is
 ~L0* per token (the measured L0 is printed). A small learning rate keeps it
 there over the timed steps. A JAX matmul (4096x2048x4096) gives the machine's
 dense fp32 rate; each step's "dense-equivalent" rate 12*B*d_in*width / time
-is shown as a fraction of it.
+is shown as a fraction of it. "matmul floor" is the time the five dense
+(B, d_in, width) matmuls of a step take at that rate (10*B*d_in*width
+FLOPs), i.e. the fastest any dense step can be here.
 
   .venv/bin/python benchmarks/train_step.py [--width 16384] [--batch 4096]
       [--steps 5] [--quick]
@@ -46,6 +53,7 @@ import torch  # pylint: disable=wrong-import-position
 from gemscope_jax.dictionaries import JumpReLU, TopK  # pylint: disable=wrong-import-position
 from gemscope_jax.dictionaries import _base  # pylint: disable=wrong-import-position
 from gemscope_jax.dictionaries import sparse  # pylint: disable=wrong-import-position
+from gemscope_jax.kernels import jumprelu as jumprelu_kernel  # pylint: disable=wrong-import-position
 
 LR = 1e-5
 
@@ -79,11 +87,11 @@ def _quantile_thresholds(module, params, x, target_l0: float) -> jax.Array:
 
 
 def time_ours(module, params, x, *, sparse_step: bool, capacity, coeff,
-              steps: int) -> tuple[float, dict]:
+              steps: int, autodiff: bool = False) -> tuple[float, dict]:
   """Median seconds per step of our jitted train step, and its last metrics."""
   opt = optax.adam(LR, b1=0.0, b2=0.999)
   step = sparse.make_train_step(module, opt, sparse=sparse_step,
-                                capacity=capacity)
+                                capacity=capacity, autodiff=autodiff)
   state = {"p": jax.tree.map(jnp.array, params)}
   state["s"] = opt.init(state["p"])
   state["m"] = None
@@ -191,8 +199,12 @@ def main():
                      target_l0=args.target_l0, bandwidth=args.bandwidth,
                      steps=args.steps))
   t, m = time_ours(jr, params, x, sparse_step=False, capacity=None,
+                   coeff=1.0, steps=args.steps, autodiff=True)
+  add("jumprelu", "autodiff", t, f"L0 {m['l0']:.1f}")
+  t, m = time_ours(jr, params, x, sparse_step=False, capacity=None,
                    coeff=1.0, steps=args.steps)
-  add("jumprelu", "dense", t, f"L0 {m['l0']:.1f}")
+  add("jumprelu", "dense", t, f"L0 {m['l0']:.1f}, fused kernel "
+      f"{'on' if jumprelu_kernel.available() else 'OFF'}")
   t, m = time_ours(jr, params, x, sparse_step=True, capacity=capacity,
                    coeff=1.0, steps=args.steps)
   add("jumprelu", "sparse", t,
@@ -222,8 +234,12 @@ def main():
     ratio = f"{acts / anchors[arch]:.2f}x" if arch in anchors else "-"
     print(f"{arch:8s} {impl:8s} {acts:9.0f} {t:8.3f} {eq:13.1f} "
           f"{frac:9.2f} {ratio:>10s}  {note}")
+  floor = 10 * b * d * w / (rate * 1e9)
   print(f"(matmul rate {rate:.1f} GFLOP/s; dense-eq = 12*B*d_in*width / "
         f"step time, so a sparse step can exceed 1.0)")
+  print(f"matmul floor of a dense step: {floor:.3f} s = {b / floor:.0f} act/s"
+        + "".join(f", {b / floor / a:.2f}x SAELens {arch}"
+                  for arch, a in anchors.items()))
 
 
 if __name__ == "__main__":

@@ -306,11 +306,13 @@ def test_sparsity_warmup_and_threshold_clip(real_model):
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
-def test_sparse_step_tracks_dense_step(real_model, arch):
-  """train.step='sparse' runs the same optimisation as the dense step."""
+def test_sparse_and_dense_steps_track_autodiff(real_model, arch):
+  """train.step='sparse' and 'dense' (hand-derived for JumpReLU) run the same
+  optimisation as jax.grad ('autodiff')."""
   extra = "step=sparse" + (",arch=topk,k=16" if arch == "topk" else "")
+  steps = ("autodiff", "dense", "sparse")
   runs = {s: trainer.Run(tiny_config(extra.replace("step=sparse", f"step={s}")),
-                         real_model[0]) for s in ("dense", "sparse")}
+                         real_model[0]) for s in steps}
   rng = np.random.default_rng(2)
   offset = rng.normal(size=640).astype(np.float32) * 3
   xs = [(rng.normal(size=(256, 640)).astype(np.float32) + offset)
@@ -324,13 +326,15 @@ def test_sparse_step_tracks_dense_step(real_model, arch):
       state, m = run.step(state, {"x": x})
       losses[name].append(float(m["loss"]))
     finals[name] = jax.device_get(state)
-  np.testing.assert_allclose(losses["sparse"], losses["dense"], rtol=1e-4)
-  for k in finals["dense"].params:
-    np.testing.assert_allclose(finals["sparse"].params[k],
-                               finals["dense"].params[k], rtol=1e-3,
-                               atol=1e-5, err_msg=k)
-  np.testing.assert_array_equal(finals["sparse"].last_fired,
-                                finals["dense"].last_fired)
+  for step in ("dense", "sparse"):
+    np.testing.assert_allclose(losses[step], losses["autodiff"], rtol=1e-4,
+                               err_msg=step)
+    for k in finals["autodiff"].params:
+      np.testing.assert_allclose(finals[step].params[k],
+                                 finals["autodiff"].params[k], rtol=1e-3,
+                                 atol=1e-5, err_msg=f"{step} {k}")
+    np.testing.assert_array_equal(finals[step].last_fired,
+                                  finals["autodiff"].last_fired)
 
 
 def test_cli_export_and_eval_of_released_folders_match_the_workdir(

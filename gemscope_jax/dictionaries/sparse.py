@@ -56,6 +56,7 @@ import optax
 from jax import lax
 
 from gemscope_jax.dictionaries import _base
+from gemscope_jax.dictionaries import dense as dense_lib
 from gemscope_jax.dictionaries import jumprelu as jumprelu_lib
 from gemscope_jax.dictionaries import topk as topk_lib
 
@@ -379,19 +380,29 @@ def default_capacity(module, batch_size: int) -> int:
 
 
 def dense_loss_and_grads(module, params: Params, x: jax.Array, *,
-                         sparsity_coeff
+                         sparsity_coeff, autodiff: bool = False
                          ) -> tuple[_base.LossOutput, jax.Array, Params]:
-  """`jax.value_and_grad` of `compute_loss`: (loss, recon, grads)."""
+  """The dense step's (loss, recon, grads).
+
+  Hand-derived (`dense.loss_and_grads`) for the modules it supports, else
+  (or with `autodiff=True`) `jax.value_and_grad` of `compute_loss`.
+  """
+  if not autodiff and dense_lib.supported(module):
+    loss, recon, grads, _ = dense_lib.loss_and_grads(
+        module, params, x, sparsity_coeff=sparsity_coeff)
+    return loss, recon, grads
   params = {k: _base.leaf_value(v) for k, v in params.items()}
   return _dense(module, params, x, sparsity_coeff)
 
 
 def make_train_step(module, optimizer: optax.GradientTransformation, *,
                     sparse: bool, capacity: int | None = None,
-                    jit: bool = True) -> Callable[..., Any]:
+                    jit: bool = True, autodiff: bool = False
+                    ) -> Callable[..., Any]:
   """A training step (params, opt_state, x, sparsity_coeff) -> (params, opt_state, metrics).
 
-  Loss and gradients (dense `value_and_grad`, or `sparse_loss_and_grads`),
+  Loss and gradients (the dense step, `dense_loss_and_grads`, or
+  `sparse_loss_and_grads`),
   then decoder-gradient projection (unit-decoder modules), the optax update,
   decoder renormalisation, and the JumpReLU threshold clipped at 0.
 
@@ -401,6 +412,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *,
     sparse: use the sparse path.
     capacity: the sparse JumpReLU list length (see `sparse_loss_and_grads`).
     jit: wrap the step in `jax.jit` (params and opt_state donated).
+    autodiff: the dense step through `jax.value_and_grad` even where a
+      hand-derived one exists.
 
   Returns:
     The step function; params are unboxed plain dicts, metrics a dict of
@@ -412,7 +425,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *,
           module, params, x, sparsity_coeff=sparsity_coeff, capacity=capacity)
     else:
       loss, _, grads = dense_loss_and_grads(module, params, x,
-                                            sparsity_coeff=sparsity_coeff)
+                                            sparsity_coeff=sparsity_coeff,
+                                            autodiff=autodiff)
     params, opt_state = _base.apply_update(module, optimizer, params,
                                            opt_state, grads)
     metrics = {"loss": loss.total, "mse": loss.mse, "sparsity": loss.sparsity,

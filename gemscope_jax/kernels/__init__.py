@@ -1,15 +1,19 @@
 """Custom CPU kernels (XLA FFI) used by the model on the CPU backend only.
 
 Each kernel falls back to plain XLA ops on other platforms, and on the CPU
-when it cannot be built (see `matmul.available()`), so importing this package
-never requires a compiler.
+when it cannot be built (see `matmul.available()`,
+`jumprelu.available()`), so importing this package never requires a
+compiler. `available()` and `unavailable_reason()` here are the matmul
+kernel's.
 """
 
 from __future__ import annotations
 
+from gemscope_jax.kernels.jumprelu import jumprelu_grad
 from gemscope_jax.kernels.matmul import available
 from gemscope_jax.kernels.matmul import impl_name
 from gemscope_jax.kernels.matmul import matmul
 from gemscope_jax.kernels.matmul import unavailable_reason
 
-__all__ = ["available", "impl_name", "matmul", "unavailable_reason"]
+__all__ = ["available", "impl_name", "jumprelu_grad", "matmul",
+           "unavailable_reason"]

@@ -10,9 +10,8 @@ code uses XLA's own dot on GPU and TPU. Gradients go through a `custom_vjp`
 whose backward pass is plain `jnp.einsum`.
 
 The handler is compiled with g++ against Debian's libdnnl-dev at first use and
-cached under `assets.cache_dir() / "kernels"`, keyed by a hash of the source,
-the jax/jaxlib versions and the compiler; set GEMSCOPE_CPU_KERNELS=0 to turn
-it off.
+cached under `assets.cache_dir() / "kernels"` (see `_build.Library`); set
+GEMSCOPE_CPU_KERNELS=0 to turn it off.
 
 Caveat: oneDNN parallelizes with OpenMP, beside (not inside) XLA's thread
 pool; each call uses every core OpenMP sees (OMP_NUM_THREADS), and calls are
@@ -24,157 +23,41 @@ back to `jnp.einsum` (correct, but bf16 then runs at f32 speed on the CPU).
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
-import hashlib
-import logging
-import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemscope_jax import assets
-
-logger = logging.getLogger(__name__)
+from gemscope_jax.kernels import _build
 
 FFI_TARGET = "gemscope_onednn_matmul"
-_HANDLER_SYMBOL = "GemscopeOnednnMatmul"
 _IMPL_NAME_SYMBOL = "gemscope_onednn_impl_name"
-_SOURCE = pathlib.Path(__file__).with_name("onednn_matmul.cc")
-_CXX = "g++"
-_CXXFLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17")
-_LIBS = ("-ldnnl",)
-_ENV_SWITCH = "GEMSCOPE_CPU_KERNELS"
-_HOW_TO_ENABLE = (
-    "To enable it, install a C++ compiler and oneDNN, e.g. on Debian/Ubuntu "
-    "`apt-get install -y g++ libdnnl-dev`; set GEMSCOPE_CPU_KERNELS=0 to turn "
-    "it off without this warning")
-
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib" (ctypes.CDLL) or "reason" (str)
-
 _KERNEL_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 
 
-def _disabled_by_env() -> bool:
-  return os.environ.get(_ENV_SWITCH, "1").strip().lower() in (
-      "0", "false", "no", "off")
+def _explain(stderr: str) -> str | None:
+  if "dnnl.hpp" in stderr and "No such file" in stderr:
+    return "oneDNN headers (dnnl.hpp) not found"
+  if "-ldnnl" in stderr or "cannot find -ldnnl" in stderr:
+    return "oneDNN library (libdnnl.so) not found"
+  return None
 
 
-def _compiler_version() -> str:
-  try:
-    out = subprocess.run([_CXX, "--version"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
-  return out.splitlines()[0] if out else "unknown"
-
-
-def _library_path() -> pathlib.Path:
-  """Cache path of the compiled handler for this source, jax and compiler."""
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  digest = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), jax.__version__.encode(),
-               jaxlib.__version__.encode(), " ".join(_CXXFLAGS).encode(),
-               " ".join(_LIBS).encode(), _compiler_version().encode(),
-               platform.machine().encode()):
-    digest.update(part)
-    digest.update(b"\0")
-  name = f"onednn_matmul-{digest.hexdigest()[:20]}.so"
-  return assets.cache_dir() / "kernels" / name
-
-
-def _compile(target: pathlib.Path) -> None:
-  """Compiles the handler into `target` (atomically); raises RuntimeError."""
-  cmd_prefix = [_CXX, *_CXXFLAGS, f"-I{jax.ffi.include_dir()}",
-                str(_SOURCE)]
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial",
-                             dir=target.parent)
-  os.close(fd)
-  try:
-    cmd = [*cmd_prefix, "-o", tmp, *_LIBS]
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as e:
-      raise RuntimeError(f"running {_CXX} failed: {e}") from e
-    if proc.returncode != 0:
-      err = proc.stderr.strip()
-      if "dnnl.hpp" in err and "No such file" in err:
-        raise RuntimeError("oneDNN headers (dnnl.hpp) not found")
-      if "-ldnnl" in err or "cannot find -ldnnl" in err:
-        raise RuntimeError("oneDNN library (libdnnl.so) not found")
-      tail = "\n".join(err.splitlines()[-15:])
-      raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{tail}")
-    # mkstemp made it private; a shared cache should be loadable by others.
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, target)
-  finally:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-
-
-def _build_and_load() -> ctypes.CDLL:
-  """Returns the loaded handler library, compiling it first if needed."""
-  if shutil.which(_CXX) is None:
-    raise RuntimeError(f"no C++ compiler ({_CXX}) on PATH")
-  target = _library_path()
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Parallel processes (pytest-xdist, several notebooks) share the cache: one
-  # compiles while the others wait, then all load the same file.
-  with open(target.parent / ".build.lock", "w", encoding="utf-8") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not target.exists():
-        logger.info("compiling the oneDNN matmul kernel into %s", target)
-        _compile(target)
-      try:
-        return ctypes.CDLL(str(target))
-      except OSError as e:
-        # A cached build can go stale when the system's libdnnl changes
-        # under it (same source and compiler, different soname): rebuild once.
-        logger.info("cached kernel %s failed to load (%s); rebuilding",
-                    target, e)
-        target.unlink(missing_ok=True)
-        _compile(target)
-        try:
-          return ctypes.CDLL(str(target))
-        except OSError as e2:
-          raise RuntimeError(f"loading the compiled kernel failed: {e2}") from e2
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _load() -> ctypes.CDLL | None:
-  """Builds, loads and registers the kernel once per process."""
-  with _lock:
-    if "lib" in _state:
-      return _state["lib"]  # type: ignore[return-value]
-    if "reason" in _state:
-      return None
-    if _disabled_by_env():
-      _state["reason"] = f"disabled by {_ENV_SWITCH}=0"
-      return None
-    try:
-      lib = _build_and_load()
-      jax.ffi.register_ffi_target(
-          FFI_TARGET, jax.ffi.pycapsule(getattr(lib, _HANDLER_SYMBOL)),
-          platform="cpu")
-    except Exception as e:  # pylint: disable=broad-except
-      # Never let a missing toolchain break the model: XLA's dot still works.
-      _state["reason"] = str(e)
-      logger.warning(
-          "gemscope_jax: the oneDNN CPU matmul kernel is unavailable (%s); "
-          "CPU matmuls fall back to XLA's dot, where bf16 runs no faster than "
-          "f32. %s.", e, _HOW_TO_ENABLE)
-      return None
-    _state["lib"] = lib
-    return lib
+_LIBRARY = _build.Library(
+    stem="onednn_matmul",
+    source=pathlib.Path(__file__).with_name("onednn_matmul.cc"),
+    cxxflags=("-O3", "-std=c++17"), libs=("-ldnnl",),
+    targets={FFI_TARGET: "GemscopeOnednnMatmul"},
+    warning="the oneDNN CPU matmul kernel is unavailable",
+    how_to_enable=(
+        "CPU matmuls fall back to XLA's dot, where bf16 runs no faster than "
+        "f32. To enable it, install a C++ compiler and oneDNN, e.g. on "
+        "Debian/Ubuntu `apt-get install -y g++ libdnnl-dev`; set "
+        "GEMSCOPE_CPU_KERNELS=0 to turn it off without this warning."),
+    explain=_explain)
+_load = _LIBRARY.load
 
 
 def available() -> bool:
@@ -187,9 +70,7 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
   """Why `available()` is False, or None when the kernel is loaded."""
-  if _load() is not None:
-    return None
-  return str(_state.get("reason"))
+  return _LIBRARY.unavailable_reason()
 
 
 def impl_name(m: int, k: int, n: int, bw: int = 1, *,

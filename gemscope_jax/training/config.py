@@ -51,7 +51,7 @@ SHORTHANDS = {
     "sites": "group.sites",
 }
 
-STEPS = ("dense", "sparse")
+STEPS = ("dense", "sparse", "autodiff")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -128,7 +128,8 @@ def default_config() -> ml_collections.ConfigDict:
       sparsity_coeff=1.0,
       sparsity_warmup_steps=300,
       b_dec_init="mean",        # 'mean' of the first bucket, or 'zeros'
-      step="dense",             # 'dense' or 'sparse' (sparsity-aware)
+      step="dense",             # 'dense', 'sparse' (sparsity-aware) or
+                                # 'autodiff' (jax.grad; the reference)
       sparse_capacity=256,      # active entries per token the sparse step holds
       checkpoint_every_steps=200,
       keep_checkpoints=2,
@@ -542,7 +543,7 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   _need(t.b_dec_init in ("mean", "zeros"), "train.b_dec_init",
         "must be 'mean' or 'zeros'", t.b_dec_init)
   _need(t.step in STEPS, "train.step", f"must be one of {STEPS}", t.step)
-  _need(t.step == "dense" or (d.architecture in ("jumprelu", "topk",
+  _need(t.step != "sparse" or (d.architecture in ("jumprelu", "topk",
                                                  "batchtopk")
                               and d.matryoshka_prefixes is None),
         "train.step", "'sparse' supports jumprelu/topk/batchtopk without "

@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gemscope_jax import assets, dictionaries, models, pretrained
 from gemscope_jax.data import pipeline, stream
+from gemscope_jax.dictionaries import dense as dense_lib
 from gemscope_jax.dictionaries import sparse as sparse_lib
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
@@ -284,6 +285,13 @@ class Run:
       fired = jnp.zeros((self.dict_config.d_sae,), bool).at[
           out.latent_ids].max(out.values > 0)
       return lo, fired, grads
+
+    if self.c.train.step == "dense" and dense_lib.supported(self.module):
+      # One device: the fused CPU kernel; a partitioned program: jnp ops.
+      lo, _, grads, fired = dense_lib.loss_and_grads(
+          self.module, params, x, sparsity_coeff=coeff, target=target,
+          use_kernel=self.mesh.size == 1)
+      return lo, fired > 0, grads
 
     def loss_fn(p):
       lo, out = dictionaries.compute_loss(self.module, p, x,
