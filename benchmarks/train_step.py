@@ -10,10 +10,9 @@ one process on the CPU, fp32, for JumpReLU (quadratic L0 penalty) and TopK:
             `SAETrainer._train_step` does them.
   autodiff  `jax.value_and_grad` of `compute_loss`
             (make_train_step(sparse=False, autodiff=True)).
-  dense     the trainer's default step (make_train_step(sparse=False)): for
-            JumpReLU the hand-derived gradients of `dictionaries/dense.py`
-            with the fused CPU kernel, the same five dense matmuls; for TopK
-            the same as autodiff.
+  dense     the trainer's default step (make_train_step(sparse=False)): the
+            hand-derived gradients of `dictionaries/dense.py` (for JumpReLU
+            with the fused CPU kernel), the same five dense matmuls.
   sparse    `sparse_loss_and_grads` (make_train_step(sparse=True)).
 
 Inputs are standard normal (B, d_in). For a realistic JumpReLU sparsity the
@@ -219,6 +218,9 @@ def main():
     add("topk", "saelens",
         time_saelens("topk", params, x, k=args.k, target_l0=args.target_l0,
                      bandwidth=args.bandwidth, steps=args.steps))
+  t, m = time_ours(tk, params, x, sparse_step=False, capacity=None,
+                   coeff=0.0, steps=args.steps, autodiff=True)
+  add("topk", "autodiff", t, f"L0 {m['l0']:.1f}")
   t, m = time_ours(tk, params, x, sparse_step=False, capacity=None,
                    coeff=0.0, steps=args.steps)
   add("topk", "dense", t, f"L0 {m['l0']:.1f}")
