@@ -209,5 +209,8 @@ def test_unsupported_modules_are_refused():
   bf16 = jumprelu_lib.JumpReLU(d_in=4, d_sae=8, target_l0=2.0,
                                dtype=jnp.bfloat16)
   assert not dense.supported(bf16)
+  per_token = jumprelu_lib.JumpReLU(d_in=4, d_sae=8, target_l0=2.0,
+                                    l0_per_token=True)
+  assert not dense.supported(per_token)
   with pytest.raises(ValueError, match="bfloat16"):
     dense.loss_and_grads(bf16, {}, jnp.ones((2, 4)), sparsity_coeff=1.0)

@@ -334,7 +334,8 @@ def project_decoder_grads(params: Params, grads: Params) -> Params:
 
 
 def apply_update(module: nn.Module, optimizer, params: Params, opt_state,
-                 grads: Params) -> tuple[Params, Any]:
+                 grads: Params, *, unit_decoder: bool | None = None
+                 ) -> tuple[Params, Any]:
   """One optimiser step with the dictionary constraints around it.
 
   Decoder-row gradients lose their parallel component (unit-decoder
@@ -343,10 +344,14 @@ def apply_update(module: nn.Module, optimizer, params: Params, opt_state,
   method (causal crosscoders, cross-layer transcoders) has its masked
   w_enc/w_dec blocks set back to exactly zero: their gradients are already
   zero, but an optimiser with weight decay or a stateful transform could
-  otherwise move them. Returns (params, opt_state).
+  otherwise move them. `unit_decoder=False` leaves decoder rows free (no
+  projection, no renormalisation: SAELens's way) for a module that would
+  keep them unit; None follows the module. Returns (params, opt_state).
   """
   inner = getattr(module, "dictionary", module)  # through a Matryoshka
   unit = type(inner).unit_decoder
+  if unit_decoder is not None:
+    unit = unit and unit_decoder
   if unit:
     grads = project_decoder_grads(params, grads)
   updates, opt_state = optimizer.update(grads, opt_state, params)

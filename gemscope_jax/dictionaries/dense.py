@@ -51,8 +51,10 @@ _TOPK = (topk_lib.TopK, topk_lib.TopKTranscoder)
 
 def supported(module) -> bool:
   """Whether `loss_and_grads` handles this module (else use autodiff)."""
+  # The per-token L0 penalty (SAELens's form) is left to autodiff.
   return (type(module) in _JUMPRELU + _TOPK  # pylint: disable=unidiomatic-typecheck
-          and jnp.dtype(module.dtype) == jnp.float32)
+          and jnp.dtype(module.dtype) == jnp.float32
+          and not getattr(module, "l0_per_token", False))
 
 
 class _Matmuls:

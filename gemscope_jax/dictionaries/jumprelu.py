@@ -97,7 +97,8 @@ def sparsity_penalty(l0: jax.Array, kind: str, sparsity_coeff,
 
 def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
                   kind: str, sparsity_coeff, target_l0: float | None,
-                  preact_coeff: float, latent_axes: tuple[int, ...] = (-1,)
+                  preact_coeff: float, latent_axes: tuple[int, ...] = (-1,),
+                  per_token: bool = False
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """JumpReLU's (coeff * penalty [+ pre-activation loss], metrics).
 
@@ -108,12 +109,21 @@ def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
     sparsity_coeff: penalty weight.
     latent_axes: the trailing axes one token's L0 counts over; a cross-layer
       transcoder passes (-2, -1) so its L0 is the total over layers.
+    per_token: apply the penalty to each token's L0 and average (SAELens's
+      quadratic form, E_t[(2/L0*)(l0_t - L0*)^2], which also penalises the
+      spread of L0 over tokens) instead of to the batch-mean L0 (DESIGN
+      §5). The same for 'l0'.
   """
   pre = pre.astype(jnp.float32)
   threshold = threshold.astype(jnp.float32)
   counts = step(pre, threshold, bandwidth)
-  l0 = jnp.mean(jnp.sum(counts, axis=latent_axes))
-  sparsity = sparsity_penalty(l0, kind, sparsity_coeff, target_l0)
+  token_l0 = jnp.sum(counts, axis=latent_axes)
+  l0 = jnp.mean(token_l0)
+  if per_token:
+    sparsity = jnp.mean(sparsity_penalty(token_l0, kind, sparsity_coeff,
+                                         target_l0))
+  else:
+    sparsity = sparsity_penalty(l0, kind, sparsity_coeff, target_l0)
   aux = {"l0": l0}
   if preact_coeff:
     gap = jax.nn.relu(threshold - pre)
@@ -138,12 +148,18 @@ class JumpReLU(_base.Dictionary):
       moves a silent latent's encoder and threshold towards firing at the
       full learning rate, while for live latents the term is negligible
       beside the reconstruction gradient.
+    l0_per_token: take the penalty of each token's L0 and average
+      (`penalty_terms(per_token=True)`, SAELens's form); False (published):
+      the penalty of the batch-mean L0. The trainer sets it from
+      `train.l0_per_token` (the fused dense step handles only False, so the
+      trainer differentiates with autodiff then).
   """
   bandwidth: float = 0.001
   sparsity_penalty: str = "quadratic"
   target_l0: float | None = None
   threshold_init: float = 0.001
   preact_coeff: float = 0.0
+  l0_per_token: bool = False
 
   def setup(self):
     super().setup()
@@ -162,7 +178,8 @@ class JumpReLU(_base.Dictionary):
     return penalty_terms(
         out.pre_acts, self.threshold, bandwidth=self.bandwidth,
         kind=self.sparsity_penalty, sparsity_coeff=sparsity_coeff,
-        target_l0=self.target_l0, preact_coeff=self.preact_coeff)
+        target_l0=self.target_l0, preact_coeff=self.preact_coeff,
+        per_token=self.l0_per_token)
 
   @nn.nowrap
   def to_inference(self, params: _base.Params, norm_scale,

@@ -128,6 +128,18 @@ def default_config() -> ml_collections.ConfigDict:
       sparsity_coeff=1.0,
       sparsity_warmup_steps=300,
       b_dec_init="mean",        # 'mean' of the first bucket, or 'zeros'
+      # Initial norm of every latent's decoder row and encoder column (W_enc
+      # = W_dec^T at init); with unit_decoder the rows go back to unit norm
+      # after the first step, so this sets the encoder's initial scale.
+      # 1.0: the published init.
+      init_norm=1.0,
+      # Departures from the published recipe, for comparison with SAELens
+      # (its defaults: grad_clip_norm=1, unit_decoder=False, init_norm=0.1,
+      # l0_per_token=True with sparsity_coeff ~0.03).
+      grad_clip_norm=0.0,       # clip the global gradient norm (0: off)
+      unit_decoder=True,        # unit-norm decoder rows (False: free)
+      l0_per_token=False,       # JumpReLU: penalty of each token's L0,
+                                # averaged (else of the batch-mean L0)
       step="dense",             # 'dense', 'sparse' (sparsity-aware) or
                                 # 'autodiff' (jax.grad; the reference)
       sparse_capacity=256,      # active entries per token the sparse step holds
@@ -543,6 +555,16 @@ def check(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   _need(t.b_dec_init in ("mean", "zeros"), "train.b_dec_init",
         "must be 'mean' or 'zeros'", t.b_dec_init)
   _need(t.step in STEPS, "train.step", f"must be one of {STEPS}", t.step)
+  _need(t.init_norm > 0, "train.init_norm", "must be > 0", t.init_norm)
+  _need(t.grad_clip_norm >= 0, "train.grad_clip_norm", "must be >= 0 (0: "
+        "off)", t.grad_clip_norm)
+  _need(not t.l0_per_token or (d.architecture in ("jumprelu",
+                                                  "jumprelu_transcoder")
+                               and d.matryoshka_prefixes is None
+                               and t.step != "sparse"),
+        "train.l0_per_token", "needs a jumprelu SAE or transcoder without "
+        "matryoshka_prefixes and train.step 'dense' or 'autodiff'",
+        t.l0_per_token)
   _need(t.step != "sparse" or (d.architecture in ("jumprelu", "topk",
                                                  "batchtopk")
                               and d.matryoshka_prefixes is None),

@@ -172,7 +172,11 @@ def lr_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(c: ml_collections.ConfigDict
                    ) -> optax.GradientTransformation:
+  parts = []
+  if c.train.get("grad_clip_norm", 0.0):
+    parts.append(optax.clip_by_global_norm(c.train.grad_clip_norm))
   return optax.chain(
+      *parts,
       optax.scale_by_adam(b1=c.train.beta1, b2=c.train.beta2),
       optax.scale_by_learning_rate(lr_schedule(c)))
 
@@ -196,6 +200,8 @@ class Run:
     self.layout = config_lib.layout(c, None, model_config)
     self.dict_config = self.layout.config(c, model_config)
     self.module = dictionaries.make_dictionary(self.dict_config)
+    if c.train.get("l0_per_token", False):
+      self.module = self.module.clone(l0_per_token=True)
     self.tx = make_optimizer(c)
     self.mesh = make_mesh(c, devices)
     self.rules = tuple((a, b) for a, b in c.mesh.rules)
@@ -248,6 +254,11 @@ class Run:
 
   def _boxed_state(self, key, b_dec, norm_scale, target_scale) -> TrainState:
     params = dictionaries.init_params(self.module, key, b_dec=b_dec)
+    scale = self.c.train.get("init_norm", 1.0)
+    if scale != 1.0:  # both are unit-norm per latent at init
+      params = {k: (v.replace_boxed(v.unbox() * scale)
+                    if k in ("w_enc", "w_dec") else v)
+                for k, v in params.items()}
     inner = getattr(self.module, "dictionary", self.module)
     shape = getattr(inner, "latent_shape", (self.dict_config.d_sae,))
     names = getattr(inner, "latent_axes_names", ("latent",))
@@ -306,7 +317,8 @@ class Run:
     coeff = self.sparsity_coeff(state.step)
     lo, fired, grads = self._loss_and_grads(state.params, x, coeff, target)
     params, opt_state = dictionaries.apply_update(
-        self.module, self.tx, state.params, state.opt_state, grads)
+        self.module, self.tx, state.params, state.opt_state, grads,
+        unit_decoder=self.c.train.get("unit_decoder", True))
     step = state.step + 1
     last_fired = jnp.where(fired, step, state.last_fired)
     silent_tokens = (step - last_fired) * x.shape[0]

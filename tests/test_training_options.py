@@ -1,0 +1,156 @@
+"""Training options that depart from the published recipe (the SAELens
+comparison, benchmarks/quality_vs_saelens.py), checked against closed forms
+or an independent optax computation: the per-token quadratic L0 penalty,
+global gradient clipping, free decoder rows and the initial encoder /
+decoder norm. Tiny shapes, no Gemma weights: seconds on a CPU."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gemscope_jax import dictionaries as D
+from gemscope_jax.dictionaries import jumprelu
+from gemscope_jax.training import config as config_lib
+from gemscope_jax.training import trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+D_IN, D_SAE, B = 8, 16, 6
+
+
+def _params(seed=0):
+  r = np.random.default_rng(seed)
+  return {
+      "w_enc": r.normal(size=(D_IN, D_SAE)).astype(np.float32) * 0.5,
+      "w_dec": r.normal(size=(D_SAE, D_IN)).astype(np.float32) * 0.5,
+      "b_enc": r.normal(size=(D_SAE,)).astype(np.float32) * 0.2,
+      "b_dec": r.normal(size=(D_IN,)).astype(np.float32) * 0.3,
+      "threshold": r.uniform(0.1, 0.5, size=(D_SAE,)).astype(np.float32),
+  }
+
+
+def _x(seed=1):
+  return np.random.default_rng(seed).normal(size=(B, D_IN)).astype(np.float32)
+
+
+def test_per_token_quadratic_penalty_value_and_threshold_grad():
+  """mean_t c (2/L*) (l0_t - L*)^2 and its straight-through threshold
+  gradient c (4/L*) / B sum_t (l0_t - L*) (-(1/eps) rect_tj), by hand."""
+  eps, target, coeff = 0.3, 3.0, 0.7
+  p, x = _params(), _x()
+  pre = (x - p["b_dec"]) @ p["w_enc"] + p["b_enc"]
+  th = p["threshold"]
+
+  def pen(t, per_token):
+    return jumprelu.penalty_terms(
+        jnp.asarray(pre), t, bandwidth=eps, kind="quadratic",
+        sparsity_coeff=coeff, target_l0=target, preact_coeff=0.0,
+        per_token=per_token)[0]
+
+  l0_t = (pre > th).sum(1).astype(np.float64)
+  rect = (np.abs((pre - th) / eps) < 0.5).astype(np.float64)
+  assert rect.sum() > 5 and l0_t.std() > 0.5  # the two forms differ here
+  want = np.mean(coeff * (2 / target) * (l0_t - target) ** 2)
+  np.testing.assert_allclose(pen(jnp.asarray(th), True), want, rtol=1e-5)
+  # The batch-mean form is smaller by exactly c (2/L*) Var_t(l0_t).
+  np.testing.assert_allclose(pen(jnp.asarray(th), False),
+                             want - coeff * (2 / target) * l0_t.var(),
+                             rtol=1e-5)
+  grad = jax.grad(lambda t: pen(t, True))(jnp.asarray(th))
+  want_g = (coeff * (4 / target) / B
+            * np.sum((l0_t - target)[:, None] * -(1 / eps) * rect, 0))
+  np.testing.assert_allclose(grad, want_g, rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_module_loss_matches_penalty_terms():
+  """JumpReLU(l0_per_token=True).loss adds the per-token penalty."""
+  eps, target, coeff = 0.3, 3.0, 0.7
+  p, x = _params(), _x()
+  module = D.JumpReLU(D_IN, D_SAE, bandwidth=eps, target_l0=target,
+                      l0_per_token=True)
+  lo, _ = D.compute_loss(module, p, jnp.asarray(x), sparsity_coeff=coeff)
+  pre = (x - p["b_dec"]) @ p["w_enc"] + p["b_enc"]
+  l0_t = (pre > p["threshold"]).sum(1)
+  np.testing.assert_allclose(
+      lo.sparsity, np.mean(coeff * (2 / target) * (l0_t - target) ** 2),
+      rtol=1e-5)
+
+
+def _config(extra=""):
+  c = config_lib.load(f"{ROOT}/experiments/jumprelu_270m.py")
+  return config_lib.apply_overrides(c, config_lib.parse_arg(
+      "train.num_tokens=5120,train.batch_size=512,train.lr_warmup_steps=0,"
+      + extra))
+
+
+def test_grad_clip_equals_adam_on_clipped_gradients():
+  """Two steps: Adam(b1=0) on g / max(1, |g|/clip), by hand."""
+  c = _config("train.grad_clip_norm=1.0")
+  tx = trainer.make_optimizer(c)
+  r = np.random.default_rng(3)
+  grads = [{"a": r.normal(size=(5,)).astype(np.float32) * s,
+            "b": r.normal(size=(3,)).astype(np.float32) * s}
+           for s in (10.0, 0.1)]
+  params = {"a": np.zeros(5, np.float32), "b": np.zeros(3, np.float32)}
+  state = tx.init(params)
+  lr, b2, eps = c.train.lr, c.train.beta2, 1e-8
+  v = {k: 0.0 for k in params}
+  for i, g in enumerate(grads):
+    updates, state = tx.update(g, state, params)
+    norm = np.sqrt(sum(np.sum(np.square(a)) for a in g.values()))
+    for k in params:
+      gc = g[k] * min(1.0, 1.0 / norm)
+      v[k] = b2 * v[k] + (1 - b2) * gc.astype(np.float64) ** 2
+      vhat = v[k] / (1 - b2 ** (i + 1))
+      want = -lr * gc / (np.sqrt(vhat) + eps)
+      np.testing.assert_allclose(updates[k], want, rtol=1e-5, err_msg=k)
+  # The second step's gradient was not clipped but the first's was: without
+  # clipping the second update would be ~100x smaller in this Adam state.
+  assert np.max(np.abs(updates["a"])) > 0.1 * lr
+
+
+def test_free_decoder_update_is_plain_optax():
+  """unit_decoder=False: no gradient projection, no renormalisation (the
+  threshold is still kept >= 0); the default keeps unit rows."""
+  p, x = _params(), _x()
+  module = D.JumpReLU(D_IN, D_SAE, bandwidth=0.3, target_l0=3.0)
+  grads = jax.grad(lambda q: D.compute_loss(
+      module, q, jnp.asarray(x), sparsity_coeff=0.5)[0].total)(p)
+  opt = optax.sgd(0.1)
+  free, _ = D.apply_update(module, opt, p, opt.init(p), grads,
+                           unit_decoder=False)
+  for k in ("w_enc", "w_dec", "b_enc", "b_dec"):
+    np.testing.assert_allclose(free[k], p[k] - 0.1 * np.asarray(grads[k]),
+                               rtol=1e-6, atol=1e-7, err_msg=k)
+  np.testing.assert_allclose(
+      free["threshold"],
+      np.maximum(p["threshold"] - 0.1 * np.asarray(grads["threshold"]), 0))
+  unit, _ = D.apply_update(module, opt, p, opt.init(p), grads)
+  np.testing.assert_allclose(np.linalg.norm(unit["w_dec"], axis=1), 1.0,
+                             rtol=1e-6)
+
+
+def test_init_norm_scales_encoder_and_decoder():
+  """train.init_norm: every decoder row and encoder column has that norm at
+  init, still tied (W_enc = W_dec^T); the main job uses 0.3."""
+  c = _config("width=64")
+  assert c.train.init_norm == 0.3
+  model_config = config_lib.check(c)
+  run = trainer.Run(c, model_config, devices=jax.devices()[:1])
+  d = run.dict_config.d_in
+  state = run.init(jax.random.key(0), jnp.zeros((d,)), jnp.asarray(1.0),
+                   jnp.asarray(1.0))
+  w_enc, w_dec = np.asarray(state.params["w_enc"]), np.asarray(
+      state.params["w_dec"])
+  np.testing.assert_allclose(np.linalg.norm(w_dec, axis=1), 0.3, rtol=1e-5)
+  np.testing.assert_allclose(w_enc, w_dec.T)
+  c1 = _config("width=64,train.init_norm=1.0")
+  run1 = trainer.Run(c1, model_config, devices=jax.devices()[:1])
+  state1 = run1.init(jax.random.key(0), jnp.zeros((d,)), jnp.asarray(1.0),
+                     jnp.asarray(1.0))
+  np.testing.assert_allclose(np.asarray(state1.params["w_dec"]) * 0.3, w_dec,
+                             rtol=1e-5, atol=1e-7)
