@@ -76,10 +76,20 @@ def test_group_equals_single_runs(group_run, tmp_path):
                            / "params.safetensors"))
     got = member_export(group_run, layer)
     assert set(got) == set(single)
+    # A threshold learns only through the pairs inside its narrow
+    # straight-through window: an ulp of difference in one pre-activation
+    # (the group's vmapped step and its deeper harvest run their reductions
+    # in another order) can move a pair in or out and give that latent a
+    # different Adam step, after which a few dictionary entries drift a
+    # little (measured: one threshold of 256 at 1e-3, 0.04 % of w_dec at
+    # 1e-5 absolute). So 99.5 % of every array must agree to fp tolerance
+    # and all of it loosely; a wrong gradient moves far more than that.
     for k in single:
       scale = float(np.abs(single[k]).max())
-      np.testing.assert_allclose(got[k], single[k], rtol=1e-4,
-                                 atol=1e-5 * scale,
+      close = np.isclose(got[k], single[k], rtol=1e-4, atol=1e-5 * scale)
+      assert close.mean() >= 0.995, f"layer {layer}: {k} {close.mean()}"
+      np.testing.assert_allclose(got[k], single[k], rtol=1e-2,
+                                 atol=1e-3 * scale,
                                  err_msg=f"layer {layer}: {k}")
     meta = json.loads((group_run / "export" / "resid_post" / f"layer_{layer}"
                        / "config.json").read_text())
@@ -88,7 +98,7 @@ def test_group_equals_single_runs(group_run, tmp_path):
                                      ).read_text().splitlines()]
     np.testing.assert_allclose(
         [r[f"layer_{layer}/resid_post/loss"] for r in rows],
-        [r["loss"] for r in srows], rtol=1e-4)
+        [r["loss"] for r in srows], rtol=5e-4)  # the drift above
 
 
 def test_resume_equals_uninterrupted(group_run, tmp_path):
