@@ -90,7 +90,7 @@ def main() -> None:
   mc = config_lib.check(c)
   layers = list(range(mc.num_layers))
   # Warm the shared loaders so that neither side pays for them.
-  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   trainer.load_gemma(c, mc)
   trainer._window_dataset(c, default_tokenizer(), progress=False)  # pylint: disable=protected-access
   with tempfile.TemporaryDirectory() as tmp:

@@ -50,9 +50,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # pylint: disable=wrong-import-position
 
 from gemscope_jax import assets  # pylint: disable=wrong-import-position
-from gemscope_jax import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
+from gemscope_jax.text import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 from gemscope_jax.data import pipeline, stream  # pylint: disable=wrong-import-position
-from gemscope_jax.data.windows import windows_from_files  # pylint: disable=wrong-import-position
+from gemscope_jax.text.windows import windows_from_files  # pylint: disable=wrong-import-position
 from gemscope_jax.training import config as config_lib  # pylint: disable=wrong-import-position
 from gemscope_jax.training import trainer  # pylint: disable=wrong-import-position
 
@@ -167,7 +167,7 @@ def run_anchor(tokens: int, *, text: str, batch: int, width: int,
   tok = tokenizer_lib.default_tokenizer()
   special = np.fromiter(tok.special_ids, np.int64)
   # Enough windows for `tokens` ordinary rows (BOS is dropped), plus margin.
-  files = config_lib.text_files(text, "data.text")
+  files = corpora.text_files(text, "config.data.text")
   windows = windows_from_files(tok, files, SEQ,
                                int(tokens * SEQ / (SEQ - 1)) + BATCH * SEQ)
   captured = {}

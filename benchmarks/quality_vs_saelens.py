@@ -80,12 +80,13 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import safetensors.numpy  # pylint: disable=wrong-import-position
 
-from gemscope_jax import dictionaries, pretrained  # pylint: disable=wrong-import-position
+from gemscope_jax import dictionaries  # pylint: disable=wrong-import-position
+from gemscope_jax.convert import pretrained  # pylint: disable=wrong-import-position
 from gemscope_jax.data import activation_cache, stream  # pylint: disable=wrong-import-position
-from gemscope_jax.data import text as text_lib  # pylint: disable=wrong-import-position
-from gemscope_jax.data.windows import windows_from_files  # pylint: disable=wrong-import-position
+from gemscope_jax.text import corpora as text_lib  # pylint: disable=wrong-import-position
+from gemscope_jax.text.windows import windows_from_files  # pylint: disable=wrong-import-position
 from gemscope_jax.training import config as config_lib  # pylint: disable=wrong-import-position
-from gemscope_jax.training import evaluate as eval_lib  # pylint: disable=wrong-import-position
+from gemscope_jax.evals import evaluate as eval_lib  # pylint: disable=wrong-import-position
 from gemscope_jax.training import trainer  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -367,7 +368,7 @@ def main():
     rows.append({"name": name, "arrays": arrays, "train_s": secs,
                  "coeff": coeff, "train": last})
 
-  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = default_tokenizer()
   model_config, model_params = pretrained.load_model("default")
   eval_sets = {

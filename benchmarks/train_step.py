@@ -51,7 +51,7 @@ import torch  # pylint: disable=wrong-import-position
 
 from gemscope_jax.dictionaries import JumpReLU, TopK  # pylint: disable=wrong-import-position
 from gemscope_jax.dictionaries import _base  # pylint: disable=wrong-import-position
-from gemscope_jax.dictionaries import sparse  # pylint: disable=wrong-import-position
+from gemscope_jax.training.grads import sparse  # pylint: disable=wrong-import-position
 from gemscope_jax.kernels import jumprelu as jumprelu_kernel  # pylint: disable=wrong-import-position
 
 LR = 1e-5

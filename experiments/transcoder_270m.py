@@ -7,7 +7,7 @@ or of every layer at once (a replacement model for all 18 MLPs).
   gemscope train --config=experiments/transcoder_270m.py:layers=all \
       --workdir=out/tc_all                      one per layer, one pass
 
-The published JumpReLU recipe adapted to transcoders (DESIGN §5): no
+The published JumpReLU recipe adapted to transcoders: no
 pre-encoder bias, mlp_in and mlp_out each divided by their own scalar,
 b_dec started at the mean of mlp_out, quadratic L0 penalty towards 60.
 metrics.json holds the FVU of mlp_out, L0, dead/dense latents and the LM

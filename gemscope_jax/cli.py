@@ -9,8 +9,6 @@
                          Scope 2 or SAELens folder
   gemscope export-model  write Gemma 3 weights as a Hugging Face directory
                          (transformers' Gemma3ForCausalLM loads it)
-  gemscope demo          real Gemma 3 270M on real text: predictions and
-                         per-layer activation statistics
   gemscope activations   dump activations at hookpoints to safetensors
   gemscope info          the Gemma 3 sizes and their parameter counts
 """
@@ -36,21 +34,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                  help="windows per forward pass")
 
 
-def _cmd_demo(args) -> int:
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from gemscope_jax import demo  # pylint: disable=import-outside-toplevel
-  demo.run(model=args.model, text_files=args.text_file,
-           max_tokens=args.max_tokens, seq_len=args.seq_len,
-           batch_size=args.batch_size, out_dir=args.out_dir,
-           dtype=jnp.dtype(args.dtype))
-  return 0
-
-
 def _cmd_activations(args) -> int:
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from gemscope_jax import activations, models, pretrained  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.data.windows import windows_from_files  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.data import harvest as activations  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.text.windows import windows_from_files  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
 
   config, params = pretrained.load_model(args.model,
                                          dtype=jnp.dtype(args.dtype))
@@ -71,7 +61,7 @@ def _cmd_activations(args) -> int:
 
 
 def _config_overrides(items: Sequence[str] | None) -> dict:
-  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   out = {}
   for item in items or ():
     out.update(config_lib.parse_arg(item))
@@ -92,16 +82,16 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _cmd_train(args) -> int:
-  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.training import plans, trainer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   c = config_lib.load(args.config)
   c = config_lib.apply_overrides(c, _config_overrides(args.set))
   if args.no_eval:
     c.eval.at_end = False
-  from gemscope_jax.training import distributed  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.parallel import distributed  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   try:
     # First, before any device is used (a multi-host run starts here).
-    distributed.initialize(c)
+    distributed.initialize(plans.distributed_plan(c))
   except distributed.DistributedError as e:
     print(f"gemscope train: error: {e}", file=sys.stderr)
     return 3
@@ -116,7 +106,7 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
   if args.dictionary is not None:
     return _eval_dictionary(args)
-  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   metrics = trainer.evaluate_workdir(args.workdir, progress=not args.quiet,
                                      overrides=_config_overrides(args.set))
   _print_metrics(metrics)
@@ -125,11 +115,11 @@ def _cmd_eval(args) -> int:
 
 
 def _eval_dictionary(args) -> int:
-  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.evals import dictionary as eval_dictionary  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   if args.set:
     raise ValueError("--set applies to --workdir; with --dictionary use "
                      "--model, --text, --num-tokens, --loss-tokens")
-  metrics = interop.evaluate_dictionary(
+  metrics = eval_dictionary.evaluate_dictionary(
       args.dictionary, model=args.model, text=args.text,
       num_tokens=args.num_tokens, loss_tokens=args.loss_tokens,
       hookpoint=args.hookpoint, progress=not args.quiet)
@@ -138,8 +128,9 @@ def _eval_dictionary(args) -> int:
 
 
 def _cmd_export(args) -> int:
-  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
-  d = interop.from_workdir(args.workdir)
+  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.training import export  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  d = export.from_workdir(args.workdir)
   if isinstance(d, interop.MultiLayerInference):
     if args.format != "gemmascope2":
       raise SystemExit(f"gemscope export: a {d.kind} has no {args.format} "
@@ -159,7 +150,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_export_model(args) -> int:
-  from gemscope_jax.convert import hf_write  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.convert import hf_write  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   max_bytes = None if args.max_shard_mb is None else args.max_shard_mb << 20
   out = hf_write.export_model(args.model, args.out, dtype=args.dtype,
                               max_shard_bytes=max_bytes,
@@ -171,7 +162,7 @@ def _cmd_export_model(args) -> int:
 
 
 def _cmd_info(_args) -> int:
-  from gemscope_jax import models  # pylint: disable=import-outside-toplevel
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   print(f"{'size':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
         f"{'head_dim':>8} {'window':>6} {'parameters':>15}")
   for c in models.CONFIGS.values():
@@ -251,17 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="replace a non-empty --out")
   p.set_defaults(fn=_cmd_export_model)
-
-  p = sub.add_parser("demo", help="Gemma 3 on real text: predictions and "
-                     "activation statistics per layer")
-  _add_model_flags(p)
-  p.add_argument("--text-file", action="append",
-                 help="text file(s); default: the embedded Shakespeare")
-  p.add_argument("--max-tokens", type=int, default=1024,
-                 help="tokens of text to run over")
-  p.add_argument("--out-dir", default="out/demo",
-                 help="where stats.json and the plot go")
-  p.set_defaults(fn=_cmd_demo)
 
   p = sub.add_parser("activations",
                      help="dump activations at hookpoints to safetensors")

@@ -16,7 +16,8 @@ published in and evaluates it with nothing but torch:
   (default True) subtracts b_dec from x before the encoder, and topk's
   `rescale_acts_by_decoder_norm` is honoured.
 
-The formulas (DESIGN.md §4): `pre = x @ w_enc + b_enc` (x - b_dec when
+The formulas (those of the Gemma Scope 2 and SAELens releases):
+`pre = x @ w_enc + b_enc` (x - b_dec when
 apply_b_dec_to_input), then JumpReLU `relu(pre) * (pre > threshold)`, TopK
 the k largest of `relu(pre)` per token, standard `relu(pre)`; `decode(f) =
 f @ w_dec + b_dec (+ x @ affine_skip)`.

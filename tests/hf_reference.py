@@ -1,7 +1,8 @@
 """transformers as the independent reference: hookpoint capture on HF Gemma 3.
 
 Imported by tests only. Each of our hookpoints maps to a module input or
-output of `Gemma3ForCausalLM` (DESIGN.md §3); forward hooks record them.
+output of `Gemma3ForCausalLM` (the table `HF_HOOKS` in
+gemscope_jax/models/hooks.py); forward hooks record them.
 """
 
 from __future__ import annotations

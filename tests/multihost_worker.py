@@ -20,7 +20,8 @@ import sys
 import time
 
 from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import distributed, trainer
+from gemscope_jax.parallel import distributed
+from gemscope_jax.training import trainer
 
 def main(workdir: str, overrides: str) -> None:
   faulthandler.dump_traceback_later(float(os.environ.get("MULTIHOST_DUMP_S", "0")) or 1e9, exit=False)

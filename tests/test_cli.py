@@ -1,4 +1,5 @@
-"""The gemscope command line on the real model: activations and demo."""
+"""The gemscope command line on the real model: `gemscope activations`
+(its output against the model's own forward pass) and its bad-input errors."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from gemscope_jax import cli, models
-from gemscope_jax.data import text as text_lib
-from gemscope_jax.data.windows import windows_from_files, windows_from_ids
-from gemscope_jax.tokenizer import default_tokenizer
+from gemscope_jax.text import corpora as text_lib
+from gemscope_jax.text.windows import windows_from_files, windows_from_ids
+from gemscope_jax.text.tokenizer import default_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -77,20 +78,3 @@ def test_activations_command_bad_input(tmp_path, capsys):
                  "layer_3/residual", "--out", str(out)])
   assert rc == 2 and "'residual'" in capsys.readouterr().err
   assert not out.exists()
-
-
-def test_demo_reports_the_models_own_loss(tmp_path, real_model):
-  from gemscope_jax import demo
-  config, params = real_model
-  stats = demo.run(max_tokens=256, seq_len=64, batch_size=4,
-                   out_dir=str(tmp_path))
-  files = stats["files"]
-  windows = windows_from_files(default_tokenizer(), files, 64, 256)
-  direct = models.forward(params, windows.tokens, windows.mask, config=config)
-  assert stats["loss"] == pytest.approx(float(direct.loss), rel=1e-4)
-  assert " question" in [t for t, _ in
-                         stats["predictions"]["To be, or not to be, that is the"]]
-  assert (tmp_path / "activation_norms.png").stat().st_size > 10_000
-  norms = [r["resid_norm_mean"] for r in stats["layers"]]
-  # The residual stream grows through the network (DESIGN.md §2).
-  assert norms[-1] > 20 * norms[0]

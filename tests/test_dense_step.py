@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from gemscope_jax import kernels
-from gemscope_jax.dictionaries import _base, dense, sparse
+from gemscope_jax.dictionaries import _base
+from gemscope_jax.training.grads import dense, sparse
 from gemscope_jax.dictionaries import jumprelu as jumprelu_lib
 from gemscope_jax.dictionaries import topk as topk_lib
 from gemscope_jax.kernels import jumprelu as jumprelu_kernel

@@ -1,8 +1,11 @@
 """Sparse dictionaries against closed forms computed independently in NumPy.
 
-Every expected value here is re-derived from the published formulas (DESIGN
-§4-5), never by calling the code under test a second way; shapes are tiny so
-the whole file runs in seconds on a busy 2-core CPU.
+Every expected value here is re-derived from the published formulas (the
+Gemma Scope 2 encode `pre = x @ w_enc + b_enc`, `f = relu(pre) *
+(pre > threshold)`, decode `f @ w_dec + b_dec`, and the JumpReLU
+straight-through estimators with a rectangle kernel), never by calling the
+code under test a second way; shapes are tiny so the whole file runs in
+seconds on a busy 2-core CPU.
 """
 
 from __future__ import annotations
@@ -206,7 +209,7 @@ def test_to_inference_reproduces_training_module_on_raw_inputs(
   s_out = s if out_scale is None else out_scale
   inf = {k: np.asarray(v) for k, v in
          module.to_inference(p, s, out_norm_scale=out_scale).items()}
-  # DESIGN §4, on raw activations.
+  # The Gemma Scope 2 encode and decode, on raw activations.
   pre = x_raw @ inf["w_enc"] + inf["b_enc"]
   f = np.maximum(pre, 0) * (pre > inf["threshold"])
   recon = f @ inf["w_dec"] + inf["b_dec"]

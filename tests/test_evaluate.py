@@ -1,4 +1,4 @@
-"""training.evaluate against independent numpy computations and closed forms.
+"""evals.evaluate against independent numpy computations and closed forms.
 
 The real Gemma 3 270M at layer_1/resid_post, on the shared real-text windows
 cut to 32 tokens (4 windows, evaluated in 2 batches of 2 so accumulation
@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from gemscope_jax import models
-from gemscope_jax.activations import harvest, special_mask
-from gemscope_jax.data.windows import Windows
+from gemscope_jax.data.harvest import harvest
+from gemscope_jax.text.windows import special_mask
+from gemscope_jax.text.windows import Windows
 from gemscope_jax.dictionaries import JumpReLU
-from gemscope_jax.training import evaluate as ev
+from gemscope_jax.evals import evaluate as ev
 
 HP = "layer_1/resid_post"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,7 +33,7 @@ SEQ = 32
 @pytest.fixture(scope="module")
 def env(real_model, real_text_tokens):
   """Model, windows, and numpy ground truth: ordinary-token activations."""
-  from gemscope_jax.tokenizer import default_tokenizer
+  from gemscope_jax.text.tokenizer import default_tokenizer
   config, params = real_model
   tok = default_tokenizer()
   tokens, mask = real_text_tokens

@@ -231,7 +231,7 @@ def test_missing_or_misshapen_parameter_is_named(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_real_270m_export_matches_transformers(real_model, tmp_path):
-  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   config, params = real_model
   out = export_model("default", tmp_path / "gemma3_270m")
   tokens = np.asarray([default_tokenizer().encode(

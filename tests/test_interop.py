@@ -3,11 +3,12 @@
 SAELens folders we write are loaded with SAELens's own `SAE.load_from_disk`
 (torch, CPU) and must encode and decode as our training modules do on the
 same raw activations. A Gemma Scope 2 folder written here by hand from the
-spec (numpy, `safetensors.numpy.save_file`) must encode as the formulas of
-DESIGN.md §4 computed in float64. Round trips must be bit-exact, an
-imported dictionary spliced into a tiny random Gemma must give the
-metrics of the module it came from, and every bad input must name what is
-wrong.
+spec (numpy, `safetensors.numpy.save_file`) must encode as the Gemma Scope
+2 formulas (`pre = x @ w_enc + b_enc`, `f = relu(pre) * (pre > threshold)`,
+`x_hat = f @ w_dec + b_dec`) computed in float64. Round trips must be
+bit-exact, an imported dictionary spliced into a tiny random Gemma must give
+the metrics of the module it came from, and every bad input must name what
+is wrong.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from gemscope_jax import cli, dictionaries, interop, models
-from gemscope_jax.data.windows import Windows
+from gemscope_jax.text.windows import Windows
 from gemscope_jax.interop import gemmascope2, saelens
-from gemscope_jax.training import evaluate as ev
+from gemscope_jax.evals import evaluate as ev
 
 D_IN, D_SAE, K = 16, 48, 6
 HP = "layer_1/resid_post"
@@ -130,7 +131,8 @@ def test_saelens_keeps_apply_b_dec_to_input(tmp_path):
 
 
 def _spec_folder(root, *, affine: bool, seed: int = 3):
-  """A Gemma Scope 2 transcoder/SAE folder written straight from §4."""
+  """A Gemma Scope 2 transcoder/SAE folder written straight from the
+  published layout (`params.safetensors` + `config.json`)."""
   rng = np.random.default_rng(seed)
   d_out = 12 if affine else D_IN
   arrays = {

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemscope_jax import latents
-from gemscope_jax.activations import harvest, special_mask
-from gemscope_jax.data.windows import Windows
+from gemscope_jax.evals import latents
+from gemscope_jax.data.harvest import harvest
+from gemscope_jax.text.windows import special_mask
+from gemscope_jax.text.windows import Windows
 
 HP = "layer_2/resid_post"
 D_SAE = 96
@@ -25,7 +26,7 @@ D_SAE = 96
 
 @pytest.fixture(scope="module")
 def env(real_model, real_text_tokens):
-  from gemscope_jax.tokenizer import default_tokenizer
+  from gemscope_jax.text.tokenizer import default_tokenizer
   config, params = real_model
   tok = default_tokenizer()
   tokens, mask = real_text_tokens

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gemscope_jax import models, pretrained
+from gemscope_jax import models
+from gemscope_jax.convert import pretrained
 from gemscope_jax.convert import CheckpointError, _linear, load_gguf, load_hf
 from gemscope_jax.convert.gguf import GGUF_NAMES
 from gemscope_jax.convert import hf as hf_convert

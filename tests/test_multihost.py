@@ -23,7 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import distributed
+from gemscope_jax.parallel import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = [sys.executable, str(ROOT / "tests" / "multihost_worker.py")]

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from gemscope_jax import interop
+from gemscope_jax.evals import dictionary as eval_dictionary
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import splice
+from gemscope_jax.surgery import splice
 from gemscope_jax.training import trainer
 
 pytestmark = pytest.mark.slow
@@ -100,11 +101,11 @@ def test_transcoder_exports_compute_the_module(transcoder, tmp_path):
 
 
 def test_transcoder_export_evaluates_like_the_run(transcoder):
-  """`interop.evaluate_dictionary` on the exported folder (our transcoder
+  """`evals.dictionary.evaluate_dictionary` on the exported folder (our transcoder
   module rebuilt from raw-unit arrays, spliced in place of the MLP) gives
   the run's own held-out metrics."""
   workdir, m = transcoder
-  got = interop.evaluate_dictionary(
+  got = eval_dictionary.evaluate_dictionary(
       workdir / "export", num_tokens=4096, loss_tokens=1024, progress=False)
   assert got["hookpoint_out"] == "layer_3/mlp_out"
   for k in ("fvu", "l0", "dead_fraction"):

@@ -9,10 +9,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from gemscope_jax import data
+from gemscope_jax import text
 from gemscope_jax.data import pipeline
-from gemscope_jax.data.windows import windows_from_ids
-from gemscope_jax.tokenizer import default_tokenizer
+from gemscope_jax.text.windows import windows_from_ids
+from gemscope_jax.text.tokenizer import default_tokenizer
 
 SEQ_LEN = 16
 # Few prefetch threads: the suite shares a small machine.
@@ -26,7 +26,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def shakespeare_text():
-  return data.read_text(data.shakespeare_files()[:1])[10000:14000]
+  return text.read_text(text.shakespeare_files()[:1])[10000:14000]
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_source_matches_windows_from_ids(ids):
 
 def test_source_from_real_files_matches_windows_from_files(tok, text_files,
                                                            tmp_path):
-  from gemscope_jax.data.windows import windows_from_files
+  from gemscope_jax.text.windows import windows_from_files
   src = pipeline.TokenWindowSource.from_files(
       tok, text_files, SEQ_LEN, cache_dir=tmp_path / "cache")
   ref = windows_from_files(tok, text_files, SEQ_LEN)
@@ -239,7 +239,7 @@ def test_parquet_and_array_record_shards_read_as_their_documents(
   import pyarrow as pa
   import pyarrow.parquet as pq
   from array_record.python import array_record_module
-  docs = [data.read_text(data.shakespeare_files()[i:i + 1])[:3000]
+  docs = [text.read_text(text.shakespeare_files()[i:i + 1])[:3000]
           for i in (2, 5, 9)]
   joined = tmp_path / "joined.txt"
   joined.write_text("\n\n".join(docs), encoding="utf-8")
@@ -262,7 +262,7 @@ def test_parquet_and_array_record_shards_read_as_their_documents(
 
 
 def test_english_corpus_split_is_by_file_and_disjoint():
-  from gemscope_jax.data import text as text_lib
+  from gemscope_jax.text import corpora as text_lib
   train = text_lib.english_files()
   heldout = text_lib.english_heldout_files()
   everything = text_lib.shakespeare_files() + text_lib.python_doc_files()

@@ -53,7 +53,7 @@ def test_residual_stream_agrees_at_every_layer(both):
 
 
 def test_known_prediction(real_model):
-  from gemscope_jax.tokenizer import default_tokenizer
+  from gemscope_jax.text.tokenizer import default_tokenizer
   config, params = real_model
   tok = default_tokenizer()
   ids = np.asarray([tok.encode("The capital of France is")], np.int32)
@@ -92,7 +92,7 @@ def test_harvest_stops_early_and_agrees(real_model, real_text_tokens, both):
 
 
 def test_cached_default_equals_a_fresh_gguf_read(real_model, real_gguf_path):
-  from gemscope_jax import pretrained
+  from gemscope_jax.convert import pretrained
   from gemscope_jax.convert import load_gguf
   pretrained.load_model("default")  # makes sure the cache exists
   _, cached = pretrained._load_default()  # pylint: disable=protected-access

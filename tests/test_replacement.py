@@ -1,6 +1,6 @@
 """Transcoders, crosscoders and CLTs spliced into the real Gemma 3 270M.
 
-Our one-pass edits (`training.splice`) against an independent computation:
+Our one-pass edits (`surgery.splice`) against an independent computation:
 the dictionary's prediction in float64 numpy from the raw-unit arrays
 (`to_inference`), put in by plain fixed-value edits one layer at a time,
 each pass recording the next layer's input from the previous replacements.
@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 from gemscope_jax import dictionaries, models
-from gemscope_jax.activations import special_mask
-from gemscope_jax.data.windows import Windows
-from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import evaluate as ev
-from gemscope_jax.training import splice
+from gemscope_jax.text.windows import special_mask
+from gemscope_jax.text.windows import Windows
+from gemscope_jax.evals import evaluate as ev
+from gemscope_jax.surgery import splice
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +28,7 @@ SEQ = 24
 
 @pytest.fixture(scope="module")
 def env(real_model, real_text_tokens):
-  from gemscope_jax.tokenizer import default_tokenizer
+  from gemscope_jax.text.tokenizer import default_tokenizer
   config, params = real_model
   tok = default_tokenizer()
   tokens, mask = real_text_tokens
@@ -92,8 +91,9 @@ def test_clt_replacement_model_equals_layer_by_layer(env):
   """A JumpReLU CLT over layers 1-3 replacing all three MLPs in one pass
   equals the replacement computed layer by layer in numpy."""
   layers = (1, 2, 3)
-  lay = config_lib.Layout("clt", tuple(f"layer_{l}/mlp_in" for l in layers),
-                          tuple(f"layer_{l}/mlp_out" for l in layers))
+  lay = dictionaries.Layout("clt",
+                            tuple(f"layer_{l}/mlp_in" for l in layers),
+                            tuple(f"layer_{l}/mlp_out" for l in layers))
   module = dictionaries.CrossLayerTranscoder(
       n_layers=3, d_in=640, d_sae=48, target_l0=20.0)
   params = _random_params(module, jax.random.key(1), (3, 640))
@@ -150,8 +150,8 @@ def test_transcoder_replacement_loss_equals_layer_by_layer(env):
   cfg = env["config"]
   members, arrays = [], []
   for i, (layer, skip) in enumerate(((2, False), (4, True))):
-    lay = config_lib.Layout("transcoder", (f"layer_{layer}/mlp_in",),
-                            (f"layer_{layer}/mlp_out",))
+    lay = dictionaries.Layout("transcoder", (f"layer_{layer}/mlp_in",),
+                              (f"layer_{layer}/mlp_out",))
     module = dictionaries.JumpReLUTranscoder(
         d_in=640, d_sae=64, d_out=None, affine_skip=skip, target_l0=20.0)
     params = _random_params(module, jax.random.key(10 + i), (640,))
@@ -223,9 +223,9 @@ def test_crosscoder_splice_uses_clean_reconstruction(env):
   """An acausal crosscoder over resid_post of layers 2-4 spliced at all
   three at once: the clean pass's reconstruction (numpy, raw units) put in
   by fixed edits gives the same loss."""
-  lay = config_lib.Layout("crosscoder",
-                          tuple(f"layer_{l}/resid_post" for l in (2, 3, 4)),
-                          tuple(f"layer_{l}/resid_post" for l in (2, 3, 4)))
+  lay = dictionaries.Layout("crosscoder",
+                            tuple(f"layer_{l}/resid_post" for l in (2, 3, 4)),
+                            tuple(f"layer_{l}/resid_post" for l in (2, 3, 4)))
   module = dictionaries.Crosscoder(n_layers=3, d_in=640, d_sae=64,
                                    target_l0=20.0)
   params = _random_params(module, jax.random.key(3), (3, 640))

@@ -36,9 +36,11 @@ def _worker(out_path: str) -> None:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
-  from gemscope_jax import models, pretrained  # pylint: disable=import-outside-toplevel
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
   from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.training import sharding, trainer  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.parallel import gemma_layout as sharding  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
 
   assert len(jax.devices()) == 4, jax.devices()
   mc, params = pretrained.load_model("default")
@@ -163,7 +165,7 @@ def test_rules_and_fallbacks_in_closed_form():
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   from gemscope_jax import models  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.parallel import gemma_layout as sharding  # pylint: disable=import-outside-toplevel
 
   mc = models.Gemma3_27B
   abstract = models.abstract_params(mc, jnp.bfloat16)
@@ -190,7 +192,7 @@ def test_rules_and_fallbacks_in_closed_form():
 def test_bad_layout_names_the_field():
   from gemscope_jax import models  # pylint: disable=import-outside-toplevel
   from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.parallel import gemma_layout as sharding  # pylint: disable=import-outside-toplevel
 
   with pytest.raises(ValueError, match=r"config\.mesh\.gemma.*'zero3'"):
     sharding.check_layout("zero3")

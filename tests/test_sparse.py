@@ -10,7 +10,7 @@ import pytest
 
 from gemscope_jax.dictionaries import BatchTopK, JumpReLU, TopK
 from gemscope_jax.dictionaries import _base
-from gemscope_jax.dictionaries import sparse
+from gemscope_jax.training.grads import sparse
 
 D_IN, D_SAE, B = 32, 256, 64
 EPS = 0.05

@@ -1,4 +1,4 @@
-"""Tests for gemscope_jax.tokenizer: the Gemma 3 tokenizer rebuilt from GGUF.
+"""Tests for gemscope_jax.text.tokenizer: the Gemma 3 tokenizer from GGUF.
 
 The reference is transformers' own GGUF tokenizer of the same file. The two
 agree id for id except on runs of 32+ spaces, where ours follows SentencePiece
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from gemscope_jax import assets
-from gemscope_jax import tokenizer as tokenizer_lib
+from gemscope_jax.text import _gguf_metadata
+from gemscope_jax.text import tokenizer as tokenizer_lib
 
 gguf = pytest.importorskip("gguf")
 
@@ -242,8 +243,7 @@ def test_special_ids(tok, hf_tok):
   assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id,
           hf_tok.unk_token_id) == (2, 1, 0, 3)
   assert tok.vocab_size == 262144 == len(hf_tok.get_vocab())
-  meta = tokenizer_lib._read_gguf_tokenizer_metadata(  # pylint: disable=protected-access
-      assets.default_gguf_path())
+  meta = _gguf_metadata.read_tokenizer_metadata(assets.default_gguf_path())
   types = meta["tokenizer.ggml.token_type"]
   control = set(np.flatnonzero((types == 3) | (types == 2)).tolist())
   assert tok.special_ids == frozenset(control)

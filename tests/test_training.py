@@ -167,7 +167,7 @@ def test_stream_position_restores_exactly(real_model):
   """ActivationBatches resumed from a saved position yields the same
   batches as the original stream, including across a bucket boundary."""
   from gemscope_jax.data import stream
-  from gemscope_jax.tokenizer import default_tokenizer
+  from gemscope_jax.text.tokenizer import default_tokenizer
   c = tiny_config()
   config, params = real_model
   run = trainer.Run(c, config)
@@ -358,8 +358,8 @@ def test_cli_export_and_eval_of_released_folders_match_the_workdir(
     out = tmp_path / fmt
     run(["export", f"--workdir={reference_run}", f"--format={fmt}",
          f"--out={out}"])
-    from gemscope_jax import interop
-    got = interop.evaluate_dictionary(
+    from gemscope_jax.evals import dictionary as eval_dictionary
+    got = eval_dictionary.evaluate_dictionary(
         out, text="english_heldout", num_tokens=small["num_tokens"],
         loss_tokens=small["loss_tokens"], seq_len=want_seq_len(reference_run),
         progress=False)

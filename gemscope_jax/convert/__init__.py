@@ -1,10 +1,18 @@
-"""Loaders (and writers) for foreign checkpoint formats, one module each."""
+"""Gemma 3 weights in foreign formats, one module each (GGUF,
+transformers, official Orbax checkpoints), and `load_model`, which reads any
+of them (or the embedded real 270M) by name or path."""
 
-from gemscope_jax.convert._errors import CheckpointError
-from gemscope_jax.convert.gguf import load_gguf
-from gemscope_jax.convert.hf import config_from_hf, load_hf
-from gemscope_jax.convert.hf_write import export_model, hf_config, save_hf
-from gemscope_jax.convert.orbax import load_orbax, save_orbax
+from gemscope_jax import _lazy
 
-__all__ = ["CheckpointError", "config_from_hf", "export_model", "hf_config",
-           "load_gguf", "load_hf", "load_orbax", "save_hf", "save_orbax"]
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "CheckpointError": "gemscope_jax.convert._errors",
+    "load_gguf": "gemscope_jax.convert.gguf",
+    "config_from_hf": "gemscope_jax.convert.hf",
+    "load_hf": "gemscope_jax.convert.hf",
+    "export_model": "gemscope_jax.convert.hf_write",
+    "hf_config": "gemscope_jax.convert.hf_write",
+    "save_hf": "gemscope_jax.convert.hf_write",
+    "load_orbax": "gemscope_jax.convert.orbax",
+    "save_orbax": "gemscope_jax.convert.orbax",
+    "load_model": "gemscope_jax.convert.pretrained",
+}, submodules=("gguf", "hf", "hf_write", "orbax", "pretrained"))

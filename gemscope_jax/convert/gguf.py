@@ -8,7 +8,7 @@ the matching family size.
 
 Caveat: `gguf.GGUFReader` parses the 262k-entry vocabulary in Python (about
 13 s for Gemma 3); dequantising all tensors takes a few seconds more and
-peaks at about 2 GB for 270M. `gemscope_jax.pretrained` caches the result.
+peaks at about 2 GB for 270M. `gemscope_jax.convert.pretrained` caches the result.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+import gguf
 import numpy as np
 
 from gemscope_jax.convert._errors import CheckpointError
@@ -43,7 +44,6 @@ GGUF_NAMES = SourceNames(
 
 def open_reader(path: str | os.PathLike):
   """A gguf.GGUFReader, with unreadable files turned into CheckpointError."""
-  import gguf  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such GGUF file")
@@ -126,7 +126,6 @@ def load_gguf(path: str | os.PathLike, config: Gemma3Config | None = None,
     CheckpointError: the file is unreadable, not Gemma 3, lacks a tensor, or
       holds a tensor whose shape does not fit.
   """
-  import gguf  # pylint: disable=import-outside-toplevel
   reader = reader if reader is not None else open_reader(path)
   config = config_from_gguf(reader, path, config)
   tensors = {t.name: t for t in reader.tensors}

@@ -18,6 +18,7 @@ import pathlib
 from typing import Any, Mapping
 
 import numpy as np
+from safetensors import safe_open
 
 from gemscope_jax.convert._errors import CheckpointError
 from gemscope_jax.convert._linear import SourceNames, from_linear_layout
@@ -142,7 +143,6 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
 
 def _read_safetensors(files: list[pathlib.Path]) -> dict[str, Any]:
   """{canonical name: lazy getter}; nothing is read until a tensor is asked."""
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   getters = {}
   for f in files:
     try:

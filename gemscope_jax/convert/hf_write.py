@@ -33,9 +33,11 @@ from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 from gemscope_jax import assets
 from gemscope_jax.convert import _tree
+from gemscope_jax.convert import pretrained
 from gemscope_jax.convert._linear import to_linear_layout
 from gemscope_jax.convert.hf import HF_NAMES
 from gemscope_jax.models._config import Gemma3Config
@@ -43,7 +45,7 @@ from gemscope_jax.models._config import Gemma3Config
 DTYPES = {"float32": np.dtype(np.float32),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
-# Gemma 3's SentencePiece special ids (DESIGN.md §2).
+# Gemma 3's SentencePiece special ids: <pad> 0, <eos> 1, <bos> 2.
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 
 
@@ -134,7 +136,6 @@ def _shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int | None
 
 def _write_safetensors(tensors: Mapping[str, np.ndarray],
                        path: pathlib.Path) -> None:
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   # transformers refuses safetensors files without the "pt" format tag.
   save_file(dict(tensors), str(path), metadata={"format": "pt"})
 
@@ -209,8 +210,6 @@ def export_model(source: str | os.PathLike, out_dir: str | os.PathLike, *,
   Returns:
     The written directory.
   """
-  # pretrained imports this package; import it only when called.
-  from gemscope_jax import pretrained  # pylint: disable=import-outside-toplevel
   config, params = pretrained.load_model(source)
   return save_hf(config, params, out_dir, dtype=dtype,
                  max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -57,8 +57,7 @@ def _is_vision(key: str) -> bool:
 
 
 def _orbax():
-  # Imported lazily: orbax pulls in tensorstore and is slow to import.
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  (heavy: orbax pulls in tensorstore, only for Orbax folders)
   return ocp
 
 

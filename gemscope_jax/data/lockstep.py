@@ -32,9 +32,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemscope_jax import activations, models
+from gemscope_jax.text.windows import special_mask
+from gemscope_jax import models
 from gemscope_jax.data import pipeline
 from gemscope_jax.data.stream import _READ, Bucket
 
@@ -125,7 +127,6 @@ class LockstepHarvest:
   def _enough(self, rows: dict[int, int]) -> bool:
     least = min(rows.values())
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       least = int(np.min(multihost_utils.process_allgather(
           np.asarray([least], np.int64))))
     return least >= self.rows_per_bucket
@@ -141,7 +142,7 @@ class LockstepHarvest:
       tokens = np.concatenate([b["tokens"] for b in batches.values()])
       mask = np.concatenate([b["mask"] for b in batches.values()])
       acts = self._forward(tokens, mask)
-      keep = mask & ~activations.special_mask(self.tokenizer, tokens)
+      keep = mask & ~special_mask(self.tokenizer, tokens)
       self.tokens_seen += int(mask.sum())
       start = 0
       for s, b in batches.items():

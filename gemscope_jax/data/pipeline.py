@@ -74,7 +74,7 @@ def read_documents(path: str | os.PathLike, *,
   path = pathlib.Path(path)
   if path.suffix in PARQUET_SUFFIXES:
     try:
-      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel  (optional: pyarrow, only for .parquet files)
     except ImportError as e:
       raise ImportError(f"{path}: reading parquet needs pyarrow "
                         "(pip install pyarrow)") from e
@@ -85,7 +85,7 @@ def read_documents(path: str | os.PathLike, *,
     docs = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
     return "\n\n".join(d for d in docs if d)
   if path.suffix in ARRAY_RECORD_SUFFIXES:
-    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel  (optional: array_record, not a direct dependency, only for .array_record files)
     reader = array_record_module.ArrayRecordReader(str(path))
     try:
       records = reader.read_all()

@@ -39,8 +39,10 @@ from typing import Any, Iterator, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from gemscope_jax import activations, models
+from gemscope_jax.text.windows import special_mask
+from gemscope_jax import models
 from gemscope_jax.data import pipeline
 
 Bucket = dict[str, np.ndarray]
@@ -109,7 +111,7 @@ class HarvestSource:
     out = models.forward(self.params, t, m, config=self.config,
                          hookpoints=self.hookpoints, logits=False,
                          loss=False, dtype=self.dtype)
-    keep = mask & ~activations.special_mask(self.tokenizer, tokens)
+    keep = mask & ~special_mask(self.tokenizer, tokens)
     self.tokens_seen += int(mask.sum())
     return {n: np.asarray(out.activations[n], np.float32)[keep]
             for n in self.hookpoints}
@@ -244,7 +246,6 @@ class ShardedBatches:
     local = self.shards[0].peek_bucket() if 0 in self.shards else None
     if jax.process_count() == 1:
       return local
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     names = sorted(local) if local is not None else None
     names = _broadcast_json(names)
     shapes = np.zeros((len(names), 2), np.int64)
@@ -274,7 +275,6 @@ class ShardedBatches:
 
 def _broadcast_json(value):
   """`value` (JSON-able) of process 0, on every process."""
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
   n = int(np.asarray(multihost_utils.broadcast_one_to_all(
       np.asarray([raw.size], np.int32)))[0])

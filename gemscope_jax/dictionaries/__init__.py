@@ -9,57 +9,47 @@ Transcoders (`JumpReLUTranscoder`, `TopKTranscoder`), `Crosscoder` and
 write (..., n_layers, d).
 """
 
-from __future__ import annotations
+from gemscope_jax import _lazy
 
-from gemscope_jax.dictionaries._base import (AXES, DictOutput, Dictionary,
-                                             apply_update,
-                                             LossOutput, compute_loss,
-                                             fold_for_inference, fvu,
-                                             init_params, mse_loss,
-                                             normalize_decoder,
-                                             project_decoder_grads)
-from gemscope_jax.dictionaries._config import (ARCHITECTURES, CLTS,
-                                               CROSSCODERS, MULTILAYER, SAES,
-                                               TRANSCODERS, DictConfig)
-from gemscope_jax.dictionaries.clt import CrossLayerTranscoder
-from gemscope_jax.dictionaries.crosscoder import Crosscoder
-from gemscope_jax.dictionaries.jumprelu import JumpReLU, JumpReLUTranscoder
-from gemscope_jax.dictionaries.matryoshka import Matryoshka
-from gemscope_jax.dictionaries.relu_l1 import ReLU
-from gemscope_jax.dictionaries.topk import (BatchTopK, TopK, TopKTranscoder,
-                                            global_threshold)
-
-DICTIONARIES = {
-    "jumprelu": JumpReLU,
-    "topk": TopK,
-    "batchtopk": BatchTopK,
-    "relu": ReLU,
-    "jumprelu_transcoder": JumpReLUTranscoder,
-    "topk_transcoder": TopKTranscoder,
-    # One class per structure; `from_config` reads the activation from the
-    # architecture's prefix.
-    "jumprelu_crosscoder": Crosscoder,
-    "topk_crosscoder": Crosscoder,
-    "jumprelu_clt": CrossLayerTranscoder,
-    "topk_clt": CrossLayerTranscoder,
-}
-
-
-def make_dictionary(config: DictConfig) -> Dictionary | Matryoshka:
-  """The module `config` describes, Matryoshka-wrapped if it asks for it."""
-  module = DICTIONARIES[config.architecture].from_config(config)
-  if config.matryoshka_prefixes is not None:
-    module = Matryoshka(module, config.matryoshka_prefixes)
-  return module
-
-
-__all__ = [
-    "ARCHITECTURES", "CLTS", "CROSSCODERS", "MULTILAYER", "SAES",
-    "TRANSCODERS", "AXES", "apply_update", "BatchTopK", "DICTIONARIES", "DictConfig",
-    "CrossLayerTranscoder", "Crosscoder", "DictOutput", "Dictionary",
-    "JumpReLU", "JumpReLUTranscoder", "LossOutput", "Matryoshka", "ReLU",
-    "TopK", "TopKTranscoder", "compute_loss", "fold_for_inference", "fvu",
-    "global_threshold",
-    "init_params", "make_dictionary", "mse_loss", "normalize_decoder",
-    "project_decoder_grads",
-]
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "AXES": "gemscope_jax.dictionaries._base",
+    "DictOutput": "gemscope_jax.dictionaries._base",
+    "Dictionary": "gemscope_jax.dictionaries._base",
+    "LossOutput": "gemscope_jax.dictionaries._base",
+    "compute_loss": "gemscope_jax.dictionaries._base",
+    "constrain": "gemscope_jax.dictionaries._base",
+    "fold_for_inference": "gemscope_jax.dictionaries._base",
+    "fvu": "gemscope_jax.dictionaries._base",
+    "has_unit_decoder": "gemscope_jax.dictionaries._base",
+    "init_params": "gemscope_jax.dictionaries._base",
+    "leaf_value": "gemscope_jax.dictionaries._base",
+    "mse_loss": "gemscope_jax.dictionaries._base",
+    "normalize_decoder": "gemscope_jax.dictionaries._base",
+    "project_decoder_grads": "gemscope_jax.dictionaries._base",
+    "ARCHITECTURES": "gemscope_jax.dictionaries._config",
+    "CLTS": "gemscope_jax.dictionaries._config",
+    "CROSSCODERS": "gemscope_jax.dictionaries._config",
+    "MULTILAYER": "gemscope_jax.dictionaries._config",
+    "SAES": "gemscope_jax.dictionaries._config",
+    "TRANSCODERS": "gemscope_jax.dictionaries._config",
+    "DictConfig": "gemscope_jax.dictionaries._config",
+    "CrossLayerTranscoder": "gemscope_jax.dictionaries.clt",
+    "Crosscoder": "gemscope_jax.dictionaries.crosscoder",
+    "JumpReLU": "gemscope_jax.dictionaries.jumprelu",
+    "JumpReLUTranscoder": "gemscope_jax.dictionaries.jumprelu",
+    "Matryoshka": "gemscope_jax.dictionaries.matryoshka",
+    "ReLU": "gemscope_jax.dictionaries.relu_l1",
+    "BatchTopK": "gemscope_jax.dictionaries.topk",
+    "TopK": "gemscope_jax.dictionaries.topk",
+    "TopKTranscoder": "gemscope_jax.dictionaries.topk",
+    "global_threshold": "gemscope_jax.dictionaries.topk",
+    "DICTIONARIES": "gemscope_jax.dictionaries.registry",
+    "make_dictionary": "gemscope_jax.dictionaries.registry",
+    "Layout": "gemscope_jax.dictionaries.layout",
+    "KINDS": "gemscope_jax.dictionaries.layout",
+    "kind_of": "gemscope_jax.dictionaries.layout",
+    "make_layout": "gemscope_jax.dictionaries.layout",
+    "parse_layers": "gemscope_jax.dictionaries.layout",
+    "parse_sites": "gemscope_jax.dictionaries.layout",
+}, submodules=("clt", "crosscoder", "jumprelu", "layout", "matryoshka",
+                "registry", "relu_l1", "topk"))

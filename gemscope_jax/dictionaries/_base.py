@@ -263,8 +263,9 @@ def init_params(module: Dictionary, key: jax.Array, *,
   Args:
     module: any dictionary module (or the Matryoshka wrapper).
     key: PRNG key.
-    b_dec: e.g. the (normalised) data mean; DESIGN §6 found starting there
-      matters where activations have a large constant offset.
+    b_dec: e.g. the (normalised) data mean; starting there matters where
+      activations have a large constant offset (as Gemma's residual stream
+      does).
   """
   in_shape = getattr(module, "in_shape", (module.d_in,))
   x = jnp.zeros((1, *in_shape), jnp.float32)
@@ -333,41 +334,39 @@ def project_decoder_grads(params: Params, grads: Params) -> Params:
   return _replace(grads, "w_dec", project)
 
 
-def apply_update(module: nn.Module, optimizer, params: Params, opt_state,
-                 grads: Params, *, unit_decoder: bool | None = None
-                 ) -> tuple[Params, Any]:
-  """One optimiser step with the dictionary constraints around it.
+def constrain(module: nn.Module, params: Params, *, unit_decoder: bool
+              ) -> Params:
+  """params with the dictionary's invariants restored after an update.
 
-  Decoder-row gradients lose their parallel component (unit-decoder
-  modules), optax updates the parameters, decoder rows go back to unit norm
-  and a JumpReLU threshold is kept >= 0. A module with a `masks()`
-  method (causal crosscoders, cross-layer transcoders) has its masked
-  w_enc/w_dec blocks set back to exactly zero: their gradients are already
-  zero, but an optimiser with weight decay or a stateful transform could
-  otherwise move them. `unit_decoder=False` leaves decoder rows free (no
-  projection, no renormalisation: SAELens's way) for a module that would
-  keep them unit; None follows the module. Returns (params, opt_state).
+  A module with a `masks()` method (causal crosscoders, cross-layer
+  transcoders) has its masked w_enc/w_dec blocks set back to exactly zero
+  (their gradients are already zero, but an optimiser with weight decay or
+  a stateful transform could otherwise move them); then, with
+  `unit_decoder`, decoder rows go back to unit norm (after the masks, so
+  rows are unit over their allowed blocks); a JumpReLU threshold is kept
+  >= 0.
   """
   inner = getattr(module, "dictionary", module)  # through a Matryoshka
-  unit = type(inner).unit_decoder
-  if unit_decoder is not None:
-    unit = unit and unit_decoder
-  if unit:
-    grads = project_decoder_grads(params, grads)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
   masks = getattr(inner, "masks", None)
   if masks is not None:
-    # Before the renormalisation, so rows are unit over their allowed blocks.
     for name, mask in masks().items():
       if mask is not None:
         params = _replace(params, name,
                           lambda w, m=mask: w * jnp.asarray(m, w.dtype))
-  if unit:
+  if unit_decoder:
     params = normalize_decoder(params)
   if "threshold" in params:
     params = _replace(params, "threshold", lambda t: jnp.maximum(t, 0.0))
-  return params, opt_state
+  return params
+
+
+def has_unit_decoder(module: nn.Module, unit_decoder: bool | None = None
+                     ) -> bool:
+  """Whether `module`'s decoder rows are kept at unit norm: its class says
+  so and `unit_decoder` (None: follow the class) does not turn it off."""
+  inner = getattr(module, "dictionary", module)  # through a Matryoshka
+  unit = type(inner).unit_decoder
+  return unit and (unit_decoder is None or unit_decoder)
 
 
 def fold_for_inference(params: Params, norm_scale, *, threshold,
@@ -376,7 +375,7 @@ def fold_for_inference(params: Params, norm_scale, *, threshold,
   """Gemma Scope 2 arrays for raw (un-normalised) activations.
 
   Training saw x / norm_scale and reconstructed target / out_norm_scale. The
-  result satisfies (DESIGN §4) `pre = x_raw @ w_enc + b_enc`,
+  result satisfies the Gemma Scope 2 formulas `pre = x_raw @ w_enc + b_enc`,
   `f = relu(pre) * (pre > threshold)`, `recon_raw = f @ w_dec + b_dec`, with
   f = out_norm_scale * (training latents), so w_dec keeps the trained (unit)
   rows and thresholds come out in raw units.

@@ -2,7 +2,8 @@
 
 f = pre * H(pre - threshold), with a learned per-latent threshold. The step
 H has no useful gradient, so the threshold learns through straight-through
-estimators with a rectangle kernel of width `bandwidth` (DESIGN §5):
+estimators with a rectangle kernel of width `bandwidth`, as Gemma Scope
+published them:
   d f / d threshold  = -(threshold / eps) * rect((pre - threshold) / eps)
   d H / d threshold  = -(1 / eps) * rect((pre - threshold) / eps)
   d f / d pre        = H(pre - threshold)       (the hard mask)
@@ -111,8 +112,8 @@ def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
       transcoder passes (-2, -1) so its L0 is the total over layers.
     per_token: apply the penalty to each token's L0 and average (SAELens's
       quadratic form, E_t[(2/L0*)(l0_t - L0*)^2], which also penalises the
-      spread of L0 over tokens) instead of to the batch-mean L0 (DESIGN
-      §5). The same for 'l0'.
+      spread of L0 over tokens) instead of to the batch-mean L0 (Gemma
+      Scope 2's form, the default). The same for 'l0'.
   """
   pre = pre.astype(jnp.float32)
   threshold = threshold.astype(jnp.float32)
@@ -201,10 +202,10 @@ class JumpReLU(_base.Dictionary):
 class JumpReLUTranscoder(JumpReLU):
   """JumpReLU transcoder: reads mlp_in of a layer, predicts its mlp_out.
 
-  The published recipe adapted (DESIGN §5): no pre-encoder bias (input and
-  target are different tensors), input and target each divided by their own
-  scalar (`to_inference(..., out_norm_scale=)` folds both), and optionally
-  the affine skip `x @ w_skip` (`affine_skip=True`, exported as
+  Gemma Scope 2's published JumpReLU recipe adapted: no pre-encoder bias
+  (input and target are different tensors), input and target each divided
+  by their own scalar (`to_inference(..., out_norm_scale=)` folds both), and
+  optionally the affine skip `x @ w_skip` (`affine_skip=True`, exported as
   `affine_skip_connection`). Call `loss(x, out, target=mlp_out, ...)`.
   """
   pre_enc_bias: bool = False

@@ -10,11 +10,12 @@ one object. It holds float32 numpy arrays named as in Gemma Scope 2
         the k largest of relu(pre)      topk (per token)
   recon = f @ w_dec + b_dec (+ x @ affine_skip)
 on raw (un-normalised) activations. `as_module` rebuilds one of our Flax
-modules with the same arithmetic so `training.evaluate` can splice it.
+modules with the same arithmetic so the evaluation code (`evals`) can splice
+it into Gemma.
 
 Also here: the checks every reader shares (`FormatError`, shapes, finiteness)
-and `assets.atomic_dir`, which builds an output folder beside its destination and
-renames it into place.
+(writers build their output folder beside its destination with
+`assets.atomic_dir` and rename it into place).
 
 Caveat: arrays are held in host memory as numpy (a 1m-wide 27B dictionary is
 several GB); `encode`/`decode` convert them to device arrays on every call,
@@ -30,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gemscope_jax import dictionaries
 
 ARCHITECTURES = ("jumprelu", "topk", "relu")
 
@@ -58,6 +61,7 @@ def check_finite(file: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def require_keys(file: str, arrays: dict[str, Any], keys) -> None:
+  """Raises FormatError naming file, the missing keys and those present."""
   missing = [k for k in keys if k not in arrays]
   if missing:
     raise FormatError(f"{file}: missing key(s) {', '.join(missing)} (holds "
@@ -205,11 +209,20 @@ def as_module(d: InferenceDictionary):
   """(module, params, norm_scale) of one of our Flax modules computing `d`.
 
   The module reads activations divided by norm_scale = 1, so
-  `training.evaluate.evaluate(module=..., params=..., norm_scale=...)` runs
+  `evals.evaluate.evaluate(module=..., params=..., norm_scale=...)` runs
   it unchanged. Transcoders become our transcoder modules (the affine skip
   as `w_skip`); a ReLU transcoder has no module here.
+
+  Args:
+    d: the dictionary (a transcoder with `pre_enc_bias` is folded first).
+
+  Returns:
+    (module, params, 1.0): an unbound module, its unboxed parameters as
+    device arrays, and the norm_scale to evaluate it with.
+
+  Raises:
+    ValueError: a ReLU transcoder.
   """
-  from gemscope_jax import dictionaries  # pylint: disable=import-outside-toplevel
   transcoder = d.is_transcoder
   common = dict(d_in=d.d_in, d_sae=d.d_sae,
                 d_out=None if d.d_out == d.d_in else d.d_out,

@@ -1,4 +1,4 @@
-"""Gemma Scope 2 release folders: write and read (DESIGN.md §4).
+"""Gemma Scope 2 release folders: write and read.
 
 A release folder is `{site}/layer_{L}_width_{W}_l0_{N}[_affine]/` holding
 `params.safetensors` (float32 `w_enc` (d_in, d_sae), `w_dec` (d_sae, d_out),
@@ -37,10 +37,12 @@ import pathlib
 import re
 
 import numpy as np
+import safetensors.numpy
 
 from gemscope_jax import assets
 from gemscope_jax.interop import _inference
 from gemscope_jax.interop._inference import FormatError, InferenceDictionary
+from gemscope_jax.models import hooks
 
 PARAMS = "params.safetensors"
 CONFIG = "config.json"
@@ -71,13 +73,11 @@ def l0_name(l0: float) -> str:
 
 
 def _hf_name(hookpoint: str) -> str:
-  from gemscope_jax.models import hooks  # pylint: disable=import-outside-toplevel
   return hooks.parse(hookpoint).hf_name
 
 
 def hookpoint_from_hf(name: str | None) -> str | None:
   """'model.layers.6.output' -> 'layer_6/resid_post'; None if unknown."""
-  from gemscope_jax.models import hooks  # pylint: disable=import-outside-toplevel
   if not name:
     return None
   for site, template in hooks.HF_HOOKS.items():
@@ -97,7 +97,6 @@ def _target_l0(d: InferenceDictionary, l0):
 
 def folder_name(d: InferenceDictionary, *, l0=None) -> str:
   """'resid_post/layer_6_width_16k_l0_medium' (see the module docstring)."""
-  from gemscope_jax.models import hooks  # pylint: disable=import-outside-toplevel
   if d.hookpoint is None:
     raise ValueError("save_gemmascope2: the dictionary has no hookpoint; "
                      "set one (d.replace(hookpoint='layer_6/resid_post'))")
@@ -167,9 +166,8 @@ def save_gemmascope2(d: InferenceDictionary, out: str | os.PathLike, *,
   arrays = _file_arrays(d)
   _inference.check_finite(f"{folder / PARAMS} (not written)", arrays)
   config = _config(d, l0)
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   with assets.atomic_dir(folder) as tmp:
-    save_file(arrays, str(tmp / PARAMS))
+    safetensors.numpy.save_file(arrays, str(tmp / PARAMS))
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
   return folder
 
@@ -194,6 +192,7 @@ def find_params_folder(path: str | os.PathLike, marker: str) -> pathlib.Path:
 
 
 def read_json(file: pathlib.Path) -> dict:
+  """The JSON object in `file`; FormatError if it is not one."""
   if not file.is_file():
     raise FileNotFoundError(f"{file}: missing")
   try:
@@ -206,11 +205,11 @@ def read_json(file: pathlib.Path) -> dict:
 
 
 def read_arrays(file: pathlib.Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  """The arrays of a safetensors file; FormatError if it is unreadable."""
   if not file.is_file():
     raise FileNotFoundError(f"{file}: missing")
   try:
-    return load_file(str(file))
+    return safetensors.numpy.load_file(str(file))
   except Exception as e:  # safetensors raises its own error types.
     raise FormatError(f"{file}: not a readable safetensors file ({e})"
                       ) from None

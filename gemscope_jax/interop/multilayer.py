@@ -1,7 +1,7 @@
 """Multi-layer dictionaries (crosscoders, CLTs) as Gemma Scope 2 stores them.
 
-DESIGN §4: a multi-layer dictionary is one folder holding `config.json` and
-one `params_layer_{i}.safetensors` per layer i (float32):
+A multi-layer dictionary is one folder holding `config.json` and one
+`params_layer_{i}.safetensors` per layer i (float32):
 - crosscoder: `w_enc` (d, d_sae) = layer i's encoder block, `w_dec` (d_sae,
   d) = every latent's write to layer i, `b_dec` (d,), and the shared `b_enc`
   (d_sae,) and `threshold` (d_sae,) repeated in every file (the reader checks
@@ -33,6 +33,7 @@ import pathlib
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
 from gemscope_jax import assets
 from gemscope_jax.interop import _inference
@@ -46,6 +47,7 @@ ARCH_FROM_FILE = {"jump_relu": "jumprelu", "topk": "topk"}
 
 
 def params_file(i: int) -> str:
+  """The file name of layer i's arrays."""
   return f"params_layer_{i}.safetensors"
 
 
@@ -182,10 +184,9 @@ def save_multilayer_gemmascope2(d: MultiLayerInference,
                          else list(d.hookpoints_out)),
   }
   config.update({k: v for k, v in d.metadata.items() if k not in config})
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   with assets.atomic_dir(folder) as tmp:
     for i, arrays in enumerate(per_layer):
-      save_file(arrays, str(tmp / params_file(i)))
+      safetensors.numpy.save_file(arrays, str(tmp / params_file(i)))
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
   return folder
 

@@ -40,12 +40,14 @@ import pathlib
 import re
 
 import numpy as np
+import safetensors.numpy
 
 from gemscope_jax import assets
 from gemscope_jax.interop import _inference
 from gemscope_jax.interop._inference import FormatError, InferenceDictionary
 from gemscope_jax.interop.gemmascope2 import (find_params_folder, read_arrays,
                                               read_json)
+from gemscope_jax.models import hooks
 
 WEIGHTS = "sae_weights.safetensors"
 CONFIG = "cfg.json"
@@ -78,7 +80,6 @@ _NORMS_OK = (None, "none", "expected_average_only_in")
 
 def tl_hook_name(hookpoint: str) -> str:
   """'layer_6/resid_post' -> 'blocks.6.hook_resid_post'."""
-  from gemscope_jax.models import hooks  # pylint: disable=import-outside-toplevel
   hp = hooks.parse(hookpoint)
   return TL_HOOKS[hp.site].format(layer=hp.layer)
 
@@ -157,9 +158,8 @@ def save_saelens(d: InferenceDictionary, out: str | os.PathLike
     cfg["d_out"] = d.d_out
   if d.architecture == "topk":
     cfg.update(k=d.k, rescale_acts_by_decoder_norm=False)
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   with assets.atomic_dir(out) as tmp:
-    save_file(arrays, str(tmp / WEIGHTS))
+    safetensors.numpy.save_file(arrays, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
   return out
 

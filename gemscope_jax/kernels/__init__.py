@@ -5,6 +5,11 @@ when it cannot be built (see `matmul.available()`,
 `jumprelu.available()`), so importing this package never requires a
 compiler. `available()` and `unavailable_reason()` here are the matmul
 kernel's.
+
+This face imports its modules eagerly (they are small and `models` needs
+them at once): the functions `matmul` and `jumprelu_grad` must shadow the
+submodules of the same name, which a lazy face cannot guarantee once a
+submodule is imported directly.
 """
 
 from __future__ import annotations

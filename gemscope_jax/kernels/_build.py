@@ -36,6 +36,7 @@ import threading
 from typing import Callable
 
 import jax
+import jaxlib
 
 from gemscope_jax import assets
 
@@ -103,7 +104,6 @@ class Library:
 
   def path(self) -> pathlib.Path:
     """Cache path of the compiled library for this source and toolchain."""
-    import jaxlib  # pylint: disable=import-outside-toplevel
     digest = hashlib.sha256()
     parts = [self.source.read_bytes(), jax.__version__.encode(),
              jaxlib.__version__.encode(), " ".join(self.cxxflags).encode(),

@@ -1,19 +1,26 @@
 """Gemma 3 text decoder in Flax: configs, the module, and jitted entry points."""
 
-from gemscope_jax.models import hooks
-from gemscope_jax.models._api import (EditFn, Gemma3Output, ReadingEdit,
-                                      abstract_params,
-                                      count_params, forward, init_params,
-                                      next_token_loss)
-from gemscope_jax.models._config import (CONFIGS, AttentionKind, Gemma3Config,
-                                         Gemma3_1B, Gemma3_4B, Gemma3_12B,
-                                         Gemma3_27B, Gemma3_270M, get_config)
-from gemscope_jax.models._transformer import Gemma3
-from gemscope_jax.models.hooks import SITES, Hookpoint
+from gemscope_jax import _lazy
 
-__all__ = [
-    "AttentionKind", "CONFIGS", "EditFn", "ReadingEdit", "Gemma3", "Gemma3Config",
-    "Gemma3Output", "Gemma3_1B", "Gemma3_4B", "Gemma3_12B", "Gemma3_27B",
-    "Gemma3_270M", "Hookpoint", "SITES", "abstract_params", "count_params",
-    "forward", "get_config", "hooks", "init_params", "next_token_loss",
-]
+__getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "EditFn": "gemscope_jax.models._api",
+    "Gemma3Output": "gemscope_jax.models._api",
+    "ReadingEdit": "gemscope_jax.models._api",
+    "abstract_params": "gemscope_jax.models._api",
+    "count_params": "gemscope_jax.models._api",
+    "forward": "gemscope_jax.models._api",
+    "init_params": "gemscope_jax.models._api",
+    "next_token_loss": "gemscope_jax.models._api",
+    "CONFIGS": "gemscope_jax.models._config",
+    "AttentionKind": "gemscope_jax.models._config",
+    "Gemma3Config": "gemscope_jax.models._config",
+    "Gemma3_270M": "gemscope_jax.models._config",
+    "Gemma3_1B": "gemscope_jax.models._config",
+    "Gemma3_4B": "gemscope_jax.models._config",
+    "Gemma3_12B": "gemscope_jax.models._config",
+    "Gemma3_27B": "gemscope_jax.models._config",
+    "get_config": "gemscope_jax.models._config",
+    "Gemma3": "gemscope_jax.models._transformer",
+    "SITES": "gemscope_jax.models.hooks",
+    "Hookpoint": "gemscope_jax.models.hooks",
+}, submodules=("hooks",))

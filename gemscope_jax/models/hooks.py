@@ -23,7 +23,8 @@ from gemscope_jax.models._config import Gemma3Config
 SITES: tuple[str, ...] = (
     "resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 
-# Where Gemma Scope 2 / transformers name the same tensor (DESIGN.md §3).
+# The same tensor in transformers' Gemma3ForCausalLM, as Gemma Scope 2
+# names it: the input or output of a module of decoder layer `layer`.
 HF_HOOKS: dict[str, str] = {
     "resid_pre": "model.layers.{layer}.input",
     "attn_out": "model.layers.{layer}.self_attn.o_proj.input",

@@ -1,8 +1,9 @@
 """Many dictionaries from one Gemma pass: e.g. a resid_post SAE per layer,
 or a transcoder per layer (mlp_in -> mlp_out), i.e. a replacement model.
 
-`train(config, workdir)` is what `trainer.train` runs when the config sets
-`group.layers` / `group.sites` (see `config.hookpoints`). The pieces:
+`trainer.train` builds a `GroupRun` instead of a `step.Run` when the config
+sets `group.layers` / `group.sites` (`members.hookpoints`); the training
+sequence is the same. The pieces:
 
 - Members: one dictionary per hookpoint. Members whose dictionaries have
   the same shape (the same input width) form a *stack*: every array of
@@ -23,13 +24,12 @@ or a transcoder per layer (mlp_in -> mlp_out), i.e. a replacement model.
 - Metrics: metrics.jsonl rows hold `{hookpoint}/{metric}` per member (e.g.
   `layer_6/resid_post/l0`) and the mean over members under the plain name
   (`l0`, `fvu`, ...), which the progress bar shows.
-- Export: member `layer_L/site` goes to `workdir/export/{site}/layer_{L}/`
-  (a Gemma Scope 2 params folder, as `interop.from_state` builds it).
-- Evaluation: one forward per eval batch records every hookpoint for the
-  reconstruction statistics; the loss passes edit all hookpoints with one
-  compiled program whose masks splice or zero one member at a time (clean
-  once, then two passes per member). metrics.json holds
-  `{hookpoint}/{metric}` entries and the means.
+- Export (`training.export`): member `layer_L/site` goes to
+  `workdir/export/{site}/layer_{L}/` (a Gemma Scope 2 params folder).
+- Evaluation (`training.heldout`): one forward per eval batch records every
+  hookpoint for the reconstruction statistics; the loss passes edit all
+  hookpoints with one compiled program whose masks splice or zero one
+  member at a time (clean once, then two passes per member).
 
 Caveat: every member is initialised from the same key (`config.seed`), as
 a single run at its hookpoint would be, so members of a stack start with
@@ -40,41 +40,23 @@ loss passes of evaluation cost 1 + 2 x members full forwards per batch.
 from __future__ import annotations
 
 import dataclasses
-import math
-import pathlib
-import time
-import types
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemscope_jax import models
 from gemscope_jax.data import stream
-from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import distributed
-from gemscope_jax.training import trainer
+from gemscope_jax.dictionaries import Layout
+from gemscope_jax.parallel import distributed
+from gemscope_jax.training import plans, state as state_lib
+from gemscope_jax.training.step import Run, TrainingDiverged
 
 # Means over members shown in the progress bar and logged under plain names.
 MEAN_KEYS = ("loss", "mse", "l0", "fvu", "dead_fraction", "grad_norm")
-
-
-def member_config(c: ml_collections.ConfigDict, hookpoint: str
-                  ) -> ml_collections.ConfigDict:
-  """The single-dictionary config of one member: `c` at `hookpoint` (a
-  transcoder predicting the target site at the same layer)."""
-  m = config_lib.from_json(config_lib.to_json(c))
-  layout = config_lib.layout(c, hookpoint)
-  m.hookpoint = hookpoint
-  if layout.kind == "transcoder":
-    m.target = layout.targets[0]
-  m.group.layers = None
-  m.group.sites = None
-  return m
 
 
 def _stacked(spec: PartitionSpec) -> PartitionSpec:
@@ -86,19 +68,17 @@ class Stack:
   """Members of one shape, trained by one vmapped step.
 
   Attributes:
-    names: the members' input hookpoints, in stack order.
-    layouts: what each member reads and predicts (`config.Layout`).
-    template: a `trainer.Run` for the first member (module, optimizer,
-      mesh, unbatched step); every member shares its shapes.
+    members: each member's `plans.DictionaryPlan`, in stack order.
+    template: a `step.Run` for the first member (module, optimizer, mesh,
+      unbatched step); every member shares its shapes.
     state_sharding, abstract_state: of the stacked TrainState.
     batch_sharding: of the stacked step input {'x': (members, batch, d_in),
       'target': (members, batch, d_out) for transcoders}.
     step: jitted, donated (state, batch) -> (state, {metric: (members,)}).
     init: jitted (key, b_decs, scales, target_scales) -> stacked state.
   """
-  names: list[str]
-  layouts: list[config_lib.Layout]
-  template: trainer.Run
+  members: list[plans.DictionaryPlan]
+  template: Run
   state_sharding: Any = None
   abstract_state: Any = None
   batch_sharding: Any = None
@@ -107,10 +87,9 @@ class Stack:
 
   def __post_init__(self):
     run = self.template
-    n = len(self.names)
-    abstract = jax.eval_shape(
-        run._boxed_state, jax.random.key(0),  # pylint: disable=protected-access
-        *run.init_shapes)
+    n = len(self.members)
+    abstract = jax.eval_shape(run.boxed_state, jax.random.key(0),
+                              *run.init_shapes)
     specs = jax.tree.map(_stacked, nn.get_partition_spec(abstract),
                          is_leaf=lambda x: isinstance(x, PartitionSpec))
     rules = run.rules + (("dict", None),)
@@ -121,28 +100,29 @@ class Stack:
     self.batch_sharding = {
         k: NamedSharding(run.mesh, PartitionSpec(None, *v.spec))
         for k, v in run.batch_sharding.items()}
-    self.step = jax.jit(jax.vmap(run._step),  # pylint: disable=protected-access
+    self.step = jax.jit(jax.vmap(run.step_fn),
                         in_shardings=(self.state_sharding,
                                       self.batch_sharding),
                         out_shardings=(self.state_sharding, None),
                         donate_argnums=0)
 
     def init(key, b_decs, scales, target_scales):
-      one = lambda b, s, t: nn.unbox(run._boxed_state(key, b, s, t))  # pylint: disable=protected-access
+      one = lambda b, s, t: nn.unbox(run.boxed_state(key, b, s, t))
       return jax.vmap(one)(b_decs, scales, target_scales)
     self.init = jax.jit(init, out_shardings=self.state_sharding)
 
-  def member_state(self, state, i: int) -> trainer.TrainState:
+  @property
+  def layouts(self) -> list[Layout]:
+    return [m.layout for m in self.members]
+
+  @property
+  def names(self) -> list[str]:
+    """The members' input hookpoints, in stack order."""
+    return [m.layout.inputs[0] for m in self.members]
+
+  def member_state(self, state, i: int) -> state_lib.TrainState:
     """Member i's (unstacked, host) TrainState."""
     return jax.tree.map(lambda a: np.asarray(a)[i], jax.device_get(state))
-
-  def member_run(self, i: int):
-    """What `interop.from_state` reads of a Run, for member i."""
-    run = self.template
-    return types.SimpleNamespace(
-        c=member_config(run.c, self.names[i]), module=run.module,
-        model_config=run.model_config, dict_config=run.dict_config,
-        layout=self.layouts[i])
 
   def batch(self, rows: stream.Bucket) -> dict[str, np.ndarray]:
     """The stacked step input from rows holding every member's hookpoints."""
@@ -154,40 +134,31 @@ class Stack:
 
 
 class GroupRun:
-  """The data-independent pieces of a group run: its stacks and mesh.
+  """The data-independent pieces of a group run: its stacks and mesh; the
+  same interface as `step.Run` (`initial_state`, `feed`, `step`,
+  `host_metrics`, `abstract_state`, `harvest`).
 
   Attributes:
-    c: the group config.
+    plan: the group's `plans.Plan` (one `DictionaryPlan` per member).
     model_config: the Gemma config.
     hookpoints: all members' inputs, sorted by (layer, site).
-    layouts: {input hookpoint: `config.Layout`} (SAEs or transcoders).
     harvest: every hookpoint a batch must hold (inputs and targets).
     stacks: {'d_in_{width}' (SAEs) or 'd_{in}_to_{out}': Stack}.
-    mesh, num_steps: as `trainer.Run`'s.
+    mesh, num_steps: as `step.Run`'s.
   """
 
-  def __init__(self, c: ml_collections.ConfigDict,
-               model_config: models.Gemma3Config, devices=None):
-    self.c = c
-    self.model_config = model_config
-    self.hookpoints = config_lib.hookpoints(c, model_config)
-    self.layouts = {h: config_lib.layout(c, h, model_config)
-                    for h in self.hookpoints}
-    self.harvest = [h.name for h in models.hooks.parse_all(
-        n for lay in self.layouts.values() for n in lay.hookpoints)]
-    by_shape: dict[tuple[int, int], list[str]] = {}
-    for h, lay in self.layouts.items():
-      by_shape.setdefault((models.hooks.parse(h).width(model_config),
-                           models.hooks.parse(lay.targets[0]).width(
-                               model_config)), []).append(h)
+  def __init__(self, plan: plans.Plan, devices=None):
+    self.plan = plan
+    self.model_config = plan.model.config
+    self.hookpoints = [d.layout.inputs[0] for d in plan.dictionaries]
+    self.harvest = plan.harvest
+    by_shape: dict[tuple[int, int], list[plans.DictionaryPlan]] = {}
+    for d in plan.dictionaries:
+      by_shape.setdefault(d.layout.widths(self.model_config), []).append(d)
     def key(w_in, w_out):
-      return f"d_in_{w_in}" if config_lib.kind(c) == "sae" else (
-          f"d_{w_in}_to_{w_out}")
-    self.stacks = {
-        key(*shape): Stack(names, [self.layouts[h] for h in names],
-                           trainer.Run(member_config(c, names[0]),
-                                       model_config, devices))
-        for shape, names in sorted(by_shape.items())}
+      return f"d_in_{w_in}" if plan.kind == "sae" else f"d_{w_in}_to_{w_out}"
+    self.stacks = {key(*shape): Stack(members, Run(plan, members[0], devices))
+                   for shape, members in sorted(by_shape.items())}
     first = next(iter(self.stacks.values())).template
     self.mesh = first.mesh
     self.num_steps = first.num_steps
@@ -196,14 +167,18 @@ class GroupRun:
   def abstract_state(self) -> dict:
     return {k: s.abstract_state for k, s in self.stacks.items()}
 
-  def init(self, bucket: stream.Bucket) -> dict:
+  def initial_state(self, bucket: stream.Bucket) -> dict:
     """The initial stacked states: scales and b_dec from `bucket`."""
     state = {}
     for key, stack in self.stacks.items():
-      args = [trainer.init_args(self.c, lay, bucket) for lay in stack.layouts]
-      state[key] = stack.init(jax.random.key(self.c.seed),
+      args = [state_lib.init_args(m, bucket) for m in stack.members]
+      state[key] = stack.init(jax.random.key(self.plan.seed),
                               *(jnp.asarray(np.stack(a)) for a in zip(*args)))
     return state
+
+  def feed(self, rows: stream.Bucket) -> stream.Bucket:
+    """Host rows as they are: `step` builds each stack's input."""
+    return rows
 
   def step(self, state: dict, batch: stream.Bucket) -> tuple[dict, dict]:
     """One step of every stack; metrics {stack: {metric: (members,)}}."""
@@ -214,13 +189,31 @@ class GroupRun:
       metrics[key] = m
     return new, metrics
 
-  def host_metrics(self, metrics: dict) -> dict[str, dict[str, float]]:
-    """{member name: {metric: value}} (names: `config.Layout.name`)."""
+  def member_metrics(self, metrics: dict) -> dict[str, dict[str, float]]:
+    """{member name: {metric: value}} (names: `Layout.name`)."""
     out = {}
     for key, m in jax.device_get(metrics).items():
       for i, lay in enumerate(self.stacks[key].layouts):
         out[lay.name] = {k: float(np.asarray(v)[i]) for k, v in m.items()}
     return out
+
+  def host_metrics(self, metrics: dict, step: int) -> dict[str, float]:
+    """Flat metrics: `{member}/{metric}` plus the means of MEAN_KEYS;
+    raises `TrainingDiverged` naming the members that went non-finite."""
+    per = self.member_metrics(metrics)
+    bad = [h for h, m in per.items() if not m.pop("finite")]
+    if bad:
+      raise TrainingDiverged(
+          f"{', '.join(bad)}: non-finite loss or gradient at step "
+          f"{step}: training stopped")
+    return _row(per)
+
+  def members(self, state: dict):
+    """(stack, member index, DictionaryPlan, host TrainState) of every
+    member, in stack order."""
+    for key, stack in self.stacks.items():
+      for i, member in enumerate(stack.members):
+        yield stack, i, member, stack.member_state(state[key], i)
 
 
 def _row(per: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -233,139 +226,3 @@ def _row(per: dict[str, dict[str, float]]) -> dict[str, float]:
   for h, m in per.items():
     row.update({f"{h}/{k}": v for k, v in m.items()})
   return row
-
-
-def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-          progress: bool = True, devices=None) -> dict[str, Any]:
-  """Trains (or resumes) every dictionary of the group config `c`.
-
-  Args and errors as `trainer.train`; returns the last step's training
-  metrics (`train_{hookpoint}/{metric}` and the means `train_{metric}`)
-  plus the evaluation's when `c.eval.at_end`.
-  """
-  model_config = config_lib.check(c)
-  run = GroupRun(c, model_config, devices)
-  workdir, ckpts, latest, config_json = trainer.open_workdir(c, workdir)
-
-  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
-  tokenizer = default_tokenizer()
-  gemma_params = trainer.load_gemma(c, model_config, run.mesh)
-  first = next(iter(run.stacks.values())).template
-  batches = trainer.make_batches(c, first, gemma_params, tokenizer,
-                                 progress=progress, hookpoints=run.harvest)
-  t0 = time.perf_counter()
-  start_step, state = trainer.restore(ckpts, latest, run, batches)
-  if state is None:
-    if progress:
-      print(f"harvesting the first {c.data.bucket_tokens:,} activations of "
-            f"{len(run.harvest)} hookpoints (scales and means)...",
-            flush=True)
-    state = run.init(batches.peek_bucket())
-
-  def read(metrics, step):
-    per = run.host_metrics(metrics)
-    bad = [h for h, m in per.items() if not m.pop("finite")]
-    if bad:
-      raise trainer.TrainingDiverged(
-          f"{', '.join(bad)}: non-finite loss or gradient at step "
-          f"{step}: training stopped; the last good checkpoint is step "
-          f"{ckpts.latest_step()} in {ckpts.directory}")
-    return _row(per)
-
-  step, state, last = trainer.run_steps(
-      c, run, state, batches, ckpts, config_json, workdir,
-      start_step=start_step, t0=t0, feed=lambda batch: batch, read=read,
-      progress=progress)
-  return trainer.finish(c, run, state, gemma_params, tokenizer, workdir,
-                        step, last, export_fn=export,
-                        evaluate_fn=evaluate_state, progress=progress)
-
-
-def export_dir(workdir: str | pathlib.Path,
-               member: str | config_lib.Layout) -> pathlib.Path:
-  """Where a member is exported: export/{family}/layer_{L}, the family
-  being the site of an SAE (a hookpoint name) or 'transcoder'."""
-  if isinstance(member, str):
-    hp = models.hooks.parse(member)
-    family, layer = hp.site, hp.layer
-  else:
-    family = member.family
-    layer = models.hooks.parse(member.inputs[0]).layer
-  return pathlib.Path(workdir) / "export" / family / f"layer_{layer}"
-
-
-def export(run: GroupRun, state: dict, workdir: pathlib.Path
-           ) -> dict[str, pathlib.Path]:
-  """Writes each member's Gemma Scope 2 params folder (raw units)."""
-  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel
-  out = {}
-  for key, stack in run.stacks.items():
-    for i, lay in enumerate(stack.layouts):
-      d = interop.from_state(stack.member_run(i), stack.member_state(
-          state[key], i))
-      out[lay.name] = interop.save_gemmascope2(d, export_dir(workdir, lay),
-                                               release_layout=False)
-  return out
-
-
-def evaluate_state(run: GroupRun, state: dict, gemma_params, tokenizer,
-                   workdir: pathlib.Path, *, progress: bool = True
-                   ) -> dict[str, Any]:
-  """Held-out evaluation of every member -> workdir/metrics.json.
-
-  Entries `{member}/{metric}` (the metrics of `evaluate.evaluate`; members
-  named as `config.Layout.name`), the means over members under the plain
-  names, and for a group of transcoders the replacement model (every
-  member replacing its MLP at once): `replacement_loss`,
-  `replacement_delta_lm_loss`, `replacement_loss_recovered` (against every
-  MLP output zeroed). A firing-frequency plot per member beside its export.
-  """
-  from gemscope_jax.training import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.training import splice as splice_lib  # pylint: disable=import-outside-toplevel
-  c, mc = run.c, run.model_config
-  members, trained = [], {}
-  for key, stack in run.stacks.items():
-    for i, lay in enumerate(stack.layouts):
-      s = stack.member_state(state[key], i)
-      members.append(splice_lib.Member(
-          name=lay.name, layout=lay, module=stack.template.module,
-          params=s.params, norm_scale=s.norm_scale,
-          target_scale=s.target_scale))
-      trained[lay.name] = (lay, s.last_fired, int(s.step))
-  members.sort(key=lambda m: [models.hooks.parse(h)
-                              for h in m.layout.inputs])
-  results, shared = eval_lib.evaluate_members(
-      members, model_config=mc, model_params=gemma_params,
-      windows=trainer._eval_windows(c, tokenizer),  # pylint: disable=protected-access
-      tokenizer=tokenizer, batch_size=c.eval.batch_size,
-      dtype=jnp.dtype(c.model.dtype), dense_threshold=c.eval.dense_threshold,
-      progress=progress, loss_tokens=c.eval.loss_tokens,
-      replacement=config_lib.kind(c) == "transcoder" and len(members) > 1)
-  per = {}
-  for name, r in results.items():
-    lay, last_fired, step = trained[name]
-    silent = (step - np.asarray(last_fired)) * c.train.batch_size
-    per[name] = {**r.metrics, "train_dead_fraction": float(np.mean(
-        silent >= c.train.dead_after_tokens))}
-    folder = export_dir(workdir, lay)
-    folder.mkdir(parents=True, exist_ok=True)
-    eval_lib.plot_frequency_histogram(
-        r.frequency, folder / "latent_frequency.png",
-        title=f"{name} {c.dictionary.architecture} {c.dictionary.width}: "
-        "latent firing frequency")
-  metrics: dict[str, Any] = {}
-  for k in ("l0", "fvu", "dead_fraction", "delta_lm_loss",
-            "loss_recovered"):
-    vals = [m[k] for m in per.values() if not math.isnan(m[k])]
-    metrics[k] = float(np.mean(vals)) if vals else math.nan
-  for name, m in per.items():
-    metrics.update({f"{name}/{k}": v for k, v in m.items()})
-  step = next(iter(trained.values()))[2]
-  metrics.update(shared)
-  metrics.update({
-      "step": step, "trained_tokens": step * c.train.batch_size,
-      "target_l0": c.dictionary.target_l0, "eval_text": c.eval.text,
-      "hookpoints": ",".join(run.hookpoints),
-      "members": ",".join(m.name for m in members)})
-  eval_lib.write_metrics(metrics, workdir / "metrics.json")
-  return metrics

@@ -30,8 +30,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gemscope_jax import assets, models
-from gemscope_jax.activations import special_mask
-from gemscope_jax.data.windows import Windows
+from gemscope_jax.text.windows import special_mask
+from gemscope_jax.text.windows import Windows
 
 
 @dataclasses.dataclass(frozen=True)

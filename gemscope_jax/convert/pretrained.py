@@ -16,11 +16,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from gemscope_jax import assets
 from gemscope_jax.convert import _tree
 from gemscope_jax.convert.gguf import load_gguf
 from gemscope_jax.convert.hf import load_hf
+from gemscope_jax.convert.orbax import _ORBAX_MARKERS, load_orbax
 from gemscope_jax.models._config import Gemma3Config, get_config
 
 DEFAULT_NAMES = ("default", "gemma3_270m", "270m")
@@ -33,7 +35,6 @@ def _default_cache_file() -> pathlib.Path:
 
 
 def _load_default() -> tuple[Gemma3Config, dict]:
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
   cache = _default_cache_file()
   if cache.exists():
     try:
@@ -51,7 +52,6 @@ def _load_default() -> tuple[Gemma3Config, dict]:
 
 
 def _is_orbax_dir(path: pathlib.Path) -> bool:
-  from gemscope_jax.convert.orbax import _ORBAX_MARKERS  # pylint: disable=import-outside-toplevel
   return path.is_dir() and any((path / m).exists() for m in _ORBAX_MARKERS)
 
 
@@ -79,7 +79,6 @@ def load_model(source: str | os.PathLike = "default",
     if path.suffix == ".gguf":
       config_read, params = load_gguf(path, config)
     elif _is_orbax_dir(path):
-      from gemscope_jax.convert.orbax import load_orbax  # pylint: disable=import-outside-toplevel
       config_read, params = load_orbax(path, config)
     else:
       config_read, params = load_hf(path, config)

@@ -1,4 +1,5 @@
-"""From a training run to an `InferenceDictionary` (raw activation units).
+"""From a training run to an `InferenceDictionary` (raw activation units),
+and the run's export folders (Gemma Scope 2 layout) in its workdir.
 
 Training divides activations by `norm_scale` and, for SAEs, subtracts b_dec
 before the encoder; `from_state` folds both into the weights
@@ -24,9 +25,11 @@ import pathlib
 import jax
 import numpy as np
 
-from gemscope_jax import dictionaries, models
-from gemscope_jax.interop._inference import InferenceDictionary
-from gemscope_jax.interop.multilayer import MultiLayerInference
+from gemscope_jax import dictionaries, interop, models
+from gemscope_jax.interop import InferenceDictionary, MultiLayerInference
+from gemscope_jax.training import checkpoints as ckpt_lib
+from gemscope_jax.training import plans, schema
+from gemscope_jax.training.step import Run
 
 
 # Our model names -> the Hugging Face ids Gemma Scope 2 and SAELens use.
@@ -37,55 +40,57 @@ HF_MODEL_IDS = {"gemma3_270m": "google/gemma-3-270m",
                 "gemma3_27b": "google/gemma-3-27b-pt"}
 
 
-def _metadata(run, state, trained: str) -> dict:
-  c = run.c
+def _metadata(run: Run, d: plans.DictionaryPlan, state, trained: str
+              ) -> dict:
   return {"model": run.model_config.name, "trained_architecture": trained,
           "norm_scale": np.asarray(jax.device_get(state.norm_scale),
                                    np.float64).tolist(),
           "target_scale": np.asarray(jax.device_get(state.target_scale),
                                      np.float64).tolist(),
-          "target_l0": c.dictionary.target_l0,
-          "trained_tokens": int(state.step) * c.train.batch_size}
+          "target_l0": d.config.target_l0,
+          "trained_tokens": int(state.step) * run.plan.step.batch_size}
 
 
-def _model_name(run) -> str:
+def _model_name(run: Run) -> str:
   # The released files name the Hugging Face model (pre-trained).
   return HF_MODEL_IDS.get(run.model_config.name, run.model_config.name)
 
 
-def from_state(run, state) -> InferenceDictionary | MultiLayerInference:
-  """The inference form of a trainer `Run`'s `TrainState`.
+def from_state(run: Run, state, dictionary: plans.DictionaryPlan | None = None
+               ) -> InferenceDictionary | MultiLayerInference:
+  """The inference form of a `step.Run`'s `TrainState`.
 
   SAEs and transcoders give an `InferenceDictionary` (a transcoder's input
   and target scales both folded in, its affine skip as `affine_skip`);
-  crosscoders and CLTs a `MultiLayerInference`.
+  crosscoders and CLTs a `MultiLayerInference`. `dictionary` names a
+  group member (default: the run's own dictionary).
   """
-  c = run.c
+  d = dictionary or run.dictionary
   module = getattr(run.module, "dictionary", run.module)
   params = jax.device_get(state.params)
   scale = np.asarray(jax.device_get(state.norm_scale), np.float32)
   target_scale = np.asarray(jax.device_get(state.target_scale), np.float32)
-  trained = c.dictionary.architecture
-  layout = getattr(run, "layout", None) or _layout(run)
+  trained = d.architecture
+  layout = d.layout
   if layout.multilayer:
     arrays = (module.to_inference(params, scale, target_scale)
               if layout.kind == "clt" else module.to_inference(params, scale))
     return MultiLayerInference.from_arrays(
         layout.kind, arrays,
         architecture="topk" if trained.startswith("topk") else "jumprelu",
-        k=c.dictionary.k if trained.startswith("topk") else None,
+        k=d.config.k if trained.startswith("topk") else None,
         hookpoints=layout.inputs,
         hookpoints_out=layout.targets if layout.kind == "clt" else None,
         model_name=_model_name(run),
-        metadata=_metadata(run, state, trained))
+        metadata=_metadata(run, d, state, trained))
   base = trained.removesuffix("_transcoder")
   arch, k = {"jumprelu": ("jumprelu", None), "batchtopk": ("jumprelu", None),
-             "topk": ("topk", c.dictionary.k), "relu": ("relu", None)}[base]
+             "topk": ("topk", d.config.k), "relu": ("relu", None)}[base]
   if base == "batchtopk":
     count = max(int(state.min_kept_count), 1)
     threshold = float(state.min_kept_sum) / count
   elif base == "jumprelu":
-    threshold = dictionaries._base.leaf_value(params["threshold"])  # pylint: disable=protected-access
+    threshold = dictionaries.leaf_value(params["threshold"])
   else:
     threshold = 0.0
   transcoder = layout.kind == "transcoder"
@@ -101,20 +106,12 @@ def from_state(run, state) -> InferenceDictionary | MultiLayerInference:
       architecture=arch, k=k, hookpoint=layout.inputs[0],
       hookpoint_out=layout.targets[0] if transcoder else None,
       model_name=_model_name(run),
-      metadata=_metadata(run, state, trained))
-
-
-def _layout(run):
-  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  return config_lib.layout(run.c, None, run.model_config)
+      metadata=_metadata(run, d, state, trained))
 
 
 def from_workdir(workdir: str | os.PathLike
                  ) -> InferenceDictionary | MultiLayerInference:
   """The inference form of the newest checkpoint in a training workdir."""
-  from gemscope_jax.training import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f"{workdir}: no such training workdir")
@@ -124,17 +121,52 @@ def from_workdir(workdir: str | os.PathLike
     if latest is None:
       raise FileNotFoundError(f"{workdir}: no checkpoint to export (train "
                               "first, or check the path)")
-    c = config_lib.from_json(ckpts.read_config(latest))
-    if config_lib.is_group(c):
-      names = ", ".join(config_lib.hookpoints(c))
+    plan = plans.make(schema.from_json(ckpts.read_config(latest)))
+    if plan.group:
+      names = ", ".join(d.layout.inputs[0] for d in plan.dictionaries)
       raise ValueError(
           f"{workdir}: a group run ({names}); each member is exported to "
           f"{workdir / 'export'}/{{site}}/layer_{{L}}/ (Gemma Scope 2 "
           "layout): load or evaluate those folders with --dictionary")
-    run = trainer.Run(c, config_lib.check(c))
+    run = Run(plan)
     restored = ckpts.restore_latest(run.abstract_state)
   finally:
     ckpts.close()
   if restored is None:
     raise FileNotFoundError(f"{workdir}: no readable checkpoint")
   return from_state(run, restored[1])
+
+
+def export(run: Run, state, workdir: pathlib.Path) -> pathlib.Path:
+  """Writes the Gemma Scope 2 params folder (raw-unit weights) to
+  workdir/export (per-layer files for crosscoders and CLTs)."""
+  d = from_state(run, state)
+  out = pathlib.Path(workdir) / "export"
+  if isinstance(d, MultiLayerInference):
+    return interop.save_multilayer_gemmascope2(d, out)
+  return interop.save_gemmascope2(d, out, release_layout=False)
+
+
+def export_dir(workdir: str | pathlib.Path,
+               member: str | dictionaries.Layout) -> pathlib.Path:
+  """Where a group member is exported: export/{family}/layer_{L}, the
+  family being the site of an SAE (a hookpoint name) or 'transcoder'."""
+  if isinstance(member, str):
+    hp = models.hooks.parse(member)
+    family, layer = hp.site, hp.layer
+  else:
+    family = member.family
+    layer = models.hooks.parse(member.inputs[0]).layer
+  return pathlib.Path(workdir) / "export" / family / f"layer_{layer}"
+
+
+def export_group(run, state: dict, workdir: pathlib.Path
+                 ) -> dict[str, pathlib.Path]:
+  """Writes each member of a `group.GroupRun` as a Gemma Scope 2 params
+  folder (raw units) at `export_dir`."""
+  out = {}
+  for stack, _, member, s in run.members(state):
+    d = from_state(stack.template, s, member)
+    out[member.layout.name] = interop.save_gemmascope2(
+        d, export_dir(workdir, member.layout), release_layout=False)
+  return out

@@ -23,16 +23,12 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from gemscope_jax import assets
 from gemscope_jax import models
-from gemscope_jax.data.windows import Windows
-
-
-def special_mask(tokenizer, tokens: np.ndarray) -> np.ndarray:
-  """True where a token id is special (BOS, EOS, control, unknown)."""
-  return np.isin(tokens, np.fromiter(tokenizer.special_ids, np.int32))
+from gemscope_jax.text.windows import Windows, special_mask
 
 
 def harvest(config: models.Gemma3Config, params, windows: Windows,
@@ -82,7 +78,6 @@ def dump_activations(config: models.Gemma3Config, params, tokenizer,
 
   Returns a summary: number of tokens, of special tokens, seconds, tokens/s.
   """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   acts, _ = harvest(config, params, windows, hookpoints,
                     batch_size=batch_size, dtype=dtype, progress=progress)

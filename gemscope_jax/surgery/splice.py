@@ -1,7 +1,7 @@
 """Putting trained dictionaries into Gemma's forward pass.
 
 A `Member` is one trained dictionary with what it reads and predicts (a
-`config.Layout`), its parameters and its normalisation scales. For each
+`dictionaries.Layout`), its parameters and its normalisation scales. For each
 hookpoint a member predicts, `member_edits` gives a static edit for
 `models.forward` and `member_args` its traced arguments: (B, T) masks of
 the positions to replace by the dictionary's prediction (`splice`) or by
@@ -21,6 +21,8 @@ Where the prediction comes from:
   later layers to reconstruct earlier ones, and a TopK CLT selects over all
   layers, so their prediction is computed from the clean pass's inputs
   (`predict`) and passed in `member_args(..., recon=)`.
+`splice_edit` / `edit_args` are the same splice for one SAE without a
+`Member` (an edit keyed by the module alone).
 
 Caveat: a CLT edit recomputes the encoders of layers <= o at each layer o
 (XLA merges the identical ones it finds); a clean-mode member costs one
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemscope_jax import dictionaries
 from gemscope_jax import models
 
 
@@ -47,14 +50,14 @@ class Member:
 
   Attributes:
     name: how metrics name it (e.g. 'layer_6/resid_post').
-    layout: a `config.Layout` (kind, inputs, targets).
+    layout: a `dictionaries.Layout` (kind, inputs, targets).
     module: the training module.
     params: its parameters (unboxed), trained on normalised activations.
     norm_scale: () or (n_layers,) the inputs were divided by.
     target_scale: () or (n_layers,) the targets were divided by.
   """
   name: str
-  layout: Any
+  layout: dictionaries.Layout
   module: nn.Module
   params: Any
   norm_scale: Any
@@ -152,6 +155,43 @@ def _edit_for(module, kind: str, mode: str, index: int,
   sources = inputs[:index + 1]
   return models.ReadingEdit(functools.partial(_clt_edit, index, sources),
                             sources)
+
+
+def splice_edit(module: nn.Module) -> models.EditFn:
+  """The `EditFn` that splices SAE `module` at its own hookpoint.
+
+  Its arguments are `edit_args(...)` (`member_edits` does the same for any
+  dictionary). Cached per (hashable, field-equal) module, so evaluating
+  same-shaped dictionaries again reuses the compiled forward pass.
+
+  Args:
+    module: the SAE module (it reconstructs its own input).
+
+  Returns:
+    The edit for `models.forward(edits={hookpoint: ...})`.
+  """
+  return _edit_for(module, "sae", "in_pass", 0, ())
+
+
+def edit_args(params, norm_scale, *, splice: jax.Array, zero: jax.Array
+              ) -> dict[str, Any]:
+  """Arguments of `splice_edit(module)`.
+
+  Args:
+    params: the SAE's parameters (boxed or not).
+    norm_scale: the scalar its inputs were divided by in training (the
+      reconstruction is multiplied back by it).
+    splice: (B, T) bool mask of the positions to reconstruct.
+    zero: (B, T) bool mask of the positions to zero (neither: left as they
+      are).
+
+  Returns:
+    The edit's arguments for `models.forward(edit_args={hookpoint: ...})`.
+  """
+  s = jnp.asarray(norm_scale, jnp.float32)
+  return {"params": nn.meta.unbox(params), "norm_scale": s,
+          "target_scale": s, "splice": jnp.asarray(splice, bool),
+          "zero": jnp.asarray(zero, bool)}
 
 
 def member_edits(member: Member, mode: str | None = None) -> dict[str, Any]:
