@@ -36,7 +36,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from gemscope_jax.training import config as config_lib  # pylint: disable=wrong-import-position
-from gemscope_jax.training import trainer  # pylint: disable=wrong-import-position
+from gemscope_jax.training import plans, sources, trainer  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "jumprelu_270m.py"
@@ -53,21 +53,26 @@ def make_config(tokens: int, width: int, extra: str = ""):
 
 
 def share_loaders() -> None:
-  """Loads Gemma and tokenizes the corpus once for every run."""
-  load, windows = trainer.load_gemma, trainer._window_dataset  # pylint: disable=protected-access
+  """Loads Gemma and tokenizes the corpus once for every run (the trainer
+  calls both through the `training.sources` module, so they are wrapped
+  there)."""
+  load, windows = sources.load_gemma, sources.window_dataset
   cache = {}
 
-  def load_gemma(c, mc):
+  def load_gemma(plan, mesh=None):
     if "gemma" not in cache:
-      cache["gemma"] = load(c, mc)
+      cache["gemma"] = load(plan, mesh)
     return cache["gemma"]
-  trainer.load_gemma = load_gemma
+  sources.load_gemma = load_gemma
 
-  def window_dataset(c, tokenizer, *, progress):
-    if "ds" not in cache:
-      cache["ds"] = windows(c, tokenizer, progress=progress)
-    return cache["ds"]
-  trainer._window_dataset = window_dataset  # pylint: disable=protected-access
+  def window_dataset(plan, tokenizer, *, progress, shard_index=0,
+                     shard_count=1):
+    key = ("ds", shard_index, shard_count)
+    if key not in cache:
+      cache[key] = windows(plan, tokenizer, progress=progress,
+                           shard_index=shard_index, shard_count=shard_count)
+    return cache[key]
+  sources.window_dataset = window_dataset
 
 
 def timed_train(c, workdir: pathlib.Path) -> float:
@@ -86,13 +91,12 @@ def main() -> None:
   args = p.parse_args()
   tokens = 4096 if args.quick else args.tokens
   share_loaders()
-  c = make_config(tokens, args.width)
-  mc = config_lib.check(c)
-  layers = list(range(mc.num_layers))
+  plan = plans.make(make_config(tokens, args.width))
+  layers = list(range(plan.model.config.num_layers))
   # Warm the shared loaders so that neither side pays for them.
   from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
-  trainer.load_gemma(c, mc)
-  trainer._window_dataset(c, default_tokenizer(), progress=False)  # pylint: disable=protected-access
+  sources.load_gemma(plan)
+  sources.window_dataset(plan, default_tokenizer(), progress=False)
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     t_group = timed_train(make_config(tokens, args.width, "layers=all"),

@@ -50,11 +50,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # pylint: disable=wrong-import-position
 
 from gemscope_jax import assets  # pylint: disable=wrong-import-position
-from gemscope_jax.text import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 from gemscope_jax.data import pipeline, stream  # pylint: disable=wrong-import-position
+from gemscope_jax.text import corpora  # pylint: disable=wrong-import-position
+from gemscope_jax.text import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 from gemscope_jax.text.windows import windows_from_files  # pylint: disable=wrong-import-position
 from gemscope_jax.training import config as config_lib  # pylint: disable=wrong-import-position
-from gemscope_jax.training import trainer  # pylint: disable=wrong-import-position
+from gemscope_jax.training import export as export_lib  # pylint: disable=wrong-import-position
+from gemscope_jax.training import sources, trainer  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "jumprelu_270m.py"
@@ -93,10 +95,12 @@ def run_ours(tokens: int, workdir: pathlib.Path) -> dict:
     shutil.rmtree(workdir)  # a fresh run, not a resume
   timers = _Timers()
   seen = {"tokens": 0, "rows": 0}
-  originals = (trainer.load_gemma, trainer.export,
+  # The trainer calls these through their modules (`sources.load_gemma`,
+  # `export_lib.export`) or by the name it imported (`default_tokenizer`).
+  originals = (sources.load_gemma, export_lib.export,
                pipeline.TokenWindowSource.from_files,
                stream.HarvestSource.next_bucket,
-               tokenizer_lib.default_tokenizer)
+               trainer.default_tokenizer)
 
   def next_bucket(self):
     before = self.tokens_seen
@@ -105,20 +109,20 @@ def run_ours(tokens: int, workdir: pathlib.Path) -> dict:
     seen["rows"] += len(next(iter(bucket.values())))
     return bucket
 
-  trainer.load_gemma = timers.wrap("load", originals[0])
-  trainer.export = timers.wrap("export", originals[1])
+  sources.load_gemma = timers.wrap("load", originals[0])
+  export_lib.export = timers.wrap("export", originals[1])
   pipeline.TokenWindowSource.from_files = timers.wrap(
       "tokenize", originals[2])
   stream.HarvestSource.next_bucket = timers.wrap("harvest", next_bucket)
-  tokenizer_lib.default_tokenizer = timers.wrap("load_tokenizer", originals[4])
+  trainer.default_tokenizer = timers.wrap("load_tokenizer", originals[4])
   try:
     t0 = time.perf_counter()
     result = trainer.train(c, workdir, progress=False)
     wall = time.perf_counter() - t0
   finally:
-    (trainer.load_gemma, trainer.export,
+    (sources.load_gemma, export_lib.export,
      pipeline.TokenWindowSource.from_files, stream.HarvestSource.next_bucket,
-     tokenizer_lib.default_tokenizer) = originals
+     trainer.default_tokenizer) = originals
   s = timers.seconds
   setup = sum(s.get(k, 0.0) for k in ("load", "tokenize", "export",
                                       "load_tokenizer"))

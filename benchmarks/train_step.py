@@ -8,12 +8,27 @@ one process on the CPU, fp32, for JumpReLU (quadratic L0 penalty) and TopK:
             `training_forward_pass`, the trainer's firing statistics,
             `loss.backward()`, grad-norm clipping and a torch Adam step, as
             `SAETrainer._train_step` does them.
-  autodiff  `jax.value_and_grad` of `compute_loss`
-            (make_train_step(sparse=False, autodiff=True)).
-  dense     the trainer's default step (make_train_step(sparse=False)): the
-            hand-derived gradients of `dictionaries/dense.py` (for JumpReLU
-            with the fused CPU kernel), the same five dense matmuls.
-  sparse    `sparse_loss_and_grads` (make_train_step(sparse=True)).
+  autodiff  ours with train.step='autodiff': `jax.value_and_grad` of
+            `dictionaries.compute_loss`.
+  dense     ours with train.step='dense' (the default): the hand-derived
+            gradients of `training/grads/dense.py` (for JumpReLU with the
+            fused CPU kernel), the same five dense matmuls.
+  sparse    ours with train.step='sparse': `grads.sparse.
+            sparse_loss_and_grads`, JumpReLU's pair list holding
+            train.sparse_capacity entries per token.
+
+Every "ours" row times the trainer's own step: `training.step.Run(plan).step`
+of a config (`config.preset('gemma3_270m')`, hookpoint layer_6/resid_post, so
+d_in = 640; model.checkpoint='random'; dictionary.width=--width,
+train.batch_size=--batch, train.lr=1e-5 constant, sparsity coefficient 1
+from the first step, dictionary.preact_coeff=0, train.init_norm=1), jitted
+with the state donated, one device. So each step also includes what the
+trainer's step does besides the gradients: the inputs divided by the
+state's norm scale (1 here), the Adam update through the lr schedule, the
+counters (last step each latent fired; BatchTopK's kept threshold) and the
+logged metrics (loss, gradient norm, finiteness, dead fraction, lr, ...).
+The state comes from `run.init` (b_dec 0, scales 1); the batch is put on
+the device in `run.batch_sharding` once, outside the timing.
 
 Inputs are standard normal (B, d_in). For a realistic JumpReLU sparsity the
 thresholds are set, before timing, to each latent's (1 - L0*/width) quantile
@@ -46,15 +61,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 
-from gemscope_jax.dictionaries import JumpReLU, TopK  # pylint: disable=wrong-import-position
-from gemscope_jax.dictionaries import _base  # pylint: disable=wrong-import-position
-from gemscope_jax.training.grads import sparse  # pylint: disable=wrong-import-position
 from gemscope_jax.kernels import jumprelu as jumprelu_kernel  # pylint: disable=wrong-import-position
+from gemscope_jax.training import config as config_lib  # pylint: disable=wrong-import-position
+from gemscope_jax.training.grads import sparse  # pylint: disable=wrong-import-position
+from gemscope_jax.training.step import Run  # pylint: disable=wrong-import-position
 
 LR = 1e-5
+HOOKPOINT = "layer_6/resid_post"  # Gemma 3 270M: d_in 640
 
 
 def _median_time(fn, steps: int, warmup: int) -> float:
@@ -77,6 +92,45 @@ def matmul_rate(repeats: int = 5) -> float:
   return 2 * 4096 * 2048 * 4096 / t / 1e9
 
 
+def make_run(arch: str, method: str, args, *, sparse_capacity: int = 256
+             ) -> Run:
+  """The trainer's Run of the benchmark's config, on one device."""
+  c = config_lib.preset("gemma3_270m")
+  c.model.checkpoint = "random"
+  c.hookpoint = HOOKPOINT
+  c.dictionary.architecture = arch
+  c.dictionary.width = args.width
+  c.dictionary.target_l0 = args.target_l0
+  c.dictionary.bandwidth = args.bandwidth
+  c.dictionary.sparsity_penalty = "quadratic"
+  c.dictionary.preact_coeff = 0.0
+  if arch == "topk":
+    c.dictionary.k = args.k
+  t = c.train
+  t.step = method
+  t.batch_size = args.batch
+  t.num_tokens = args.batch * 1_000_000
+  t.lr, t.lr_warmup_steps, t.lr_decay_fraction = LR, 0, 0.0
+  t.sparsity_coeff = 1.0 if arch == "jumprelu" else 0.0
+  t.sparsity_warmup_steps = 1
+  t.init_norm = 1.0
+  t.sparse_capacity = sparse_capacity
+  return Run.from_config(c, devices=jax.devices()[:1])
+
+
+def fresh_state(run: Run, threshold=None):
+  """`run.init`'s state (b_dec 0, scales 1), thresholds replaced if given."""
+  d = run.dict_config.d_in
+  one = jnp.ones((), jnp.float32)
+  state = run.init(jax.random.key(0), jnp.zeros((d,), jnp.float32), one, one)
+  if threshold is not None:
+    old = state.params["threshold"]  # unboxed, as the step takes it
+    new = jax.device_put(jnp.asarray(threshold, old.dtype).reshape(old.shape),
+                         old.sharding)
+    state = state.replace(params={**state.params, "threshold": new})
+  return state
+
+
 def _quantile_thresholds(module, params, x, target_l0: float) -> jax.Array:
   """Per-latent threshold so each latent fires on ~target_l0/width tokens."""
   _, pre = sparse._pre_acts(module, params, x)  # pylint: disable=protected-access
@@ -85,22 +139,17 @@ def _quantile_thresholds(module, params, x, target_l0: float) -> jax.Array:
   return jnp.maximum(0.5 * (top[:, m - 1] + top[:, m]), 0.0)
 
 
-def time_ours(module, params, x, *, sparse_step: bool, capacity, coeff,
-              steps: int, autodiff: bool = False) -> tuple[float, dict]:
-  """Median seconds per step of our jitted train step, and its last metrics."""
-  opt = optax.adam(LR, b1=0.0, b2=0.999)
-  step = sparse.make_train_step(module, opt, sparse=sparse_step,
-                                capacity=capacity, autodiff=autodiff)
-  state = {"p": jax.tree.map(jnp.array, params)}
-  state["s"] = opt.init(state["p"])
-  state["m"] = None
+def time_ours(run: Run, x, steps: int, threshold=None) -> tuple[float, dict]:
+  """Median seconds per call of `run.step` (state donated each call), and
+  the last step's metrics."""
+  batch = jax.device_put({"x": x}, run.batch_sharding)
+  held = {"state": fresh_state(run, threshold), "metrics": None}
 
   def one():
-    state["p"], state["s"], state["m"] = step(state["p"], state["s"], x,
-                                              coeff)
-    jax.block_until_ready(state["p"])
+    held["state"], held["metrics"] = run.step(held["state"], batch)
+    jax.block_until_ready(held["state"])
   t = _median_time(one, steps, warmup=2)
-  return t, {k: float(v) for k, v in state["m"].items()}
+  return t, {k: float(v) for k, v in jax.device_get(held["metrics"]).items()}
 
 
 def time_saelens(kind: str, params, x, *, k: int, target_l0: float,
@@ -153,7 +202,6 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--width", type=int, default=16384)
   ap.add_argument("--batch", type=int, default=4096)
-  ap.add_argument("--d-in", type=int, default=640)
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--k", type=int, default=60)
   ap.add_argument("--target-l0", type=float, default=60.0)
@@ -164,7 +212,9 @@ def main():
   args = ap.parse_args()
   if args.quick:
     args.width, args.batch, args.steps = 2048, 512, 2
-  b, d, w = args.batch, args.d_in, args.width
+  b, w = args.batch, args.width
+  runs = {m: make_run("jumprelu", m, args) for m in ("autodiff", "dense")}
+  d = runs["dense"].dict_config.d_in
   flops = 12 * b * d * w
   print(f"d_in {d}, width {w}, batch {b}, fp32, {args.steps} timed steps "
         f"(median), jax {jax.__version__} on {jax.devices()[0].platform}, "
@@ -182,51 +232,45 @@ def main():
     print(f"  {arch:8s} {impl:8s} {b / t:9.0f} act/s  {t:7.3f} s/step  {note}",
           flush=True)
 
-  # JumpReLU.
-  jr = JumpReLU(d_in=d, d_sae=w, bandwidth=args.bandwidth,
-                sparsity_penalty="quadratic", target_l0=args.target_l0)
-  params = {k: _base.leaf_value(v) for k, v in
-            _base.init_params(jr, jax.random.PRNGKey(1)).items()}
-  params["threshold"] = _quantile_thresholds(jr, params, x, args.target_l0)
-  capacity = sparse.default_capacity(jr, b)
+  # JumpReLU. The sparse list as long as `sparse.default_capacity` makes it
+  # (the trainer's train.sparse_capacity counts entries per token).
+  module = runs["dense"].module
+  capacity = -(-sparse.default_capacity(module, b) // b)
+  runs["sparse"] = make_run("jumprelu", "sparse", args,
+                            sparse_capacity=capacity)
+  params = jax.device_get(fresh_state(runs["dense"]).params)
+  threshold = np.asarray(_quantile_thresholds(module, params, x,
+                                              args.target_l0))
+  params["threshold"] = threshold
   print(f"JumpReLU: thresholds at per-latent quantiles for L0 ~ "
-        f"{args.target_l0:g}; sparse capacity {capacity // b}/token",
+        f"{args.target_l0:g}; sparse capacity {capacity}/token",
         flush=True)
   if not args.skip_saelens:
     add("jumprelu", "saelens",
         time_saelens("jumprelu", params, x, k=args.k,
                      target_l0=args.target_l0, bandwidth=args.bandwidth,
                      steps=args.steps))
-  t, m = time_ours(jr, params, x, sparse_step=False, capacity=None,
-                   coeff=1.0, steps=args.steps, autodiff=True)
+  t, m = time_ours(runs["autodiff"], x, args.steps, threshold)
   add("jumprelu", "autodiff", t, f"L0 {m['l0']:.1f}")
-  t, m = time_ours(jr, params, x, sparse_step=False, capacity=None,
-                   coeff=1.0, steps=args.steps)
+  t, m = time_ours(runs["dense"], x, args.steps, threshold)
   add("jumprelu", "dense", t, f"L0 {m['l0']:.1f}, fused kernel "
       f"{'on' if jumprelu_kernel.available() else 'OFF'}")
-  t, m = time_ours(jr, params, x, sparse_step=True, capacity=capacity,
-                   coeff=1.0, steps=args.steps)
+  t, m = time_ours(runs["sparse"], x, args.steps, threshold)
   add("jumprelu", "sparse", t,
       f"L0 {m['l0']:.1f}, listed {m['n_selected'] / b:.1f}/token, "
       f"overflow {m['overflow']:.0f}")
 
   # TopK.
-  tk = TopK(d_in=d, d_sae=w, k=args.k)
-  params = {k: _base.leaf_value(v) for k, v in
-            _base.init_params(tk, jax.random.PRNGKey(1)).items()}
+  runs = {m: make_run("topk", m, args)
+          for m in ("autodiff", "dense", "sparse")}
   if not args.skip_saelens:
+    params = jax.device_get(fresh_state(runs["dense"]).params)
     add("topk", "saelens",
         time_saelens("topk", params, x, k=args.k, target_l0=args.target_l0,
                      bandwidth=args.bandwidth, steps=args.steps))
-  t, m = time_ours(tk, params, x, sparse_step=False, capacity=None,
-                   coeff=0.0, steps=args.steps, autodiff=True)
-  add("topk", "autodiff", t, f"L0 {m['l0']:.1f}")
-  t, m = time_ours(tk, params, x, sparse_step=False, capacity=None,
-                   coeff=0.0, steps=args.steps)
-  add("topk", "dense", t, f"L0 {m['l0']:.1f}")
-  t, m = time_ours(tk, params, x, sparse_step=True, capacity=None,
-                   coeff=0.0, steps=args.steps)
-  add("topk", "sparse", t, f"L0 {m['l0']:.1f}")
+  for method in ("autodiff", "dense", "sparse"):
+    t, m = time_ours(runs[method], x, args.steps)
+    add("topk", method, t, f"L0 {m['l0']:.1f}")
 
   anchors = {r[0]: r[2] for r in rows if r[1] == "saelens"}
   print()

@@ -10,11 +10,11 @@ the script builds everything abstractly (`jax.eval_shape`, ShapeDtypeStructs
 carrying NamedShardings; no weights exist), lowers and compiles
 
 - the harvest step: bf16 Gemma (`models.forward`, weights laid out by
-  `training/sharding.py` as config.mesh.gemma says) run to the hookpoint's
-  layer on a batch of windows of 1024 tokens split over 'data';
-- the dictionary train step: `trainer.Run(c, ...).step` of the config
-  `config_lib.preset(size)` with the width and mesh set, with its own
-  shardings and donated state;
+  `parallel/gemma_layout.py` as config.mesh.gemma says) run to the
+  hookpoint's layer on a batch of windows of 1024 tokens split over 'data';
+- the dictionary train step: `training.step.Run(plans.make(c), ...).step`
+  (the trainer's own jitted step) of the config `config_lib.preset(size)`
+  with the width and mesh set, with its own shardings and donated state;
 
 and reads `compiled.memory_analysis()`: bytes per device = arguments +
 outputs + temporaries - aliased (donated) bytes. Parameter and optimizer
@@ -65,9 +65,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gemscope_jax import models  # noqa: E402
+from gemscope_jax.parallel import gemma_layout  # noqa: E402
 from gemscope_jax.training import config as config_lib  # noqa: E402
-from gemscope_jax.parallel import gemma_layout as sharding  # noqa: E402
-from gemscope_jax.training import trainer  # noqa: E402
+from gemscope_jax.training import plans  # noqa: E402
+from gemscope_jax.training.step import Run  # noqa: E402
 
 GB = 1e9
 SEQ_LEN = 1024           # tokens per window, as published
@@ -144,8 +145,8 @@ def harvest_bytes(mc: models.Gemma3Config, layer: int, mesh: Mesh,
     compiled_cfg, hook = mc.replace(num_layers=max_layers), max_layers - 1
   dtype = jnp.bfloat16
   abstract = models.abstract_params(compiled_cfg, dtype)
-  shardings = sharding.gemma_param_shardings(compiled_cfg, mesh, layout,
-                                             abstract)
+  shardings = gemma_layout.gemma_param_shardings(compiled_cfg, mesh,
+                                                 layout, abstract)
   params = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, shardings)
@@ -164,11 +165,11 @@ def harvest_bytes(mc: models.Gemma3Config, layer: int, mesh: Mesh,
   total, temp = _bytes(compiled)
   if compiled_cfg is not mc:
     # Swap the reduced model's weights for the full model's (exact).
-    full_params = sharding.sharded_bytes(
+    full_params = gemma_layout.sharded_bytes(
         models.abstract_params(mc, dtype),
-        sharding.gemma_param_shardings(mc, mesh, layout,
-                                       models.abstract_params(mc, dtype)))
-    total += full_params - sharding.sharded_bytes(abstract, shardings)
+        gemma_layout.gemma_param_shardings(
+            mc, mesh, layout, models.abstract_params(mc, dtype)))
+    total += full_params - gemma_layout.sharded_bytes(abstract, shardings)
   return total, temp, compiled_cfg.num_layers if compiled_cfg is not mc \
       else full
 
@@ -176,18 +177,17 @@ def harvest_bytes(mc: models.Gemma3Config, layer: int, mesh: Mesh,
 def plan_row(size: str, width: int, data: int, model: int, layout: str, *,
              windows: int, max_layers: int) -> Row:
   t0 = time.perf_counter()
-  mc = models.get_config(size)
-  c = _config(size, width, data, model, layout)
-  config_lib.check(c)
-  layer = models.hooks.parse(c.hookpoint).layer
+  plan = plans.make(_config(size, width, data, model, layout))
+  mc = plan.model.config
+  layer = models.hooks.parse(plan.hookpoint).layer
   devices = jax.devices()[:data * model]
-  run = trainer.Run(c, mc, devices)
+  run = Run(plan, devices=devices)
   gemma_mesh = run.mesh
   abstract = models.abstract_params(mc, jnp.bfloat16)
-  gemma_bytes = sharding.sharded_bytes(
-      abstract, sharding.gemma_param_shardings(mc, gemma_mesh, layout))
-  state_bytes = sharding.sharded_bytes(run.abstract_state,
-                                       run.state_sharding)
+  gemma_bytes = gemma_layout.sharded_bytes(
+      abstract, gemma_layout.gemma_param_shardings(mc, gemma_mesh, layout))
+  state_bytes = gemma_layout.sharded_bytes(run.abstract_state,
+                                           run.state_sharding)
   h_total, h_temp, compiled_layers = harvest_bytes(
       mc, layer, gemma_mesh, layout, windows, max_layers)
   d = mc.d_model
@@ -220,11 +220,11 @@ def markdown(rows: list[Row], *, margin: float, windows: int,
       f"{windows} windows x {SEQ_LEN} tokens per 'data' shard "
       f"(`data.seq_len={SEQ_LEN}`, `data.model_batch_size={windows} x "
       "data`), weights laid out as `mesh.gemma` says "
-      "(`gemscope_jax/training/sharding.py`).",
-      f"- **Train step**: `trainer.Run(...).step` of a JumpReLU SAE (fp32 "
-      f"weights, Adam), batch {TRAIN_BATCH} activations, latent axis on "
-      "'model', batch on 'data' (the preset's `mesh.rules`); the state is "
-      "donated.",
+      "(`gemscope_jax/parallel/gemma_layout.py`).",
+      "- **Train step**: `training.step.Run(...).step` (the trainer's own "
+      f"jitted step) of a JumpReLU SAE (fp32 weights, Adam), batch "
+      f"{TRAIN_BATCH} activations, latent axis on 'model', batch on 'data' "
+      "(the preset's `mesh.rules`); the state is donated.",
       "- **Peak** = max(harvest + resident train state, train step + "
       "resident Gemma weights): both stay on the device for the whole run.",
       f"- **Fits** when peak x {1 + margin:.2f} <= HBM per chip (a "

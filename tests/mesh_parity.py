@@ -5,7 +5,8 @@ train steps from the same state on 1 device, an 8x1 and a 4x2 mesh.
 """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from gemscope_jax.training import config as config_lib, trainer
+from gemscope_jax.training import config as config_lib
+from gemscope_jax.training.step import Run
 T = sys.argv[1]
 out = {}
 rng = np.random.default_rng(0)
@@ -15,7 +16,7 @@ for name, mesh in (("one", None), ("dp", (8, 1)), ("dpmp", (4, 2))):
   c = config_lib.load(f"experiments/jumprelu_270m.py:{T}")
   if mesh: c.mesh.data, c.mesh.model = mesh
   devices = [jax.devices()[0]] if mesh is None else None
-  run = trainer.Run(c, config_lib.check(c), devices)
+  run = Run.from_config(c, devices)
   state = run.init(jax.random.key(0), jnp.asarray(offset / 8), jnp.float32(8.0),
                    jnp.float32(8.0))
   losses = []

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import trainer
+from gemscope_jax.training.step import Run
 
 ARG = ("runlocal,width=64,batch=64,tokens=640,train.lr=1e-4,"
        "train.sparsity_warmup_steps=2,train.lr_warmup_steps=1")
@@ -30,7 +30,7 @@ for case, (experiment, extra, n) in CASES.items():
     if mesh:
       c.mesh.data, c.mesh.model = mesh
     devices = [jax.devices()[0]] if mesh is None else None
-    run = trainer.Run(c, config_lib.check(c), devices)
+    run = Run.from_config(c, devices)
     scale = jnp.full((n,), 3.0) if n > 1 else jnp.float32(3.0)
     b_dec = np.full(run.init_shapes[0].shape, 0.2, np.float32)
     state = run.init(jax.random.key(0), jnp.asarray(b_dec), scale, scale * 2)

@@ -20,10 +20,12 @@ import pytest
 
 from gemscope_jax import kernels
 from gemscope_jax.dictionaries import _base
-from gemscope_jax.training.grads import dense, sparse
+from gemscope_jax.training.grads import dense
 from gemscope_jax.dictionaries import jumprelu as jumprelu_lib
 from gemscope_jax.dictionaries import topk as topk_lib
 from gemscope_jax.kernels import jumprelu as jumprelu_kernel
+
+from step_helpers import jitted_update
 
 T, D_IN, D_SAE = 96, 24, 600  # 600 latents: a partial 512-latent block
 
@@ -177,12 +179,12 @@ def test_loss_and_grads_match_autodiff(name, use_kernel):
 
 
 def test_train_step_uses_the_kernel_and_tracks_autodiff():
-  """make_train_step's dense step (kernel) follows the autodiff step."""
+  """The trainer's dense update (kernel) follows the autodiff update."""
   import optax  # pylint: disable=import-outside-toplevel
   module, params, _, _ = _case("sae_quadratic_preact")
   opt = optax.adam(1e-3, b1=0.0, b2=0.999)
-  fast = sparse.make_train_step(module, opt, sparse=False)
-  slow = sparse.make_train_step(module, opt, sparse=False, autodiff=True)
+  fast = jitted_update(module, opt, method="dense")
+  slow = jitted_update(module, opt, method="autodiff")
   x0 = jnp.asarray(np.random.default_rng(5).normal(size=(T, D_IN)),
                    jnp.float32)
   hlo = fast.lower(params, opt.init(params), x0, 0.5).as_text()

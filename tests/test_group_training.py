@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import group
+from gemscope_jax.training import export, group, plans
 from gemscope_jax.training import trainer
 
 from test_training import run_cli, tiny_config
@@ -153,16 +153,30 @@ def test_bad_group_configs_name_the_field(tmp_path):
   assert not (tmp_path / "never").exists()
 
 
-def test_member_config_is_a_single_run_config():
+def test_member_plans_are_single_run_plans():
+  """Each member of a group plan is the dictionary plan a single run at its
+  hookpoint has (SAEs and transcoders); reading the group leaves c as it
+  was."""
   c = tiny_config("layers=all")
-  m = group.member_config(c, "layer_5/resid_post")
-  assert not config_lib.is_group(m) and m.hookpoint == "layer_5/resid_post"
-  assert config_lib.is_group(c)  # the original is untouched
+  before = config_lib.to_json(c)
+  plan = plans.make(c)
+  assert plan.group and len(plan.dictionaries) == 18
+  single = tiny_config("layer=5")
+  assert not config_lib.is_group(single)
+  assert plan.dictionaries[5] == plans.make(single).dictionaries[0]
+  assert plan.dictionaries[5].layout.inputs == ("layer_5/resid_post",)
+  assert config_lib.to_json(c) == before and config_lib.is_group(c)
+  tc = tiny_config("arch=jumprelu_transcoder,layers=all,site=mlp_in")
+  single = tiny_config("arch=jumprelu_transcoder,layer=5,site=mlp_in")
+  assert (plans.make(tc).dictionaries[5]
+          == plans.make(single).dictionaries[0])
+  assert plans.make(tc).dictionaries[5].layout.targets == (
+      "layer_5/mlp_out",)
 
 
 def test_stack_shardings_keep_latents_on_model_axis():
   c = tiny_config("layers=1-3")
-  run = group.GroupRun(c, config_lib.check(c))
+  run = group.GroupRun(plans.make(c))
   assert list(run.stacks) == ["d_in_640"]
   stack = run.stacks["d_in_640"]
   assert stack.names == [f"layer_{l}/resid_post" for l in LAYERS]
@@ -184,4 +198,4 @@ def test_member_exports_load_and_workdir_export_points_to_them(group_run):
   assert d.hookpoint == "layer_2/resid_post"
   with pytest.raises(ValueError, match=r"a group run .*layer_1/resid_post.*"
                      r"--dictionary"):
-    interop.from_workdir(group_run)
+    export.from_workdir(group_run)

@@ -23,6 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gemscope_jax.training import config as config_lib
+from gemscope_jax.training import plans
 from gemscope_jax.parallel import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -199,14 +200,15 @@ def test_live_harvest_over_the_global_mesh_matches_one_process(tmp_path):
 
 def test_unreachable_coordinator_fails_in_time():
   port = free_port()  # nothing listens there
-  code = ("from gemscope_jax.training import config, distributed\n"
+  code = ("from gemscope_jax.parallel import distributed\n"
+          "from gemscope_jax.training import config, plans\n"
           "c = config.default_config()\n"
           f"c.distributed.coordinator_address = '127.0.0.1:{port}'\n"
           "c.distributed.num_processes = 2\n"
           "c.distributed.process_id = 1\n"
           "c.distributed.initialization_timeout_s = 3\n"
           "try:\n"
-          "  distributed.initialize(c)\n"
+          "  distributed.initialize(plans.distributed_plan(c))\n"
           "except distributed.DistributedError as e:\n"
           "  print('ERROR', e)\n")
   t = time.time()
@@ -242,7 +244,7 @@ def test_bad_settings_name_the_field(monkeypatch, fields, env, expected):
   for k, v in fields.items():
     c.distributed[k] = v
   with pytest.raises(ValueError, match=expected):
-    distributed.settings(c)
+    distributed.settings(plans.distributed_plan(c))
 
 
 def test_default_is_a_single_process(monkeypatch):
@@ -250,24 +252,20 @@ def test_default_is_a_single_process(monkeypatch):
             distributed.ENV_PROCESS_ID):
     monkeypatch.delenv(k, raising=False)
   c = config_lib.default_config()
-  assert distributed.settings(c) == {"coordinator_address": "",
-                                     "num_processes": 0, "process_id": None,
-                                     "auto": False}
-  assert distributed.initialize(c) is False
+  settings = lambda c: distributed.settings(plans.distributed_plan(c))  # pylint: disable=unnecessary-lambda-assignment
+  assert settings(c) == {"coordinator_address": "", "num_processes": 0,
+                         "process_id": None, "auto": False}
+  assert distributed.initialize(plans.distributed_plan(c)) is False
   monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "3")
   monkeypatch.setenv(distributed.ENV_PROCESS_ID, "2")
   monkeypatch.setenv(distributed.ENV_COORDINATOR, "h:1")
-  assert distributed.settings(c)["num_processes"] == 3
+  assert settings(c)["num_processes"] == 3
   c.distributed.num_processes, c.distributed.process_id = 1, 0  # config wins
-  assert distributed.settings(c)["num_processes"] == 1
+  assert settings(c)["num_processes"] == 1
 
 
 def test_shards_must_split_over_processes():
-  c = config_lib.default_config()
-  c.data.num_shards = 3
-  c.train.batch_size = 256
   with pytest.raises(ValueError, match="config.train.batch_size"):
-    distributed.num_data_shards(c)
-  c.data.num_shards = 4
-  assert distributed.num_data_shards(c) == 4
+    distributed.num_data_shards(3, 256)
+  assert distributed.num_data_shards(4, 256) == 4
   assert distributed.local_shards(4) == [0, 1, 2, 3]

@@ -23,7 +23,8 @@ from gemscope_jax.evals import dictionary as eval_dictionary
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
 from gemscope_jax.surgery import splice
-from gemscope_jax.training import trainer
+from gemscope_jax.training import export, trainer
+from gemscope_jax.training.step import Run
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def final_run_and_state(workdir):
   """(Run, TrainState) of the newest checkpoint in `workdir`."""
   ckpts = ckpt_lib.Checkpoints(workdir, asynchronous=False)
   c = config_lib.from_json(ckpts.read_config(ckpts.latest_step()))
-  run = trainer.Run(c, config_lib.check(c))
+  run = Run.from_config(c)
   state = ckpts.restore_latest(run.abstract_state)[1]
   ckpts.close()
   return run, state
@@ -93,7 +94,7 @@ def test_transcoder_exports_compute_the_module(transcoder, tmp_path):
   assert cfg["affine_connection"] is True
   scale = np.abs(want).max()
   np.testing.assert_allclose(np.asarray(d(x)), want, atol=2e-4 * scale)
-  out = interop.save_saelens(interop.from_workdir(workdir), tmp_path / "sl")
+  out = interop.save_saelens(export.from_workdir(workdir), tmp_path / "sl")
   sae = SAE.load_from_disk(str(out), device="cpu")
   with torch.no_grad():
     got = sae(torch.from_numpy(x)).numpy()
@@ -101,9 +102,9 @@ def test_transcoder_exports_compute_the_module(transcoder, tmp_path):
 
 
 def test_transcoder_export_evaluates_like_the_run(transcoder):
-  """`evals.dictionary.evaluate_dictionary` on the exported folder (our transcoder
-  module rebuilt from raw-unit arrays, spliced in place of the MLP) gives
-  the run's own held-out metrics."""
+  """`evals.dictionary.evaluate_dictionary` on the exported folder (our
+  transcoder module rebuilt from raw-unit arrays, spliced in place of the
+  MLP) gives the run's own held-out metrics."""
   workdir, m = transcoder
   got = eval_dictionary.evaluate_dictionary(
       workdir / "export", num_tokens=4096, loss_tokens=1024, progress=False)

@@ -40,7 +40,8 @@ def _worker(out_path: str) -> None:
   from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
   from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
   from gemscope_jax.parallel import gemma_layout as sharding  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.parallel import make_mesh  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import plans, sources  # pylint: disable=import-outside-toplevel
 
   assert len(jax.devices()) == 4, jax.devices()
   mc, params = pretrained.load_model("default")
@@ -71,14 +72,16 @@ def _worker(out_path: str) -> None:
     del placed, flat
     jax.clear_caches()
 
-  # trainer.load_gemma: random weights made in their shards equal the
+  # sources.load_gemma: random weights made in their shards equal the
   # replicated ones.
-  c = config_lib.load(f"{ROOT}/configs/gemma3_270m.py:checkpoint=random")
+  c = config_lib.load(f"{ROOT}/configs/gemma3.py:size=270m,"
+                      "checkpoint=random")
   c.mesh.data, c.mesh.model = 2, 2
-  ref = trainer.load_gemma(c, mc)
+  ref = sources.load_gemma(plans.make(c))
   c.mesh.gemma = "fsdp_tp"
-  mesh = trainer.make_mesh(c)
-  got = trainer.load_gemma(c, mc, mesh)
+  plan = plans.make(c)
+  mesh = make_mesh(plan.mesh)
+  got = sources.load_gemma(plan, mesh)
   emb = got["embedder"]["input_embedding"]
   result["load_gemma"] = {
       "equal": bool(jax.tree.all(jax.tree.map(
@@ -198,7 +201,7 @@ def test_bad_layout_names_the_field():
     sharding.check_layout("zero3")
   with pytest.raises(ValueError, match=r"config\.mesh\.gemma"):
     sharding.gemma_param_specs(models.Gemma3_270M, {"data": 2}, "tp")
-  c = config_lib.load(f"{ROOT}/configs/gemma3_270m.py")
+  c = config_lib.load(f"{ROOT}/configs/gemma3.py")
   c.mesh.gemma = "sharded"
   with pytest.raises(ValueError, match=r"config\.mesh\.gemma"):
     config_lib.check(c)
@@ -209,9 +212,10 @@ def test_presets_choose_a_layout():
   want = {"270m": "replicated", "1b": "fsdp", "4b": "fsdp", "12b": "fsdp_tp",
           "27b": "fsdp_tp"}
   for size, layout in want.items():
-    c = config_lib.load(f"{ROOT}/configs/gemma3_{size}.py")
+    c = config_lib.load(f"{ROOT}/configs/gemma3.py:size={size}")
     assert c.mesh.gemma == layout, size
-  c = config_lib.load(f"{ROOT}/configs/gemma3_27b.py:mesh.gemma=fsdp")
+    assert c.model.name == f"gemma3_{size}", size
+  c = config_lib.load(f"{ROOT}/configs/gemma3.py:size=27b,mesh.gemma=fsdp")
   assert c.mesh.gemma == "fsdp"
 
 

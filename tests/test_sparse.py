@@ -12,6 +12,8 @@ from gemscope_jax.dictionaries import BatchTopK, JumpReLU, TopK
 from gemscope_jax.dictionaries import _base
 from gemscope_jax.training.grads import sparse
 
+from step_helpers import jitted_update
+
 D_IN, D_SAE, B = 32, 256, 64
 EPS = 0.05
 CAP = B * 128  # Room for every selected pair at these settings.
@@ -114,9 +116,9 @@ def test_train_steps_track_dense():
   opt = optax.adam(1e-3, b1=0.0, b2=0.999)
   x0 = _x()
   params = _set_window(module, _params(module), x0)
-  dense_step = sparse.make_train_step(module, opt, sparse=False, jit=True)
-  sparse_step = sparse.make_train_step(module, opt, sparse=True,
-                                       capacity=CAP, jit=True)
+  dense_step = jitted_update(module, opt, method="dense")
+  sparse_step = jitted_update(module, opt, method="sparse",
+                              sparse_capacity=CAP // B)
   copy = lambda t: jax.tree.map(jnp.array, t)  # pylint: disable=unnecessary-lambda-assignment
   pd, sd = copy(params), opt.init(params)
   ps, ss = copy(params), opt.init(params)

@@ -19,8 +19,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from gemscope_jax import dictionaries
+from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import trainer
+from gemscope_jax.training import optim, plans, sources, trainer
+from gemscope_jax.training.step import Run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GEMSCOPE = [sys.executable, "-m", "gemscope_jax.cli"]
@@ -123,10 +125,10 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path):
                   "train.checkpoint_every_steps=1,train.log_every_steps=1")
   with pytest.raises(trainer.TrainingDiverged, match="last good checkpoint"):
     trainer.train(c, tmp_path, progress=False)
-  ckpts = trainer.ckpt_lib.Checkpoints(tmp_path)
+  ckpts = ckpt_lib.Checkpoints(tmp_path)
   last = ckpts.latest_step()
   assert last is not None and last >= 1
-  run = trainer.Run(c, config_lib.check(c))
+  run = Run.from_config(c)
   step, state, _, _ = ckpts.restore_latest(run.abstract_state)
   assert step == last
   assert all(np.isfinite(np.asarray(v)).all()
@@ -145,9 +147,8 @@ def test_export_reproduces_training_reconstruction(reference_run):
   """The folded Gemma Scope 2 arrays on raw activations equal the trained
   module on normalised ones (times the scale)."""
   c = tiny_config()
-  mc = config_lib.check(c)
-  run = trainer.Run(c, mc)
-  ckpts = trainer.ckpt_lib.Checkpoints(reference_run)
+  run = Run.from_config(c)
+  ckpts = ckpt_lib.Checkpoints(reference_run)
   _, state, _, _ = ckpts.restore_latest(run.abstract_state)
   x = np.random.default_rng(0).normal(size=(64, run.dict_config.d_in)) * 5
   x = x.astype(np.float32)
@@ -169,13 +170,14 @@ def test_stream_position_restores_exactly(real_model):
   from gemscope_jax.data import stream
   from gemscope_jax.text.tokenizer import default_tokenizer
   c = tiny_config()
-  config, params = real_model
-  run = trainer.Run(c, config)
+  _, params = real_model
+  run = Run.from_config(c)
   tok = default_tokenizer()
 
   def make():
     return stream.ActivationBatches(
-        trainer.make_source(c, run, params, tok, progress=False),
+        sources.make_source(run.plan, run.mesh, params, tok, progress=False,
+                            hookpoints=run.harvest),
         batch_size=c.train.batch_size, seed=c.seed)
 
   a = make()
@@ -277,7 +279,7 @@ def test_parse_arg_and_shorthands():
 def test_lr_schedule_shape():
   c = tiny_config("train.lr=1e-3,train.lr_warmup_steps=4,"
                   "train.lr_decay_fraction=0.25")
-  sched = trainer.lr_schedule(c)  # 24 steps: warm-up 4, flat 14, decay 6
+  sched = optim.lr_schedule(plans.make(c).optimizer)  # 24 steps: warm-up 4, flat 14, decay 6
   got = np.array([float(sched(i)) for i in range(25)])
   want = np.concatenate([np.arange(4) / 4 * 1e-3, np.full(14, 1e-3),
                          1e-3 * (1 - np.arange(7) / 6)])
@@ -289,7 +291,7 @@ def test_sparsity_warmup_and_threshold_clip(real_model):
   unit norm, thresholds stay >= 0, and the step's loss equals
   dictionaries.compute_loss on the same batch."""
   c = tiny_config()
-  run = trainer.Run(c, real_model[0])
+  run = Run.from_config(c)
   x = np.random.default_rng(1).normal(size=(256, 640)).astype(np.float32)
   state = run.init(jax.random.key(0), jnp.zeros(640), jnp.float32(2.0),
                    jnp.float32(2.0))
@@ -311,8 +313,9 @@ def test_sparse_and_dense_steps_track_autodiff(real_model, arch):
   optimisation as jax.grad ('autodiff')."""
   extra = "step=sparse" + (",arch=topk,k=16" if arch == "topk" else "")
   steps = ("autodiff", "dense", "sparse")
-  runs = {s: trainer.Run(tiny_config(extra.replace("step=sparse", f"step={s}")),
-                         real_model[0]) for s in steps}
+  runs = {s: Run.from_config(tiny_config(extra.replace("step=sparse",
+                                                      f"step={s}")))
+          for s in steps}
   rng = np.random.default_rng(2)
   offset = rng.normal(size=640).astype(np.float32) * 3
   xs = [(rng.normal(size=(256, 640)).astype(np.float32) + offset)

@@ -16,7 +16,9 @@ import optax
 from gemscope_jax import dictionaries as D
 from gemscope_jax.dictionaries import jumprelu
 from gemscope_jax.training import config as config_lib
-from gemscope_jax.training import trainer
+from gemscope_jax.training import optim, plans
+from gemscope_jax.training.step import Run
+from gemscope_jax.training.update import apply_update
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 D_IN, D_SAE, B = 8, 16, 6
@@ -90,7 +92,7 @@ def _config(extra=""):
 def test_grad_clip_equals_adam_on_clipped_gradients():
   """Two steps: Adam(b1=0) on g / max(1, |g|/clip), by hand."""
   c = _config("train.grad_clip_norm=1.0")
-  tx = trainer.make_optimizer(c)
+  tx = optim.make_optimizer(plans.make(c).optimizer)
   r = np.random.default_rng(3)
   grads = [{"a": r.normal(size=(5,)).astype(np.float32) * s,
             "b": r.normal(size=(3,)).astype(np.float32) * s}
@@ -121,7 +123,7 @@ def test_free_decoder_update_is_plain_optax():
   grads = jax.grad(lambda q: D.compute_loss(
       module, q, jnp.asarray(x), sparsity_coeff=0.5)[0].total)(p)
   opt = optax.sgd(0.1)
-  free, _ = D.apply_update(module, opt, p, opt.init(p), grads,
+  free, _ = apply_update(module, opt, p, opt.init(p), grads,
                            unit_decoder=False)
   for k in ("w_enc", "w_dec", "b_enc", "b_dec"):
     np.testing.assert_allclose(free[k], p[k] - 0.1 * np.asarray(grads[k]),
@@ -129,7 +131,7 @@ def test_free_decoder_update_is_plain_optax():
   np.testing.assert_allclose(
       free["threshold"],
       np.maximum(p["threshold"] - 0.1 * np.asarray(grads["threshold"]), 0))
-  unit, _ = D.apply_update(module, opt, p, opt.init(p), grads)
+  unit, _ = apply_update(module, opt, p, opt.init(p), grads)
   np.testing.assert_allclose(np.linalg.norm(unit["w_dec"], axis=1), 1.0,
                              rtol=1e-6)
 
@@ -139,8 +141,7 @@ def test_init_norm_scales_encoder_and_decoder():
   init, still tied (W_enc = W_dec^T); the main job uses 0.3."""
   c = _config("width=64")
   assert c.train.init_norm == 0.3
-  model_config = config_lib.check(c)
-  run = trainer.Run(c, model_config, devices=jax.devices()[:1])
+  run = Run.from_config(c, devices=jax.devices()[:1])
   d = run.dict_config.d_in
   state = run.init(jax.random.key(0), jnp.zeros((d,)), jnp.asarray(1.0),
                    jnp.asarray(1.0))
@@ -149,7 +150,7 @@ def test_init_norm_scales_encoder_and_decoder():
   np.testing.assert_allclose(np.linalg.norm(w_dec, axis=1), 0.3, rtol=1e-5)
   np.testing.assert_allclose(w_enc, w_dec.T)
   c1 = _config("width=64,train.init_norm=1.0")
-  run1 = trainer.Run(c1, model_config, devices=jax.devices()[:1])
+  run1 = Run.from_config(c1, devices=jax.devices()[:1])
   state1 = run1.init(jax.random.key(0), jnp.zeros((d,)), jnp.asarray(1.0),
                      jnp.asarray(1.0))
   np.testing.assert_allclose(np.asarray(state1.params["w_dec"]) * 0.3, w_dec,

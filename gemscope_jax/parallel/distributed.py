@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 ENV_COORDINATOR = "GEMSCOPE_COORDINATOR"
 ENV_NUM_PROCESSES = "GEMSCOPE_NUM_PROCESSES"
@@ -247,7 +248,6 @@ def local_shards(num_shards: int) -> list[int]:
 
 
 def _allgather_bytes(data: bytes) -> list[bytes]:
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   n = np.asarray([len(data)], np.int32)
   sizes = np.asarray(multihost_utils.process_allgather(n)).reshape(-1)
   buf = np.zeros(int(sizes.max()), np.uint8)
@@ -293,5 +293,4 @@ def host_tree(tree: Any) -> Any:
   """
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return multihost_utils.process_allgather(tree, tiled=True)

@@ -38,6 +38,24 @@ class TrainingDiverged(FloatingPointError):
   """The loss or gradient went non-finite; the last good checkpoint is kept."""
 
 
+def train_update(module, tx: optax.GradientTransformation, params, opt_state,
+                 x: jax.Array, sparsity_coeff, *, method: str,
+                 target: jax.Array | None = None, sparse_capacity: int = 256,
+                 use_kernel: bool = True, unit_decoder: bool | None = None):
+  """The parameter update of one step, as `Run.step` does it: loss and
+  gradients by `method` (`training.grads`), then `update.apply_update`.
+
+  Returns:
+    (params, opt_state, LossOutput, fired-in-this-batch mask, grads).
+  """
+  lo, fired, grads = grads_lib.loss_and_grads(
+      module, params, x, method=method, sparsity_coeff=sparsity_coeff,
+      target=target, sparse_capacity=sparse_capacity, use_kernel=use_kernel)
+  params, opt_state = apply_update(module, tx, params, opt_state, grads,
+                                   unit_decoder=unit_decoder)
+  return params, opt_state, lo, fired, grads
+
+
 class Run:
   """One dictionary's module, optimiser, mesh, shardings and jitted step.
 
@@ -161,13 +179,10 @@ class Run:
     x, target = self.normalised(state, batch)
     coeff = optim.sparsity_coeff(sp, state.step)
     # One device: the dense step's fused CPU kernel; partitioned: jnp ops.
-    lo, fired, grads = grads_lib.loss_and_grads(
-        self.module, state.params, x, method=sp.grads, sparsity_coeff=coeff,
-        target=target, sparse_capacity=sp.sparse_capacity,
-        use_kernel=self.mesh.size == 1)
-    params, opt_state = apply_update(
-        self.module, self.tx, state.params, state.opt_state, grads,
-        unit_decoder=sp.unit_decoder)
+    params, opt_state, lo, fired, grads = train_update(
+        self.module, self.tx, state.params, state.opt_state, x, coeff,
+        method=sp.grads, target=target, sparse_capacity=sp.sparse_capacity,
+        use_kernel=self.mesh.size == 1, unit_decoder=sp.unit_decoder)
     step = state.step + 1
     last_fired = jnp.where(fired, step, state.last_fired)
     silent_tokens = (step - last_fired) * x.shape[0]

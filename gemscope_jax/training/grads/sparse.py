@@ -47,12 +47,9 @@ transcoder targets are not supported here.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from gemscope_jax.dictionaries import _base
@@ -393,43 +390,3 @@ def dense_loss_and_grads(module, params: Params, x: jax.Array, *,
     return loss, recon, grads
   params = {k: _base.leaf_value(v) for k, v in params.items()}
   return _dense(module, params, x, sparsity_coeff)
-
-
-def make_train_step(module, optimizer: optax.GradientTransformation, *,
-                    sparse: bool, capacity: int | None = None,
-                    jit: bool = True, autodiff: bool = False
-                    ) -> Callable[..., Any]:
-  """A training step (params, opt_state, x, sparsity_coeff) -> (params, opt_state, metrics).
-
-  Loss and gradients (the dense step, `dense_loss_and_grads`, or
-  `sparse_loss_and_grads`),
-  then decoder-gradient projection (unit-decoder modules), the optax update,
-  decoder renormalisation, and the JumpReLU threshold clipped at 0.
-
-  Args:
-    module: the dictionary.
-    optimizer: e.g. `optax.adam(lr, b1=0.0, b2=0.999)`.
-    sparse: use the sparse path.
-    capacity: the sparse JumpReLU list length (see `sparse_loss_and_grads`).
-    jit: wrap the step in `jax.jit` (params and opt_state donated).
-    autodiff: the dense step through `jax.value_and_grad` even where a
-      hand-derived one exists.
-
-  Returns:
-    The step function; params are unboxed plain dicts, metrics a dict of
-    scalars ('loss', 'mse', 'sparsity' and the loss's aux entries).
-  """
-  def step(params, opt_state, x, sparsity_coeff):
-    if sparse:
-      loss, _, grads = sparse_loss_and_grads(
-          module, params, x, sparsity_coeff=sparsity_coeff, capacity=capacity)
-    else:
-      loss, _, grads = dense_loss_and_grads(module, params, x,
-                                            sparsity_coeff=sparsity_coeff,
-                                            autodiff=autodiff)
-    params, opt_state = _base.apply_update(module, optimizer, params,
-                                           opt_state, grads)
-    metrics = {"loss": loss.total, "mse": loss.mse, "sparsity": loss.sparsity,
-               **loss.aux}
-    return params, opt_state, metrics
-  return jax.jit(step, donate_argnums=(0, 1)) if jit else step
