@@ -13,9 +13,10 @@ one process on the CPU, fp32, for JumpReLU (quadratic L0 penalty) and TopK:
   dense     ours with train.step='dense' (the default): the hand-derived
             gradients of `training/grads/dense.py` (for JumpReLU with the
             fused CPU kernel), the same five dense matmuls.
-  sparse    ours with train.step='sparse': `grads.sparse.
-            sparse_loss_and_grads`, JumpReLU's pair list holding
-            train.sparse_capacity entries per token.
+  sparse    ours with train.step='sparse': `sparse_loss_and_grads` of
+            `training/grads/sparse.py`, JumpReLU's pair list holding
+            train.sparse_capacity entries per token (4 * L0*, the length
+            `sparse.default_capacity` gives).
 
 Every "ours" row times the trainer's own step: `training.step.Run(plan).step`
 of a config (`config.preset('gemma3_270m')`, hookpoint layer_6/resid_post, so

@@ -140,8 +140,7 @@ class MultiLayer(nn.Module):
     # TopK over all of a token's latents (a CLT's layers together).
     n = len(self.latent_shape)
     flat = pre.reshape(*pre.shape[:pre.ndim - n], -1)
-    # pylint: disable-next=protected-access
-    kept = topk_lib._keep_top(jax.nn.relu(flat), self.k)
+    kept = topk_lib.keep_top(jax.nn.relu(flat), self.k)
     return kept.reshape(pre.shape)
 
   def penalty(self, out: _base.DictOutput, sparsity_coeff

@@ -34,7 +34,9 @@ from gemscope_jax.dictionaries import _base
 PENALTIES = ("l0", "quadratic")
 
 
-def _rect(pre, threshold, eps):
+def rect_window(pre, threshold, eps):
+  """The straight-through estimator's rectangle kernel: 1 where
+  |pre - threshold| / eps < 1/2, else 0 (in pre's dtype)."""
   return (jnp.abs((pre - threshold) / eps) < 0.5).astype(pre.dtype)
 
 
@@ -56,7 +58,7 @@ def _jump_relu_fwd(pre, threshold, eps):
 def _jump_relu_bwd(eps, res, g):
   pre, threshold = res
   g_pre = g * (pre > threshold).astype(g.dtype)
-  g_th = g * (-(threshold / eps) * _rect(pre, threshold, eps))
+  g_th = g * (-(threshold / eps) * rect_window(pre, threshold, eps))
   return g_pre, _sum_to_latents(g_th, threshold)
 
 
@@ -75,7 +77,7 @@ def _step_fwd(pre, threshold, eps):
 
 def _step_bwd(eps, res, g):
   pre, threshold = res
-  g_th = g * (-(1.0 / eps) * _rect(pre, threshold, eps))
+  g_th = g * (-(1.0 / eps) * rect_window(pre, threshold, eps))
   return jnp.zeros_like(pre), _sum_to_latents(g_th, threshold)
 
 

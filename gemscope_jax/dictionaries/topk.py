@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from gemscope_jax.dictionaries import _base
 
 
-def _keep_top(acts: jax.Array, k: int) -> jax.Array:
+def keep_top(acts: jax.Array, k: int) -> jax.Array:
   """acts with all but its k largest entries along the last axis zeroed."""
   _, idx = jax.lax.top_k(acts, k)
   mask = jnp.put_along_axis(jnp.zeros_like(acts), idx,
@@ -48,7 +48,7 @@ class TopK(_base.Dictionary):
   k: int = 32
 
   def activate(self, pre: jax.Array) -> jax.Array:
-    return _keep_top(jax.nn.relu(pre.astype(jnp.float32)), self.k)
+    return keep_top(jax.nn.relu(pre.astype(jnp.float32)), self.k)
 
   def penalty(self, out: _base.DictOutput, sparsity_coeff):
     del sparsity_coeff  # The selection is the sparsity.
@@ -98,7 +98,7 @@ class BatchTopK(TopK):
   def activate(self, pre: jax.Array) -> jax.Array:
     acts = jax.nn.relu(pre.astype(jnp.float32))
     n_tokens = acts.size // acts.shape[-1]
-    flat = _keep_top(acts.reshape(-1), self.k * n_tokens)
+    flat = keep_top(acts.reshape(-1), self.k * n_tokens)
     return flat.reshape(acts.shape)
 
   def penalty(self, out: _base.DictOutput, sparsity_coeff):

@@ -34,7 +34,7 @@ only; `describe` lists every such fallback.
 With several processes (multi-host) and live activations, Gemma runs once
 over the global mesh for every process's windows (`data.lockstep`), so the
 weights are laid out over the run's whole mesh, across hosts
-(`trainer.load_gemma`). Only when process 0 writes an activation cache
+(`training.sources.load_gemma`). Only when process 0 writes an activation cache
 alone are they laid out over its own devices (`gemma_mesh`): a
 (local_devices / model, model) mesh.
 

@@ -37,8 +37,13 @@ def _unknown_fields(c: Mapping, schema_: Mapping, prefix: str) -> list[str]:
   return bad
 
 
-def validate(c: ml_collections.ConfigDict) -> models.Gemma3Config:
-  """Validates `c`; returns the Gemma config it names. Raises ValueError.
+def validate(c: ml_collections.ConfigDict
+             ) -> tuple[models.Gemma3Config, list[tuple[Any, Any]]]:
+  """Validates `c`. Raises ValueError (FileNotFoundError for text).
+
+  Returns:
+    (the Gemma config it names, [(Layout, DictConfig)] of every dictionary
+    it trains), read while checking so that `plans.make` reads them once.
 
   Checks what can be checked without loading anything big: field names,
   ranges, the model size and hookpoint, the dictionary (through
@@ -76,9 +81,10 @@ def validate(c: ml_collections.ConfigDict) -> models.Gemma3Config:
              and len(members.sites(c.group.sites)) > 1),
         "group.sites", "a group of transcoders reads one site (each "
         "predicts mlp_out of its layer)", c.group.sites)
+  dictionaries = []
   for lay in members.layouts(c, mc):
     try:
-      members.dict_config(c, lay, mc)
+      dictionaries.append((lay, members.dict_config(c, lay, mc)))
     except ValueError as e:
       raise ValueError(str(e).replace("DictConfig.", "config.dictionary.")
                        .replace("d_sae", "width")) from None
@@ -144,4 +150,4 @@ def validate(c: ml_collections.ConfigDict) -> models.Gemma3Config:
   corpora.text_files(c.data.text, "config.data.text")
   if c.eval.num_tokens and c.eval.at_end:
     corpora.text_files(c.eval.text, "config.eval.text")
-  return mc
+  return mc, dictionaries

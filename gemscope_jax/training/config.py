@@ -42,7 +42,7 @@ __all__ = [
 def check(c: ml_collections.ConfigDict):
   """Validates `c`; returns the Gemma config it names. Raises ValueError
   (FileNotFoundError for missing text) naming the field."""
-  return validate(c)
+  return validate(c)[0]
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@ sequence is the same. The pieces:
 - Members: one dictionary per hookpoint. Members whose dictionaries have
   the same shape (the same input width) form a *stack*: every array of
   their train states gains a leading 'dict' axis, and the single-dictionary
-  step of `trainer.Run` is `jax.vmap`ped over it, so one jitted, donated
+  step of `step.Run` is `jax.vmap`ped over it, so one jitted, donated
   step trains the whole stack. The 'dict' axis is replicated (rule
   ('dict', None)); the latent axis stays on the mesh's 'model' axis and the
   batch on 'data', as for one dictionary. Each member has its own input

@@ -224,15 +224,15 @@ class Plan:
 def make(c: ml_collections.ConfigDict) -> Plan:
   """Validates `c` once and reads it into a `Plan`. Raises ValueError (or
   FileNotFoundError for missing text), naming the field."""
-  mc = checks.validate(c)
-  t, d = c.train, c.dictionary
+  mc, dicts = checks.validate(c)
+  t = c.train
   num_steps = t.num_tokens // t.batch_size
   dicts = tuple(
-      DictionaryPlan(layout=lay, config=members.dict_config(c, lay, mc),
+      DictionaryPlan(layout=lay, config=dc,
                      init_norm=float(t.get("init_norm", 1.0)),
                      b_dec_init=t.b_dec_init,
                      l0_per_token=bool(t.get("l0_per_token", False)))
-      for lay in members.layouts(c, mc))
+      for lay, dc in dicts)
   m = c.mesh
   return Plan(
       seed=int(c.seed), hookpoint=c.hookpoint, group=members.is_group(c),

@@ -18,13 +18,15 @@ of a step at width 16k. Here the same loss and gradients are written out:
                + preact_coeff / T * sum_t [pre < threshold]
 
 with w the straight-through window |pre - threshold| / eps < 1/2 and P the
-sparsity penalty of the batch-mean L0 (DESIGN §5). Everything is dense (the
-same five matmuls as autodiff; `sparse.py` is the step that skips work), in
-fp32, for `JumpReLU` SAEs and `JumpReLUTranscoder`s (with or without the
-affine skip). TopK SAEs and transcoders get the same treatment with their
-per-latent sums taken from the (tokens, k) selection; other modules
-(BatchTopK, Matryoshka, ReLU+L1, multi-layer, bf16) use autodiff. tests/test_dense_step.py checks
-values and gradients against `jax.value_and_grad(compute_loss)`.
+sparsity penalty of the batch-mean L0 (Gemma Scope 2's quadratic
+lambda (2 / L0*) (L0 - L0*)^2, or Gemma Scope 1's lambda L0). Everything is
+dense (the same five matmuls as autodiff; `sparse.py` is the step that
+skips work), in fp32, for `JumpReLU` SAEs and `JumpReLUTranscoder`s (with
+or without the affine skip). TopK SAEs and transcoders get the same
+treatment with their per-latent sums taken from the (tokens, k) selection;
+other modules (BatchTopK, Matryoshka, ReLU+L1, multi-layer, bf16) use
+autodiff. tests/test_dense_step.py checks values and gradients against
+`jax.value_and_grad(compute_loss)`.
 
 Caveat: sums are taken in a different order than autodiff's, so results
 agree to float32 rounding, not bit for bit; a run switched between
@@ -185,7 +187,7 @@ def _weight_grads(module, mm: _Matmuls, p, x, xc, f, g_r, g_pre, g_b_enc
 
 
 def _topk(module, mm: _Matmuls, p, params, x, y, xc, xw):
-  """TopK: the k largest ReLU'd pre-activations per token, as `_keep_top`.
+  """TopK: the k largest ReLU'd pre-activations per token, as `keep_top`.
 
   Per-latent sums come from the (T, k) selection (scatter-adds into d_sae
   entries) instead of reductions over the (T, d_sae) arrays.

@@ -230,7 +230,7 @@ def _jumprelu(module, p, x, sparsity_coeff, capacity):
   xc, pre = _pre_acts(module, p, x)
   n_tokens, d_sae = pre.shape
   active = pre > th
-  window = jumprelu_lib._rect(pre, th, eps) > 0  # pylint: disable=protected-access
+  window = jumprelu_lib.rect_window(pre, th, eps) > 0
   n_active = jnp.sum(active, dtype=jnp.int32)
   packed = _pack(active | window)
   n_sel = packed[2][-1]
@@ -268,7 +268,7 @@ def _jumprelu(module, p, x, sparsity_coeff, capacity):
       p_val = pre.reshape(-1)[idx]
       th_val = th[lat]
       a_val = (valid & (p_val > th_val)).astype(jnp.float32)
-      w_val = (valid & (jumprelu_lib._rect(p_val, th_val, eps) > 0)  # pylint: disable=protected-access
+      w_val = (valid & (jumprelu_lib.rect_window(p_val, th_val, eps) > 0)
                ).astype(jnp.float32)
       f_val = p_val * a_val
       recon = _decode(p, tok, lat, f_val, n_tokens, True)
