@@ -18,6 +18,7 @@ import pytest
 from gemscope_jax import dictionaries as D
 from gemscope_jax import interop
 from gemscope_jax.interop import multilayer
+from gemscope_jax.training.update import apply_update
 
 D_IN, D_OUT, D_SAE, N_LAYERS, B = 8, 6, 12, 3, 7
 EPS = 0.001
@@ -126,7 +127,7 @@ def test_transcoder_init_and_update():
   t = _f32(_rng(2).normal(size=(64, D_OUT)))
   opt = optax.adam(1e-2)
   grads = jax.grad(lambda q: _loss(module, q, x, t).total)(params)
-  new, _ = D.apply_update(module, opt, params, opt.init(params), grads)
+  new, _ = apply_update(module, opt, params, opt.init(params), grads)
   assert np.any(new["w_skip"])
   np.testing.assert_allclose(np.linalg.norm(new["w_dec"], axis=-1), 1.0,
                              rtol=1e-5)
@@ -380,7 +381,7 @@ def test_apply_update_keeps_masks_and_joint_unit_norm(case):
   t = _f32(_rng(15).normal(size=(32, N_LAYERS, D_IN)))
   for _ in range(3):
     grads = jax.grad(lambda q: _loss(module, q, x, target=t).total)(params)
-    params, opt_state = D.apply_update(module, opt, params, opt_state, grads)
+    params, opt_state = apply_update(module, opt, params, opt_state, grads)
     w = np.asarray(params["w_dec"])
     assert np.all(w[masked] == 0)
     np.testing.assert_allclose(np.sqrt(np.sum(w ** 2, axis=(-2, -1))), 1.0,
@@ -431,7 +432,7 @@ def _train(module, xs, ts, *, steps, batch, lr=1e-2, coeff=1.0):
   @jax.jit
   def step(params, opt_state, x, t):
     grads = jax.grad(loss_fn)(params, x, t)
-    return D.apply_update(module, opt, params, opt_state, grads)
+    return apply_update(module, opt, params, opt_state, grads)
 
   opt_state = opt.init(params)
   for i in range(steps):

@@ -26,6 +26,7 @@ def is_group(c: ml_collections.ConfigDict) -> bool:
 
 
 def sites(spec: Any) -> list[str]:
+  """The sites of a `group.sites` spec; errors name the field."""
   return layout_lib.parse_sites(spec, "group.sites")
 
 
@@ -48,10 +49,10 @@ def hookpoints(c: ml_collections.ConfigDict,
   layers = ([default.layer] if g.layers is None
             else layout_lib.parse_layers(g.layers, mc.num_layers,
                                          "group.layers"))
-  sites = [default.site] if g.sites is None else sites(g.sites)
+  group_sites = [default.site] if g.sites is None else sites(g.sites)
   return [h.name for h in models.hooks.parse_all(
       models.hooks.Hookpoint(layer, site) for layer in layers
-      for site in sites)]
+      for site in group_sites)]
 
 
 def layout(c: ml_collections.ConfigDict, hookpoint: str | None = None,
