@@ -84,7 +84,9 @@ def dict_config(c: ml_collections.ConfigDict, lay: layout_lib.Layout,
 
 
 def layouts(c: ml_collections.ConfigDict, mc: models.Gemma3Config
-             ) -> list[layout_lib.Layout]:
+            ) -> list[layout_lib.Layout]:
+  """The layout of every dictionary `c` trains: one per member of a group
+  (in `hookpoints` order), else the one at `c.hookpoint`."""
   if is_group(c):
     return [layout(c, h, mc) for h in hookpoints(c, mc)]
   return [layout(c, None, mc)]
