@@ -3,6 +3,8 @@
 from gemscope_jax import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
+    "ContextEdit": "gemscope_jax.models._api",
+    "EditContext": "gemscope_jax.models._api",
     "EditFn": "gemscope_jax.models._api",
     "Gemma3Output": "gemscope_jax.models._api",
     "ReadingEdit": "gemscope_jax.models._api",

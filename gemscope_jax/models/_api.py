@@ -49,6 +49,43 @@ class ReadingEdit:
 
 
 @flax.struct.dataclass
+class EditContext:
+  """What a `ContextEdit` knows about the tokens of the pass it edits.
+
+  Attributes:
+    seen: {hookpoint: value} for each name in the edit's `reads`, as the pass
+      computed it (after any edit there).
+    positions: (B, T) int position of each token in its sequence (the count
+      of real tokens before it, as RoPE uses; BOS is 0).
+    generated: (B, T) bool, True for tokens the model generated (always
+      False in `forward`; `generate` sets it during decoding).
+    valid: (B, T) bool, True for real (non-padding) tokens.
+  """
+  seen: dict[str, jax.Array]
+  positions: jax.Array
+  generated: jax.Array
+  valid: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextEdit:
+  """An edit that knows where its tokens are: `fn(x, args, ctx)`.
+
+  `ctx` is an `EditContext`: earlier hookpoints named in `reads` (as for
+  `ReadingEdit`), each token's position, and whether it was generated. This
+  is how an edit limits itself to chosen positions, to the prompt or to the
+  generated tokens, and it behaves the same in `forward` and in `generate`
+  (where a decode step's `x` is (B, 1, width)). Keep `fn` hashable and
+  stable across calls (module-level function or `functools.partial`).
+  """
+  fn: Callable[[jax.Array, Any, EditContext], jax.Array]
+  reads: tuple[str, ...] = ()
+
+  def __call__(self, x, args, ctx):
+    return self.fn(x, args, ctx)
+
+
+@flax.struct.dataclass
 class Gemma3Output:
   """What one forward pass returns.
 
@@ -99,26 +136,41 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array
   return nll.sum() / jnp.maximum(valid.sum(), 1), nll
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "hookpoints", "edits", "unembed", "keep_logits",
-                     "want_loss", "dtype"))
-def _forward(params, tokens, mask, positions, edit_args, *, config, hookpoints,
-             edits, unembed, keep_logits, want_loss, dtype):
-  wanted = frozenset(hookpoints)
-  edit_fns = dict(edits)
+def default_positions(mask: jax.Array) -> jax.Array:
+  """(B, T) positions counting real tokens before each (left padding ok)."""
+  return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+
+def make_intervene(edit_fns: Mapping[str, Any], wanted: frozenset[str],
+                   edit_args: Mapping[str, Any], positions: jax.Array,
+                   generated: jax.Array, valid: jax.Array):
+  """The `intervene(name, x)` callback of one traced pass, and its records.
+
+  Applies `edit_fns[name]` (a plain `EditFn`, `ReadingEdit` or
+  `ContextEdit`) at each hookpoint and records the (edited) value of each
+  name in `wanted` into the returned dict, which the pass fills as it runs.
+  `positions`, `generated` and `valid` are (B, T) and describe the tokens
+  of this pass for `ContextEdit`s.
+  """
   recorded = {}
-  seen = {}  # every hookpoint so far (ReadingEdits; unused ones vanish)
+  seen = {}  # every hookpoint so far (reading edits; unused ones vanish)
+
+  def reads_of(name, fn):
+    missing = [r for r in fn.reads if r not in seen]
+    if missing:
+      raise ValueError(f"edit at {name} reads {', '.join(missing)}, "
+                       "which the pass has not computed before it")
+    return {r: seen[r] for r in fn.reads}
 
   def intervene(name, x):
     if name in edit_fns:
       fn, dtype_in = edit_fns[name], x.dtype
       if isinstance(fn, ReadingEdit):
-        missing = [r for r in fn.reads if r not in seen]
-        if missing:
-          raise ValueError(f"edit at {name} reads {', '.join(missing)}, "
-                           "which the pass has not computed before it")
-        x = fn(x, edit_args.get(name), {r: seen[r] for r in fn.reads})
+        x = fn(x, edit_args.get(name), reads_of(name, fn))
+      elif isinstance(fn, ContextEdit):
+        ctx = EditContext(seen=reads_of(name, fn), positions=positions,
+                          generated=generated, valid=valid)
+        x = fn(x, edit_args.get(name), ctx)
       else:
         x = fn(x, edit_args.get(name))
       x = x.astype(dtype_in)
@@ -126,6 +178,23 @@ def _forward(params, tokens, mask, positions, edit_args, *, config, hookpoints,
     if name in wanted:
       recorded[name] = x
     return x
+
+  return intervene, recorded
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "hookpoints", "edits", "unembed", "keep_logits",
+                     "want_loss", "dtype"))
+def _forward(params, tokens, mask, positions, edit_args, *, config, hookpoints,
+             edits, unembed, keep_logits, want_loss, dtype):
+  edit_fns = dict(edits)
+  # Positions for ContextEdits; the model still gets `positions` as given
+  # (None lets it gather RoPE from a small table: faster on CPU).
+  token_positions = default_positions(mask) if positions is None else positions
+  intervene, recorded = make_intervene(
+      edit_fns, frozenset(hookpoints), edit_args, token_positions,
+      jnp.zeros_like(mask), mask)
 
   needed = [hooks_lib.parse(n).layer for n in (*hookpoints, *edit_fns)]
   num_blocks = None if unembed else max(needed) + 1
@@ -163,7 +232,8 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None,
     loss: Compute the next-token loss; defaults to the value of `logits`.
     edits: {hookpoint: fn(x, args) -> x} applied in the pass; downstream
       computation sees the edited value. A `ReadingEdit` also gets earlier
-      hookpoints' values of the same pass.
+      hookpoints' values of the same pass; a `ContextEdit` also gets token
+      positions (see `EditContext`).
     edit_args: {hookpoint: pytree} passed to the matching edit function.
     positions: (B, T) positions; defaults to counting real tokens before
       each one (left and right padding both work).
