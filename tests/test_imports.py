@@ -46,7 +46,7 @@ LAYERS: dict[str, int] = {
     "text": 1,
     "kernels": 2,
     "models": 3,
-    "convert": 4, "parallel": 4, "dictionaries": 4,
+    "convert": 4, "parallel": 4, "dictionaries": 4, "generate": 4,
     "surgery": 5, "data": 5, "interop": 5,
     "evals": 6,
     "training": 7,

@@ -13,6 +13,7 @@ module's compute `dtype`. Norms, RoPE and the softmax run in float32.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import flax.linen as nn
@@ -32,6 +33,22 @@ Intervene = Callable[[str, jax.Array], jax.Array]
 
 def _identity(_: str, x: jax.Array) -> jax.Array:
   return x
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+  """One layer's cache buffers for one pass (see models/_cache.py).
+
+  Attributes:
+    keys, values: (B, S, K, H) buffers.
+    write: fn(buffer, new (B, T, K, H)) -> buffer with the new tokens in.
+    attend_buffers: attend over the buffers (decode) rather than over this
+      pass's own keys (prefill).
+  """
+  keys: jax.Array
+  values: jax.Array
+  write: Callable[[jax.Array, jax.Array], jax.Array]
+  attend_buffers: bool
 
 
 def project(x: jax.Array, w: jax.Array, *, w_transposed: bool,
@@ -122,8 +139,16 @@ class Attention(nn.Module):
     self._key_norm = RMSNorm(c.norm_eps)
 
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
-               allowed: jax.Array, intervene: Intervene) -> jax.Array:
-    """x (B, T, D), rope (sin, cos) of this layer's kind, allowed (B, T, S)."""
+               allowed: jax.Array, intervene: Intervene,
+               layer_kv: "LayerKV | None" = None):
+    """x (B, T, D), rope (sin, cos) of this layer's kind, allowed (B, T, S).
+
+    With `layer_kv`, the new keys and values are written into its buffers
+    and (out, (keys, values)) is returned; if `attend_buffers`, queries attend
+    over the buffers (decoding; `allowed` is then (B, T, S_buffer)),
+    otherwise over this pass's own keys (prefill, exactly as without a
+    cache).
+    """
     c = self.config
     b, t, _ = x.shape
     q = self.q_einsum(x, lambda x, w: project(x, w, w_transposed=False))
@@ -136,6 +161,12 @@ class Attention(nn.Module):
     k = self._key_norm(k)
     q = apply_rope(q, rope) * jnp.asarray(c.query_scale, self.dtype)
     k = apply_rope(k, rope)
+    new_kv = None
+    if layer_kv is not None:
+      new_kv = (layer_kv.write(layer_kv.keys, k),
+                layer_kv.write(layer_kv.values, v))
+      if layer_kv.attend_buffers:
+        k, v = new_kv
 
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
@@ -150,9 +181,10 @@ class Attention(nn.Module):
 
     heads = heads.reshape(b, t, c.num_heads * c.head_dim)
     heads = intervene("attn_out", heads)
-    return self.attn_vec_einsum(heads, lambda x, w: project(
+    out = self.attn_vec_einsum(heads, lambda x, w: project(
         x, w.reshape(1, c.num_heads * c.head_dim, c.d_model),
         w_transposed=False))[:, :, 0]
+    return out if layer_kv is None else (out, new_kv)
 
 
 class FeedForward(nn.Module):
@@ -193,11 +225,15 @@ class Block(nn.Module):
     self.post_ffw_norm = RMSNorm(eps)
 
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
-               allowed: jax.Array, intervene: Intervene = _identity
-               ) -> jax.Array:
+               allowed: jax.Array, intervene: Intervene = _identity,
+               kv: "LayerKV | None" = None):
+    """The block's output; with `kv`, (output, (keys, values)) as Attention."""
     x = intervene("resid_pre", x)
-    h = self.attn(self.pre_attention_norm(x), rope, allowed, intervene)
+    h = self.attn(self.pre_attention_norm(x), rope, allowed, intervene, kv)
+    if kv is not None:
+      h, new_kv = h
     x = intervene("resid_mid", x + self.post_attention_norm(h))
     h = intervene("mlp_in", self.pre_ffw_norm(x))
     h = intervene("mlp_out", self.post_ffw_norm(self.mlp(h)))
-    return intervene("resid_post", x + h)
+    x = intervene("resid_post", x + h)
+    return x if kv is None else (x, new_kv)

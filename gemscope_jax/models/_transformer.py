@@ -12,9 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemscope_jax.models import _cache
 from gemscope_jax.models._config import AttentionKind, Gemma3Config
-from gemscope_jax.models._modules import (Block, Intervene, RMSNorm, _identity,
-                                          project, rope_table)
+from gemscope_jax.models._modules import (Block, Intervene, LayerKV, RMSNorm,
+                                          _identity, project, rope_table)
 
 
 def attention_masks(config: Gemma3Config, mask: jax.Array
@@ -54,7 +55,9 @@ class Gemma3(nn.Module):
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None, *,
                num_blocks: int | None = None, unembed: bool = True,
-               intervene: Intervene = _identity) -> jax.Array:
+               intervene: Intervene = _identity,
+               cache: _cache.KVCache | None = None, decode: bool = False,
+               last_only: bool = False):
     """Runs the decoder.
 
     Args:
@@ -67,11 +70,22 @@ class Gemma3(nn.Module):
         Otherwise the residual stream after the last block run is returned.
       intervene: Called as intervene("layer_L/site", x) at every hookpoint of
         every block run; its return value replaces x.
+      cache: A `KVCache` to fill (prefill: `decode=False`, the prompt
+        left-padded, times 0..T-1; the cache must be empty) or to extend by
+        one token per row (`decode=True`, T = 1, at time `cache.length`;
+        `mask` and `positions` are then ignored: they follow from the cache).
+      decode: See `cache`.
+      last_only: With a cache, unembed only the last position (a prompt's
+        next-token logits, without a (B, T, V) array).
 
     Returns:
-      Logits (B, T, V) in the compute dtype, or the residual (B, T, D).
+      Logits (B, T, V) in the compute dtype, or the residual (B, T, D); with
+      a cache, (that, the updated cache).
     """
     c = self.config
+    if cache is not None:
+      return self._with_cache(tokens, mask, cache, decode, intervene,
+                              last_only)
     if mask is None:
       mask = tokens != 0
     mask = mask.astype(bool)
@@ -97,6 +111,51 @@ class Gemma3(nn.Module):
     if not unembed:
       return x
     return self.embedder.decode(self.final_norm(x))
+
+
+  def _with_cache(self, tokens, mask, cache, decode, intervene, last_only):
+    c = self.config
+    b, t = tokens.shape
+    if decode:
+      if t != 1:
+        raise ValueError(f"decoding takes one token per row, got {t}")
+      time = cache.length
+      positions = jnp.broadcast_to(time - cache.start, (b,))[:, None]
+      start = cache.start
+    else:
+      if mask is None:
+        mask = tokens != 0
+      mask = mask.astype(bool)
+      positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+      masks = attention_masks(c, mask)
+      start = (t - mask.sum(axis=1)).astype(jnp.int32)
+    keys, values, ropes = [], [], {}
+    x = self.embedder.encode(tokens)
+    for i in range(c.num_layers):
+      key, kind = c.rope(i), c.attention_kind(i)
+      size = cache.keys[i].shape[1]
+      if key not in ropes:
+        # Prefill positions lie in [0, T): gather RoPE from a small table,
+        # as `forward` does, so both compute the same values.
+        ropes[key] = rope_table(positions, c.head_dim, *key,
+                                None if decode else t)
+      if decode:
+        allowed = _cache.decode_allowed(c, kind, size, time, start)
+        write = _cache.decode_writer(time, size)
+      else:
+        allowed, write = masks[kind], _cache.prefill_writer(t, size)
+      kv = LayerKV(cache.keys[i], cache.values[i], write, decode)
+      prefix = f"layer_{i}/"
+      hook = lambda site, v, prefix=prefix: intervene(prefix + site, v)
+      x, (k_buf, v_buf) = self.blocks[i](x, ropes[key], allowed, hook, kv)
+      keys.append(k_buf)
+      values.append(v_buf)
+    new_cache = _cache.KVCache(keys=tuple(keys), values=tuple(values),
+                               length=(cache.length + t).astype(jnp.int32),
+                               start=start)
+    if last_only:
+      x = x[:, -1:]
+    return self.embedder.decode(self.final_norm(x)), new_cache
 
 
 class Embedder(nn.Module):

@@ -1,0 +1,147 @@
+"""The two compiled programs of generation: prefill, and the decode loop.
+
+`prefill` runs the left-padded prompts once, fills a fresh `KVCache` and
+returns the next-token logits of the last column. `decode` is one
+`lax.while_loop` that samples a token, stops rows that emitted a stop
+token, and feeds the token back through the model with the cache, until
+every row stopped or `max_new` tokens were taken: one dispatch for the whole
+generation, not one per token or per layer.
+
+Both are jitted with everything static that changes the program (config,
+dtype, edits, hookpoints, sampling rule, what to keep); shapes come from the
+(batch, prompt bucket, cache length) bucket, and `max_new` is traced, so a
+bucket compiles once whatever the number of new tokens. Edits are the same
+objects `models.forward` takes; `ContextEdit`s see `generated=True` while
+decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from gemscope_jax import models
+from gemscope_jax.generate.sampling import Sampling, sample
+
+
+# The host function that `decode(stream=True)` calls with (step, tokens,
+# done) after each token. A module-level slot rather than a static argument,
+# so that a new callback per call does not recompile the loop.
+_STREAM: dict[str, Callable[[Any, Any, Any], None] | None] = {"fn": None}
+
+
+def _emit(step, tokens, done):
+  fn = _STREAM["fn"]
+  if fn is not None:
+    fn(step, tokens, done)
+
+
+def _intervene(edits, hookpoints, edit_args, positions, generated, valid):
+  return models.make_intervene(dict(edits), frozenset(hookpoints), edit_args,
+                               positions, generated, valid)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "dtype", "cache_length", "edits", "hookpoints"))
+def prefill(params, tokens, mask, edit_args, *, config, dtype, cache_length,
+            edits=(), hookpoints=()):
+  """Runs left-padded prompts (B, T) into a new cache.
+
+  Returns:
+    (last logits (B, V) float32, cache, {hookpoint: (B, T, width)}).
+  """
+  b = tokens.shape[0]
+  cache = models.init_cache(config, b, cache_length, dtype)
+  positions = models.default_positions(mask)
+  intervene, recorded = _intervene(edits, hookpoints, edit_args, positions,
+                                   jnp.zeros_like(mask), mask)
+  logits, cache = models.Gemma3(config, dtype).apply(
+      {"params": params}, tokens, mask, cache=cache, intervene=intervene,
+      last_only=True)
+  return logits[:, -1].astype(jnp.float32), cache, recorded
+
+
+def decode_step(params, cache, tokens, edit_args, *, config, dtype,
+                edits=(), hookpoints=()):
+  """One token per row through the model: (logits (B, V), cache, records).
+
+  Not jitted on its own: it is the body of `decode`'s loop (and is what a
+  memory plan compiles for one step).
+  """
+  b = tokens.shape[0]
+  positions = (cache.length - cache.start)[:, None]
+  ones = jnp.ones((b, 1), bool)
+  intervene, recorded = _intervene(edits, hookpoints, edit_args, positions,
+                                   ones, ones)
+  logits, cache = models.Gemma3(config, dtype).apply(
+      {"params": params}, tokens[:, None], cache=cache, decode=True,
+      intervene=intervene)
+  return logits[:, 0].astype(jnp.float32), cache, recorded
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "dtype", "sampling", "edits", "hookpoints",
+                     "num_slots", "keep_logits", "stream", "pad_id"))
+def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
+           config, dtype, sampling: Sampling, num_slots: int,
+           edits=(), hookpoints=(), keep_logits: bool = False,
+           stream: bool = False, pad_id: int = 0):
+  """Samples up to `max_new` (<= num_slots) tokens per row, starting from
+  the prompt's next-token `logits` (B, V).
+
+  Returns:
+    dict with "tokens" (B, num_slots) int32 (pad after a row's stop token,
+    which is kept), "count" () the tokens taken, "done" (B,) rows that
+    stopped, "logits" (B, num_slots, V) float32 if kept (the logits each
+    token was drawn from), and {hookpoint: (B, num_slots, width)} under
+    "activations": the values while feeding each generated token back (the
+    last token taken is never fed back, so its slot stays zero).
+  """
+  b = logits.shape[0]
+
+  def take(i, logits, key, out, done):
+    key, sub = jax.random.split(key)
+    tok = jnp.where(done, pad_id, sample(logits, sub, sampling))
+    out = dict(out, tokens=out["tokens"].at[:, i].set(tok))
+    if keep_logits:
+      out["logits"] = out["logits"].at[:, i].set(logits)
+    if stream:
+      jax.debug.callback(_emit, i, tok, done, ordered=True)
+    done = done | jnp.isin(tok, stop_ids)
+    return tok, key, out, done
+
+  out = {"tokens": jnp.full((b, num_slots), pad_id, jnp.int32)}
+  if keep_logits:
+    out["logits"] = jnp.zeros((b, num_slots, logits.shape[-1]), jnp.float32)
+  acts = jax.eval_shape(
+      lambda c, t: decode_step(params, c, t, edit_args, config=config,
+                               dtype=dtype, edits=edits,
+                               hookpoints=hookpoints)[2],
+      cache, jnp.zeros((b,), jnp.int32))
+  out["activations"] = {k: jnp.zeros((b, num_slots, *v.shape[2:]), v.dtype)
+                        for k, v in acts.items()}
+  tok, key, out, done = take(0, logits, key, out, jnp.zeros((b,), bool))
+
+  def cond(state):
+    i, _, _, _, _, done = state
+    return (i < max_new) & ~jnp.all(done)
+
+  def body(state):
+    i, cache, tok, key, out, done = state
+    logits, cache, recorded = decode_step(
+        params, cache, tok, edit_args, config=config, dtype=dtype,
+        edits=edits, hookpoints=hookpoints)
+    out = dict(out, activations={
+        k: out["activations"][k].at[:, i - 1].set(v[:, 0])
+        for k, v in recorded.items()})
+    tok, key, out, done = take(i, logits, key, out, done)
+    return i + 1, cache, tok, key, out, done
+
+  count, cache, _, _, out, done = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), cache, tok, key, out, done))
+  return dict(out, count=count, done=done)
