@@ -10,7 +10,7 @@ weights are stored (GGUF adds 1). `SourceNames` captures the naming, and
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -73,8 +73,10 @@ def source_shapes(config: Gemma3Config, names: SourceNames
 def from_linear_layout(get: Callable[[str], np.ndarray], config: Gemma3Config,
                        names: SourceNames, *, source: str,
                        norm_offset: float = 0.0,
-                       dtype: np.dtype = np.float32) -> dict:
-  """Builds the official-layout parameter tree.
+                       dtype: np.dtype = np.float32,
+                       place: Callable[[str, np.ndarray], Any] | None = None
+                       ) -> dict:
+  """Builds the official-layout parameter tree, one leaf at a time.
 
   Args:
     get: Returns the tensor stored under a name (numpy order), or raises
@@ -85,6 +87,10 @@ def from_linear_layout(get: Callable[[str], np.ndarray], config: Gemma3Config,
     norm_offset: Subtracted from norm weights (1.0 for GGUF, which stores
       the `1 + scale` that the model multiplies by).
     dtype: Output dtype of every leaf.
+    place: If given, called as `place(path, array)` on each finished leaf
+      ("layer_3/attn/q_einsum/w", C-contiguous, `dtype`) as soon as it is
+      built; its result becomes the leaf. Lets a caller move leaves to
+      devices while later ones are still being read.
 
   Returns:
     Nested dict {"embedder": ..., "final_norm": ..., "layer_N": ...}.
@@ -106,41 +112,48 @@ def from_linear_layout(get: Callable[[str], np.ndarray], config: Gemma3Config,
       raise CheckpointError(source, name, f"dtype {x.dtype} is not a float")
     return x.astype(np.float32, copy=False)
 
-  def norm(name: str) -> dict:
-    return {"scale": (load(name) - norm_offset).astype(dtype)}
-
-  n, k, d, h = c.num_heads, c.num_kv_heads, c.d_model, c.head_dim
   # Leaves are made C-contiguous: writers such as safetensors' numpy
   # save_file store a strided view's raw memory, i.e. silently transposed.
+  def leaf(path: str, x: np.ndarray):
+    x = np.ascontiguousarray(x, dtype)
+    return x if place is None else place(path, x)
+
+  def norm(path: str, name: str) -> dict:
+    return {"scale": leaf(path + "/scale", load(name) - norm_offset)}
+
+  n, k, d, h = c.num_heads, c.num_kv_heads, c.d_model, c.head_dim
   params = {
-      "embedder": {"input_embedding": load(names.embedding).astype(dtype)},
-      "final_norm": norm(names.final_norm),
+      "embedder": {"input_embedding": leaf("embedder/input_embedding",
+                                           load(names.embedding))},
+      "final_norm": norm("final_norm", names.final_norm),
   }
   for i in range(c.num_layers):
     f = lambda name: name.format(i=i)
+    p = f"layer_{i}"
     q = load(f(names.q)).reshape(n, h, d).transpose(0, 2, 1)
+    q = leaf(f"{p}/attn/q_einsum/w", q)
     kv = np.stack([load(f(names.k)).reshape(k, h, d).transpose(0, 2, 1),
                    load(f(names.v)).reshape(k, h, d).transpose(0, 2, 1)])
-    o = load(f(names.o)).T.reshape(n, h, d)
-    params[f"layer_{i}"] = {
-        "attn": {
-            "q_einsum": {"w": q.astype(dtype)},
-            "kv_einsum": {"w": kv.astype(dtype)},
-            "attn_vec_einsum": {"w": o.astype(dtype)},
-            "_query_norm": norm(f(names.q_norm)),
-            "_key_norm": norm(f(names.k_norm)),
-        },
-        "mlp": {
-            "gating_einsum": np.stack([load(f(names.gate)),
-                                       load(f(names.up))]).astype(dtype),
-            "linear": load(f(names.down)).T.astype(dtype),
-        },
-        "pre_attention_norm": norm(f(names.pre_attention_norm)),
-        "post_attention_norm": norm(f(names.post_attention_norm)),
-        "pre_ffw_norm": norm(f(names.pre_ffw_norm)),
-        "post_ffw_norm": norm(f(names.post_ffw_norm)),
+    kv = leaf(f"{p}/attn/kv_einsum/w", kv)
+    o = leaf(f"{p}/attn/attn_vec_einsum/w",
+             load(f(names.o)).T.reshape(n, h, d))
+    attn = {
+        "q_einsum": {"w": q},
+        "kv_einsum": {"w": kv},
+        "attn_vec_einsum": {"w": o},
+        "_query_norm": norm(f"{p}/attn/_query_norm", f(names.q_norm)),
+        "_key_norm": norm(f"{p}/attn/_key_norm", f(names.k_norm)),
     }
-  return jax.tree.map(lambda x: np.ascontiguousarray(x, dtype), params)
+    mlp = {
+        "gating_einsum": leaf(f"{p}/mlp/gating_einsum", np.stack(
+            [load(f(names.gate)), load(f(names.up))])),
+        "linear": leaf(f"{p}/mlp/linear", load(f(names.down)).T),
+    }
+    params[p] = {"attn": attn, "mlp": mlp}
+    for site in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm",
+                 "post_ffw_norm"):
+      params[p][site] = norm(f"{p}/{site}", f(getattr(names, site)))
+  return params
 
 
 def to_linear_layout(params: dict, config: Gemma3Config, names: SourceNames,

@@ -5,9 +5,17 @@ Accepts a directory (`config.json` plus `model.safetensors` or a sharded
 state dict of numpy arrays or torch tensors (torch is not imported here).
 Both the text-only `Gemma3ForCausalLM` naming (`model.layers.N...`) and the
 multimodal `Gemma3ForConditionalGeneration` naming
-(`model.language_model.layers.N...`, `language_model.model...`) are read;
-vision-tower tensors are ignored. HF stores RMSNorm weights as the raw
-`scale` of `(1 + scale)`, as we do.
+(`model.language_model.layers.N...` as transformers 5 names it in memory,
+`language_model.model...` as it saves) are read. Only the text decoder's
+tensors are read: the vision tower and projector of a multimodal checkpoint
+never are, and a shard holding nothing else is never opened. A config.json
+whose `model_type` is not Gemma 3's is refused. HF stores RMSNorm weights as
+the raw `scale` of `(1 + scale)`, as we do.
+
+Memory: tensors are read one at a time (memory-mapped, in layer order across
+the shards the index names); with `place` each finished leaf is handed on at
+once (e.g. `jax.device_put` into its sharding), so the host holds one layer's
+tensors in flight rather than the whole model.
 """
 
 from __future__ import annotations
@@ -15,13 +23,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 from safetensors import safe_open
 
 from gemscope_jax.convert._errors import CheckpointError
-from gemscope_jax.convert._linear import SourceNames, from_linear_layout
+from gemscope_jax.convert._linear import (SourceNames, from_linear_layout,
+                                          source_shapes)
 from gemscope_jax.models._config import CONFIGS, Gemma3Config
 
 HF_NAMES = SourceNames(
@@ -41,6 +51,12 @@ HF_NAMES = SourceNames(
     pre_ffw_norm="model.layers.{i}.pre_feedforward_layernorm.weight",
     post_ffw_norm="model.layers.{i}.post_feedforward_layernorm.weight",
 )
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# config.json `model_type`s of Gemma 3: multimodal (4B-27B) and text-only.
+MODEL_TYPES = ("gemma3", "gemma3_text")
 
 # Multimodal checkpoints nest the text decoder under one of these.
 _PREFIXES = (("model.language_model.", "model."),
@@ -125,50 +141,164 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json"
   return Gemma3Config(name="gemma3_custom", **dims)
 
 
-def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
-  index = directory / "model.safetensors.index.json"
-  if index.exists():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(index, "weight_map", f"unreadable index: {e}"
-                            ) from e
-    return sorted({directory / f for f in weight_map.values()})
-  single = directory / "model.safetensors"
-  if single.exists():
-    return [single]
-  raise FileNotFoundError(f"{directory}: no model.safetensors or "
-                          "model.safetensors.index.json")
+def read_hf_config(cfg_file: pathlib.Path) -> dict[str, Any]:
+  """config.json as a dict, refused unless it describes a Gemma 3.
+
+  Raises:
+    FileNotFoundError: no such file.
+    CheckpointError: invalid JSON, or `model_type` (or that of its
+      `text_config`) is not Gemma 3's; the message names file and field.
+  """
+  cfg_file = pathlib.Path(cfg_file)
+  if not cfg_file.is_file():
+    raise FileNotFoundError(f"{cfg_file}: needed to know the model size "
+                            "(or pass config=)")
+  try:
+    hf_cfg = json.loads(cfg_file.read_text())
+  except ValueError as e:
+    raise CheckpointError(cfg_file, None, f"invalid JSON: {e}") from e
+  if not isinstance(hf_cfg, dict):
+    raise CheckpointError(cfg_file, None, "expected a JSON object")
+  # Other architectures share most field names (hidden_size, ...), so
+  # without this check a Llama or Gemma 2 config would be read as Gemma 3.
+  checks = [("model_type", hf_cfg.get("model_type"), MODEL_TYPES)]
+  if isinstance(hf_cfg.get("text_config"), dict):
+    checks.append(("text_config.model_type",
+                   hf_cfg["text_config"].get("model_type", "gemma3_text"),
+                   ("gemma3_text",)))
+  for field, value, allowed in checks:
+    if value not in allowed:
+      raise CheckpointError(
+          cfg_file, field, f"is {value!r}: not a Gemma 3 checkpoint "
+          f"(expected {' or '.join(map(repr, allowed))})")
+  return hf_cfg
 
 
-def _read_safetensors(files: list[pathlib.Path]) -> dict[str, Any]:
-  """{canonical name: lazy getter}; nothing is read until a tensor is asked."""
-  getters = {}
-  for f in files:
+def read_index(index: pathlib.Path) -> dict[str, str]:
+  """The `weight_map` ({tensor name: shard file}) of a sharded checkpoint."""
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    if not isinstance(weight_map, dict):
+      raise ValueError("not a JSON object")
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(index, "weight_map", f"unreadable index: {e}"
+                          ) from e
+  return weight_map
+
+
+def needed_keys(names: Any, config: Gemma3Config) -> list[str]:
+  """The stored names among `names` that the text decoder of `config` reads.
+
+  Everything else (a multimodal checkpoint's `vision_tower.*` and
+  `multi_modal_projector.*`, a tied `lm_head.weight`) is never read.
+  """
+  wanted = set(source_shapes(config, HF_NAMES))
+  return [k for k in names if _canonical(k) in wanted]
+
+
+class _Tensors:
+  """Reads tensors by canonical name, opening each shard only when needed.
+
+  A shard holding none of the wanted tensors is never opened (it may be
+  absent: `hub.download_model` skips it); a shard's handle (a memory map)
+  is dropped once its last wanted tensor has been read.
+  """
+
+  def __init__(self, directory: pathlib.Path, where: dict[str, str],
+               wanted: list[str]):
+    self._directory = directory
+    self._where = {}        # canonical name -> (file, stored name)
+    self._left = {}         # file -> stored names not yet read
+    for raw in wanted:
+      file = where[raw]
+      self._where[_canonical(raw)] = (file, raw)
+      self._left.setdefault(file, set()).add(raw)
+    self._handles = {}
+
+  def _open(self, file: str):
+    if file not in self._handles:
+      path = self._directory / file
+      if not path.is_file():
+        raise CheckpointError(path, None, "shard is missing (named by "
+                              f"{INDEX})")
+      try:
+        self._handles[file] = safe_open(str(path), framework="flax")
+      except Exception as e:  # safetensors raises its own SafetensorError.
+        raise CheckpointError(path, None, f"not a readable safetensors file "
+                              f"(truncated or corrupt?): {e}") from e
+    return self._handles[file]
+
+  def __call__(self, name: str) -> np.ndarray:
+    file, raw = self._where[name]  # KeyError: from_linear_layout names it.
+    handle = self._open(file)
     try:
-      handle = safe_open(str(f), framework="flax")
-      keys = list(handle.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError.
-      raise CheckpointError(f, None, f"not a readable safetensors file "
-                            f"(truncated or corrupt?): {e}") from e
-    for key in keys:
-      getters[_canonical(key)] = (f, handle, key)
-  return getters
+      # The "flax" framework reads bfloat16 with any safetensors version;
+      # the host CPU device keeps the copy off an accelerator.
+      with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        x = np.asarray(handle.get_tensor(raw))
+    except Exception as e:
+      raise CheckpointError(self._directory / file, raw,
+                            f"cannot read tensor: {e}") from e
+    self._left[file].discard(raw)
+    if not self._left[file]:
+      del self._handles[file]
+    return x
+
+
+def _tensors(path: pathlib.Path, config: Gemma3Config) -> _Tensors:
+  """The reader of a directory (index or single file) or one .safetensors."""
+  if path.is_dir() and (path / INDEX).exists():
+    where = read_index(path / INDEX)
+    return _Tensors(path, where, needed_keys(where, config))
+  file = path / SINGLE if path.is_dir() else path
+  if not file.exists():
+    raise FileNotFoundError(f"{path}: no {SINGLE} or {INDEX}")
+  try:
+    with safe_open(str(file), framework="flax") as handle:
+      keys = list(handle.keys())  # the header only; no tensor is read.
+  except Exception as e:  # safetensors raises its own SafetensorError.
+    raise CheckpointError(file, None, f"not a readable safetensors file "
+                          f"(truncated or corrupt?): {e}") from e
+  return _Tensors(file.parent, {k: file.name for k in keys},
+                  needed_keys(keys, config))
+
+
+def hf_directory_config(path: str | os.PathLike) -> Gemma3Config:
+  """Our config from the config.json of a directory (or beside a file)."""
+  path = pathlib.Path(path)
+  directory = path if path.is_dir() else path.parent
+  cfg_file = directory / CONFIG
+  return config_from_hf(read_hf_config(cfg_file), str(cfg_file))
 
 
 def load_hf(source: str | os.PathLike | Mapping[str, Any],
             config: Gemma3Config | None = None,
-            dtype: np.dtype = np.float32) -> tuple[Gemma3Config, dict]:
+            dtype: np.dtype = np.float32,
+            place: Callable[[str, np.ndarray], Any] | None = None
+            ) -> tuple[Gemma3Config, dict]:
   """Reads a transformers Gemma 3 checkpoint into the official parameter tree.
+
+  Only the text decoder's tensors are read (a multimodal checkpoint's vision
+  tower and projector never are), one at a time, shard by shard as the
+  index places them.
 
   Args:
     source: A directory, a .safetensors file, or a state dict.
     config: The size the weights must fit; read from config.json if None
       (required for a bare file or state dict without a directory).
-    dtype: numpy dtype of the returned leaves.
+    dtype: numpy dtype of the returned leaves (ml_dtypes' bfloat16 too).
+    place: Called as `place("layer_3/attn/q_einsum/w", array)` on each leaf
+      as soon as it is built; its result becomes the leaf (e.g. a
+      `jax.device_put` into the leaf's sharding), so the host never holds
+      the whole model at once.
 
   Returns:
     (config, params).
+
+  Raises:
+    FileNotFoundError: no such path, no config.json, no weights file.
+    CheckpointError: config.json of another architecture (names the file
+      and `model_type`), a missing, misshapen or unreadable tensor.
   """
   if isinstance(source, Mapping):
     tensors = {_canonical(k): v for k, v in source.items()}
@@ -179,27 +309,11 @@ def load_hf(source: str | os.PathLike | Mapping[str, Any],
     name = str(path)
     if not path.exists():
       raise FileNotFoundError(f"{path}: no such file or directory")
-    directory = path if path.is_dir() else path.parent
-    files = _safetensors_files(path) if path.is_dir() else [path]
     if config is None:
-      cfg_file = directory / "config.json"
-      if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file}: needed to know the model size "
-                                "(or pass config=)")
-      try:
-        hf_cfg = json.loads(cfg_file.read_text())
-      except ValueError as e:
-        raise CheckpointError(cfg_file, None, f"invalid JSON: {e}") from e
-      config = config_from_hf(hf_cfg, str(cfg_file))
-    getters = _read_safetensors(files)
-
-    def get(key):
-      f, handle, raw = getters[key]
-      try:
-        return np.asarray(handle.get_tensor(raw), np.float32)
-      except Exception as e:
-        raise CheckpointError(f, raw, f"cannot read tensor: {e}") from e
+      config = hf_directory_config(path)
+    get = _tensors(path, config)
   if config is None:
     raise ValueError(f"{name}: pass config= to load a bare state dict")
-  params = from_linear_layout(get, config, HF_NAMES, source=name, dtype=dtype)
+  params = from_linear_layout(get, config, HF_NAMES, source=name, dtype=dtype,
+                              place=place)
   return config, params

