@@ -2,7 +2,8 @@
 
 The file holds, for every real (non-padding) token position, in text order:
   tokens    (N,) int32   token id
-  special   (N,) bool    True at special tokens (BOS, EOS, control tokens),
+  special   (N,) bool    True at special tokens (BOS, EOS, control tokens)
+                         and a chat template's tokens (`Windows.exclude`),
                          which dictionaries are not trained on
   window    (N,) int32   index of the window the token came from
   position  (N,) int32   position inside its window (0 = BOS)
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 
 from gemscope_jax import assets
 from gemscope_jax import models
-from gemscope_jax.text.windows import Windows, special_mask
+from gemscope_jax import safe_write
+from gemscope_jax.text.windows import Windows, ordinary_mask
 
 
 def harvest(config: models.Gemma3Config, params, windows: Windows,
@@ -73,18 +75,23 @@ def dump_activations(config: models.Gemma3Config, params, tokenizer,
                      out_path: str | os.PathLike, *, batch_size: int = 8,
                      dtype: jnp.dtype = jnp.float32,
                      metadata: dict[str, str] | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, overwrite: bool = False) -> dict:
   """Harvests `hookpoints` over `windows` and writes the safetensors file.
+
+  An existing `out_path` is refused before the harvest unless `overwrite`
+  (`errors.OutputError`).
 
   Returns a summary: number of tokens, of special tokens, seconds, tokens/s.
   """
+  safe_write.check_file_output(out_path, overwrite=overwrite)
   t0 = time.perf_counter()
   acts, _ = harvest(config, params, windows, hookpoints,
                     batch_size=batch_size, dtype=dtype, progress=progress)
   seconds = time.perf_counter() - t0
   real = windows.mask
   tokens = windows.tokens[real]
-  special = special_mask(tokenizer, tokens)
+  special = ~ordinary_mask(tokenizer, windows.tokens, real,
+                           windows.exclude)[real]
   win, pos = np.nonzero(real)
   tensors = {"tokens": tokens.astype(np.int32), "special": special,
              "window": win.astype(np.int32), "position": pos.astype(np.int32),
@@ -92,7 +99,7 @@ def dump_activations(config: models.Gemma3Config, params, tokenizer,
   meta = {"model": config.name, "hookpoints": json.dumps(list(acts)),
           "seq_len": str(windows.tokens.shape[1]),
           "dtype": jnp.dtype(dtype).name, **(metadata or {})}
-  with assets.atomic_path(out_path) as tmp:
+  with assets.atomic_path(out_path, overwrite=overwrite) as tmp:
     save_file(tensors, tmp, metadata=meta)
   return {"tokens": int(len(tokens)), "special": int(special.sum()),
           "seconds": seconds, "tokens_per_s": len(tokens) / seconds,

@@ -7,7 +7,8 @@ concatenated in shard order); with several processes the token batch is one
 global array over the run's mesh (process p's rows are its shards' windows,
 so the global batch is shards 0 .. S-1 in order) and Gemma runs once over
 the global mesh, its weights laid out over all devices. Each process keeps
-its own rows of the output and drops special and padding tokens locally.
+its own rows of the output and drops special, padding and chat-template
+tokens locally.
 
 Bucket boundaries are shared: forwards go on until every shard of every
 process holds at least `rows_per_bucket` ordinary-token rows (a global
@@ -35,7 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemscope_jax.text.windows import special_mask
+from gemscope_jax.text.windows import ordinary_mask
 from gemscope_jax import models
 from gemscope_jax.data import pipeline
 from gemscope_jax.data.stream import _READ, Bucket
@@ -142,7 +143,10 @@ class LockstepHarvest:
       tokens = np.concatenate([b["tokens"] for b in batches.values()])
       mask = np.concatenate([b["mask"] for b in batches.values()])
       acts = self._forward(tokens, mask)
-      keep = mask & ~special_mask(self.tokenizer, tokens)
+      # Every shard reads the same format: all have "exclude" or none.
+      exclude = (np.concatenate([b["exclude"] for b in batches.values()])
+                 if "exclude" in batches[min(batches)] else None)
+      keep = ordinary_mask(self.tokenizer, tokens, mask, exclude)
       self.tokens_seen += int(mask.sum())
       start = 0
       for s, b in batches.items():

@@ -242,13 +242,14 @@ def _stack_padded(batch_size: int):
   """
 
   def stack(items: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    seq_len = items[0]["tokens"].shape[0]
-    tokens = np.zeros((batch_size, seq_len), np.int32)
-    mask = np.zeros((batch_size, seq_len), bool)
+    # Every field of the items ("exclude" too, for conversation windows),
+    # zero (False) on the padding rows.
+    out = {k: np.zeros((batch_size, *v.shape), v.dtype)
+           for k, v in items[0].items()}
     for row, item in enumerate(items):
-      tokens[row] = item["tokens"]
-      mask[row] = item["mask"]
-    return {"tokens": tokens, "mask": mask}
+      for k, v in item.items():
+        out[k][row] = v
+    return out
 
   return stack
 
@@ -260,7 +261,8 @@ def make_window_dataset(source: TokenWindowSource | Sequence[Any], *,
                         pad_remainder: bool = True,
                         shard_index: int = 0,
                         shard_count: int = 1) -> grain.MapDataset:
-  """A `grain.MapDataset` of dict batches tokens (B, T) int32, mask (B, T) bool.
+  """A `grain.MapDataset` of dict batches tokens (B, T) int32, mask (B, T) bool
+  (and exclude (B, T) bool when the source's items have it).
 
   The order is shard, shuffle, repeat, batch: each shard is a fixed strided
   subset of the windows and every epoch is a fresh permutation of it (grain's
@@ -276,7 +278,8 @@ def make_window_dataset(source: TokenWindowSource | Sequence[Any], *,
   has fewer rows.
 
   Args:
-    source: a `TokenWindowSource` (or any random-access sequence of such dicts).
+    source: a `TokenWindowSource` (or any random-access sequence of such
+      dicts, e.g. `text.conversations.ConversationWindowSource`).
     batch_size: windows per batch.
     seed: the shuffle seed; the same seed gives the same order on every host.
     shuffle: whether to shuffle the windows (per epoch).

@@ -8,7 +8,8 @@ the same data order exactly:
   `HarvestSource` computes them live: a grain iterator over shuffled
   BOS-led windows, one jitted Gemma forward per batch of windows (stopping
   after the last block a hookpoint needs), special-token and padding
-  positions dropped, until a bucket holds at least `bucket_tokens` rows.
+  positions (and a chat template's, the batches' "exclude") dropped, until
+  a bucket holds at least `bucket_tokens` rows.
   `data.activation_cache.CacheBuckets` reads the same buckets from disk.
 - `ActivationBatches` shuffles each bucket (a permutation seeded by the run
   seed and the bucket's index) and serves it as training batches. Its state
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gemscope_jax.text.windows import special_mask
+from gemscope_jax.text.windows import ordinary_mask
 from gemscope_jax import models
 from gemscope_jax.data import pipeline
 
@@ -103,7 +104,8 @@ class HarvestSource:
     self.tokens_seen = 0
     self._it = pipeline.iterate(window_dataset, _READ)
 
-  def _forward(self, tokens: np.ndarray, mask: np.ndarray) -> Bucket:
+  def _forward(self, tokens: np.ndarray, mask: np.ndarray,
+               exclude: np.ndarray | None = None) -> Bucket:
     t, m = tokens, mask
     if self.sharding is not None:
       t = jax.device_put(tokens, self.sharding)
@@ -111,7 +113,7 @@ class HarvestSource:
     out = models.forward(self.params, t, m, config=self.config,
                          hookpoints=self.hookpoints, logits=False,
                          loss=False, dtype=self.dtype)
-    keep = mask & ~special_mask(self.tokenizer, tokens)
+    keep = ordinary_mask(self.tokenizer, tokens, mask, exclude)
     self.tokens_seen += int(mask.sum())
     return {n: np.asarray(out.activations[n], np.float32)[keep]
             for n in self.hookpoints}
@@ -121,7 +123,8 @@ class HarvestSource:
     rows = 0
     while rows < self.bucket_tokens:
       batch = next(self._it)
-      acts = self._forward(batch["tokens"], batch["mask"])
+      acts = self._forward(batch["tokens"], batch["mask"],
+                           batch.get("exclude"))
       for n in self.hookpoints:
         parts[n].append(acts[n])
       rows += len(acts[self.hookpoints[0]])

@@ -30,7 +30,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gemscope_jax import assets, models
-from gemscope_jax.text.windows import special_mask
 from gemscope_jax.text.windows import Windows
 
 
@@ -116,8 +115,7 @@ def top_examples(model_config: models.Gemma3Config, model_params,
   bar = tqdm(total=windows.num_tokens, unit="tok", unit_scale=True,
              disable=not progress, desc=f"top examples {name}",
              dynamic_ncols=True)
-  for tokens, mask in windows.batches(batch_size):
-    keep = mask & ~special_mask(tokenizer, tokens)
+  for tokens, mask, keep in windows.ordinary_batches(tokenizer, batch_size):
     batch_counts, sel = jax.device_get(scan(tokens, mask, keep))
     counts = batch_counts if counts is None else counts + batch_counts
     n_real = min(batch_size, len(windows.tokens) - start)

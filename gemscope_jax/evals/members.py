@@ -1,12 +1,12 @@
 """Several dictionaries evaluated on one held-out stream: the spliced and
 zeroed LM-loss passes, beside each one's reconstruction statistics.
 
-Every real, ordinary token of the eval windows (padding and special tokens,
-see `text.windows.special_mask`, excluded) contributes to the statistics of
-`reconstruction.MemberStats` (l0, fvu, mse, cosine_sim, dead/dense
-fractions, ...). The model's next-token loss (nats, over the (token, next
-token) pairs of real tokens, as `models.forward` computes it) is measured
-three ways:
+Every real, ordinary token of the eval windows (padding, special tokens and
+a chat template's tokens excluded: `text.windows.ordinary_mask`) contributes
+to the statistics of `reconstruction.MemberStats` (l0, fvu, mse,
+cosine_sim, dead/dense fractions, ...). The model's next-token loss (nats,
+over the (token, next token) pairs of real tokens, as `models.forward`
+computes it) is measured three ways:
   clean_loss          the unmodified model
   spliced_loss        every target replaced by the dictionary's prediction
                       (a transcoder replacing its MLP; a CLT replacing every
@@ -50,7 +50,6 @@ from gemscope_jax import models
 from gemscope_jax.evals.reconstruction import MemberStats
 from gemscope_jax.surgery import splice as splice_lib
 from gemscope_jax.text.windows import Windows
-from gemscope_jax.text.windows import special_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +140,8 @@ def evaluate_members(members: list[splice_lib.Member], *,
   bar = tqdm(total=windows.num_tokens, unit="tok", unit_scale=True,
              disable=not progress, desc=f"eval {label}", dynamic_ncols=True)
   t0 = time.perf_counter()
-  for tokens, mask in windows.batches(batch_size):
-    keep_np = mask & ~special_mask(tokenizer, tokens)
+  for tokens, mask, keep_np in windows.ordinary_batches(tokenizer,
+                                                        batch_size):
     keep = jnp.asarray(keep_np)
     none = jnp.zeros_like(keep)
     if loss_tokens is None or n_loss_tok < loss_tokens:

@@ -1,5 +1,6 @@
 """Text and tokens, without JAX: the Gemma 3 tokenizer rebuilt offline,
-the embedded corpora and text specs, BOS-led token windows, special tokens.
+the embedded corpora and text specs, BOS-led token windows, special tokens,
+the Gemma 3 chat format and windows of JSONL conversations.
 """
 
 from gemscope_jax import _lazy
@@ -16,8 +17,13 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "read_text": "gemscope_jax.text.corpora",
     "shakespeare_files": "gemscope_jax.text.corpora",
     "text_files": "gemscope_jax.text.corpora",
+    "ConversationWindowSource": "gemscope_jax.text.conversations",
+    "encode_chat": "gemscope_jax.text.chat",
+    "windows_from_conversations": "gemscope_jax.text.conversations",
     "Windows": "gemscope_jax.text.windows",
+    "ordinary_mask": "gemscope_jax.text.windows",
     "special_mask": "gemscope_jax.text.windows",
     "windows_from_files": "gemscope_jax.text.windows",
     "windows_from_ids": "gemscope_jax.text.windows",
-}, submodules=("corpora", "tokenizer", "windows"))
+}, submodules=("chat", "conversations", "corpora", "tokenizer",
+              "windows"))

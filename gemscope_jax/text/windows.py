@@ -2,7 +2,9 @@
 
 A window holds `seq_len` positions: BOS then `seq_len - 1` consecutive tokens
 of the text stream; the last window of a stream is right-padded with the pad
-id (0) and its mask marks the real tokens.
+id (0) and its mask marks the real tokens. Windows of conversations
+(`text.conversations`) also carry `exclude`, the chat template's tokens:
+dictionaries skip those as they skip special tokens (`ordinary_mask`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,22 @@ def special_mask(tokenizer, tokens: np.ndarray) -> np.ndarray:
   return np.isin(tokens, np.fromiter(tokenizer.special_ids, np.int32))
 
 
+def ordinary_mask(tokenizer, tokens: np.ndarray, mask: np.ndarray,
+                  exclude: np.ndarray | None = None) -> np.ndarray:
+  """True at the positions dictionaries train and evaluate on: real tokens
+  that are neither special nor excluded (a chat template's tokens)."""
+  keep = mask & ~special_mask(tokenizer, tokens)
+  return keep if exclude is None else keep & ~exclude
+
+
 @dataclasses.dataclass(frozen=True)
 class Windows:
-  """tokens (W, T) int32; mask (W, T) bool, True for real tokens."""
+  """tokens (W, T) int32; mask (W, T) bool, True for real tokens; exclude
+  (W, T) bool or None, True at real tokens to leave out beside the special
+  ones (the chat template's, see `text.conversations`)."""
   tokens: np.ndarray
   mask: np.ndarray
+  exclude: np.ndarray | None = None
 
   @property
   def num_tokens(self) -> int:
@@ -40,6 +53,20 @@ class Windows:
       tokens[:stop - start] = self.tokens[start:stop]
       mask[:stop - start] = self.mask[start:stop]
       yield tokens, mask
+
+  def ordinary_batches(self, tokenizer, batch_size: int
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray,
+                                           np.ndarray]]:
+    """`batches` with a third array: `ordinary_mask` of the batch (False on
+    the padding windows)."""
+    for start, (tokens, mask) in zip(range(0, len(self.tokens), batch_size),
+                                     self.batches(batch_size)):
+      exclude = None
+      if self.exclude is not None:
+        exclude = np.zeros_like(mask)
+        part = self.exclude[start:start + batch_size]
+        exclude[:len(part)] = part
+      yield tokens, mask, ordinary_mask(tokenizer, tokens, mask, exclude)
 
 
 def windows_from_ids(ids: np.ndarray, seq_len: int, bos_id: int,

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from gemscope_jax import models
-from gemscope_jax.text import corpora
+from gemscope_jax.text import conversations, corpora
 from gemscope_jax.training import members, schema
 
 def _need(ok: bool, field: str, message: str, value: Any) -> None:
@@ -147,6 +147,10 @@ def validate(c: ml_collections.ConfigDict
         f"must be divisible by mesh.model={c.mesh.model}", d.width)
   _need(c.mesh.gemma in ("replicated", "fsdp", "fsdp_tp"), "mesh.gemma",
         "must be 'replicated', 'fsdp' or 'fsdp_tp'", c.mesh.gemma)
+  conversations.check_format(c.data.get("format", "text"),
+                             "config.data.format")
+  conversations.check_format(c.eval.get("format", "text"),
+                             "config.eval.format")
   corpora.text_files(c.data.text, "config.data.text")
   if c.eval.num_tokens and c.eval.at_end:
     corpora.text_files(c.eval.text, "config.eval.text")

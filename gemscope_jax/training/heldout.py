@@ -24,7 +24,7 @@ import numpy as np
 from gemscope_jax import models
 from gemscope_jax.evals import evaluate as eval_lib
 from gemscope_jax.surgery import splice as splice_lib
-from gemscope_jax.text import corpora
+from gemscope_jax.text import conversations, corpora
 from gemscope_jax.text.windows import Windows, windows_from_files
 from gemscope_jax.training import export as export_lib
 from gemscope_jax.training.plans import Plan
@@ -35,6 +35,9 @@ def eval_windows(plan: Plan, tokenizer) -> Windows:
   """The held-out windows the plan's `eval` fields name."""
   e = plan.eval
   files = corpora.text_files(e.text, "config.eval.text")
+  if e.format == "chat_jsonl":
+    return conversations.windows_from_conversations(
+        tokenizer, files, e.seq_len, e.num_tokens)
   return windows_from_files(tokenizer, files, e.seq_len, e.num_tokens)
 
 

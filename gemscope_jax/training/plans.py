@@ -61,6 +61,7 @@ class DataPlan:
     shuffle_windows: shuffle the window order.
     num_shards: data shards of the stream (0: one per process).
     seed: the run's seed (window order, bucket permutations).
+    format: how `text` reads: 'text' or 'chat_jsonl' (conversations).
   """
   text: str
   seq_len: int
@@ -70,6 +71,7 @@ class DataPlan:
   shuffle_windows: bool
   num_shards: int
   seed: int
+  format: str = "text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,7 @@ class EvalPlan:
     batch_size: windows per forward.
     dense_threshold: a latent firing more often than this is dense.
     at_end: evaluate when training ends.
+    format: how `text` reads: 'text' or 'chat_jsonl' (conversations).
   """
   text: str
   num_tokens: int
@@ -177,6 +180,7 @@ class EvalPlan:
   batch_size: int
   dense_threshold: float
   at_end: bool
+  format: str = "text"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +249,8 @@ def make(c: ml_collections.ConfigDict) -> Plan:
                     cache_dir=c.data.cache_dir,
                     shuffle_windows=bool(c.data.shuffle_windows),
                     num_shards=int(c.data.get("num_shards", 0) or 0),
-                    seed=int(c.seed)),
+                    seed=int(c.seed),
+                    format=str(c.data.get("format", "text"))),
       optimizer=OptimizerPlan(
           lr=t.lr, lr_warmup_steps=t.lr_warmup_steps,
           lr_decay_fraction=t.lr_decay_fraction, beta1=t.beta1,
@@ -270,7 +275,8 @@ def make(c: ml_collections.ConfigDict) -> Plan:
                     loss_tokens=c.eval.loss_tokens, seq_len=c.eval.seq_len,
                     batch_size=c.eval.batch_size,
                     dense_threshold=c.eval.dense_threshold,
-                    at_end=bool(c.eval.at_end)),
+                    at_end=bool(c.eval.at_end),
+                    format=str(c.eval.get("format", "text"))),
       config_json=schema.to_json(c))
 
 

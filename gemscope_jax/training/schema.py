@@ -53,6 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
       # text files, directories, globs and parquet/array_record shards
       # separated by commas.
       text="english",
+      # How data.text reads: 'text' (plain text) or 'chat_jsonl' (JSONL
+      # conversations in the Gemma 3 chat template, one per line; its
+      # template tokens are left out like special tokens).
+      format="text",
       seq_len=128,              # tokens per window, BOS included
       model_batch_size=8,       # windows per Gemma forward pass
       bucket_tokens=65536,      # activations shuffled together
@@ -135,6 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   c.eval = ml_collections.ConfigDict(dict(
       text="english_heldout",   # files the 'english' corpus leaves out
+      format="text",            # how eval.text reads, as data.format
       num_tokens=131_072,       # L0, FVU, dead/dense latents
       loss_tokens=8_192,        # delta LM loss (3 full passes: the cost)
       seq_len=128,

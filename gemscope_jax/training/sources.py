@@ -19,7 +19,7 @@ from gemscope_jax import models
 from gemscope_jax.convert import pretrained
 from gemscope_jax.data import activation_cache, lockstep, pipeline, stream
 from gemscope_jax.parallel import distributed, gemma_layout, make_mesh
-from gemscope_jax.text import corpora
+from gemscope_jax.text import conversations, corpora
 from gemscope_jax.training.plans import Plan
 
 
@@ -71,11 +71,17 @@ def load_gemma(plan: Plan, mesh: Mesh | None = None) -> dict:
 def window_dataset(plan: Plan, tokenizer, *, progress: bool,
                    shard_index: int = 0, shard_count: int = 1):
   """Batches of `data.model_batch_size` token windows of the plan's text
-  (a grain dataset; shuffled, endless, one data shard of `shard_count`)."""
+  (a grain dataset; shuffled, endless, one data shard of `shard_count`);
+  with data.format 'chat_jsonl' they also carry "exclude", the chat
+  template's tokens."""
   d = plan.data
   files = corpora.text_files(d.text, "config.data.text")
-  source = pipeline.TokenWindowSource.from_files(
-      tokenizer, files, d.seq_len, progress=progress)
+  if d.format == "chat_jsonl":
+    source = conversations.ConversationWindowSource.from_files(
+        tokenizer, files, d.seq_len)
+  else:
+    source = pipeline.TokenWindowSource.from_files(
+        tokenizer, files, d.seq_len, progress=progress)
   return pipeline.make_window_dataset(
       source, batch_size=d.model_batch_size, seed=d.seed,
       shuffle=d.shuffle_windows, num_epochs=None,
@@ -121,6 +127,8 @@ def make_source(plan: Plan, mesh: Mesh, gemma_params, tokenizer, *,
   meta = {"model": plan.model.name, "checkpoint": plan.model.checkpoint,
           "dtype": plan.model.dtype, "hookpoints": hookpoints,
           "text": d.text, "seq_len": d.seq_len, "seed": d.seed}
+  if d.format != "text":
+    meta["format"] = d.format  # only then, so older caches still resume
   if distributed.is_main_process():
     activation_cache.write_cache(d.cache_dir, live(0, 1),
                                  num_tokens=plan.loop.num_tokens,
