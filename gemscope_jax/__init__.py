@@ -26,6 +26,6 @@ from gemscope_jax import _lazy
 __version__ = "0.1.0"
 
 __getattr__, __dir__, _ = _lazy.attach(__name__, {}, submodules=(
-    "assets", "cli", "convert", "data", "dictionaries", "evals", "interop",
-    "kernels", "models", "parallel", "surgery", "text", "torch_dictionary",
-    "training"))
+    "assets", "cli", "convert", "data", "dictionaries", "errors", "evals",
+    "interop", "kernels", "models", "parallel", "safe_write", "surgery",
+    "text", "torch_dictionary", "training"))

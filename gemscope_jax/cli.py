@@ -11,15 +11,53 @@
                          (transformers' Gemma3ForCausalLM loads it)
   gemscope activations   dump activations at hookpoints to safetensors
   gemscope info          the Gemma 3 sizes and their parameter counts
+
+Every command ends an expected failure with one line on stderr,
+`gemscope CMD: error: ...`, naming the file, field, flag or shape, and an
+exit code saying which kind (`errors`: 2 usage, 3 input, 4 output, 5 run,
+130 interrupted); a traceback means a bug (`--debug` shows one on purpose).
+Writers never replace what is there without `--overwrite`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
+from gemscope_jax import errors
+from gemscope_jax import safe_write
+
 _DTYPES = ("float32", "bfloat16")
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, with its errors as one line (no usage block) and exit 2."""
+
+  def error(self, message):
+    self.exit(errors.USAGE, f"{self.prog}: error: {message} (see "
+              f"{self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"takes a positive integer, got {text!r}") from None
+  if value <= 0:
+    raise argparse.ArgumentTypeError(
+        f"takes a positive integer, got {value}")
+  return value
+
+
+def _seq_len(text: str) -> int:
+  value = _positive_int(text)
+  if value < 2:
+    raise argparse.ArgumentTypeError(
+        f"takes an integer of at least 2 (BOS + 1 token), got {value}")
+  return value
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -28,9 +66,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                  " a transformers directory or an Orbax checkpoint")
   p.add_argument("--dtype", default="float32", choices=_DTYPES,
                  help="compute dtype")
-  p.add_argument("--seq-len", type=int, default=128,
+  p.add_argument("--seq-len", type=_seq_len, default=128,
                  help="tokens per window, BOS included")
-  p.add_argument("--batch-size", type=int, default=8,
+  p.add_argument("--batch-size", type=_positive_int, default=8,
                  help="windows per forward pass")
 
 
@@ -41,7 +79,15 @@ def _cmd_activations(args) -> int:
   from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   from gemscope_jax.text.windows import windows_from_files  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.text import corpora  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
 
+  # Inputs and the output first: before the model loads and the harvest.
+  safe_write.check_file_output(args.out, overwrite=args.overwrite,
+                               flag="--out")
+  for f in args.text_file:
+    if not os.path.isfile(f):
+      raise errors.MissingInputError(f"--text-file {f}: no such text file")
+    corpora.check_text_file(f, "--text-file")
   config, params = pretrained.load_model(args.model,
                                          dtype=jnp.dtype(args.dtype))
   # Check hookpoints before the long work starts.
@@ -53,7 +99,7 @@ def _cmd_activations(args) -> int:
       config, params, tok, windows, names, args.out,
       batch_size=args.batch_size, dtype=jnp.dtype(args.dtype),
       metadata={"text_files": ",".join(args.text_file),
-                "source_model": str(args.model)})
+                "source_model": str(args.model)}, overwrite=args.overwrite)
   print(f"wrote {summary['tokens']:,} tokens ({summary['special']} special) x "
         f"{len(names)} hookpoint(s) to {summary['path']} "
         f"at {summary['tokens_per_s']:,.0f} tokens/s")
@@ -62,9 +108,11 @@ def _cmd_activations(args) -> int:
 
 def _config_overrides(items: Sequence[str] | None) -> dict:
   from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
-  out = {}
+  out = config_lib.Overrides()
   for item in items or ():
-    out.update(config_lib.parse_arg(item))
+    # One typed parser for --set and --config=FILE:ARG; a bare key that
+    # names a field is refused there, naming its type.
+    out.merge(config_lib.parse_arg(item))
   return out
 
 
@@ -93,9 +141,9 @@ def _cmd_train(args) -> int:
     # First, before any device is used (a multi-host run starts here).
     distributed.initialize(plans.distributed_plan(c))
   except distributed.DistributedError as e:
-    print(f"gemscope train: error: {e}", file=sys.stderr)
-    return 3
-  result = trainer.train(c, args.workdir, progress=not args.quiet)
+    raise errors.RunError(str(e)) from None
+  result = trainer.train(c, args.workdir, progress=not args.quiet,
+                         restart=args.restart)
   if not distributed.is_main_process():
     return 0  # process 0 reports the run
   print(f"trained {result['step']:,} steps; workdir {args.workdir}")
@@ -107,8 +155,23 @@ def _cmd_eval(args) -> int:
   if args.dictionary is not None:
     return _eval_dictionary(args)
   from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  for flag, value in (("--model", args.model), ("--hookpoint", args.hookpoint)):
+    if value is not None:
+      raise errors.UsageError(
+          f"{flag} applies to --dictionary; a workdir's run names its own "
+          "model and hookpoint")
+  overrides = _config_overrides(args.set)
+  # The flags --dictionary takes, honoured with --workdir as the run's
+  # eval fields rather than accepted and ignored.
+  for flag, field, value in (("--text", "eval.text", args.text),
+                             ("--num-tokens", "eval.num_tokens",
+                              args.num_tokens),
+                             ("--loss-tokens", "eval.loss_tokens",
+                              args.loss_tokens)):
+    if value is not None:
+      overrides.merge({field: value})
   metrics = trainer.evaluate_workdir(args.workdir, progress=not args.quiet,
-                                     overrides=_config_overrides(args.set))
+                                     overrides=overrides)
   _print_metrics(metrics)
   print(f"wrote {args.workdir}/metrics.json")
   return 0
@@ -117,11 +180,17 @@ def _cmd_eval(args) -> int:
 def _eval_dictionary(args) -> int:
   from gemscope_jax.evals import dictionary as eval_dictionary  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   if args.set:
-    raise ValueError("--set applies to --workdir; with --dictionary use "
-                     "--model, --text, --num-tokens, --loss-tokens")
+    raise errors.UsageError("--set applies to --workdir; with --dictionary "
+                            "use --model, --text, --num-tokens, "
+                            "--loss-tokens")
+  if not os.path.exists(args.dictionary):
+    raise errors.MissingInputError(f"--dictionary {args.dictionary}: no "
+                                   "such dictionary folder")
   metrics = eval_dictionary.evaluate_dictionary(
-      args.dictionary, model=args.model, text=args.text,
-      num_tokens=args.num_tokens, loss_tokens=args.loss_tokens,
+      args.dictionary, model=args.model or "default",
+      text=args.text or "english_heldout",
+      num_tokens=args.num_tokens or 131_072,
+      loss_tokens=args.loss_tokens or 8_192,
       hookpoint=args.hookpoint, progress=not args.quiet)
   _print_metrics(metrics)
   return 0
@@ -130,20 +199,28 @@ def _eval_dictionary(args) -> int:
 def _cmd_export(args) -> int:
   from gemscope_jax import interop  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   from gemscope_jax.training import export  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  # The destination first: a saelens --out is the folder itself, a
+  # gemmascope2 one the release root (its subfolder is checked on writing).
+  safe_write.check_dir_output(
+      args.out, overwrite=args.overwrite or args.format == "gemmascope2",
+      flag="--out")
   d = export.from_workdir(args.workdir)
   if isinstance(d, interop.MultiLayerInference):
     if args.format != "gemmascope2":
-      raise SystemExit(f"gemscope export: a {d.kind} has no {args.format} "
-                       "form (SAELens has no multi-layer dictionaries); use "
-                       "--format=gemmascope2")
-    out = interop.save_multilayer_gemmascope2(d, args.out)
+      raise errors.UsageError(
+          f"--format {args.format}: a {d.kind} has no {args.format} form "
+          "(SAELens has no multi-layer dictionaries); use "
+          "--format=gemmascope2")
+    out = interop.save_multilayer_gemmascope2(d, args.out,
+                                              overwrite=args.overwrite)
     print(f"wrote gemmascope2 {d.kind} ({d.n_layers} layers x {d.d_in} -> "
           f"{d.d_sae} latents) to {out}")
     return 0
   if args.format == "gemmascope2":
-    out = interop.save_gemmascope2(d, args.out, l0=args.l0)
+    out = interop.save_gemmascope2(d, args.out, l0=args.l0,
+                                   overwrite=args.overwrite)
   else:
-    out = interop.save_saelens(d, args.out)
+    out = interop.save_saelens(d, args.out, overwrite=args.overwrite)
   print(f"wrote {args.format} {d.architecture} dictionary ({d.d_in} -> "
         f"{d.d_sae} latents, {d.hookpoint}) to {out}")
   return 0
@@ -173,13 +250,28 @@ def _cmd_info(_args) -> int:
   return 0
 
 
+def _common_flags() -> argparse.ArgumentParser:
+  common = _Parser(add_help=False)
+  common.add_argument("--debug", action="store_true",
+                      help="show the traceback of any failure (also "
+                      "GEMSCOPE_DEBUG=1)")
+  return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  """The `gemscope` parser. A new command adds its subparser here (with
+  `parents=[common]`) and a `_cmd_NAME(args) -> int` that raises
+  `errors.UsageError` / `InputError` / `OutputError` / `RunError` for
+  expected failures; `main` turns those into one line and an exit code."""
+  parser = _Parser(
       prog="gemscope", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
+  sub = parser.add_subparsers(dest="command", required=True,
+                              parser_class=_Parser)
+  common = _common_flags()
 
-  p = sub.add_parser("train", help="train a sparse dictionary")
+  p = sub.add_parser("train", help="train a sparse dictionary",
+                     parents=[common])
   p.add_argument("--config", required=True,
                  help="config file and argument, e.g. experiments/"
                  "jumprelu_270m.py:runlocal,layer=6,width=16384,target_l0=60")
@@ -191,9 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-eval", action="store_true",
                  help="skip the held-out evaluation at the end")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.add_argument("--restart", action="store_true",
+                 help="when every checkpoint in the workdir is unreadable, "
+                 "start again from step 0 (they stay in WORKDIR/corrupt/)")
   p.set_defaults(fn=_cmd_train)
 
-  p = sub.add_parser("eval", help="evaluate a trained dictionary")
+  p = sub.add_parser("eval", help="evaluate a trained dictionary",
+                     parents=[common])
   which = p.add_mutually_exclusive_group(required=True)
   which.add_argument("--workdir", help="a gemscope train workdir")
   which.add_argument("--dictionary",
@@ -202,14 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--set", action="append", metavar="KEY=VALUE",
                  help="eval overrides, e.g. --set eval.num_tokens=65536 "
                  "(with --workdir)")
-  p.add_argument("--model", default="default",
-                 help="with --dictionary: the model to splice it into")
-  p.add_argument("--text", default="english_heldout",
-                 help="with --dictionary: held-out corpus name or files")
-  p.add_argument("--num-tokens", type=int, default=131_072,
-                 help="with --dictionary: eval tokens")
-  p.add_argument("--loss-tokens", type=int, default=8_192,
-                 help="with --dictionary: positions in the LM-loss passes")
+  p.add_argument("--model", default=None,
+                 help="with --dictionary: the model to splice it into "
+                 "(default: the real Gemma 3 270M)")
+  p.add_argument("--text", default=None,
+                 help="held-out corpus name or files (default "
+                 "english_heldout; with --workdir: eval.text)")
+  p.add_argument("--num-tokens", type=_positive_int, default=None,
+                 help="eval tokens (default 131072; with --workdir: "
+                 "eval.num_tokens)")
+  p.add_argument("--loss-tokens", type=_positive_int, default=None,
+                 help="positions in the LM-loss passes (default 8192; "
+                 "with --workdir: eval.loss_tokens)")
   p.add_argument("--hookpoint", default=None,
                  help="with --dictionary: override its hookpoint, e.g. "
                  "layer_6/resid_post")
@@ -217,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=_cmd_eval)
 
   p = sub.add_parser("export", help="write a trained dictionary as a Gemma "
-                     "Scope 2 or SAELens folder")
+                     "Scope 2 or SAELens folder", parents=[common])
   p.add_argument("--workdir", required=True, help="a gemscope train workdir")
   p.add_argument("--format", required=True,
                  choices=("gemmascope2", "saelens"))
@@ -227,48 +327,85 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--l0", type=float, default=None,
                  help="gemmascope2: target L0 for config.json and the "
                  "folder name (default: the training target, or k)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into a non-empty destination, replacing only "
+                 "the files the export writes")
   p.set_defaults(fn=_cmd_export)
 
   p = sub.add_parser("export-model", help="write Gemma 3 weights as a "
-                     "Hugging Face directory (config.json + safetensors)")
+                     "Hugging Face directory (config.json + safetensors)",
+                     parents=[common])
   p.add_argument("--model", default="default",
                  help="'default' (real Gemma 3 270M), a .gguf file, a "
                  "transformers directory or an Orbax checkpoint")
   p.add_argument("--out", required=True, help="the directory to write")
   p.add_argument("--dtype", default="float32",
                  choices=("float32", "bfloat16"), help="stored dtype")
-  p.add_argument("--max-shard-mb", type=int, default=None,
+  p.add_argument("--max-shard-mb", type=_positive_int, default=None,
                  help="split into model-0000i-of-0000n.safetensors files")
   p.add_argument("--overwrite", action="store_true",
-                 help="replace a non-empty --out")
+                 help="write into a non-empty --out, replacing only the "
+                 "files a model export writes")
   p.set_defaults(fn=_cmd_export_model)
 
   p = sub.add_parser("activations",
-                     help="dump activations at hookpoints to safetensors")
+                     help="dump activations at hookpoints to safetensors",
+                     parents=[common])
   _add_model_flags(p)
   p.add_argument("--text-file", action="append", required=True,
                  help="text file(s) to read, in order")
   p.add_argument("--hookpoint", action="append", required=True,
                  help="e.g. layer_6/resid_post; repeat for more. Sites: "
                  "resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post")
-  p.add_argument("--max-tokens", type=int, default=4096,
+  p.add_argument("--max-tokens", type=_positive_int, default=4096,
                  help="token positions to store (BOS included)")
   p.add_argument("--out", required=True, help="output .safetensors file")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out file")
   p.set_defaults(fn=_cmd_activations)
 
-  p = sub.add_parser("info", help="list the Gemma 3 sizes")
+  p = sub.add_parser("info", help="list the Gemma 3 sizes",
+                     parents=[common])
   p.set_defaults(fn=_cmd_info)
   return parser
 
 
+def run(command: str, fn, args, *, debug: bool = False) -> int:
+  """Runs `fn(args)`, the body of `gemscope COMMAND`, on the one error path.
+
+  Expected failures (`errors.exit_code` not BUG) become one line on stderr
+  and their exit code; anything else is a bug and is re-raised (Python
+  prints the traceback, exit 1). With `debug` every failure is re-raised.
+  Hints inside name command-line flags (`errors.option`).
+  """
+  with errors.command_line():
+    try:
+      return fn(args)
+    except BaseException as e:  # pylint: disable=broad-except
+      if isinstance(e, SystemExit):
+        raise
+      code = errors.exit_code(e)
+      if debug:
+        raise
+      if code == errors.BUG:
+        print(f"gemscope {command}: internal error (a bug; please report it "
+              "with the traceback below)", file=sys.stderr)
+        raise
+      if code == errors.INTERRUPTED:
+        print(f"gemscope {command}: interrupted"
+              + ("; rerun the same command to resume from the last "
+                 "checkpoint" if command == "train" else ""),
+              file=sys.stderr)
+        return code
+      print(f"gemscope {command}: error: {errors.one_line(e)}",
+            file=sys.stderr)
+      return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    return args.fn(args)
-  except (FileNotFoundError, ValueError, FloatingPointError) as e:
-    # Bad input: one clear line, no traceback.
-    print(f"gemscope {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  debug = args.debug or os.environ.get("GEMSCOPE_DEBUG", "") not in ("", "0")
+  return run(args.command, args.fn, args, debug=debug)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ SRC = ROOT / PACKAGE
 # Layer of each top-level part of the package, lowest first; a module may
 # import from its own layer or a lower one. "" is gemscope_jax/__init__.py.
 LAYERS: dict[str, int] = {
-    "": 0, "_lazy": 0, "assets": 0,
+    "": 0, "_lazy": 0, "assets": 0, "errors": 0, "safe_write": 0,
     "text": 1,
     "kernels": 2,
     "models": 3,

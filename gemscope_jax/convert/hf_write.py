@@ -15,8 +15,12 @@ The config carries both the transformers >= 5 fields (`layer_types`,
 `rope_scaling`, `torch_dtype`), so 4.x releases read the same file.
 
 The directory is built in a hidden temporary sibling and renamed into place
-only once complete; an existing non-empty destination is refused unless
-`overwrite=True`, and is replaced only after the new one is complete.
+only once complete (`safe_write.atomic_dir`); an existing non-empty
+destination is refused unless `overwrite=True`, and then only the files a
+model export writes (`OWNS`: config, weights, shards, index) are replaced or
+removed, after the new ones are complete; anything else there is kept. A
+killed export's temporary folder is removed by the next export to the
+same place.
 
 Caveat: every tensor of the model is materialised in host memory at once in
 the output dtype (float32: 4 bytes per parameter, about 1.1 GB for 270M and
@@ -35,7 +39,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from gemscope_jax import assets
+from gemscope_jax import assets, safe_write
 from gemscope_jax.convert import _tree
 from gemscope_jax.convert import pretrained
 from gemscope_jax.convert._linear import to_linear_layout
@@ -44,6 +48,11 @@ from gemscope_jax.models._config import Gemma3Config
 
 DTYPES = {"float32": np.dtype(np.float32),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+# What an export writes: with overwrite, these are replaced or removed (a
+# stale shard of an older export), nothing else.
+OWNS = ("config.json", "model.safetensors", "model-*-of-*.safetensors",
+        "model.safetensors.index.json")
 
 # Gemma 3's SentencePiece special ids: <pad> 0, <eos> 1, <bos> 2.
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
@@ -155,7 +164,8 @@ def save_hf(config: Gemma3Config, params: Mapping[str, Any],
       `model-0000i-of-0000n.safetensors` files of at most this many bytes
       (one larger tensor gets its own file) plus
       `model.safetensors.index.json`; otherwise one `model.safetensors`.
-    overwrite: replace an existing non-empty `out_dir`.
+    overwrite: write into a non-empty `out_dir`, replacing only what a
+      model export writes (`OWNS`).
 
   Returns:
     The written directory.
@@ -163,18 +173,19 @@ def save_hf(config: Gemma3Config, params: Mapping[str, Any],
   Raises:
     CheckpointError: a parameter is missing, extra, misshapen or not a float
       (the message names the parameter and both shapes); nothing is written.
-    FileExistsError: `out_dir` is non-empty and `overwrite` is False.
+    errors.OutputError: `out_dir` is a file, is non-empty and `overwrite`
+      is False, or cannot be written.
     ValueError: unknown dtype or a non-positive `max_shard_bytes`.
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   if max_shard_bytes is not None and max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-  target = pathlib.Path(out_dir)
+  target = safe_write.check_dir_output(out_dir, overwrite=overwrite)
   _tree.check_params(params, config, source="params")
   tensors = to_linear_layout(params, config, HF_NAMES, dtype=DTYPES[dtype])
 
-  with assets.atomic_dir(target, overwrite=overwrite) as tmp:
+  with assets.atomic_dir(target, overwrite=overwrite, owns=OWNS) as tmp:
     groups = _shards(tensors, max_shard_bytes)
     if len(groups) == 1:
       _write_safetensors(tensors, tmp / "model.safetensors")
@@ -205,11 +216,13 @@ def export_model(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     out_dir: destination directory (see `save_hf`).
     dtype: "float32" or "bfloat16".
     max_shard_bytes: see `save_hf`.
-    overwrite: replace an existing non-empty `out_dir`.
+    overwrite: write into a non-empty `out_dir` (see `save_hf`).
 
   Returns:
     The written directory.
   """
+  # The destination before the model loads (minutes for the large sizes).
+  safe_write.check_dir_output(out_dir, overwrite=overwrite)
   config, params = pretrained.load_model(source)
   return save_hf(config, params, out_dir, dtype=dtype,
                  max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gemscope_jax import dictionaries
+from gemscope_jax import dictionaries, errors, models
 from gemscope_jax.convert import pretrained
 from gemscope_jax.evals import evaluate as eval_lib
 from gemscope_jax.interop import InferenceDictionary
@@ -29,6 +29,27 @@ from gemscope_jax.interop import load_dictionary
 from gemscope_jax.text.corpora import text_files
 from gemscope_jax.text.tokenizer import default_tokenizer
 from gemscope_jax.text.windows import windows_from_files
+
+
+def _check_fits(source, d: InferenceDictionary, hp: str, model_config
+                ) -> None:
+  """InputError unless `d`'s input (and a transcoder's output) width is
+  that of the hookpoints it is spliced at: a mismatch would otherwise
+  surface as an einsum's shape error deep inside the forward pass."""
+  pairs = [(hp, d.d_in, "input")]
+  if d.is_transcoder and d.hookpoint_out is not None:
+    pairs.append((d.hookpoint_out, d.d_out, "output"))
+  for name, width, what in pairs:
+    try:
+      want = models.hooks.parse(name).check(model_config).width(model_config)
+    except ValueError as e:
+      raise errors.UsageError(f"{source}: {e}") from None
+    if width != want:
+      raise errors.InputError(
+          f"{source}: its {what} width is {width}, but {name} of "
+          f"{model_config.name} has width {want}; give the model it was "
+          f"trained on ({errors.option('model=', '--model')}) or its "
+          f"hookpoint ({errors.option('hookpoint=', '--hookpoint')})")
 
 
 def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
@@ -69,8 +90,10 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
        else load_dictionary(source))
   hp = hookpoint or d.hookpoint
   if hp is None:
-    raise ValueError(f"{source}: its hook name maps to none of our "
-                     "hookpoints; pass hookpoint=")
+    raise errors.InputError(
+        f"{source}: its hook name maps to none of our hookpoints; pass "
+        f"{errors.option('hookpoint=', '--hookpoint')} (e.g. "
+        "layer_6/resid_post)")
   layout = None
   if d.is_transcoder:
     out = d.hookpoint_out
@@ -79,9 +102,10 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
                        "none of our hookpoints")
     layout = dictionaries.Layout("transcoder", (hp,), (out,))
   module, params, norm_scale = as_module(d)
-  files = text_files(text, "config.eval.text")
+  files = text_files(text, errors.option("text", "--text"))
   model_config, model_params = pretrained.load_model(model,
                                                      dtype=jnp.dtype(dtype))
+  _check_fits(source, d, hp, model_config)
   tokenizer = default_tokenizer()
   windows = windows_from_files(tokenizer, files, seq_len, num_tokens)
   result = eval_lib.evaluate(

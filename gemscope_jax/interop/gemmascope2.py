@@ -145,7 +145,8 @@ def _config(d: InferenceDictionary, l0) -> dict:
 
 
 def save_gemmascope2(d: InferenceDictionary, out: str | os.PathLike, *,
-                     l0=None, release_layout: bool = True) -> pathlib.Path:
+                     l0=None, release_layout: bool = True,
+                     overwrite: bool = False) -> pathlib.Path:
   """Writes `d` as a Gemma Scope 2 params folder; returns the folder.
 
   Args:
@@ -155,18 +156,21 @@ def save_gemmascope2(d: InferenceDictionary, out: str | os.PathLike, *,
     l0: target L0 for config.json and the folder name; default the
       metadata's `target_l0`, else `k`.
     release_layout: place the folder under its release name.
+    overwrite: write into a non-empty folder, replacing only this writer's
+      files (`safe_write.atomic_dir`); otherwise that is refused.
 
   Raises:
     FormatError: a non-finite array (nothing is written). Any failure
     leaves no partial folder: it is built beside the destination and
-    renamed into place, replacing an older one.
+    renamed into place.
   """
   out = pathlib.Path(out)
   folder = out / folder_name(d, l0=l0) if release_layout else out
   arrays = _file_arrays(d)
   _inference.check_finite(f"{folder / PARAMS} (not written)", arrays)
   config = _config(d, l0)
-  with assets.atomic_dir(folder) as tmp:
+  with assets.atomic_dir(folder, overwrite=overwrite,
+                         owns=(PARAMS, CONFIG)) as tmp:
     safetensors.numpy.save_file(arrays, str(tmp / PARAMS))
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
   return folder

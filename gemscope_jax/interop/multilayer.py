@@ -161,12 +161,17 @@ def _layer_arrays(d: MultiLayerInference, i: int) -> dict[str, np.ndarray]:
 
 
 def save_multilayer_gemmascope2(d: MultiLayerInference,
-                                out: str | os.PathLike) -> pathlib.Path:
+                                out: str | os.PathLike, *,
+                                overwrite: bool = False) -> pathlib.Path:
   """Writes `d` as a folder of per-layer files (module docstring); returns it.
+
+  A non-empty `out` is refused unless `overwrite`, which replaces only this
+  writer's files, stale layers of an older export included
+  (`safe_write.atomic_dir`).
 
   Raises:
     FormatError: a non-finite array (nothing is written). The folder is
-    built beside `out` and renamed into place, replacing an older one.
+    built beside `out` and renamed into place.
   """
   folder = pathlib.Path(out)
   per_layer = [_layer_arrays(d, i) for i in range(d.n_layers)]
@@ -184,7 +189,8 @@ def save_multilayer_gemmascope2(d: MultiLayerInference,
                          else list(d.hookpoints_out)),
   }
   config.update({k: v for k, v in d.metadata.items() if k not in config})
-  with assets.atomic_dir(folder) as tmp:
+  with assets.atomic_dir(folder, overwrite=overwrite,
+                         owns=(params_file("*"), CONFIG)) as tmp:
     for i, arrays in enumerate(per_layer):
       safetensors.numpy.save_file(arrays, str(tmp / params_file(i)))
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

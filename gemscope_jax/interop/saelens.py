@@ -108,12 +108,14 @@ def _architecture(d: InferenceDictionary) -> str:
           else f"{skip}transcoder")
 
 
-def save_saelens(d: InferenceDictionary, out: str | os.PathLike
-                 ) -> pathlib.Path:
+def save_saelens(d: InferenceDictionary, out: str | os.PathLike, *,
+                 overwrite: bool = False) -> pathlib.Path:
   """Writes `d` as the SAELens folder `out`; returns it.
 
   A `pre_enc_bias` SAE keeps it (`apply_b_dec_to_input: true`); transcoders
-  are folded first, since SAELens refuses that flag for them.
+  are folded first, since SAELens refuses that flag for them. A non-empty
+  `out` is refused unless `overwrite`, which replaces only this writer's
+  files (`safe_write.atomic_dir`).
 
   Raises:
     FormatError: a non-finite array (nothing is written). The folder is
@@ -158,7 +160,8 @@ def save_saelens(d: InferenceDictionary, out: str | os.PathLike
     cfg["d_out"] = d.d_out
   if d.architecture == "topk":
     cfg.update(k=d.k, rescale_acts_by_decoder_norm=False)
-  with assets.atomic_dir(out) as tmp:
+  with assets.atomic_dir(out, overwrite=overwrite,
+                         owns=(WEIGHTS, CONFIG)) as tmp:
     safetensors.numpy.save_file(arrays, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
   return out

@@ -17,6 +17,7 @@ Real runs read the user's own text files; these only make the defaults real.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import importlib.util
@@ -104,6 +105,32 @@ def read_text(files: list[pathlib.Path], max_chars: int | None = None) -> str:
   return joined if max_chars is None else joined[:max_chars]
 
 
+# Binary shard formats the data pipeline reads (data/pipeline.py).
+_SHARD_SUFFIXES = (".parquet", ".array_record", ".arrayrecord")
+
+
+def check_text_file(path: str | os.PathLike, field: str) -> None:
+  """Raises ValueError if `path` is not UTF-8 text (a NUL byte or an
+  undecodable sequence in its first 64 KB): a binary file would otherwise
+  be read with replacement characters and trained on as if it were text.
+  Parquet and array_record shards are skipped (read as records)."""
+  path = pathlib.Path(path)
+  if path.suffix.lower() in _SHARD_SUFFIXES:
+    return
+  with open(path, "rb") as f:
+    head = f.read(1 << 16)
+  at = head.find(b"\0")
+  if at < 0:
+    try:
+      # final=False: a character cut at the 64 KB boundary is not an error.
+      codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+      return
+    except UnicodeDecodeError as e:
+      at = e.start
+  raise ValueError(f"{field}: {path} is not a UTF-8 text file (binary data "
+                   f"at byte {at}); give plain text files")
+
+
 def text_files(spec: str, field: str) -> list[pathlib.Path]:
   """The files a text spec names: a corpus name (`CORPORA`), or files,
   directories (every non-hidden file below) and globs separated by commas.
@@ -134,4 +161,6 @@ def text_files(spec: str, field: str) -> list[pathlib.Path]:
   if not files:
     raise FileNotFoundError(f"{field}: names no text files "
                             f"({spec!r})")
+  for f in files:
+    check_text_file(f, field)
   return files

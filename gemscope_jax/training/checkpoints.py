@@ -6,7 +6,10 @@ and `config` (the run's config as JSON). Orbax writes a step under a
 temporary name and renames it when complete, so a run killed mid-save leaves
 no half checkpoint that looks finished. A newest checkpoint that still fails
 to restore (a damaged file) is moved aside to `workdir/corrupt/` with a
-message saying so, and the previous one is used; nothing is deleted.
+one-line message naming it and the error (the libraries' own tracebacks of
+the failed attempt are kept out of the output), and the previous one is
+used; nothing is deleted. When none is readable, the caller decides
+(`workdir.restore`: stop, or start again when asked).
 
 Caveat: restoring checks readability, not that the saved config matches the
 one being run; `trainer` compares the fields that must not change.
@@ -14,12 +17,16 @@ one being run; `trainer` compares the fields that must not change.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
 import shutil
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import orbax.checkpoint as ocp
+
+from gemscope_jax import errors
 
 ITEMS = ("state", "data", "config")
 
@@ -28,16 +35,17 @@ class Checkpoints:
   """A CheckpointManager with fallback past unreadable checkpoints."""
 
   def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2,
-               asynchronous: bool = True):
+               asynchronous: bool = True, create: bool = True):
     self.workdir = pathlib.Path(workdir)
     self.directory = (self.workdir / "checkpoints").absolute()
     self.max_to_keep = max_to_keep
     self.asynchronous = asynchronous
+    self.create = create
     self._manager = self._make()
 
   def _make(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.max_to_keep, create=True,
+        max_to_keep=self.max_to_keep, create=self.create,
         enable_async_checkpointing=self.asynchronous)
     return ocp.CheckpointManager(self.directory, options=options,
                                  item_names=ITEMS)
@@ -68,19 +76,23 @@ class Checkpoints:
     Unreadable newer checkpoints are moved to `workdir/corrupt/` (with a
     warning naming them and the error). None if there is no checkpoint.
     """
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    for i, step in enumerate(reversed(steps)):
       try:
-        r = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+        with _quiet_libraries():
+          r = self._manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
         return step, r["state"], r["data"], r["config"]
       except Exception as e:  # pylint: disable=broad-except
         # Orbax raises many types for a damaged file (ValueError, OSError,
         # tensorstore errors); whichever it is, the step is unusable.
         moved = self._set_aside(step)
+        left = len(steps) - i - 1
         print(f"warning: checkpoint {self.directory / str(step)} is "
-              f"unreadable ({type(e).__name__}); moved it to {moved}, using "
-              "the previous one")
+              f"unreadable ({_reason(e)}); moved it to {moved}, "
+              + ("using the previous one" if left else
+                 "and no other checkpoint is left"), flush=True)
     return None
 
   def _set_aside(self, step: int) -> pathlib.Path:
@@ -96,3 +108,53 @@ class Checkpoints:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def open_existing(workdir: str | pathlib.Path, verb: str) -> Checkpoints:
+  """The checkpoints of an existing run, to read (`verb`: what the caller
+  does with them, for messages). Creates nothing.
+
+  Raises:
+    errors.MissingInputError: no such workdir.
+    errors.InputError: it holds no checkpoint.
+  """
+  workdir = pathlib.Path(workdir)
+  flag = errors.option("workdir", "--workdir")
+  if not workdir.is_dir():
+    raise errors.MissingInputError(f"{flag} {workdir}: no such training "
+                                   "workdir")
+  if not (workdir / "checkpoints").is_dir():
+    raise errors.InputError(f"{flag} {workdir}: no checkpoint to {verb} "
+                            "(train first, or check the path)")
+  ckpts = Checkpoints(workdir, asynchronous=False, create=False)
+  if ckpts.latest_step() is None:
+    ckpts.close()
+    raise errors.InputError(f"{flag} {workdir}: no checkpoint to {verb} "
+                            "(train first, or check the path)")
+  return ckpts
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of a restore error, short: tensorstore's messages run
+  to several lines of paths and JSON."""
+  text = " ".join((str(e) or type(e).__name__).split())
+  if len(text) > 160:
+    text = text[:157] + "..."
+  return f"{type(e).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+  """Silences the libraries' logging of a failed restore (Orbax and absl
+  log each failed read with its traceback, about a hundred lines); the
+  fallback prints its own one-line warning instead."""
+  loggers = [logging.getLogger(name) for name in ("absl", "orbax",
+                                                   "jax", "tensorstore")]
+  levels = [lg.level for lg in loggers]
+  try:
+    for lg in loggers:
+      lg.setLevel(logging.CRITICAL)
+    yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)

@@ -22,17 +22,20 @@ import pathlib
 
 import ml_collections
 
+from gemscope_jax import errors
 from gemscope_jax.training.checks import validate
 from gemscope_jax.training.members import (dict_config, hookpoints, is_group,
                                            kind, layout)
 from gemscope_jax.training.overrides import (RUNLOCAL, SHORTHANDS,
-                                             apply_overrides, parse_arg)
+                                             Overrides, apply_overrides,
+                                             parse_arg)
 from gemscope_jax.training.presets import PRESETS, SIZES, preset
 from gemscope_jax.training.schema import (DTYPES, STEPS, default_config,
                                           from_json, to_json)
 
 __all__ = [
-    "DTYPES", "PRESETS", "RUNLOCAL", "SHORTHANDS", "SIZES", "STEPS",
+    "DTYPES", "Overrides", "PRESETS", "RUNLOCAL", "SHORTHANDS", "SIZES",
+    "STEPS",
     "apply_overrides", "check", "default_config", "dict_config",
     "from_json", "hookpoints", "is_group", "kind", "layout", "load",
     "parse_arg", "preset", "to_json",
@@ -49,12 +52,18 @@ def load(spec: str) -> ml_collections.ConfigDict:
   """Imports `path.py[:arg]` and returns its `get_config(arg)`."""
   path_text, _, arg = spec.partition(":")
   path = pathlib.Path(path_text)
+  flag = errors.option("config", "--config")
   if not path.is_file():
-    raise FileNotFoundError(f"--config: no such config file {path}")
+    raise errors.MissingInputError(f"{flag} {path}: no such config file")
   module_spec = importlib.util.spec_from_file_location(
       f"gemscope_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"{path}: a config file must define get_config(arg)")
-  return module.get_config(arg or None)
+    raise errors.InputError(f"{flag} {path}: a config file must define "
+                            "get_config(arg)")
+  c = module.get_config(arg or None)
+  if not isinstance(c, ml_collections.ConfigDict):
+    raise errors.InputError(f"{flag} {path}: get_config returned "
+                            f"{type(c).__name__}, not a ConfigDict")
+  return c

@@ -25,7 +25,7 @@ import pathlib
 import jax
 import numpy as np
 
-from gemscope_jax import dictionaries, interop, models
+from gemscope_jax import dictionaries, errors, interop, models
 from gemscope_jax.interop import InferenceDictionary, MultiLayerInference
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import plans, schema
@@ -113,18 +113,13 @@ def from_workdir(workdir: str | os.PathLike
                  ) -> InferenceDictionary | MultiLayerInference:
   """The inference form of the newest checkpoint in a training workdir."""
   workdir = pathlib.Path(workdir)
-  if not workdir.is_dir():
-    raise FileNotFoundError(f"{workdir}: no such training workdir")
-  ckpts = ckpt_lib.Checkpoints(workdir, asynchronous=False)
+  ckpts = ckpt_lib.open_existing(workdir, "export")
   try:
     latest = ckpts.latest_step()
-    if latest is None:
-      raise FileNotFoundError(f"{workdir}: no checkpoint to export (train "
-                              "first, or check the path)")
     plan = plans.make(schema.from_json(ckpts.read_config(latest)))
     if plan.group:
       names = ", ".join(d.layout.inputs[0] for d in plan.dictionaries)
-      raise ValueError(
+      raise errors.UsageError(
           f"{workdir}: a group run ({names}); each member is exported to "
           f"{workdir / 'export'}/{{site}}/layer_{{L}}/ (Gemma Scope 2 "
           "layout): load or evaluate those folders with --dictionary")
@@ -133,7 +128,8 @@ def from_workdir(workdir: str | os.PathLike
   finally:
     ckpts.close()
   if restored is None:
-    raise FileNotFoundError(f"{workdir}: no readable checkpoint")
+    raise errors.RunError(f"{workdir}: no readable checkpoint (the "
+                          f"unreadable ones are in {workdir / 'corrupt'})")
   return from_state(run, restored[1])
 
 
@@ -142,9 +138,11 @@ def export(run: Run, state, workdir: pathlib.Path) -> pathlib.Path:
   workdir/export (per-layer files for crosscoders and CLTs)."""
   d = from_state(run, state)
   out = pathlib.Path(workdir) / "export"
+  # workdir/export is the run's own: each run's end replaces it.
   if isinstance(d, MultiLayerInference):
-    return interop.save_multilayer_gemmascope2(d, out)
-  return interop.save_gemmascope2(d, out, release_layout=False)
+    return interop.save_multilayer_gemmascope2(d, out, overwrite=True)
+  return interop.save_gemmascope2(d, out, release_layout=False,
+                                  overwrite=True)
 
 
 def export_dir(workdir: str | pathlib.Path,
@@ -168,5 +166,6 @@ def export_group(run, state: dict, workdir: pathlib.Path
   for stack, _, member, s in run.members(state):
     d = from_state(stack.template, s, member)
     out[member.layout.name] = interop.save_gemmascope2(
-        d, export_dir(workdir, member.layout), release_layout=False)
+        d, export_dir(workdir, member.layout), release_layout=False,
+        overwrite=True)
   return out

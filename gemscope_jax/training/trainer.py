@@ -30,6 +30,7 @@ from typing import Any
 
 import ml_collections
 
+from gemscope_jax import errors, safe_write
 from gemscope_jax.parallel import distributed
 from gemscope_jax.text.tokenizer import default_tokenizer
 from gemscope_jax.training import checkpoints as ckpt_lib
@@ -67,7 +68,8 @@ def _evaluate(run, state, gemma_params, tokenizer, workdir: pathlib.Path, *,
 
 
 def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-          progress: bool = True, devices=None) -> dict[str, Any]:
+          progress: bool = True, devices=None,
+          restart: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the dictionaries `c` describes in `workdir`.
 
   Args:
@@ -76,6 +78,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       with the same workdir resumes.
     progress: show progress bars.
     devices: the devices to build the mesh over; all of them if None.
+    restart: when every checkpoint in `workdir` is unreadable, start again
+      from step 0 (otherwise that stops the run, `errors.RunError`).
 
   Returns:
     The final metrics: training metrics of the last step
@@ -84,6 +88,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
   Raises:
     ValueError / FileNotFoundError: a bad config, naming the field.
+    errors.OutputError: the workdir is a file, read-only, or a folder of
+      other files (checked before any work).
+    errors.RunError: no readable checkpoint and not `restart`.
     TrainingDiverged: non-finite loss or gradients.
     distributed.DistributedError: the multi-host runtime did not start.
   """
@@ -103,7 +110,8 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   # on resume) is part of the end-to-end rate.
   t0 = time.perf_counter()
 
-  start_step, state = workdir_lib.restore(ckpts, latest, run, batches)
+  start_step, state = workdir_lib.restore(ckpts, latest, run, batches,
+                                          restart=restart)
   if state is None:
     if progress:
       what = (f"{len(run.harvest)} hookpoints (scales and means)"
@@ -139,11 +147,12 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
   a single dictionary or a group; `overrides` change the saved config
   (e.g. {'eval.num_tokens': 262144})."""
   workdir = pathlib.Path(workdir)
-  ckpts = ckpt_lib.Checkpoints(workdir, asynchronous=False)
+  ckpts = ckpt_lib.open_existing(workdir, "evaluate")
+  # metrics.json and the histogram go into the workdir: checked now, not
+  # after the evaluation.
+  safe_write.check_workdir(workdir, flag=errors.option("workdir",
+                                                       "--workdir"))
   latest = ckpts.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate (train "
-                            "first, or check the path)")
   c = schema.from_json(ckpts.read_config(latest))
   if overrides:
     c = apply_overrides(c, overrides)
@@ -152,7 +161,8 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
   restored = ckpts.restore_latest(run.abstract_state)
   ckpts.close()
   if restored is None:
-    raise FileNotFoundError(f"{workdir}: no readable checkpoint")
+    raise errors.RunError(f"{workdir}: no readable checkpoint (the "
+                          f"unreadable ones are in {workdir / 'corrupt'})")
   _, state, _, _ = restored
   tokenizer = default_tokenizer()
   gemma_params = sources.load_gemma(plan, run.mesh)
