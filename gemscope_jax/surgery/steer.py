@@ -350,8 +350,6 @@ class ClampLatents:
                else tuple(int(i) for i in self.latents))
     object.__setattr__(self, "latents", latents)
     object.__setattr__(self, "positions", as_positions(self.positions))
-    _check_latents(self.dictionary, latents, self.layer)
-    _writes(self.dictionary, self.layer, self.hookpoint, self.hookpoint_out)
     d = self.dictionary
     if isinstance(d, MultiLayerInference) and (
         d.kind != "clt" or d.architecture != "jumprelu"):
@@ -359,6 +357,8 @@ class ClampLatents:
           f"ClampLatents: a {d.architecture} {d.kind} cannot be clamped "
           "inside the pass (its latents depend on other layers' inputs); "
           "use AddLatent, or a JumpReLU CLT")
+    _check_latents(d, latents, self.layer)
+    _writes(d, self.layer, self.hookpoint, self.hookpoint_out)
 
   def parts(self):
     d, idx = self.dictionary, np.asarray(self.latents)

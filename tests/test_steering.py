@@ -1,0 +1,437 @@
+"""surgery.steer and surgery.steer_spec on a tiny random Gemma 3.
+
+Closed forms, each from a real pass: a zero coefficient and the ablation of
+a latent that never fires leave the logits bit-identical; additive steering
+moves the hookpoint by coef * d at the selected tokens only; a clamp moves
+it by (v - f_i) * W_dec[i] with f from the dictionary's own `encode` (SAEs
+at resid_post and attn_out, skip transcoders, CLTs into each output
+layer), and on a dictionary whose encoder inverts its decoder the edited
+activation encodes to v with an unchanged reconstruction error. The spec
+parser round-trips and names the part of a bad spec. One test runs the
+real Gemma 3 270M (attn_out is wider than the residual there).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from gemscope_jax import interop, models, surgery
+from gemscope_jax.surgery import steer, steer_spec
+
+TINY = models.Gemma3Config(
+    name="tiny", num_layers=3, d_model=16, mlp_dim=32, num_heads=2,
+    num_kv_heads=1, head_dim=16, vocab_size=64, sliding_window=8)
+D, D_ATTN = 16, 32  # resid width; attn_out width (2 heads * 16)
+RESID, ATTN = "layer_1/resid_post", "layer_1/attn_out"
+MLP_IN, MLP_OUT = "layer_1/mlp_in", "layer_1/mlp_out"
+ALL_HPS = (RESID, ATTN, MLP_IN, MLP_OUT, *(f"layer_{i}/mlp_{s}"
+                                           for i in range(3)
+                                           for s in ("in", "out")))
+
+
+def _f32(x):
+  return np.asarray(x, np.float32)
+
+
+@pytest.fixture(scope="module")
+def env():
+  """(params, tokens, mask, positions, clean output): row 1 left-padded by
+  two tokens, so token positions differ from array indices there."""
+  rng = np.random.default_rng(0)
+  # Random weights in the abstract tree's shapes: `init_params` runs op by
+  # op, which costs far more than the whole test file on a busy CPU.
+  params = jax.tree.map(lambda s: _f32(rng.normal(size=s.shape) * 0.02),
+                        models.abstract_params(TINY))
+  tokens = rng.integers(3, TINY.vocab_size, (2, 9)).astype(np.int32)
+  tokens[0, 0] = 2
+  tokens[1, :2], tokens[1, 2] = 0, 2
+  mask = tokens != 0
+  pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  clean = models.forward(params, tokens, mask, config=TINY,
+                         hookpoints=ALL_HPS)
+  return params, tokens, mask, pos, clean
+
+
+def _run(env, interventions, hookpoints=ALL_HPS, logits=False):
+  params, tokens, mask, _, _ = env
+  edits, args = surgery.steering_edits(interventions, config=TINY)
+  return models.forward(params, tokens, mask, config=TINY, edits=edits,
+                        edit_args=args, hookpoints=hookpoints, logits=logits)
+
+
+def _sae(rng, x, d_sae=12, arch="jumprelu", **kw):
+  """A random dictionary for activations like x (N, d_in): thresholds at
+  each latent's median pre-activation, so latents fire about half the
+  time."""
+  d_in = x.shape[-1]
+  d_out = kw.pop("d_out", d_in)
+  w_enc = _f32(rng.normal(size=(d_in, d_sae)) / np.abs(x).mean() / d_in**.5)
+  b_enc = _f32(rng.normal(size=d_sae) * 0.1)
+  pre = x @ w_enc + b_enc
+  return interop.InferenceDictionary(
+      w_enc=w_enc, w_dec=_f32(rng.normal(size=(d_sae, d_out)) * 0.3),
+      b_enc=b_enc, b_dec=_f32(rng.normal(size=d_out) * np.abs(x).mean()),
+      threshold=(_f32(np.maximum(np.median(pre, axis=0), 0.01))
+                 if arch == "jumprelu" else None),
+      architecture=arch, **kw)
+
+
+def _flat(a, mask):
+  return np.asarray(a)[np.asarray(mask)]
+
+
+# ------------------------------------------------------------ closed forms
+
+def test_coefficient_zero_is_bit_identical(env):
+  params, tokens, mask, _, clean = env
+  d = np.random.default_rng(1).normal(size=D)
+  edits, args = surgery.steering_edits(
+      [surgery.AddDirection(RESID, d, 0.0, "all")])
+  out = models.forward(params, tokens, mask, config=TINY, edits=edits,
+                       edit_args=args)
+  assert np.array_equal(np.asarray(out.logits), np.asarray(clean.logits))
+  # A nonzero coefficient through the same program does change them.
+  args[RESID][0]["coef"] = np.float32(3.0)
+  out = models.forward(params, tokens, mask, config=TINY, edits=edits,
+                       edit_args=args)
+  assert not np.allclose(np.asarray(out.logits), np.asarray(clean.logits))
+
+
+def test_additive_moves_selected_tokens_by_coef_times_d(env):
+  """Two interventions at one hookpoint (a raw direction on the prompt,
+  a latent's decoder row at explicit positions), against the clean pass;
+  then a coefficient sweep and another latent reuse the compiled pass."""
+  params, tokens, mask, pos, clean = env
+  rng = np.random.default_rng(2)
+  x = np.asarray(clean.activations[RESID])
+  sae = _sae(rng, _flat(x, mask), hookpoint=RESID)
+  d = _f32(rng.normal(size=D))
+  sweep = []
+  for c1, c2, latent in [(2.5, -4.0, 3), (0.5, 7.0, 5)]:
+    out = _run(env, [surgery.AddDirection(RESID, d, c1, "prompt"),
+                     surgery.AddLatent(sae, latent, c2, [2, 5, 40])],
+               hookpoints=(RESID,))
+    got = np.asarray(out.activations[RESID]) - x
+    prompt = mask & (pos > 0)  # BOS and padding untouched
+    at = mask & np.isin(pos, [2, 5])
+    want = (prompt[..., None] * c1 * d
+            + at[..., None] * c2 * sae.w_dec[latent])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    untouched = ~(prompt | at)
+    assert np.array_equal(np.asarray(out.activations[RESID])[untouched],
+                          x[untouched])
+    sweep.append(models._api._forward._cache_size())  # pylint: disable=protected-access
+  assert sweep[1] == sweep[0], "a new coefficient or latent recompiled"
+
+
+def test_clamp_encodes_to_value_with_the_error_kept(env):
+  """A tied dictionary with orthonormal rows whose latents all fire: the
+  encoder inverts the decoder, so clamping latent i to v (above its
+  threshold) must encode back to exactly v there, leave the other latents,
+  and keep x - decode(encode(x))."""
+  _, _, mask, pos, clean = env
+  rng = np.random.default_rng(3)
+  q, _ = np.linalg.qr(rng.normal(size=(D, 8)))
+  sae = interop.InferenceDictionary(
+      w_enc=q, w_dec=q.T, b_enc=np.full(8, 50.0), b_dec=rng.normal(size=D),
+      threshold=np.full(8, 0.1), hookpoint=RESID)
+  x = np.asarray(clean.activations[RESID])
+  f = np.asarray(sae.encode(x))
+  assert (f[mask] > 0).all()
+  out = _run(env, [surgery.ClampLatents(sae, 2, 9.0, "prompt")],
+             hookpoints=(RESID,))
+  xe = np.asarray(out.activations[RESID])
+  fe = np.asarray(sae.encode(xe))
+  sel = mask & (pos > 0)
+  np.testing.assert_allclose(fe[sel][:, 2], 9.0, rtol=1e-5)
+  np.testing.assert_allclose(np.delete(fe, 2, -1)[sel],
+                             np.delete(f, 2, -1)[sel], rtol=1e-5, atol=1e-5)
+  err = lambda a: a - np.asarray(sae(a))  # noqa: E731
+  np.testing.assert_allclose(err(xe)[sel], err(x)[sel], atol=1e-4)
+  assert np.array_equal(xe[~sel], x[~sel])  # BOS, padding
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_clamp_at_attn_out_moves_by_v_minus_f_times_row(env, arch):
+  """SAEs at attn_out (heads * head_dim wide), with b_dec subtracted before
+  the encoder (folded by the edit), several latents, one value each."""
+  _, _, mask, pos, clean = env
+  rng = np.random.default_rng(4)
+  x = np.asarray(clean.activations[ATTN])
+  sae = _sae(rng, _flat(x, mask), arch=arch, pre_enc_bias=True,
+             hookpoint=ATTN, k=3 if arch == "topk" else None)
+  # The two latents firing most often and the one firing least.
+  counts = (np.asarray(sae.encode(x))[mask] > 0).sum(0)
+  latents = [int(i) for i in np.argsort(-counts, kind="stable")[[0, 1, -1]]]
+  values = np.array([1.5, 0.0, -2.0], np.float32)
+  out = _run(env, [surgery.ClampLatents(sae, latents, values,
+                                        slice(2, 6))], hookpoints=(ATTN,))
+  f = np.asarray(sae.encode(x))[..., latents]
+  assert f[..., :2].all(-1).any()
+  sel = (mask & (pos >= 2) & (pos < 6))[..., None]
+  want = x + sel * ((values - f) @ sae.w_dec[latents])
+  np.testing.assert_allclose(np.asarray(out.activations[ATTN]), want,
+                             atol=1e-5)
+
+
+def test_ablating_a_latent_that_never_fires_is_bit_identical(env):
+  params, tokens, mask, _, clean = env
+  rng = np.random.default_rng(5)
+  x = np.asarray(clean.activations[RESID])
+  sae = _sae(rng, _flat(x, mask), hookpoint=RESID)
+  threshold = sae.threshold.copy()
+  threshold[6] = 1e9
+  sae = sae.replace(threshold=threshold)
+  assert not np.asarray(sae.encode(x))[..., 6].any()
+  edits, args = surgery.steering_edits([surgery.ablate(sae, 6)])
+  out = models.forward(params, tokens, mask, config=TINY, edits=edits,
+                       edit_args=args)
+  assert np.array_equal(np.asarray(out.logits), np.asarray(clean.logits))
+
+
+def test_skip_transcoder_clamp_moves_mlp_out(env):
+  """Encoded from mlp_in of the same pass, written into mlp_out; the skip
+  term cancels in f_clamped - f."""
+  _, _, mask, pos, clean = env
+  rng = np.random.default_rng(6)
+  x_in = np.asarray(clean.activations[MLP_IN])
+  tc = _sae(rng, _flat(x_in, mask), hookpoint=MLP_IN, hookpoint_out=MLP_OUT,
+            affine_skip=_f32(rng.normal(size=(D, D)) * 0.1))
+  out = _run(env, [surgery.ClampLatents(tc, 1, 4.0)],
+             hookpoints=(MLP_IN, MLP_OUT))
+  assert np.array_equal(np.asarray(out.activations[MLP_IN]), x_in)
+  f = np.asarray(tc.encode(x_in))[..., 1]
+  sel = (mask & (pos > 0))[..., None]
+  want = (np.asarray(clean.activations[MLP_OUT])
+          + sel * (4.0 - f)[..., None] * tc.w_dec[1])
+  np.testing.assert_allclose(np.asarray(out.activations[MLP_OUT]), want,
+                             atol=1e-5)
+
+
+def _add_given(x, args):
+  return x + args
+
+
+def _clt(rng, clean, mask):
+  n, s = TINY.num_layers, 8
+  xs = [_flat(clean.activations[f"layer_{i}/mlp_in"], mask) for i in range(n)]
+  w_enc = np.stack([rng.normal(size=(D, s)) / np.abs(x).mean() / D**.5
+                    for x in xs])
+  b_enc = rng.normal(size=(n, s)) * 0.1
+  pre = np.einsum("mnd,ndl->mnl", np.stack(xs, 1), w_enc) + b_enc
+  w_dec = rng.normal(size=(n, s, n, D)) * 0.3
+  for src in range(n):
+    w_dec[src, :, :src] = 0
+  return interop.MultiLayerInference(
+      kind="clt", w_enc=w_enc, w_dec=w_dec, b_enc=b_enc,
+      b_dec=rng.normal(size=(n, D)) * 0.1,
+      threshold=np.maximum(np.median(pre, axis=0), 0.01))
+
+
+def test_clt_clamp_moves_each_output_layer(env):
+  """A latent of source layer 1: mlp_out 1 and 2 move by (v - f_i) *
+  w_dec[1, i, o] (f from mlp_in 1), layer 0 not at all. Against a pass
+  that adds those deltas as plain arrays."""
+  params, tokens, mask, pos, clean = env
+  clt = _clt(np.random.default_rng(7), clean, mask)
+  i, v = 3, 6.0
+  f = clt.encode(np.stack([np.asarray(clean.activations[f"layer_{n}/mlp_in"])
+                           for n in range(3)], axis=-2))[..., 1, i]
+  assert f.any() and not f.all()
+  sel = (mask & (pos > 0))[..., None]
+  deltas = {f"layer_{o}/mlp_out": _f32(sel * (v - f)[..., None]
+                                       * clt.w_dec[1, i, o])
+            for o in (1, 2)}
+  want = models.forward(params, tokens, mask, config=TINY,
+                        edits={k: _add_given for k in deltas},
+                        edit_args=deltas, hookpoints=ALL_HPS, logits=False)
+  got = _run(env, [surgery.ClampLatents(clt, i, v, layer=1)])
+  assert np.array_equal(np.asarray(got.activations["layer_0/mlp_out"]),
+                        np.asarray(clean.activations["layer_0/mlp_out"]))
+  for o in (1, 2):
+    name = f"layer_{o}/mlp_out"
+    np.testing.assert_allclose(np.asarray(got.activations[name]),
+                               np.asarray(want.activations[name]), atol=1e-5)
+  # Additive steering along the same latent writes the same rows.
+  edits, args = surgery.steering_edits([surgery.AddLatent(clt, i, 2.0,
+                                                          layer=1)])
+  assert sorted(edits) == ["layer_1/mlp_out", "layer_2/mlp_out"]
+  np.testing.assert_array_equal(args["layer_2/mlp_out"][0]["direction"],
+                                _f32(clt.w_dec[1, i, 2]))
+
+
+# ------------------------------------------- positions, decoding, errors
+
+def test_one_token_decode_step_selects_generated_tokens():
+  """What a generation loop does: x is (B, 1, width), `generated` set."""
+  d = np.arange(D, dtype=np.float32)
+  edits, args = surgery.steering_edits(
+      [surgery.AddDirection(RESID, d, 2.0, "generated"),
+       surgery.AddDirection(RESID, d, 100.0, "4:")])
+  x = np.ones((3, 1, D), np.float32)
+  ctx = models.EditContext(
+      seen={}, positions=np.array([[3], [4], [0]]),
+      generated=np.array([[True], [False], [True]]),
+      valid=np.array([[True], [True], [True]]))
+  out = np.asarray(edits[RESID](x, args[RESID], ctx))
+  np.testing.assert_array_equal(out[0, 0], 1 + 2 * d)
+  np.testing.assert_array_equal(out[1, 0], 1 + 100 * d)
+  np.testing.assert_array_equal(out[2, 0], 1)  # position 0 skipped
+
+
+def test_width_mismatch_names_both_widths(env):
+  params, tokens, mask, _, clean = env
+  x = _flat(clean.activations[RESID], mask)
+  sae = _sae(np.random.default_rng(8), x, hookpoint=ATTN)  # 16 wide
+  with pytest.raises(ValueError, match="width 16, but layer_1/attn_out has "
+                     "width 32"):
+    surgery.steering_edits([surgery.ClampLatents(sae, 0, 1.0)], config=TINY)
+  # Without a config the pass raises the same while it is traced.
+  edits, args = surgery.steering_edits([surgery.AddLatent(sae, 0, 1.0)])
+  with pytest.raises(ValueError, match="width 16, but layer_1/attn_out"):
+    models.forward(params, tokens, mask, config=TINY, edits=edits,
+                   edit_args=args)
+
+
+def test_intervention_errors():
+  rng = np.random.default_rng(9)
+  sae = _sae(rng, rng.normal(size=(20, D)))
+  with pytest.raises(ValueError, match="names no hookpoint.*hookpoint="):
+    surgery.AddLatent(sae, 0, 1.0)
+  with pytest.raises(ValueError, match="latent 12 is out of range.*12 "
+                     "latents"):
+    surgery.ClampLatents(sae, 12, hookpoint=RESID)
+  tc = sae.replace(hookpoint_out="layer_2/mlp_out")
+  assert steer.dictionary_hookpoints(tc) == ("layer_2/mlp_in",
+                                             "layer_2/mlp_out")
+  clt = _clt_stub()
+  with pytest.raises(ValueError, match="source layer"):
+    surgery.ClampLatents(clt, 0, 1.0)
+  with pytest.raises(ValueError, match="cannot be clamped"):
+    surgery.ClampLatents(clt.__class__(**{**vars(clt), "kind":
+                                          "crosscoder",
+                                          "w_dec": clt.w_dec[0],
+                                          "b_enc": clt.b_enc[0],
+                                          "threshold": clt.threshold[0]}),
+                         0, 1.0)
+  assert surgery.as_positions(slice(3, 9)) == surgery.Positions.span(3, 9)
+  assert surgery.as_positions(5) == surgery.Positions.at(5)
+
+
+def _clt_stub(n=3, s=4):
+  z = np.zeros
+  return interop.MultiLayerInference(
+      kind="clt", w_enc=z((n, D, s)), w_dec=z((n, s, n, D)), b_enc=z((n, s)),
+      b_dec=z((n, D)), threshold=z((n, s)))
+
+
+# ---------------------------------------------------------------- the spec
+
+@pytest.mark.parametrize("text", [
+    "runs/sae6:layer_6/resid_post:77=20@prompt",
+    "gemma-scope-2-270m-pt-res/layer_12_width_16k_l0_medium:1234+8",
+    "layer_6/resid_post:dirs/honesty.npy*-4.5@generated",
+    "clt:3/120=-2.5@3:9",
+    "odd+name@v2:5-3@2,4,7",
+    "tc:layer_6/mlp_in,layer_6/mlp_out:5+1@0:",
+    "sae:0=0@12",
+])
+def test_spec_round_trips(text):
+  spec = surgery.parse_steer(text)
+  assert str(spec) == text
+  assert surgery.parse_steer(str(spec)) == spec
+
+
+def test_spec_fields():
+  s = surgery.parse_steer("my/sae:blocks.6.hook_attn_out:12*-2@:5")
+  assert (s.source, s.hookpoint, s.latent, s.op, s.value) == (
+      "my/sae", "layer_6/attn_out", 12, "add", -2.0)
+  assert s.positions == surgery.Positions.span(0, 5)
+  s = surgery.parse_steer("x:4/9-0.5")
+  assert (s.layer, s.latent, s.value, s.positions.kind) == (4, 9, -0.5,
+                                                            "all")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "empty spec; expected DICT:LATENT"),
+    ("sae", "no ':'"),
+    (":1+2", "the dictionary '' is not valid"),
+    ("sae:abc+1", "the latent 'abc' is not valid; expected a latent index"),
+    ("sae:12", "the latent and operation '12' is not valid; expected "
+     "LATENT followed by \\+COEF"),
+    ("sae:1+x", "the coefficient 'x' is not valid; expected a finite"),
+    ("sae:1=nan", "the clamp value 'nan' is not valid"),
+    ("sae:1+8@foo", "positions part: unknown positions 'foo': expected all, "
+     "prompt, generated"),
+    ("sae:1+8@9:3", "positions part: empty range '9:3'"),
+    ("sae:layer_6/resid:1+2", "the hookpoint 'layer_6/resid' is not valid; "
+     "expected layer_<L>/<site>"),
+    ("layer_6/resid_post:v.npy=3", "a raw vector can only be added"),
+    ("layer_6/resid_post:v.np*3", "the latent 'v.np' is not valid"),
+])
+def test_bad_specs_say_what_is_wrong(text, match):
+  with pytest.raises(ValueError, match=match) as e:
+    surgery.parse_steer(text)
+  assert "\n" not in str(e.value)
+
+
+def test_specs_load_dictionaries_and_vectors(tmp_path):
+  rng = np.random.default_rng(10)
+  sae = _sae(rng, rng.normal(size=(20, D)), hookpoint=RESID)
+  folder = interop.save_gemmascope2(sae, tmp_path / "sae",
+                                    release_layout=False)
+  clt = _clt_stub()
+  clt_folder = interop.save_multilayer_gemmascope2(clt, tmp_path / "clt")
+  vec = _f32(rng.normal(size=D))
+  np.save(tmp_path / "v.npy", vec)
+  ivs = steer_spec.load_interventions([
+      f"{folder}:3+8@prompt", f"{folder}:layer_2/resid_post:4=0",
+      f"{clt_folder}:1/2=5", f"layer_0/resid_post:{tmp_path}/v.npy*-2"])
+  add, clamp, clt_clamp, direction = ivs
+  assert isinstance(add, surgery.AddLatent) and add.coef == 8
+  np.testing.assert_array_equal(add.parts()[0][2]["direction"],
+                                sae.w_dec[3])
+  assert clamp.parts()[0][0] == "layer_2/resid_post"
+  assert clamp.latents == (4,) and clamp.values == 0
+  assert [hp for hp, _, _ in clt_clamp.parts()] == ["layer_1/mlp_out",
+                                                    "layer_2/mlp_out"]
+  np.testing.assert_array_equal(direction.direction, vec)
+  assert direction.coef == -2
+  with pytest.raises(ValueError, match="needs its latent as SOURCE_LAYER"):
+    steer_spec.load_interventions([f"{clt_folder}:2=5"])
+  with pytest.raises(ValueError, match="one index"):
+    steer_spec.load_interventions([f"{folder}:1/2=5"])
+
+
+# ----------------------------------------------------------- the real model
+
+@pytest.mark.slow
+def test_real_model_attn_out_clamp(real_model):
+  """Gemma 3 270M: attn_out is 4 * 256 = 1024 wide, the residual 640; a
+  clamp there moves it by (v - f_i) * W_dec[i], and a residual-width SAE
+  named at attn_out is refused with both widths."""
+  config, params = real_model
+  tokens = np.array([[2, 651, 6037, 529, 7001, 563, 9079]], np.int32)
+  hp = "layer_3/attn_out"
+  clean = models.forward(params, tokens, config=config, hookpoints=(hp,),
+                         logits=False)
+  x = np.asarray(clean.activations[hp])
+  assert x.shape[-1] == 1024 != config.d_model
+  sae = _sae(np.random.default_rng(11), x[0], d_sae=32, hookpoint=hp)
+  edits, args = surgery.steering_edits(
+      [surgery.ClampLatents(sae, [0, 1], 3.0, "1:")], config=config)
+  out = models.forward(params, tokens, config=config, hookpoints=(hp,),
+                       logits=False, edits=edits, edit_args=args)
+  f = np.asarray(sae.encode(x))[..., [0, 1]]
+  want = x.copy()
+  want[:, 1:] += ((3.0 - f) @ sae.w_dec[[0, 1]])[:, 1:]
+  np.testing.assert_allclose(np.asarray(out.activations[hp]), want,
+                             rtol=1e-5, atol=1e-4)
+  narrow = _sae(np.random.default_rng(12), np.ones((4, config.d_model)),
+                hookpoint=hp)
+  with pytest.raises(ValueError, match="width 640, but layer_3/attn_out has "
+                     "width 1024"):
+    surgery.steering_edits([surgery.AddLatent(narrow, 0, 1.0)],
+                           config=config)
