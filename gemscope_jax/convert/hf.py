@@ -222,7 +222,7 @@ class _Tensors:
         raise CheckpointError(path, None, "shard is missing (named by "
                               f"{INDEX})")
       try:
-        self._handles[file] = safe_open(str(path), framework="flax")
+        self._handles[file] = safe_open(str(path), framework="numpy")
       except Exception as e:  # safetensors raises its own SafetensorError.
         raise CheckpointError(path, None, f"not a readable safetensors file "
                               f"(truncated or corrupt?): {e}") from e
@@ -232,13 +232,17 @@ class _Tensors:
     file, raw = self._where[name]  # KeyError: from_linear_layout names it.
     handle = self._open(file)
     try:
-      # The "flax" framework reads bfloat16 with any safetensors version;
-      # the host CPU device keeps the copy off an accelerator.
-      with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        x = np.asarray(handle.get_tensor(raw))
-    except Exception as e:
-      raise CheckpointError(self._directory / file, raw,
-                            f"cannot read tensor: {e}") from e
+      x = handle.get_tensor(raw)
+    except Exception:  # pylint: disable=broad-except
+      # safetensors < 0.7 cannot give bfloat16 to numpy; its "flax" reader
+      # can (on the host CPU device, so never via an accelerator).
+      try:
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+          with safe_open(str(self._directory / file), framework="flax") as f:
+            x = np.asarray(f.get_tensor(raw))
+      except Exception as e:
+        raise CheckpointError(self._directory / file, raw,
+                              f"cannot read tensor: {e}") from e
     self._left[file].discard(raw)
     if not self._left[file]:
       del self._handles[file]
@@ -254,7 +258,7 @@ def _tensors(path: pathlib.Path, config: Gemma3Config) -> _Tensors:
   if not file.exists():
     raise FileNotFoundError(f"{path}: no {SINGLE} or {INDEX}")
   try:
-    with safe_open(str(file), framework="flax") as handle:
+    with safe_open(str(file), framework="numpy") as handle:
       keys = list(handle.keys())  # the header only; no tensor is read.
   except Exception as e:  # safetensors raises its own SafetensorError.
     raise CheckpointError(file, None, f"not a readable safetensors file "

@@ -59,7 +59,10 @@ def parse_repo_id(name: str) -> RepoRef | None:
 
 def _hub():
   try:
+    # Submodules by name: the package's face loads them lazily.
     import huggingface_hub  # pylint: disable=import-outside-toplevel  (optional: only loading by Hub name needs it)
+    import huggingface_hub.constants  # pylint: disable=import-outside-toplevel  (optional: only loading by Hub name needs it)
+    import huggingface_hub.errors  # pylint: disable=import-outside-toplevel  (optional: only loading by Hub name needs it)
   except ImportError as e:
     raise ImportError("loading by Hub name needs huggingface_hub "
                       "(pip install huggingface_hub)") from e

@@ -89,8 +89,7 @@ def _placer(config: Gemma3Config, dtype, shardings, mesh, layout
 
   def place(path: str, x) -> jax.Array:
     x = np.asarray(x).astype(dtype, copy=False)
-    s = where(path)
-    return jnp.asarray(x) if s is None else jax.device_put(x, s)
+    return jax.device_put(x, where(path))  # None: the default device
   return place
 
 
