@@ -107,7 +107,7 @@ def _content_texts(messages):
   return out
 
 
-# --- the format --------------------------------------------------------------
+# --- the format -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("gen", [False, True])
@@ -125,6 +125,26 @@ def test_render_and_ids_match_transformers(tok, hf, name, gen):
     assert [tok.id_to_piece(i) for i in ids[-3:]] == [
         "<start_of_turn>", "model", "\n"]
     assert mask[-3:].all()
+
+
+@pytest.mark.slow
+def test_ids_match_transformers_gemma_tokenizer(tok):
+  """Token for token against transformers' own Gemma 3 tokenizer (built
+  from the default GGUF, about 17 s) applying the official template."""
+  transformers = pytest.importorskip("transformers")
+  from gemscope_jax import assets
+  path = assets.default_gguf_path()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(
+      str(path.parent), gguf_file=path.name)
+  for name, messages in sorted(CONVERSATIONS.items()):
+    for gen in (False, True):
+      theirs = hf_tok.apply_chat_template(
+          messages, chat_template=TEMPLATE.read_text(), tokenize=True,
+          add_generation_prompt=gen)
+      if not isinstance(theirs, list):
+        theirs = theirs["input_ids"]
+      ids, _ = chat.encode_chat(tok, messages, add_generation_prompt=gen)
+      assert ids.tolist() == list(theirs), (name, gen)
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -191,7 +211,7 @@ def test_stop_ids(tok):
   assert tok.encode("<end_of_turn>", add_bos=False) == [end]
 
 
-# --- JSONL conversations -> windows --------------------------------------------
+# --- JSONL conversations -> windows -------------------------------------------
 
 SEQ_LEN = 16
 
@@ -278,6 +298,15 @@ def test_bad_jsonl_names_file_and_line(tok, tmp_path, lines, match):
     conversations.windows_from_conversations(tok, [path], SEQ_LEN)
 
 
+def test_jsonl_that_is_not_utf8_names_the_line(tok, tmp_path):
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes(b'["ok"]\n{"messages": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8"):
+    list(conversations.read_conversations(path))
+  with pytest.raises(FileNotFoundError, match="no such JSONL file"):
+    list(conversations.read_conversations(tmp_path / "missing.jsonl"))
+
+
 def test_config_data_format():
   c = schema.default_config()
   assert c.data.format == "text" and c.eval.format == "text"
@@ -287,7 +316,7 @@ def test_config_data_format():
   assert schema.from_json(schema.to_json(c)).data.format == "text"
 
 
-# --- harvesting conversations ----------------------------------------------------
+# --- harvesting conversations --------------------------------------------------
 
 TINY = models.Gemma3Config(
     name="tiny_chat", num_layers=2, d_model=32, mlp_dim=64, num_heads=2,
@@ -297,7 +326,13 @@ HOOK = "layer_1/resid_post"
 
 @pytest.fixture(scope="module")
 def tiny_params():
-  return models.init_params(TINY, jax.random.key(0))
+  # NumPy draws: jax's init of the full-vocabulary embedding takes ~25 s
+  # on a busy 2-core machine.
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(lambda: models.init_params(TINY, jax.random.key(0)))
+  return jax.tree.map(
+      lambda s: (rng.normal(0, 0.1, s.shape) * (len(s.shape) > 1)
+                 ).astype(s.dtype), shapes)
 
 
 def test_harvest_leaves_template_tokens_out(tok, jsonl_files, tiny_params,

@@ -56,8 +56,14 @@ def read_conversations(path: str | os.PathLike
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such JSONL file")
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  # Bytes, decoded line by line, so a decoding error can name its line.
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte "
+                         f"{e.start})") from None
       if not line.strip():
         continue
       try:
