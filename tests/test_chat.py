@@ -107,7 +107,7 @@ def _content_texts(messages):
   return out
 
 
-# --- the format -----------------------------------------------------------------
+# --- the format -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("gen", [False, True])
@@ -211,7 +211,7 @@ def test_stop_ids(tok):
   assert tok.encode("<end_of_turn>", add_bos=False) == [end]
 
 
-# --- JSONL conversations -> windows -------------------------------------------
+# --- JSONL conversations -> windows -----------------------------------------
 
 SEQ_LEN = 16
 
@@ -316,7 +316,7 @@ def test_config_data_format():
   assert schema.from_json(schema.to_json(c)).data.format == "text"
 
 
-# --- harvesting conversations --------------------------------------------------
+# --- harvesting conversations -----------------------------------------------
 
 TINY = models.Gemma3Config(
     name="tiny_chat", num_layers=2, d_model=32, mlp_dim=64, num_heads=2,
