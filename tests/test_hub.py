@@ -399,19 +399,40 @@ def test_missing_folder_or_repo_names_both(offline):
 
 
 def test_a_fresh_process_honours_hf_home_and_offline(offline, tmp_path):
+  """The environment alone points huggingface_hub at the cache; on a 2x2
+  mesh of CPU devices each weight lands split as gemma_layout says."""
   want = tmp_path / "want.npy"
   np.save(want, offline["sae"].w_dec)
   code = textwrap.dedent(f"""
-      import numpy as np
+      import jax, numpy as np
       from gemscope_jax import interop
+      from gemscope_jax.convert import pretrained
+      from gemscope_jax.parallel import gemma_layout
       d = interop.load_dictionary({DICT_NAME!r})
       np.testing.assert_array_equal(d.w_dec, np.load({str(want)!r}))
-      print("ok", d.d_sae)
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2),
+                               ("data", "model"))
+      config, params = pretrained.load_model({MM_REPO!r}, mesh=mesh,
+                                             layout="fsdp_tp")
+      _, whole = pretrained.load_model({MM_REPO!r})
+      specs = gemma_layout.gemma_param_specs(config, dict(mesh.shape),
+                                             "fsdp_tp")
+      split = 0
+      for x, y, spec in zip(jax.tree.leaves(params), jax.tree.leaves(whole),
+                            jax.tree.leaves(specs, is_leaf=lambda s: isinstance(
+                                s, jax.sharding.PartitionSpec))):
+        assert x.sharding.spec == spec, (x.sharding, spec)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        split += any(a is not None for a in spec)
+      print("ok", d.d_sae, split)
   """)
   env = {**os.environ, "HF_HOME": str(offline["home"]),
-         "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+         "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   env.pop("HF_HUB_CACHE", None)
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.split() == ["ok", "16384"]
+  ok, d_sae, split = out.stdout.split()
+  # 6 layers x 5 weight matrices + the embedding are split.
+  assert (ok, d_sae, split) == ("ok", "16384", "31")

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from gemscope_jax import models
+from gemscope_jax.convert import hub
 from gemscope_jax.text import conversations, corpora
 from gemscope_jax.training import members, schema
 
@@ -59,14 +60,16 @@ def validate(c: ml_collections.ConfigDict
         f"must be one of {schema.DTYPES}",
         c.model.dtype)
   _need(bool(c.model.checkpoint), "model.checkpoint",
-        "is required: 'default' (270M only), a checkpoint path or 'random'",
-        c.model.checkpoint)
+        "is required: 'default' (270M only), a checkpoint path, a Hub repo "
+        "id or 'random'", c.model.checkpoint)
   _need(c.model.checkpoint != "default" or c.model.name == "gemma3_270m",
         "model.checkpoint", "'default' is the embedded Gemma 3 270M only",
         c.model.checkpoint)
   if c.model.checkpoint not in ("default", "random"):
-    _need(pathlib.Path(c.model.checkpoint).exists(), "model.checkpoint",
-          "no such file or directory", c.model.checkpoint)
+    _need(pathlib.Path(c.model.checkpoint).exists()
+          or hub.parse_repo_id(c.model.checkpoint) is not None,
+          "model.checkpoint", "no such file or directory, nor a Hub repo id "
+          "'owner/name[@revision]'", c.model.checkpoint)
   try:
     models.hooks.parse(c.hookpoint).check(mc)
   except ValueError as e:

@@ -46,8 +46,9 @@ def load_gemma(plan: Plan, mesh: Mesh | None = None) -> dict:
   Returns:
     The parameter tree: replicated arrays, or arrays sharded by
     `gemma_layout.gemma_param_shardings`. Random weights are created
-    directly in their shards; a checkpoint is read whole first (by every
-    process), then placed.
+    directly in their shards; a transformers checkpoint (folder or Hub
+    name) is placed tensor by tensor as it is read (by every process), a
+    GGUF or Orbax one is read whole first, then placed.
   """
   mc, dtype = plan.model.config, jnp.dtype(plan.model.dtype)
   mode = gemma_layout.check_layout(plan.mesh.gemma)
@@ -62,9 +63,10 @@ def load_gemma(plan: Plan, mesh: Mesh | None = None) -> dict:
   if plan.model.checkpoint == "random":
     init = lambda key: models.init_params(mc, key, dtype)
     return jax.jit(init, out_shardings=shardings)(jax.random.key(plan.seed))
-  _, params = pretrained.load_model(plan.model.checkpoint, mc, dtype)
-  if shardings is not None:
-    params = jax.device_put(params, shardings)
+  # Each tensor goes to its shards as it is read (no host copy of the
+  # whole model for a transformers checkpoint or Hub name).
+  _, params = pretrained.load_model(plan.model.checkpoint, mc, dtype,
+                                    shardings=shardings)
   return params
 
 
