@@ -63,17 +63,18 @@ def _run(env, interventions, hookpoints=ALL_HPS, logits=False):
 
 def _sae(rng, x, d_sae=12, arch="jumprelu", **kw):
   """A random dictionary for activations like x (N, d_in): thresholds at
-  each latent's median pre-activation, so latents fire about half the
-  time."""
+  each latent's median pre-activation over x, so latents fire about half
+  the time there."""
   d_in = x.shape[-1]
   d_out = kw.pop("d_out", d_in)
   w_enc = _f32(rng.normal(size=(d_in, d_sae)) / np.abs(x).mean() / d_in**.5)
   b_enc = _f32(rng.normal(size=d_sae) * 0.1)
-  pre = x @ w_enc + b_enc
+  pre = np.sort(x @ w_enc + b_enc, axis=0)
+  mid = len(pre) // 2  # halfway between two samples: none sits on it
   return interop.InferenceDictionary(
       w_enc=w_enc, w_dec=_f32(rng.normal(size=(d_sae, d_out)) * 0.3),
       b_enc=b_enc, b_dec=_f32(rng.normal(size=d_out) * np.abs(x).mean()),
-      threshold=(_f32(np.maximum(np.median(pre, axis=0), 0.01))
+      threshold=(_f32(np.maximum((pre[mid - 1] + pre[mid]) / 2, 0.01))
                  if arch == "jumprelu" else None),
       architecture=arch, **kw)
 
@@ -220,14 +221,16 @@ def _clt(rng, clean, mask):
   w_enc = np.stack([rng.normal(size=(D, s)) / np.abs(x).mean() / D**.5
                     for x in xs])
   b_enc = rng.normal(size=(n, s)) * 0.1
-  pre = np.einsum("mnd,ndl->mnl", np.stack(xs, 1), w_enc) + b_enc
+  pre = np.sort(np.einsum("mnd,ndl->mnl", np.stack(xs, 1), w_enc) + b_enc,
+                axis=0)
+  mid = len(pre) // 2  # thresholds halfway between samples, as `_sae`'s
   w_dec = rng.normal(size=(n, s, n, D)) * 0.3
   for src in range(n):
     w_dec[src, :, :src] = 0
   return interop.MultiLayerInference(
       kind="clt", w_enc=w_enc, w_dec=w_dec, b_enc=b_enc,
       b_dec=rng.normal(size=(n, D)) * 0.1,
-      threshold=np.maximum(np.median(pre, axis=0), 0.01))
+      threshold=np.maximum((pre[mid - 1] + pre[mid]) / 2, 0.01))
 
 
 def test_clt_clamp_moves_each_output_layer(env):
@@ -279,6 +282,28 @@ def test_one_token_decode_step_selects_generated_tokens():
   np.testing.assert_array_equal(out[0, 0], 1 + 2 * d)
   np.testing.assert_array_equal(out[1, 0], 1 + 100 * d)
   np.testing.assert_array_equal(out[2, 0], 1)  # position 0 skipped
+
+
+def test_generation_steers_the_generated_tokens(env):
+  """`generate` runs the same edits one token at a time: steering the
+  generated tokens gives the logits of one forward pass over prompt and
+  continuation that steers positions 5 on (the generated ones)."""
+  from gemscope_jax import generate  # pylint: disable=g-import-not-at-top
+  params = env[0]
+  d = _f32(np.random.default_rng(13).normal(size=D))
+  prompt = [2, 5, 9, 11, 7]
+  edits, args = surgery.steering_edits(
+      [surgery.AddDirection(RESID, d, 3.0, "generated")])
+  g = generate.generate(params, [prompt], config=TINY, max_new_tokens=4,
+                        edits=edits, edit_args=args, stop_tokens=[-1],
+                        return_logits=True)
+  full = np.array([prompt + [int(t) for t in g.tokens[0]]], np.int32)
+  edits, args = surgery.steering_edits(
+      [surgery.AddDirection(RESID, d, 3.0, "5:")])
+  want = models.forward(params, full, config=TINY, edits=edits,
+                        edit_args=args).logits[0, 4:8]
+  np.testing.assert_allclose(np.asarray(g.logits[0]), np.asarray(want),
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_width_mismatch_names_both_widths(env):
