@@ -19,8 +19,7 @@ from gemscope_jax.data import pipeline, stream
 from gemscope_jax.text import chat, conversations
 from gemscope_jax.text.tokenizer import default_tokenizer
 from gemscope_jax.text.windows import ordinary_mask
-from gemscope_jax.training import schema, sources
-from gemscope_jax.training.plans import DataPlan
+from gemscope_jax.training import plans, schema, sources
 
 TEMPLATE = pathlib.Path(__file__).parent / "data" / "gemma3_chat_template.jinja"
 
@@ -307,13 +306,25 @@ def test_jsonl_that_is_not_utf8_names_the_line(tok, tmp_path):
     list(conversations.read_conversations(tmp_path / "missing.jsonl"))
 
 
-def test_config_data_format():
+def test_config_data_format(tmp_path):
   c = schema.default_config()
   assert c.data.format == "text" and c.eval.format == "text"
   assert conversations.check_format("chat_jsonl", "f") == "chat_jsonl"
   with pytest.raises(ValueError, match="config.data.format: unknown format"):
     conversations.check_format("chat", "config.data.format")
   assert schema.from_json(schema.to_json(c)).data.format == "text"
+  c.eval.format = "chat"
+  with pytest.raises(ValueError, match="config.eval.format: unknown format"):
+    plans.make(c)
+  c.eval.format = "text"
+  c.data.format = "chat_jsonl"
+  with pytest.raises(ValueError, match="config.data.text: data.format "
+                     "'chat_jsonl' reads JSONL files"):
+    plans.make(c)
+  c.data.text = str(tmp_path / "c.jsonl")
+  _write_jsonl(tmp_path / "c.jsonl", [CONVERSATIONS["multi_turn"]])
+  plan = plans.make(c)
+  assert plan.data.format == "chat_jsonl" and plan.eval.format == "text"
 
 
 # --- harvesting conversations -----------------------------------------------
@@ -342,7 +353,7 @@ def test_harvest_leaves_template_tokens_out(tok, jsonl_files, tiny_params,
   files, convs = jsonl_files
   windows = conversations.windows_from_conversations(tok, files, SEQ_LEN)
   n = len(windows.tokens)
-  plan = types.SimpleNamespace(data=DataPlan(
+  plan = types.SimpleNamespace(data=plans.DataPlan(
       text=",".join(map(str, files)), seq_len=SEQ_LEN, model_batch_size=n,
       bucket_tokens=1, cache_dir="", shuffle_windows=False, num_shards=0,
       seed=0, format="chat_jsonl"))

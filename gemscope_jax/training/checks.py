@@ -150,10 +150,12 @@ def validate(c: ml_collections.ConfigDict
         f"must be divisible by mesh.model={c.mesh.model}", d.width)
   _need(c.mesh.gemma in ("replicated", "fsdp", "fsdp_tp"), "mesh.gemma",
         "must be 'replicated', 'fsdp' or 'fsdp_tp'", c.mesh.gemma)
-  conversations.check_format(c.data.get("format", "text"),
-                             "config.data.format")
-  conversations.check_format(c.eval.get("format", "text"),
-                             "config.eval.format")
+  for part in ("data", "eval"):
+    fmt = conversations.check_format(c[part].get("format", "text"),
+                                     f"config.{part}.format")
+    _need(fmt == "text" or c[part].text not in corpora.CORPORA,
+          f"{part}.text", f"{part}.format 'chat_jsonl' reads JSONL files, "
+          "not a plain-text corpus", c[part].text)
   corpora.text_files(c.data.text, "config.data.text")
   if c.eval.num_tokens and c.eval.at_end:
     corpora.text_files(c.eval.text, "config.eval.text")
