@@ -33,7 +33,13 @@ _DTYPES = ("float32", "bfloat16")
 
 
 class _Parser(argparse.ArgumentParser):
-  """argparse, with its errors as one line (no usage block) and exit 2."""
+  """argparse, with its errors as one line (no usage block) and exit 2,
+  and no abbreviated flags (a typo such as --overwrit must not be taken
+  for --overwrite)."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("allow_abbrev", False)
+    super().__init__(*args, **kwargs)
 
   def error(self, message):
     self.exit(errors.USAGE, f"{self.prog}: error: {message} (see "

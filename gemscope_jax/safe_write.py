@@ -34,6 +34,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import tempfile
 from typing import Iterable, Iterator
@@ -102,9 +103,25 @@ def _check_parent(path: pathlib.Path, flag: str) -> None:
   if not parent.is_dir():
     raise errors.OutputError(
         f"{_where(flag, path)}: {parent} is a file, not a folder")
-  if not os.access(parent, os.W_OK | os.X_OK):
+  if not _writable(parent):
     raise errors.OutputError(f"{_where(flag, path)}: {parent} is not "
                              "writable (read-only or no permission)")
+
+
+def _writable(folder: pathlib.Path) -> bool:
+  """Whether a file can be created in `folder`: tried for real (a probe,
+  removed at once), since permission bits do not tell root about a
+  read-only disk."""
+  if not os.access(folder, os.W_OK | os.X_OK):
+    return False
+  try:
+    fd, probe = tempfile.mkstemp(prefix=_temp_prefix("probe"),
+                                 suffix=".partial", dir=folder)
+  except OSError:
+    return False
+  os.close(fd)
+  os.unlink(probe)
+  return True
 
 
 def _overwrite_hint() -> str:
@@ -127,7 +144,7 @@ def check_file_output(path: str | os.PathLike, *, overwrite: bool = False,
   if path.exists() and not overwrite:
     raise errors.OutputError(f"{_where(flag, path)}: already exists; pass "
                              f"{_overwrite_hint()} to replace it")
-  if path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+  if path.exists() and not _writable(path.parent):
     raise errors.OutputError(
         f"{_where(flag, path)}: {path.parent} is not writable")
   _check_parent(path, flag)
@@ -149,7 +166,7 @@ def check_dir_output(path: str | os.PathLike, *, overwrite: bool = False,
           f"{_where(flag, path)}: is not empty ({shown}); give a new or "
           f"empty folder, or pass {_overwrite_hint()} to replace what gemscope "
           "writes there (other files are kept)")
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not _writable(path):
       raise errors.OutputError(f"{_where(flag, path)}: is not writable "
                                "(read-only or no permission)")
     return path
@@ -223,12 +240,24 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = True,
   tmp = pathlib.Path(tmp)
   try:
     yield tmp
+    _maybe_killed(target)
     if not overwrite and target.exists():
       raise errors.OutputError(f"{_where(flag, target)}: appeared while "
                                "writing; left as it was")
     os.replace(tmp, target)
   finally:
     tmp.unlink(missing_ok=True)
+
+
+# Tests set this to a destination's name to kill its writer (SIGKILL, no
+# clean-up) once the files are complete under their temporary name, before
+# the rename: the moment a killed export leaves a stray temporary behind.
+_KILL_ENV = "GEMSCOPE_TEST_KILL_BEFORE_RENAME"
+
+
+def _maybe_killed(target: pathlib.Path) -> None:
+  if os.environ.get(_KILL_ENV) == target.name:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _owned(name: str, owns: Iterable[str]) -> bool:
@@ -277,6 +306,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False,
     tmp = _mkdtemp(target.name, target.parent, flag)
   try:
     yield tmp
+    _maybe_killed(target)
     if not target.exists():
       os.replace(tmp, target)
       return

@@ -174,13 +174,14 @@ def test_existing_destination_refused_unless_overwrite(tiny, tmp_path):
   save_hf(TINY, params, dest)
   with pytest.raises(FileExistsError, match="not empty"):
     save_hf(TINY, params, dest)
-  (dest / "stale.txt").write_text("old")
+  (dest / "user.txt").write_text("old")
   save_hf(TINY, params, dest, dtype="bfloat16", overwrite=True)
-  assert not (dest / "stale.txt").exists()
+  # Only what an export writes is replaced: the user's file stays.
+  assert (dest / "user.txt").read_text() == "old"
   assert json.loads((dest / "config.json").read_text())["dtype"] == "bfloat16"
   _no_leftovers(tmp_path)
   (tmp_path / "file").write_text("x")
-  with pytest.raises(FileExistsError, match="not a directory"):
+  with pytest.raises(FileExistsError, match="is a file"):
     save_hf(TINY, params, tmp_path / "file")
 
 

@@ -436,9 +436,9 @@ def test_failure_mid_write_leaves_no_partial_folder(tmp_path, monkeypatch,
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
   assert cli.main(["export", "--workdir", str(tmp_path / "none"), "--format",
-                   "saelens", "--out", str(tmp_path / "o")]) == 2
+                   "saelens", "--out", str(tmp_path / "o")]) == 3
   assert "no such training workdir" in capsys.readouterr().err
-  assert cli.main(["eval", "--dictionary", str(tmp_path / "none")]) == 2
+  assert cli.main(["eval", "--dictionary", str(tmp_path / "none")]) == 3
   assert "no such dictionary folder" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     cli.main(["eval", "--dictionary", "a", "--workdir", "b"])

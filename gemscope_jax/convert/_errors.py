@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+from gemscope_jax import errors
 
-class CheckpointError(ValueError):
+
+class CheckpointError(errors.InputError):
   """A checkpoint file is unreadable or does not fit the model.
 
-  The message names the file, the tensor or field at fault, and why.
+  The message names the file, the tensor or field at fault, and why. An
+  `errors.InputError` (a ValueError): exit code 3 on the command line.
   """
 
   def __init__(self, source: str | os.PathLike, item: str | None,

@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from gemscope_jax import assets, safe_write
+from gemscope_jax import assets, errors, safe_write
 from gemscope_jax.convert import _tree
 from gemscope_jax.convert import pretrained
 from gemscope_jax.convert._linear import to_linear_layout
@@ -181,11 +181,14 @@ def save_hf(config: Gemma3Config, params: Mapping[str, Any],
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   if max_shard_bytes is not None and max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-  target = safe_write.check_dir_output(out_dir, overwrite=overwrite)
+  flag = errors.option("out_dir", "--out")
+  target = safe_write.check_dir_output(out_dir, overwrite=overwrite,
+                                       flag=flag)
   _tree.check_params(params, config, source="params")
   tensors = to_linear_layout(params, config, HF_NAMES, dtype=DTYPES[dtype])
 
-  with assets.atomic_dir(target, overwrite=overwrite, owns=OWNS) as tmp:
+  with assets.atomic_dir(target, overwrite=overwrite, owns=OWNS,
+                         flag=flag) as tmp:
     groups = _shards(tensors, max_shard_bytes)
     if len(groups) == 1:
       _write_safetensors(tensors, tmp / "model.safetensors")
@@ -222,7 +225,8 @@ def export_model(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     The written directory.
   """
   # The destination before the model loads (minutes for the large sizes).
-  safe_write.check_dir_output(out_dir, overwrite=overwrite)
+  safe_write.check_dir_output(out_dir, overwrite=overwrite,
+                              flag=errors.option("out_dir", "--out"))
   config, params = pretrained.load_model(source)
   return save_hf(config, params, out_dir, dtype=dtype,
                  max_shard_bytes=max_shard_bytes, overwrite=overwrite)

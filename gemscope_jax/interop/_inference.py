@@ -32,15 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemscope_jax import dictionaries
+from gemscope_jax import dictionaries, errors
 
 ARCHITECTURES = ("jumprelu", "topk", "relu")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class FormatError(ValueError):
-  """A dictionary file that does not say what its format requires."""
+class FormatError(errors.InputError):
+  """A dictionary file that does not say what its format requires (an
+  `errors.InputError`, a ValueError: exit code 3 on the command line)."""
 
 
 def check_shape(file: str, key: str, got: tuple[int, ...],

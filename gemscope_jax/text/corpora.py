@@ -24,6 +24,8 @@ import importlib.util
 import os
 import pathlib
 
+from gemscope_jax import errors
+
 _PY_DOCS = "/usr/share/doc/python3.11/html/_sources"
 
 
@@ -110,7 +112,7 @@ _SHARD_SUFFIXES = (".parquet", ".array_record", ".arrayrecord")
 
 
 def check_text_file(path: str | os.PathLike, field: str) -> None:
-  """Raises ValueError if `path` is not UTF-8 text (a NUL byte or an
+  """Raises InputError if `path` is not UTF-8 text (a NUL byte or an
   undecodable sequence in its first 64 KB): a binary file would otherwise
   be read with replacement characters and trained on as if it were text.
   Parquet and array_record shards are skipped (read as records)."""
@@ -127,8 +129,9 @@ def check_text_file(path: str | os.PathLike, field: str) -> None:
       return
     except UnicodeDecodeError as e:
       at = e.start
-  raise ValueError(f"{field}: {path} is not a UTF-8 text file (binary data "
-                   f"at byte {at}); give plain text files")
+  raise errors.InputError(f"{field}: {path} is not a UTF-8 text file "
+                          f"(binary data at byte {at}); give plain text "
+                          "files")
 
 
 def text_files(spec: str, field: str) -> list[pathlib.Path]:

@@ -69,6 +69,18 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
 
+  def newest_config(self) -> tuple[int, dict] | None:
+    """(step, saved config) of the newest checkpoint whose config reads;
+    None if none does. A damaged one is left for `restore_latest` to set
+    aside (this only reads)."""
+    for step in reversed(self.steps()):
+      try:
+        with _quiet_libraries():
+          return step, self.read_config(step)
+      except Exception:  # pylint: disable=broad-except
+        continue  # as restore_latest: any error means unusable
+    return None
+
   def restore_latest(self, abstract_state) -> tuple[int, Any, dict, dict
                                                    ] | None:
     """(step, state, data, config) of the newest readable checkpoint.

@@ -115,8 +115,11 @@ def from_workdir(workdir: str | os.PathLike
   workdir = pathlib.Path(workdir)
   ckpts = ckpt_lib.open_existing(workdir, "export")
   try:
-    latest = ckpts.latest_step()
-    plan = plans.make(schema.from_json(ckpts.read_config(latest)))
+    saved = ckpts.newest_config()
+    if saved is None:
+      raise errors.RunError(f"{workdir}: no readable checkpoint (every "
+                            "checkpoint's config is damaged)")
+    plan = plans.make(schema.from_json(saved[1]))
     if plan.group:
       names = ", ".join(d.layout.inputs[0] for d in plan.dictionaries)
       raise errors.UsageError(

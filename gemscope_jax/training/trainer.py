@@ -152,8 +152,12 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
   # after the evaluation.
   safe_write.check_workdir(workdir, flag=errors.option("workdir",
                                                        "--workdir"))
-  latest = ckpts.latest_step()
-  c = schema.from_json(ckpts.read_config(latest))
+  saved = ckpts.newest_config()
+  if saved is None:
+    ckpts.close()
+    raise errors.RunError(f"{workdir}: no readable checkpoint (every "
+                          "checkpoint's config is damaged)")
+  c = schema.from_json(saved[1])
   if overrides:
     c = apply_overrides(c, overrides)
   plan = plans.make(c)

@@ -104,8 +104,9 @@ def open_workdir(plan: Plan, workdir: str | pathlib.Path):
   ckpts = ckpt_lib.Checkpoints(workdir,
                                max_to_keep=plan.loop.keep_checkpoints)
   latest = ckpts.latest_step()
-  if latest is not None:
-    check_resumable(ckpts.read_config(latest), plan.config_json, workdir)
+  saved = ckpts.newest_config() if latest is not None else None
+  if saved is not None:
+    check_resumable(saved[1], plan.config_json, workdir)
   if distributed.is_main_process():
     with assets.atomic_path(workdir / "config.json") as tmp:
       tmp.write_text(json.dumps(dict(plan.config_json), indent=2))
