@@ -15,7 +15,7 @@ import pytest
 
 from gemscope_jax import models
 from gemscope_jax.data import harvest as harvest_lib
-from gemscope_jax.data import pipeline, stream
+from gemscope_jax.data import lockstep, pipeline, stream
 from gemscope_jax.text import chat, conversations
 from gemscope_jax.text.tokenizer import default_tokenizer
 from gemscope_jax.text.windows import ordinary_mask
@@ -379,3 +379,27 @@ def test_harvest_leaves_template_tokens_out(tok, jsonl_files, tiny_params,
   assert summary["special"] == int(windows.exclude.sum())
   np.testing.assert_allclose(dumped[HOOK][~dumped["special"]], acts[content],
                              rtol=1e-5, atol=1e-5)
+
+
+def test_lockstep_shards_leave_template_tokens_out(tok, tmp_path):
+  """Two live data shards harvested together (`data.lockstep`), with a fake
+  Gemma whose activations are the token ids: no template id comes out."""
+  words = "alpha beta gamma delta epsilon zeta eta theta".split()
+  convs = [[_m(U, " ".join(words[i % 8:] + words[:i % 8])),
+            _m(A, " ".join(words[::-1][i % 5:]))] for i in range(12)]
+  path = _write_jsonl(tmp_path / "c.jsonl", convs)
+  source = conversations.ConversationWindowSource.from_files(tok, [path], 12)
+  datasets = {s: pipeline.make_window_dataset(
+      source, batch_size=2, seed=0, num_epochs=None, shard_index=s,
+      shard_count=2) for s in range(2)}
+  group = lockstep.LockstepHarvest(TINY, None, datasets, [HOOK], tok,
+                                   rows_per_bucket=30, mesh=None)
+  group._forward = lambda t, m: {HOOK: t[..., None].astype(np.float32)}  # pylint: disable=protected-access
+  template = {tok.piece_to_id(p) for p in ("user", "model", "\n")}
+  template |= set(tok.special_ids)
+  content = set(np.concatenate(
+      [tok.encode(m["content"], add_bos=False) for c in convs for m in c]))
+  assert not content & template
+  for s in range(2):
+    got = set(group.next_bucket(s)[HOOK][:, 0].astype(int))
+    assert len(got) > 1 and got <= content
