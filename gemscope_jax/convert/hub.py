@@ -11,8 +11,9 @@ multimodal 4B-27B checkpoint are never downloaded.
 huggingface_hub does the fetching, so its cache (`HF_HOME`, `HF_HUB_CACHE`),
 offline mode (`HF_HUB_OFFLINE=1`: only the local cache is read), tokens
 (`HF_TOKEN`, `hf auth login`; Gemma repos are gated) and endpoint settings
-apply unchanged; `snapshot` turns its errors into FileNotFoundError /
-PermissionError naming the repo and what was looked for.
+apply unchanged; `snapshot` turns its errors into the package's own
+(`errors.MissingInputError`, a FileNotFoundError, or `errors.InputError`)
+naming the repo and what was looked for.
 
 Caveat: huggingface_hub is imported only when a name is fetched; it is not a
 core dependency (`pip install huggingface_hub`). In offline mode a cache that
@@ -27,6 +28,7 @@ import pathlib
 import re
 from typing import NamedTuple, Sequence
 
+from gemscope_jax import errors
 from gemscope_jax.convert import hf
 
 # Hub repo ids: `owner/name` of letters, digits, `-`, `_`, `.` (at most 96
@@ -84,40 +86,40 @@ def snapshot(ref: RepoRef, patterns: Sequence[str], what: str
     caller checks for what it needs).
 
   Raises:
-    FileNotFoundError: no such repo or revision, or not in the local cache
-      while offline (the message names the repo and `what`).
-    PermissionError: a gated or private repo without an accepted licence or
-      a valid token.
-    ValueError: an invalid repo id.
+    errors.MissingInputError: (a FileNotFoundError) no such repo or
+      revision, or not in the local cache while offline (the message names
+      the repo and `what`).
+    errors.InputError: a gated repo without an accepted licence or token.
+    errors.UsageError: an invalid repo id.
   """
   hub = _hub()
-  errors = hub.errors
+  hub_errors = hub.errors
+  missing = errors.MissingInputError
   where = f"{ref}: {what}"
   try:
     return pathlib.Path(hub.snapshot_download(
         ref.repo, revision=ref.revision, allow_patterns=list(patterns)))
-  except errors.GatedRepoError as e:
-    raise PermissionError(
+  except hub_errors.GatedRepoError as e:
+    raise errors.InputError(
         f"{where}: the repo is gated; accept its licence on the Hub with your "
         "account, then set HF_TOKEN or run `hf auth login`") from e
-  except errors.RepositoryNotFoundError as e:
-    raise FileNotFoundError(
+  except hub_errors.RepositoryNotFoundError as e:
+    raise missing(
         f"{where}: no such repo on the Hub (or it is private and no valid "
         "token is set: HF_TOKEN or `hf auth login`)") from e
-  except errors.RevisionNotFoundError as e:
-    raise FileNotFoundError(f"{where}: the repo has no revision "
-                            f"{ref.revision!r}") from e
-  except errors.IncompleteSnapshotError as e:
-    raise FileNotFoundError(f"{where}: the local cache holds only part of "
-                            f"it and the Hub cannot be reached ({e})") from e
-  except errors.LocalEntryNotFoundError as e:
+  except hub_errors.RevisionNotFoundError as e:
+    raise missing(f"{where}: the repo has no revision {ref.revision!r}"
+                  ) from e
+  except hub_errors.IncompleteSnapshotError as e:
+    raise missing(f"{where}: the local cache holds only part of it and the "
+                  f"Hub cannot be reached ({e})") from e
+  except hub_errors.LocalEntryNotFoundError as e:
     cache = hub.constants.HF_HUB_CACHE
     offline = " (HF_HUB_OFFLINE is set)" if hub.constants.HF_HUB_OFFLINE else ""
-    raise FileNotFoundError(
-        f"{where}: not in the local Hugging Face cache {cache} and the Hub "
-        f"cannot be reached{offline}") from e
-  except errors.HFValidationError as e:
-    raise ValueError(f"{ref}: not a valid Hub repo id ({e})") from e
+    raise missing(f"{where}: not in the local Hugging Face cache {cache} and "
+                  f"the Hub cannot be reached{offline}") from e
+  except hub_errors.HFValidationError as e:
+    raise errors.UsageError(f"{ref}: not a valid Hub repo id ({e})") from e
 
 
 def download_model(name: str | RepoRef) -> pathlib.Path:
@@ -131,19 +133,19 @@ def download_model(name: str | RepoRef) -> pathlib.Path:
     and the shards holding text-decoder tensors.
 
   Raises:
-    FileNotFoundError: see `snapshot`; or the repo has no config.json, or
-      no safetensors weights (only .safetensors are read).
+    errors.MissingInputError: see `snapshot`; or the repo has no
+      config.json, or no safetensors weights (only .safetensors are read).
     CheckpointError: config.json names another architecture or is invalid.
   """
   ref = name if isinstance(name, RepoRef) else parse_repo_id(name)
   if ref is None:
-    raise ValueError(f"{name}: not a Hub repo id ('owner/name[@revision]')")
+    raise errors.UsageError(f"{name}: not a Hub repo id ('owner/name[@revision]')")
   folder = snapshot(ref, [hf.CONFIG, hf.INDEX], f"{hf.CONFIG}")
   # Later calls ask for the commit just fetched: one consistent snapshot
   # even if the branch moves meanwhile, and no second revision lookup.
   commit = RepoRef(ref.repo, folder.name)
   if not (folder / hf.CONFIG).is_file():
-    raise FileNotFoundError(f"{ref}: the repo has no {hf.CONFIG} (not a "
+    raise errors.MissingInputError(f"{ref}: the repo has no {hf.CONFIG} (not a "
                             "transformers model repo?)")
   config = hf.config_from_hf(hf.read_hf_config(folder / hf.CONFIG),
                              str(folder / hf.CONFIG))
@@ -157,7 +159,7 @@ def download_model(name: str | RepoRef) -> pathlib.Path:
   else:
     snapshot(commit, [hf.SINGLE], hf.SINGLE)
     if not (folder / hf.SINGLE).is_file():
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f"{ref}: the repo has neither {hf.SINGLE} nor {hf.INDEX} (only "
           "safetensors weights are read)")
   return folder

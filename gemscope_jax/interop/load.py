@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+from gemscope_jax import errors
 from gemscope_jax.interop import gemmascope2, multilayer, releases, saelens
 from gemscope_jax.interop._inference import InferenceDictionary
 
@@ -63,8 +64,9 @@ def locate(source: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(source)
   if path.exists() or not releases.is_name(str(source)):
     if not path.exists():
-      raise FileNotFoundError(f"{path}: no such dictionary folder (nor a "
-                              f"release name: {releases.grammar()})")
+      raise errors.MissingInputError(
+          f"{path}: no such dictionary folder (nor a release name: "
+          f"{releases.grammar()})")
     return path
   return releases.fetch(str(source))
 

@@ -35,6 +35,7 @@ import dataclasses
 import pathlib
 import re
 
+from gemscope_jax import errors
 from gemscope_jax.convert import hub
 
 OWNER = "google"
@@ -131,8 +132,8 @@ def grammar() -> str:
       f"{', '.join(WIDTHS)} and L0 labels {', '.join(L0_LABELS)}")
 
 
-def _refuse(name: str, problem: str) -> ValueError:
-  return ValueError(f"{name}: {problem}; {grammar()}")
+def _refuse(name: str, problem: str) -> errors.UsageError:
+  return errors.UsageError(f"{name}: {problem}; {grammar()}")
 
 
 def _check(name: str, size: str, variant: str, family: str,
@@ -175,8 +176,9 @@ def resolve(name: str) -> Resolved:
   """The repo, revision and folder a dictionary name stands for.
 
   Raises:
-    ValueError: not a dictionary name, or an unknown size, variant, family
-      alias, width, L0 label or layer (the message lists the valid ones).
+    errors.UsageError: (a ValueError) not a dictionary name, or an unknown
+      size, variant, family alias, width, L0 label or layer (the message
+      lists the valid ones).
   """
   name = str(name).strip().strip("/")
   m = _ALIAS_NAME.fullmatch(name)
@@ -239,14 +241,16 @@ def fetch(name: str) -> pathlib.Path:
     The local folder (inside huggingface_hub's cache).
 
   Raises:
-    ValueError: an unknown name (see `resolve`).
-    FileNotFoundError: no such repo or revision, not cached while offline,
-      or the repo has no such folder (the message names repo and folder).
-    PermissionError: a gated or private repo without access.
+    errors.UsageError: an unknown name (see `resolve`).
+    errors.MissingInputError: (a FileNotFoundError) no such repo or
+      revision, not cached while offline, or the repo has no such folder
+      (the message names repo and folder).
+    errors.InputError: a gated repo without access.
   """
   r = resolve(name)
   what = f"folder {r.folder}"
   folder = hub.snapshot(r.ref, [r.folder + "/*"], what) / r.folder
   if not folder.is_dir() or not any(folder.iterdir()):
-    raise FileNotFoundError(f"{r.ref}: the repo has no {what}{_published(r)}")
+    raise errors.MissingInputError(
+        f"{r.ref}: the repo has no {what}{_published(r)}")
   return folder
