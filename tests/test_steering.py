@@ -123,7 +123,8 @@ def test_additive_moves_selected_tokens_by_coef_times_d(env):
     untouched = ~(prompt | at)
     assert np.array_equal(np.asarray(out.activations[RESID])[untouched],
                           x[untouched])
-    sweep.append(models._api._forward._cache_size())  # pylint: disable=protected-access
+    compiled = models._api._forward  # pylint: disable=protected-access
+    sweep.append(compiled._cache_size())  # pylint: disable=protected-access
   assert sweep[1] == sweep[0], "a new coefficient or latent recompiled"
 
 

@@ -506,7 +506,8 @@ def steering_edits(interventions: Iterable[Any],
 
 
 def _check_config(config, hp, part, args):
-  width = lambda name: models.hooks.parse(name).check(config).width(config)  # noqa: E731
+  def width(name):
+    return models.hooks.parse(name).check(config).width(config)
   if isinstance(part, _Add):
     _check_width(part.label, "the direction", args["direction"].shape[-1],
                  hp, width(hp))

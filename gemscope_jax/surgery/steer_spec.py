@@ -248,7 +248,8 @@ def to_intervention(spec: SteerSpec, dictionary: Any = None) -> Any:
 
 
 def load_interventions(specs: Iterable[str],
-                       load: Callable[[str], Any] = load_steer_source) -> list[Any]:
+                       load: Callable[[str], Any] = load_steer_source
+                       ) -> list[Any]:
   """Parses every spec, loads each dictionary once, and returns the
   interventions for `steer.steering_edits` in the order given."""
   parsed = [parse_steer(s) for s in specs]  # all syntax errors before I/O
