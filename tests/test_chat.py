@@ -394,7 +394,8 @@ def test_lockstep_shards_leave_template_tokens_out(tok, tmp_path):
       shard_count=2) for s in range(2)}
   group = lockstep.LockstepHarvest(TINY, None, datasets, [HOOK], tok,
                                    rows_per_bucket=30, mesh=None)
-  group._forward = lambda t, m: {HOOK: t[..., None].astype(np.float32)}  # pylint: disable=protected-access
+  group._forward = (  # pylint: disable=protected-access
+      lambda t, m: {HOOK: t[..., None].astype(np.float32)})
   template = {tok.piece_to_id(p) for p in ("user", "model", "\n")}
   template |= set(tok.special_ids)
   content = set(np.concatenate(
