@@ -14,7 +14,7 @@
 
 DICT is a dictionary folder (Gemma Scope 2, SAELens, or a multi-layer
 folder of `params_layer_{i}.safetensors`), a training workdir (its newest
-checkpoint, `training.export.from_workdir`), or anything else
+checkpoint; read by the command line, which passes `load=`), or anything else
 `interop.load_dictionary` accepts (e.g. a Gemma Scope 2 release name,
 `gemma-scope-2-270m-pt-res/layer_12_width_16k_l0_medium`). Examples:
 
@@ -198,13 +198,13 @@ def _parse_vector(spec, head, rest, positions) -> SteerSpec:
 
 def load_steer_source(source: str) -> Any:
   """The dictionary a spec names: an `interop.InferenceDictionary` or
-  `interop.MultiLayerInference`."""
+  `interop.MultiLayerInference`.
+
+  Folders and release names only: a training workdir is read by the layer
+  that knows training (`gemscope generate` passes `load=` a function that
+  tries `training.export.from_workdir` first).
+  """
   path = pathlib.Path(source)
-  if (path / "checkpoints").is_dir():
-    # The training code sits above surgery; imported here only, at call
-    # time, so steering does not pull in the trainer.
-    from gemscope_jax.training import export  # pylint: disable=g-import-not-at-top
-    return export.from_workdir(path)
   if (path / interop.multilayer.params_file(0)).is_file():
     return interop.load_multilayer_gemmascope2(path)
   return interop.load_dictionary(source)
