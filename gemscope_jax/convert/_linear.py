@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gemscope_jax.convert._errors import CheckpointError
@@ -108,7 +109,9 @@ def from_linear_layout(get: Callable[[str], np.ndarray], config: Gemma3Config,
       raise CheckpointError(
           source, name, f"shape {tuple(x.shape)} does not fit {c.name}, "
           f"which needs {expected[name]}")
-    if not np.issubdtype(x.dtype, np.floating):
+    # jnp's check also counts ml_dtypes' bfloat16 (how numpy holds the
+    # released bf16 weights) as a float; numpy's does not.
+    if not jnp.issubdtype(x.dtype, jnp.floating):
       raise CheckpointError(source, name, f"dtype {x.dtype} is not a float")
     return x.astype(np.float32, copy=False)
 
