@@ -69,7 +69,7 @@ def test_activations_command_bad_input(tmp_path, capsys):
   out = tmp_path / "x.safetensors"
   rc = cli.main(["activations", "--text-file", str(tmp_path / "nope.txt"),
                  "--hookpoint", "layer_3/resid_post", "--out", str(out)])
-  assert rc == 2 and "nope.txt: no such text file" in capsys.readouterr().err
+  assert rc == 3 and "nope.txt: no such text file" in capsys.readouterr().err
   rc = cli.main(["activations", "--text-file", text, "--hookpoint",
                  "layer_30/resid_post", "--out", str(out)])
   err = capsys.readouterr().err

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemscope_jax import errors
 from gemscope_jax.convert._errors import CheckpointError
 from gemscope_jax.convert._tree import check_params, flatten, unflatten
 from gemscope_jax.models._config import CONFIGS, Gemma3Config
@@ -205,7 +206,10 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]],
       return config
   raise CheckpointError(source, None, f"the parameter shapes ({dims}) match "
                         f"no published Gemma 3 size ({', '.join(CONFIGS)}); "
-                        "pass config=")
+                        + errors.option(
+                            "pass config=", "a custom size loads from "
+                            "Python only (convert.load_orbax(path, "
+                            "config=...))"))
 
 
 def load_orbax(path: str | os.PathLike, config: Gemma3Config | None = None,
