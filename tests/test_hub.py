@@ -33,6 +33,7 @@ import pytest
 from gemscope_jax import interop, models
 from gemscope_jax.convert import CheckpointError, hf, hf_write, hub, pretrained
 from gemscope_jax.interop import multilayer, releases
+from gemscope_jax.parallel import gemma_layout
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -280,7 +281,6 @@ def test_leaves_go_straight_into_their_shardings(offline):
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
                            ("data", "model"))
   config, params = pretrained.load_model(MM_REPO, mesh=mesh, layout="fsdp")
-  from gemscope_jax.parallel import gemma_layout  # pylint: disable=import-outside-toplevel  (a test may import late)
   want = gemma_layout.gemma_param_shardings(config, mesh, "fsdp")
   for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(
       want, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding))):
@@ -339,6 +339,34 @@ def test_repo_ids_and_paths():
   for not_an_id in ("default", "/abs/path", "./x/y", "a/b/c", "a--b/c",
                     "a/b.git"):
     assert hub.parse_repo_id(not_an_id) is None, not_an_id
+
+
+@pytest.mark.parametrize("name, repo, revision, folder", [
+    (DICT_NAME, DICT_REPO, None, DICT_FOLDER),
+    ("gemma-scope-2-27b-it-res-all@v2/layer_61_width_262k_l0_big",
+     "google/gemma-scope-2-27b-it", "v2",
+     "resid_post_all/layer_61_width_262k_l0_big"),
+    ("gemma-scope-2-1b-pt-transcoders/transcoder/"
+     "layer_13_width_65k_l0_medium_affine", "google/gemma-scope-2-1b-pt",
+     None, "transcoder/layer_13_width_65k_l0_medium_affine"),
+    ("gemma-scope-2-4b-pt/mlp_out/layer_9_width_16k_l0_small",
+     "google/gemma-scope-2-4b-pt", None, "mlp_out/layer_9_width_16k_l0_small"),
+    ("google/gemma-scope-2-1b-it/clt/width_262k_l0_medium_affine",
+     "google/gemma-scope-2-1b-it", None, "clt/width_262k_l0_medium_affine"),
+    ("gemma-scope-2-270m-pt-res/layer_12_width_262k_l0_medium_seed_1",
+     DICT_REPO, None, "resid_post/layer_12_width_262k_l0_medium_seed_1"),
+    ("me/my-saes@main/runs/layer_6_width_4k_l0_37", "me/my-saes", "main",
+     "runs/layer_6_width_4k_l0_37"),
+])
+def test_release_names_resolve(name, repo, revision, folder):
+  r = releases.resolve(name)
+  assert (r.repo, r.revision, r.folder) == (repo, revision, folder)
+  assert releases.is_name(name)
+
+
+def test_paths_are_not_names():
+  for path in ("/data/sae", "./sae/x", "~/sae/x", "sae"):
+    assert not releases.is_name(path), path
 
 
 def test_dictionary_by_name_equals_the_one_written(offline):

@@ -139,7 +139,8 @@ def download_model(name: str | RepoRef) -> pathlib.Path:
   """
   ref = name if isinstance(name, RepoRef) else parse_repo_id(name)
   if ref is None:
-    raise errors.UsageError(f"{name}: not a Hub repo id ('owner/name[@revision]')")
+    raise errors.UsageError(f"{name}: not a Hub repo id "
+                            "('owner/name[@revision]')")
   folder = snapshot(ref, [hf.CONFIG, hf.INDEX], f"{hf.CONFIG}")
   # Later calls ask for the commit just fetched: one consistent snapshot
   # even if the branch moves meanwhile, and no second revision lookup.

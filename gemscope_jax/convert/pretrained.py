@@ -85,7 +85,12 @@ def _placer(config: Gemma3Config, dtype, shardings, mesh, layout
     where = lambda path: one
   else:
     flat = _tree.flatten(shardings)
-    where = lambda path: flat[path]
+
+    def where(path: str):
+      if path not in flat:
+        raise ValueError(f"load_model: shardings has no entry {path!r} "
+                         f"(made for another size than {config.name}?)")
+      return flat[path]
 
   def place(path: str, x) -> jax.Array:
     x = np.asarray(x).astype(dtype, copy=False)

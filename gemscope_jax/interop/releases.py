@@ -4,12 +4,14 @@ The release is ten repos, `google/gemma-scope-2-{size}-{pt|it}`, each holding
 one folder per dictionary (see `FAMILIES` and DESIGN.md section 4). Names
 accepted by `resolve` (an optional `@revision` may follow the repo part):
 
-- SAELens's release names: `gemma-scope-2-270m-pt-res/layer_12_width_16k_l0_medium`,
-  i.e. `gemma-scope-2-{size}-{pt|it}-{alias}/{folder}` with the aliases of
+- SAELens's release names,
+  `gemma-scope-2-270m-pt-res/layer_12_width_16k_l0_medium`, i.e.
+  `gemma-scope-2-{size}-{pt|it}-{alias}/{folder}` with the aliases of
   `ALIASES` (`res`, `att`, `mlp`, `transcoders`, each also `-all`, plus
   `clt` and `crosscoder`); the folder may repeat its family
   (`...-transcoders/transcoder/layer_9_...`, as SAELens's ids do);
-- the repo and folder: `google/gemma-scope-2-270m-pt/resid_post/layer_12_width_16k_l0_medium`
+- the repo and folder,
+  `google/gemma-scope-2-270m-pt/resid_post/layer_12_width_16k_l0_medium`
   (`google/` may be left out);
 - any other repo: `owner/name/sub/folder`, fetched as given, unchecked (a
   mirror, or one's own uploads).
@@ -104,7 +106,8 @@ class Resolved:
   Attributes:
     repo: Hub repo id.
     revision: branch, tag or commit; None for the default branch.
-    folder: the folder inside the repo ("resid_post/layer_12_width_16k_l0_medium").
+    folder: the folder inside the repo
+      ("resid_post/layer_12_width_16k_l0_medium").
     family: its folder family (a key of FAMILIES), None for another repo.
     size: the Gemma 3 size ("270m"), None for another repo.
   """
