@@ -120,6 +120,7 @@ def generate(params: Any,
              dtype: jnp.dtype = jnp.float32,
              add_bos: bool = True,
              cache_length: int | None = None,
+             cache_sharding: Callable[[int, int], Any] | None = None,
              on_token: Callable[[int, np.ndarray, np.ndarray], None] | None
              = None) -> Generation:
   """Continues each prompt by up to `max_new_tokens` tokens.
@@ -145,6 +146,10 @@ def generate(params: Any,
     dtype: compute dtype (float32 or bfloat16); the cache uses it too.
     add_bos: prepend BOS when tokenizing text prompts.
     cache_length: override the cache bucket (>= prompt bucket + new tokens).
+    cache_sharding: with sharded `params`, a function (batch size, cache
+      length) -> `KVCache` of shardings that lays the cache out, e.g.
+      `functools.partial(parallel.gemma_layout.cache_shardings, config,
+      mesh, "fsdp")`; None leaves the layout to XLA.
     on_token: called on the host after every step as
       `on_token(step, tokens (B,), done (B,))`, in order (for streaming).
 
@@ -185,17 +190,20 @@ def generate(params: Any,
 
   tokens, mask = left_pad(rows, t0)
   dtype = jnp.dtype(dtype)
+  layout = (None if cache_sharding is None
+            else cache_sharding(len(rows), length))
   logits, cache, prompt_acts = _loop.prefill(
       params, jnp.asarray(tokens), jnp.asarray(mask), edit_args,
       config=config, dtype=dtype, cache_length=length, edits=prompt_edits,
-      hookpoints=hps)
+      hookpoints=hps, cache_sharding=layout)
   _loop._STREAM["fn"] = on_token  # pylint: disable=protected-access
   try:
     out = _loop.decode(
         params, cache, logits, key, jnp.int32(max_new_tokens), stop,
         edit_args, config=config, dtype=dtype, sampling=sampling,
         num_slots=length - t0, edits=new_edits, hookpoints=hps,
-        keep_logits=return_logits, stream=on_token is not None)
+        keep_logits=return_logits, stream=on_token is not None,
+        cache_sharding=layout)
     out = jax.device_get(out)
   finally:
     _loop._STREAM["fn"] = None  # pylint: disable=protected-access

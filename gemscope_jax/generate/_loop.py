@@ -8,11 +8,17 @@ every row stopped or `max_new` tokens were taken: one dispatch for the whole
 generation, not one per token or per layer.
 
 Both are jitted with everything static that changes the program (config,
-dtype, edits, hookpoints, sampling rule, what to keep); shapes come from the
+dtype, edits, hookpoints, sampling rule, what to keep, the cache's
+shardings); shapes come from the
 (batch, prompt bucket, cache length) bucket, and `max_new` is traced, so a
 bucket compiles once whatever the number of new tokens. Edits are the same
 objects `models.forward` takes; `ContextEdit`s see `generated=True` while
 decoding.
+
+With sharded weights, `cache_sharding` (a `KVCache` of shardings, e.g.
+`parallel.gemma_layout.cache_shardings`) pins the cache's layout: the fresh
+cache, prefill's output and the loop's carried cache are constrained to it,
+rather than left to XLA's propagation (which may replicate it).
 """
 
 from __future__ import annotations
@@ -46,23 +52,32 @@ def _intervene(edits, hookpoints, edit_args, positions, generated, valid):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "dtype", "cache_length", "edits", "hookpoints"))
+    static_argnames=("config", "dtype", "cache_length", "edits", "hookpoints",
+                     "cache_sharding"))
 def prefill(params, tokens, mask, edit_args, *, config, dtype, cache_length,
-            edits=(), hookpoints=()):
+            edits=(), hookpoints=(), cache_sharding=None):
   """Runs left-padded prompts (B, T) into a new cache.
 
   Returns:
     (last logits (B, V) float32, cache, {hookpoint: (B, T, width)}).
   """
   b = tokens.shape[0]
-  cache = models.init_cache(config, b, cache_length, dtype)
+  cache = _constrain(models.init_cache(config, b, cache_length, dtype),
+                     cache_sharding)
   positions = models.default_positions(mask)
   intervene, recorded = _intervene(edits, hookpoints, edit_args, positions,
                                    jnp.zeros_like(mask), mask)
   logits, cache = models.Gemma3(config, dtype).apply(
       {"params": params}, tokens, mask, cache=cache, intervene=intervene,
       last_only=True)
-  return logits[:, -1].astype(jnp.float32), cache, recorded
+  return (logits[:, -1].astype(jnp.float32), _constrain(cache, cache_sharding),
+          recorded)
+
+
+def _constrain(cache, cache_sharding):
+  if cache_sharding is None:
+    return cache
+  return jax.lax.with_sharding_constraint(cache, cache_sharding)
 
 
 def decode_step(params, cache, tokens, edit_args, *, config, dtype,
@@ -86,11 +101,12 @@ def decode_step(params, cache, tokens, edit_args, *, config, dtype,
 @functools.partial(
     jax.jit,
     static_argnames=("config", "dtype", "sampling", "edits", "hookpoints",
-                     "num_slots", "keep_logits", "stream", "pad_id"))
+                     "num_slots", "keep_logits", "stream", "pad_id",
+                     "cache_sharding"))
 def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
            config, dtype, sampling: Sampling, num_slots: int,
            edits=(), hookpoints=(), keep_logits: bool = False,
-           stream: bool = False, pad_id: int = 0):
+           stream: bool = False, pad_id: int = 0, cache_sharding=None):
   """Samples up to `max_new` (<= num_slots) tokens per row, starting from
   the prompt's next-token `logits` (B, V).
 
@@ -136,6 +152,7 @@ def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
     logits, cache, recorded = decode_step(
         params, cache, tok, edit_args, config=config, dtype=dtype,
         edits=edits, hookpoints=hookpoints)
+    cache = _constrain(cache, cache_sharding)
     out = dict(out, activations={
         k: out["activations"][k].at[:, i - 1].set(v[:, 0])
         for k, v in recorded.items()})
@@ -143,5 +160,6 @@ def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
     return i + 1, cache, tok, key, out, done
 
   count, cache, _, _, out, done = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), cache, tok, key, out, done))
+      cond, body, (jnp.int32(1), _constrain(cache, cache_sharding), tok,
+                   key, out, done))
   return dict(out, count=count, done=done)

@@ -38,6 +38,17 @@ weights are laid out over the run's whole mesh, across hosts
 alone are they laid out over its own devices (`gemma_mesh`): a
 (local_devices / model, model) mesh.
 
+The key/value cache of generation (`models.KVCache`, one (B, S, K, H)
+buffer per layer) follows the same layout (`cache_shardings`): under
+'fsdp' and 'fsdp_tp' its batch axis B is split over 'data' when B is a
+multiple of it, else its slot axis S (so one long prompt of a big model
+still spreads its cache), and under 'fsdp_tp' the key/value heads K over
+'model', matching kv_einsum's head split; `length` and `start` are
+replicated, and 'replicated' keeps the whole cache on every device like the
+weights. Each buffer falls back on its own (a local layer's ring may divide
+where a global layer's cache does not); `describe_cache` lists the
+fallbacks.
+
 Caveat: the sharding saves memory, not time. Each layer's weights are
 all-gathered over 'data' at every forward pass, which costs interconnect
 bandwidth on a pod and a copy on simulated CPU devices; with 'fsdp_tp', the
@@ -52,6 +63,7 @@ import math
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -202,3 +214,86 @@ def sharded_bytes(abstract: Any, shardings: Any) -> int:
     total += math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(
         x.dtype).itemsize
   return total
+
+
+def cache_specs(model_config: models.Gemma3Config,
+                mesh_shape: Mapping[str, int], mode: str, batch_size: int,
+                cache_length: int) -> tuple[models.KVCache, list[str]]:
+  """PartitionSpecs of a `models.init_cache(config, B, cache_length)`.
+
+  Args:
+    model_config: the Gemma size.
+    mesh_shape: {axis name: size} of the mesh.
+    mode: one of LAYOUTS (config.mesh.gemma).
+    batch_size: B, the cache's rows.
+    cache_length: the global layers' slots (see `models.layer_sizes`).
+
+  Returns:
+    (a `KVCache` whose leaves are PartitionSpecs, notes): each (B, S, K, H)
+    buffer gets (data, -, model, -) with its fallbacks (see the module
+    docstring); the notes name every axis left whole that the rule wanted
+    split.
+  """
+  check_layout(mode)
+  data, model = mesh_shape.get("data", 1), mesh_shape.get("model", 1)
+  k = model_config.num_kv_heads
+  notes: list[str] = []
+
+  def spec(i: int, size: int) -> PartitionSpec:
+    if mode == "replicated":
+      return PartitionSpec()
+    b_axis = s_axis = k_axis = None
+    if data > 1:
+      if batch_size % data == 0:
+        b_axis = "data"
+      elif size % data == 0:
+        s_axis = "data"
+      else:
+        notes.append(f"cache layer_{i}: neither batch {batch_size} nor "
+                     f"{size} slots split over 'data' ({data} devices)")
+    if mode == "fsdp_tp" and model > 1:
+      if k % model == 0:
+        k_axis = "model"
+      else:
+        notes.append(f"cache layer_{i}: {k} key/value heads not split over "
+                     f"'model' ({model} devices)")
+    return PartitionSpec(b_axis, s_axis, k_axis, None)
+
+  specs = tuple(spec(i, s) for i, s in enumerate(
+      models.layer_sizes(model_config, cache_length)))
+  tree = models.KVCache(keys=specs, values=specs, length=PartitionSpec(),
+                        start=PartitionSpec())
+  return tree, notes
+
+
+def cache_shardings(model_config: models.Gemma3Config, mesh: Mesh, mode: str,
+                    batch_size: int, cache_length: int) -> models.KVCache:
+  """A `KVCache` of NamedShardings for `batch_size` rows of `cache_length`
+  slots on `mesh`, laid out like the weights of layout `mode`.
+
+  Pass it to `generate.generate(..., cache_sharding=...)` (as a function of
+  (batch, cache length)) or give it to ShapeDtypeStructs to plan memory.
+  """
+  specs = cache_specs(model_config, dict(mesh.shape), mode, batch_size,
+                      cache_length)[0]
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def describe_cache(model_config: models.Gemma3Config,
+                   mesh_shape: Mapping[str, int], mode: str, batch_size: int,
+                   cache_length: int) -> list[str]:
+  """Every fallback `cache_specs` takes (human-readable, one per layer)."""
+  return cache_specs(model_config, mesh_shape, mode, batch_size,
+                     cache_length)[1]
+
+
+def abstract_cache(model_config: models.Gemma3Config, shardings: Any,
+                   batch_size: int, cache_length: int,
+                   dtype=jnp.bfloat16) -> models.KVCache:
+  """ShapeDtypeStructs of a cache carrying `shardings` (nothing allocated)."""
+  shapes = jax.eval_shape(lambda: models.init_cache(
+      model_config, batch_size, cache_length, dtype))
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      shapes, shardings)
