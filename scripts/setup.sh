@@ -45,6 +45,8 @@ fi
 #  - g++ and oneDNN: the CPU matmul kernel (gemscope_jax/kernels), which runs
 #    bf16 at twice XLA's CPU speed; without them XLA's dot is used.
 #  - python3.11-doc: held-out English text (the Python documentation).
+#  - chromium: tests/test_dashboard_site.py opens the dashboard pages in it
+#    (headless, driven over its DevTools pipe; no driver package needed).
 apt_install() {
   apt-get install -y -qq "$@" >/dev/null 2>&1 \
     || (apt-get update -qq >/dev/null 2>&1 \
@@ -60,5 +62,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing Debian python3.11-doc (held-out text)"
     apt_install python3.11-doc \
       || echo "[setup] python3.11-doc unavailable; Shakespeare is used instead"
+  fi
+  if ! command -v chromium >/dev/null 2>&1 \
+      && ! command -v chromium-browser >/dev/null 2>&1; then
+    echo "[setup] installing Debian chromium (headless, for the dashboard tests)"
+    apt_install --no-install-recommends chromium \
+      || echo "[setup] chromium unavailable; the dashboard's browser tests skip"
   fi
 fi
