@@ -204,7 +204,8 @@ def generate(params: Any,
         num_slots=length - t0, edits=new_edits, hookpoints=hps,
         keep_logits=return_logits, stream=on_token is not None,
         cache_sharding=layout)
-    out = jax.device_get(out)
+    del cache  # donated to decode, which returns it updated
+    out = jax.device_get({k: v for k, v in out.items() if k != "cache"})
   finally:
     _loop._STREAM["fn"] = None  # pylint: disable=protected-access
   return _collect(rows, t0, out, jax.device_get(prompt_acts), tokenizer,

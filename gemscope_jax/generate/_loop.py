@@ -99,7 +99,7 @@ def decode_step(params, cache, tokens, edit_args, *, config, dtype,
 
 
 @functools.partial(
-    jax.jit,
+    jax.jit, donate_argnames=("cache",),
     static_argnames=("config", "dtype", "sampling", "edits", "hookpoints",
                      "num_slots", "keep_logits", "stream", "pad_id",
                      "cache_sharding"))
@@ -116,7 +116,9 @@ def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
     stopped, "logits" (B, num_slots, V) float32 if kept (the logits each
     token was drawn from), and {hookpoint: (B, num_slots, width)} under
     "activations": the values while feeding each generated token back (the
-    last token taken is never fed back, so its slot stays zero).
+    last token taken is never fed back, so its slot stays zero), and the
+    final "cache": the input `cache` is donated and returned, so that the
+    loop updates it in place rather than in a copy of it.
   """
   b = logits.shape[0]
 
@@ -162,4 +164,4 @@ def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
   count, cache, _, _, out, done = jax.lax.while_loop(
       cond, body, (jnp.int32(1), _constrain(cache, cache_sharding), tok,
                    key, out, done))
-  return dict(out, count=count, done=done)
+  return dict(out, count=count, done=done, cache=cache)
