@@ -8,7 +8,7 @@
   'use strict';
   var G = window.GEMSCOPE = window.GEMSCOPE || {};
   var S = G._store = G._store || {
-    site: null, pages: {}, rows: [], loadedPages: 0, latents: {},
+    site: null, pages: {}, rows: [], latents: {},
     scripts: {}, hay: null, order: null, orderKey: ''
   };
   var ROWS_PER_VIEW = 100;
@@ -130,23 +130,20 @@
   // ------------------------------------------------------------------ index
   function col(name) { return S.site.layout.columns.indexOf(name); }
 
-  function gatherRows() {
-    // Pages load in any order; rows are kept in page order.
-    var rows = [];
-    for (var p = 0; p < S.site.layout.pages; p++) {
-      if (S.pages[p]) rows = rows.concat(S.pages[p]);
-    }
-    S.rows = rows;
-    S.hay = null;
+  // Index pages load in order; their rows are appended as they arrive.
+  function addRows(rows) {
+    for (var i = 0; i < rows.length; i++) S.rows.push(rows[i]);
     S.orderKey = '';
   }
 
+  // Lower-case search text per row (top tokens, then the top example),
+  // extended as rows arrive.
   function haystack() {
-    if (!S.hay) {
-      var t = col('top_tokens'), sn = col('snippet');
-      S.hay = S.rows.map(function (r) {
-        return (r[t].join(' ') + ' \u0000 ' + r[sn]).toLowerCase();
-      });
+    var t = col('top_tokens'), sn = col('snippet');
+    if (!S.hay) S.hay = [];
+    for (var i = S.hay.length; i < S.rows.length; i++) {
+      var r = S.rows[i];
+      S.hay.push((r[t].join(' ') + ' \u0000 ' + r[sn]).toLowerCase());
     }
     return S.hay;
   }
@@ -285,6 +282,8 @@
     });
     body.textContent = '';
     body.appendChild(frag);
+    // Milliseconds from navigation to the first rows (tests read it).
+    if (!G.firstRowsMs && sel.length) G.firstRowsMs = performance.now();
 
     var total = S.site.stats.latents;
     var status = sel.length.toLocaleString('en') + ' of ' + S.rows.length.toLocaleString('en') + ' latents';
@@ -306,46 +305,53 @@
   }
 
   // Index pages: the first one renders the first view; the rest load one
-  // after another behind it, the view refreshed at most every 400 ms.
+  // after another behind it (yielding between pages, so the page stays
+  // responsive), the view redrawn at most every 500 ms and at the end.
   function loadIndexPages(onMore) {
     var layout = S.site.layout;
     var next = 0, lastDraw = 0;
     function src(p) { return 'data/index/' + pad(p, layout.page_digits) + '.js'; }
     function step() {
-      if (next >= layout.pages) { gatherRows(); onMore(true); return; }
       var p = next++;
       load(src(p)).then(function () {
-        var now = Date.now();
-        if (p === 0 || now - lastDraw > 400 || next >= layout.pages) {
-          gatherRows(); lastDraw = now;
-          if (next < layout.pages) onMore(false);
+        addRows(S.pages[p]);
+        delete S.pages[p];
+        var now = Date.now(), last = next >= layout.pages;
+        if (p === 0 || last || now - lastDraw > 500) {
+          onMore(last);
+          lastDraw = Date.now();
         }
-        step();
+        if (!last) setTimeout(step, 0);
       }, function (err) { showError(err.message); });
     }
-    step();
+    if (layout.pages > 0) step(); else onMore(true);
   }
 
   // ----------------------------------------------------------------- charts
+  // Bins drawn equally wide whatever their edges (the scan's are 0, then
+  // log-spaced up to the max), the edges written under them.
   function histogram(h, title) {
-    var W = 420, H = 130, L = 40, B = 20, T = 6;
+    var W = 420, H = 140, L = 40, R = 8, B = 30, T = 6;
     var edges = (h && h.edges) || [], counts = (h && h.counts) || [];
     var box = el('figure', {cls: 'gs-chart'});
     box.appendChild(el('figcaption', {text: title}));
     if (!counts.length) { box.appendChild(el('p', {cls: 'gs-note', text: 'no activations'})); return box; }
-    var lo = edges[0], hi = edges[edges.length - 1], span = (hi - lo) || 1;
+    var n = counts.length, slot = (W - L - R) / n;
     var top = Math.max.apply(null, counts) || 1;
     var g = svg('svg', {viewBox: '0 0 ' + W + ' ' + H, width: W, height: H, 'class': 'gs-hist', role: 'img'});
-    counts.forEach(function (n, i) {
-      var x0 = L + (edges[i] - lo) / span * (W - L - 4), x1 = L + (edges[i + 1] - lo) / span * (W - L - 4);
-      var bh = n / top * (H - B - T);
-      var r = svg('rect', {x: x0, y: H - B - bh, width: Math.max(0.5, x1 - x0 - 0.5), height: bh, 'class': 'gs-bar'});
-      r.appendChild(svg('title', {text: fmt(edges[i]) + ' to ' + fmt(edges[i + 1]) + ': ' + n}));
+    counts.forEach(function (c, i) {
+      var bh = c / top * (H - B - T);
+      var r = svg('rect', {x: L + i * slot, y: H - B - bh, width: Math.max(0.5, slot - 1), height: bh, 'class': 'gs-bar'});
+      r.appendChild(svg('title', {text: fmt(edges[i]) + ' to ' + fmt(edges[i + 1]) + ': ' + c + ' tokens'}));
       g.appendChild(r);
     });
-    g.appendChild(svg('line', {x1: L, y1: H - B, x2: W - 4, y2: H - B, 'class': 'gs-axis'}));
-    g.appendChild(svg('text', {x: L, y: H - 5, text: fmt(lo)}));
-    g.appendChild(svg('text', {x: W - 4, y: H - 5, 'text-anchor': 'end', text: fmt(hi)}));
+    g.appendChild(svg('line', {x1: L, y1: H - B, x2: W - R, y2: H - B, 'class': 'gs-axis'}));
+    var ticks = n >= 8 ? [0, Math.round(n / 4), Math.round(n / 2), Math.round(3 * n / 4), n] : [0, n];
+    ticks.forEach(function (i, j) {
+      var anchor = j === 0 ? 'start' : (j === ticks.length - 1 ? 'end' : 'middle');
+      g.appendChild(svg('line', {x1: L + i * slot, y1: H - B, x2: L + i * slot, y2: H - B + 4, 'class': 'gs-axis'}));
+      g.appendChild(svg('text', {x: L + i * slot, y: H - B + 15, 'text-anchor': anchor, text: fmt(edges[i])}));
+    });
     g.appendChild(svg('text', {x: L - 4, y: T + 8, 'text-anchor': 'end', text: String(top)}));
     g.appendChild(svg('text', {x: L - 4, y: H - B, 'text-anchor': 'end', text: '0'}));
     box.appendChild(g);
