@@ -1,0 +1,642 @@
+"""The dashboard scan: what a latent dashboard shows, for every latent of a
+dictionary, in two streaming passes over text.
+
+Each chunk of `batch_size` windows runs Gemma up to the dictionary's input
+hookpoint(s) and encodes the activations into (tokens, width) latents inside
+one jitted step, which folds them into running per-latent buffers; nothing
+of size tokens x width outlives a chunk.
+
+  pass 1  firing count, sum (float32, Kahan-compensated), max, and the k
+          largest activations.
+  pass 2  (needs each latent's max) a histogram of the firing activations,
+          and per quantile bin its count and a uniform random sample of
+          `per_bin` firing tokens.
+
+Bins: every bin is [lo, hi), the last one closed, as `np.histogram`; a
+latent's histogram has `hist_bins` bins with edges 0, then `hist_bins`
+log-spaced values from max * 1e-3 to max, so the first bin [0, max * 1e-3)
+holds all small activations and the counts sum to the firing count.
+Quantile bins are `quantile_bins` equal intervals of [0, max] (fractions of
+the latent's max, as SAEDashboard shows them).
+
+Examples are flat token indices, window * seq_len + position. Tie rule:
+equal keys (activation in pass 1, sampling priority in pass 2) rank the
+smaller flat index first, exactly: a chunk's candidates come from
+`lax.top_k` (lower index first on ties; a chunk's local order is flat
+order) and buffers merge with a lexicographic sort on (-key, index). The
+sample's priority is a hash of (flat index, latent, seed), so a bin keeps a
+uniform random subset of its tokens, the same whatever the chunking. Each
+kept example carries the latent's activation at positions pos - before ...
+pos + after of its window (0 outside the window and at tokens that are not
+ordinary), gathered as it enters the buffer, so no third pass is needed.
+
+Resuming: with `state_dir`, the buffers, the pass and the next window are
+saved atomically (`safe_write.atomic_path`) every `save_every_s` seconds,
+at the end of each pass and when the scan stops on an exception; a rerun
+with the same inputs continues from there and returns what an uninterrupted
+scan returns (bit for bit at the same `batch_size`). Its inputs are
+fingerprinted (token hash, dictionary hash, model name, settings); a
+different scan in the same folder is refused.
+
+Sharding: with a ('data', 'model') mesh (`parallel.make_mesh`), the latent
+axis of the encoder and of every buffer lies on the mesh axis the rules map
+'latent' to, and the chunk's windows on the one 'batch' maps to, as
+training lays out a dictionary (`parallel.MeshPlan.rules`); Gemma's
+parameters are used as placed.
+
+Memory (device): width x (k + quantile_bins * per_bin) x (before + 1 +
+after) floats of contexts (4096 wide: 37 MB at the defaults), plus
+width x hist_bins counts, plus one chunk's (batch_size * seq_len, width)
+latents.
+
+Caveat: the fingerprint does not hash Gemma's parameters (only the
+model's name): resuming with other weights of the same size is not caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from gemscope_jax import errors, models, safe_write
+from gemscope_jax.dashboards import _dictionary as dl
+from gemscope_jax.dashboards import lens as lens_lib
+from gemscope_jax.parallel.mesh import MeshPlan
+from gemscope_jax.text.windows import Windows, ordinary_mask
+
+STATE_FILE = "scan_state.npz"
+HIST_FLOOR = 1e-3          # lowest log-spaced histogram edge, x max
+_SENTINEL = np.iinfo(np.int32).max   # flat index of an empty slot
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanResult:
+  """Everything a dashboard shows, per latent (see the module docstring).
+
+  Empty example slots (a latent that fires fewer times than there are
+  slots) have index -1 and value 0.
+
+  Attributes:
+    model, kind, hookpoints, width: what was scanned (`kind` one of
+      'sae', 'transcoder', 'skip_transcoder', 'crosscoder', 'clt').
+    seq_len, num_windows: the windows' shape.
+    num_tokens: ordinary tokens scanned (`text.windows.ordinary_mask`).
+    k, quantile_bins, per_bin, hist_bins, before, after, seed: settings.
+    count: (width,) firing tokens.
+    total: (width,) sum of activations.
+    max: (width,) largest activation (0 for a dead latent).
+    top_values, top_index: (width, k) largest activations, flat indices.
+    top_context: (width, k, before + 1 + after) the latent around each.
+    hist_edges: (width, hist_bins + 1); hist_counts: (width, hist_bins).
+    quantile_edges: (width, quantile_bins + 1); quantile_counts:
+      (width, quantile_bins).
+    quantile_values, quantile_index: (width, quantile_bins, per_bin) the
+      sample of each bin, ordered by sampling priority.
+    quantile_context: (width, quantile_bins, per_bin, before + 1 + after).
+    lens: `lens.Lens` or None.
+    neighbours, input_neighbours: (ids, cosines), each (width, n), or None.
+  """
+  model: str
+  kind: str
+  hookpoints: tuple[str, ...]
+  width: int
+  seq_len: int
+  num_windows: int
+  num_tokens: int
+  k: int
+  quantile_bins: int
+  per_bin: int
+  hist_bins: int
+  before: int
+  after: int
+  seed: int
+  count: np.ndarray
+  total: np.ndarray
+  max: np.ndarray
+  top_values: np.ndarray
+  top_index: np.ndarray
+  top_context: np.ndarray
+  hist_edges: np.ndarray
+  hist_counts: np.ndarray
+  quantile_edges: np.ndarray
+  quantile_counts: np.ndarray
+  quantile_values: np.ndarray
+  quantile_index: np.ndarray
+  quantile_context: np.ndarray
+  lens: lens_lib.Lens | None = None
+  neighbours: tuple[np.ndarray, np.ndarray] | None = None
+  input_neighbours: tuple[np.ndarray, np.ndarray] | None = None
+
+  @property
+  def density(self) -> np.ndarray:
+    """(width,) firing fraction of the ordinary tokens scanned."""
+    return self.count / max(self.num_tokens, 1)
+
+  @property
+  def mean(self) -> np.ndarray:
+    """(width,) mean activation over the tokens where the latent fires."""
+    return np.where(self.count > 0, self.total / np.maximum(self.count, 1),
+                    0.0)
+
+  @property
+  def dead(self) -> np.ndarray:
+    return self.count == 0
+
+  def locate(self, index) -> tuple[np.ndarray, np.ndarray]:
+    """(window, position) of flat token indices."""
+    return np.divmod(np.asarray(index), self.seq_len)
+
+
+# --- the jitted steps -------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything the compiled steps depend on besides array shapes."""
+  spec: dl.Spec
+  config: models.Gemma3Config
+  dtype: Any
+  k: int
+  bins: int
+  per_bin: int
+  hist_bins: int
+  before: int
+  after: int
+  seed: int
+  mesh: Any = None
+  latent_axis: str | None = None
+  batch_axis: str | None = None
+
+
+def _mix(h):
+  """lowbias32: a uint32 -> uint32 hash with good avalanche."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def priority(flat_index: jax.Array, latent: jax.Array, seed: int
+             ) -> jax.Array:
+  """Sampling priority in [0, 1) of (flat index (N,), latent (W,)) pairs,
+  (N, W) float32: 24 bits of a hash of (index, latent, seed)."""
+  s = np.uint32(seed & 0xFFFFFFFF)
+  a = _mix(flat_index.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) ^ s)
+  b = _mix(latent.astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
+           + (s ^ jnp.uint32(0x27D4EB2F)))
+  h = _mix(a[:, None] ^ b[None, :])
+  return (h >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)
+
+
+def _merge(key, index, payloads, c_key, c_index, c_payloads, m):
+  """The m best of buffer + candidates per row: by key descending, then
+  flat index ascending (the tie rule). Payloads follow their key."""
+  keys = jnp.concatenate([key, c_key], axis=1)
+  idx = jnp.concatenate([index, c_index], axis=1)
+  order = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape)
+  # -inf (empty) negates to +inf: empties sort last.
+  _, _, order = jax.lax.sort((-keys, idx, order), dimension=1, num_keys=2)
+  order = order[:, :m]
+  take = lambda a: jnp.take_along_axis(  # noqa: E731
+      a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+  return (take(keys), take(idx),
+          tuple(take(jnp.concatenate([p, c], axis=1))
+                for p, c in zip(payloads, c_payloads)))
+
+
+def _contexts(f, local, before, after):
+  """(W, m, C): latent w's values around each of its candidates `local`
+  (W, m) (chunk-local flat indices) within their windows; f is (B, T, W)."""
+  t_len = f.shape[1]
+  offsets = jnp.arange(-before, after + 1)
+
+  def one(col, n):                                    # col (B, T), n (m,)
+    b, t = n // t_len, n % t_len
+    tt = t[:, None] + offsets
+    ok = (tt >= 0) & (tt < t_len)
+    return jnp.where(ok, col[b[:, None], jnp.clip(tt, 0, t_len - 1)], 0.0)
+
+  return jax.vmap(one, in_axes=(2, 0))(f, local)
+
+
+def _candidates(st, f, keys_wn, m, w0):
+  """The m best of one chunk per latent: (key, flat index, context)."""
+  c_key, local = jax.lax.top_k(keys_wn, m)
+  empty = c_key == -jnp.inf
+  flat = jnp.where(empty, _SENTINEL, w0 * f.shape[1] + local)
+  ctx = _contexts(f, local, st.before, st.after)
+  return c_key, local, flat, jnp.where(empty[..., None], 0.0, ctx)
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(st: _Static):
+  """(pass1, pass2) jitted steps of one scan configuration."""
+
+  def constrain(x, *axes):
+    if st.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(st.mesh, PartitionSpec(*axes)))
+
+  def latents(params, arrays, tokens, mask, keep):
+    out = models.forward(params, tokens, mask, config=st.config,
+                         hookpoints=st.spec.hookpoints, logits=False,
+                         loss=False, dtype=st.dtype)
+    f = dl.latents(st.spec, arrays, out.activations)
+    f = jnp.where(keep[..., None], f, 0.0)             # (B, T, W)
+    f = constrain(f, st.batch_axis, None, st.latent_axis)
+    flat = f.reshape(-1, f.shape[-1])
+    return f, flat, flat > 0
+
+  def pass1(state, params, arrays, tokens, mask, keep, w0):
+    f, flat, fired = latents(params, arrays, tokens, mask, keep)
+    s = dict(state)
+    s["count"] = state["count"] + fired.sum(0, dtype=jnp.int32)
+    y = flat.sum(0) - state["comp"]                    # Kahan summation
+    t = state["sum"] + y
+    s["comp"] = (t - state["sum"]) - y
+    s["sum"] = t
+    s["max"] = jnp.maximum(state["max"], flat.max(0))
+    keys = constrain(jnp.where(fired, flat, -jnp.inf).T, st.latent_axis,
+                     None)
+    c_key, _, c_idx, c_ctx = _candidates(st, f, keys,
+                                         min(st.k, keys.shape[1]), w0)
+    s["top_value"], s["top_index"], (s["top_context"],) = _merge(
+        state["top_value"], state["top_index"], (state["top_context"],),
+        c_key, c_idx, (c_ctx,), st.k)
+    return s
+
+  def pass2(state, params, arrays, tokens, mask, keep, w0, hist_edges,
+            q_edges):
+    f, flat, fired = latents(params, arrays, tokens, mask, keep)
+    s = dict(state)
+    n_fired = fired.sum(0, dtype=jnp.int32)
+    # Tokens at or above each interior edge; differences are the counts.
+    ge = jax.lax.map(
+        lambda e: jnp.sum(fired & (flat >= e[None, :]), 0, dtype=jnp.int32),
+        hist_edges[:, 1:-1].T)                         # (H - 1, W)
+    cum = jnp.concatenate([n_fired[None], ge,
+                           jnp.zeros_like(n_fired)[None]])
+    s["hist"] = state["hist"] + (cum[:-1] - cum[1:]).T
+    q = jnp.zeros(flat.shape, jnp.int32)
+    for j in range(1, st.bins):
+      q = q + (flat >= q_edges[None, :, j]).astype(jnp.int32)
+    n = flat.shape[0]
+    prio = priority(w0 * f.shape[1] + jnp.arange(n),
+                    jnp.arange(flat.shape[1]), st.seed)
+    flat_t = constrain(flat.T, st.latent_axis, None)
+    m = min(st.per_bin, n)
+    counts, keys, idxs, vals, ctxs = [], [], [], [], []
+    for b in range(st.bins):
+      in_bin = fired & (q == b)
+      counts.append(in_bin.sum(0, dtype=jnp.int32))
+      c_key, local, c_idx, c_ctx = _candidates(
+          st, f, constrain(jnp.where(in_bin, prio, -jnp.inf).T,
+                           st.latent_axis, None), m, w0)
+      c_val = jnp.where(c_key == -jnp.inf, 0.0,
+                        jnp.take_along_axis(flat_t, local, axis=1))
+      key, idx, (val, ctx) = _merge(
+          state["q_key"][:, b], state["q_index"][:, b],
+          (state["q_value"][:, b], state["q_context"][:, b]),
+          c_key, c_idx, (c_val, c_ctx), st.per_bin)
+      keys.append(key)
+      idxs.append(idx)
+      vals.append(val)
+      ctxs.append(ctx)
+    s["q_count"] = state["q_count"] + jnp.stack(counts, axis=1)
+    s["q_key"], s["q_index"] = jnp.stack(keys, 1), jnp.stack(idxs, 1)
+    s["q_value"], s["q_context"] = jnp.stack(vals, 1), jnp.stack(ctxs, 1)
+    return s
+
+  kw = {}
+  if st.mesh is not None:
+    kw = dict(out_shardings=NamedSharding(
+        st.mesh, PartitionSpec(st.latent_axis)))
+  return (jax.jit(pass1, donate_argnums=0, **kw),
+          jax.jit(pass2, donate_argnums=0, **kw))
+
+
+def _initial(width: int, k: int, bins: int, per_bin: int, hist_bins: int,
+             ctx: int) -> tuple[dict, dict]:
+  p1 = {"count": np.zeros(width, np.int32), "sum": np.zeros(width, np.float32),
+        "comp": np.zeros(width, np.float32), "max": np.zeros(width, np.float32),
+        "top_value": np.full((width, k), -np.inf, np.float32),
+        "top_index": np.full((width, k), _SENTINEL, np.int32),
+        "top_context": np.zeros((width, k, ctx), np.float32)}
+  p2 = {"hist": np.zeros((width, hist_bins), np.int32),
+        "q_count": np.zeros((width, bins), np.int32),
+        "q_key": np.full((width, bins, per_bin), -np.inf, np.float32),
+        "q_index": np.full((width, bins, per_bin), _SENTINEL, np.int32),
+        "q_value": np.zeros((width, bins, per_bin), np.float32),
+        "q_context": np.zeros((width, bins, per_bin, ctx), np.float32)}
+  return p1, p2
+
+
+def histogram_edges(max_: np.ndarray, hist_bins: int) -> np.ndarray:
+  """(width, hist_bins + 1) float32: 0, then log-spaced max * 1e-3 .. max
+  (all zeros for a dead latent)."""
+  mx = np.asarray(max_, np.float64)[:, None]
+  edges = np.zeros((len(mx), hist_bins + 1))
+  edges[:, 1:] = mx * np.logspace(np.log10(HIST_FLOOR), 0, hist_bins)
+  edges = edges.astype(np.float32)
+  edges[:, -1] = max_
+  return edges
+
+
+def quantile_edges(max_: np.ndarray, bins: int) -> np.ndarray:
+  """(width, bins + 1) float32: max * (0, 1/bins, ..., 1)."""
+  edges = (np.asarray(max_, np.float64)[:, None]
+           * np.arange(bins + 1) / bins).astype(np.float32)
+  edges[:, -1] = max_
+  return edges
+
+
+# --- resuming ---------------------------------------------------------------
+
+def _sha(*arrays) -> str:
+  h = hashlib.sha1()
+  for a in arrays:
+    if a is not None:
+      a = np.ascontiguousarray(a)
+      h.update(str((a.dtype.str, a.shape)).encode())
+      h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _save(path: pathlib.Path, fingerprint: dict, stage: int, next_window: int,
+          p1: dict, p2: dict | None) -> None:
+  arrays = {f"p1.{k}": np.asarray(v) for k, v in jax.device_get(p1).items()}
+  if p2 is not None:
+    arrays.update({f"p2.{k}": np.asarray(v)
+                   for k, v in jax.device_get(p2).items()})
+  meta = {"version": _STATE_VERSION, "fingerprint": fingerprint,
+          "stage": stage, "next_window": next_window}
+  arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  with safe_write.atomic_path(path) as tmp:
+    with open(tmp, "wb") as fh:
+      np.savez(fh, **arrays)
+
+
+def _load(path: pathlib.Path, fingerprint: dict):
+  """(stage, next_window, p1, p2) saved in `path`, or None if absent."""
+  if not path.is_file():
+    return None
+  try:
+    with np.load(path) as z:
+      meta = json.loads(bytes(z["meta"]).decode())
+      arrays = {k: z[k] for k in z.files if k != "meta"}
+  except (OSError, ValueError, KeyError) as e:
+    raise errors.InputError(f"{path}: not a readable scan state ({e}); "
+                            "delete it to start over") from None
+  saved = meta.get("fingerprint", {})
+  if meta.get("version") != _STATE_VERSION or saved != fingerprint:
+    diff = sorted(k for k in set(saved) | set(fingerprint)
+                  if saved.get(k) != fingerprint.get(k))
+    raise errors.UsageError(
+        f"{path}: holds the state of a different scan (differs in "
+        f"{', '.join(diff) or 'version'}); use another state_dir or delete "
+        "it to start over")
+  p1 = {k[3:]: v for k, v in arrays.items() if k.startswith("p1.")}
+  p2 = {k[3:]: v for k, v in arrays.items() if k.startswith("p2.")} or None
+  return meta["stage"], meta["next_window"], p1, p2
+
+
+# --- the scan ---------------------------------------------------------------
+
+def _place(tree, mesh, axis, lead: bool = True):
+  """device_put with the latent axis (leading, or last for encoder arrays
+  when lead=False) on `axis`."""
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, tree)
+
+  def spec(path, a):
+    a = np.asarray(a)
+    name = getattr(path[-1], "key", None) if path else None
+    if a.ndim == 0 or name == "b_dec":   # b_dec is (d,): no latent axis
+      return NamedSharding(mesh, PartitionSpec())
+    axes = [None] * a.ndim
+    axes[0 if lead else -1] = axis
+    return NamedSharding(mesh, PartitionSpec(*axes))
+
+  return jax.tree_util.tree_map_with_path(
+      lambda p, a: jax.device_put(a, spec(p, a)), tree)
+
+
+def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
+         tokenizer, *, hookpoint: str | None = None, k: int = 20,
+         quantile_bins: int = 10, per_bin: int = 5, hist_bins: int = 50,
+         before: int = 24, after: int = 8, batch_size: int = 8,
+         dtype=jnp.float32, mesh=None,
+         rules: tuple[tuple[str, str | None], ...] | None = None,
+         seed: int = 0, lens: bool = True, lens_tokens: int = 10,
+         num_neighbours: int = 10, progress: bool = True,
+         state_dir: str | pathlib.Path | None = None,
+         save_every_s: float = 300.0,
+         on_chunk: Callable[[int, int], None] | None = None) -> ScanResult:
+  """Scans `windows` and returns every latent's dashboard statistics.
+
+  Args:
+    config, params: the Gemma 3 model.
+    dictionary: an `interop.InferenceDictionary` (SAE, transcoder, skip
+      transcoder) or `interop.MultiLayerInference` (crosscoder, CLT).
+    windows: token windows (`text.windows`).
+    tokenizer: gives the special ids; only ordinary tokens are scanned.
+    hookpoint: where an `InferenceDictionary` reads, overriding its own.
+    k: top examples per latent.
+    quantile_bins, per_bin: quantile bins and examples sampled per bin.
+    hist_bins: histogram bins (module docstring).
+    before, after: context positions kept around each example.
+    batch_size: windows per chunk (one compiled program).
+    dtype: Gemma's compute dtype.
+    mesh: a ('data', 'model') `jax.sharding.Mesh`, or None (default device).
+    rules: logical-axis rules ('latent' and 'batch' are read); default
+      `parallel.MeshPlan().rules`.
+    seed: of the quantile samples.
+    lens: also compute the logit lens and the neighbour tables (`lens`).
+    lens_tokens, num_neighbours: their sizes.
+    progress: show a progress bar per pass (tokens/s and ETA).
+    state_dir: a folder to save progress in and resume from.
+    save_every_s: seconds between saves (also saved at each pass's end and
+      when an exception stops the scan).
+    on_chunk: called as on_chunk(pass_number, next_window) after each chunk
+      (and its save, if one was due).
+
+  Returns:
+    A `ScanResult`.
+
+  Raises:
+    UsageError: bad settings, a mesh that does not divide the width or the
+      batch, or a state_dir holding another scan.
+    InputError: a dictionary that does not fit the model (unknown
+      hookpoint, wrong width), or windows without ordinary tokens.
+  """
+  for name, value in (("k", k), ("quantile_bins", quantile_bins),
+                      ("per_bin", per_bin), ("hist_bins", hist_bins),
+                      ("batch_size", batch_size)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise errors.UsageError(f"scan: {name} must be an int >= 1, got "
+                              f"{value!r}")
+  if hist_bins < 2:
+    raise errors.UsageError(f"scan: hist_bins must be >= 2, got {hist_bins}")
+  if min(before, after) < 0:
+    raise errors.UsageError(f"scan: before and after must be >= 0, got "
+                            f"{before}, {after}")
+  src = dl.source(dictionary, config, hookpoint)
+  width = src.spec.width
+  tokens_all = np.asarray(windows.tokens, np.int32)
+  if tokens_all.ndim != 2 or tokens_all.shape[0] == 0:
+    raise errors.InputError(f"scan: no windows to scan (tokens of shape "
+                            f"{tokens_all.shape})")
+  n_windows, seq_len = tokens_all.shape
+  if n_windows * seq_len >= _SENTINEL:
+    raise errors.UsageError(f"scan: {n_windows} windows x {seq_len} exceed "
+                            "the int32 flat token index; scan fewer")
+  keep_all = ordinary_mask(tokenizer, tokens_all, windows.mask,
+                           windows.exclude)
+  num_tokens = int(keep_all.sum())
+  if num_tokens == 0:
+    raise errors.InputError("scan: the windows hold no ordinary tokens "
+                            "(empty text, or only special tokens)")
+  batch_size = min(batch_size, n_windows)
+  latent_axis = batch_axis = None
+  if mesh is not None:
+    r = dict(rules or MeshPlan().rules)
+    latent_axis, batch_axis = r.get("latent"), r.get("batch")
+    for axis, size, what in ((latent_axis, width, "width"),
+                             (batch_axis, batch_size, "batch_size")):
+      if axis is not None and size % mesh.shape[axis]:
+        raise errors.UsageError(
+            f"scan: {what} {size} does not divide over the mesh axis "
+            f"{axis!r} ({mesh.shape[axis]} devices)")
+  st = _Static(src.spec, config, jnp.dtype(dtype), k, quantile_bins, per_bin,
+               hist_bins, before, after, seed, mesh, latent_axis, batch_axis)
+  pass1, pass2 = _steps(st)
+  arrays = _place(src.arrays, mesh, latent_axis, lead=False)
+  ctx = before + 1 + after
+  p1, p2 = _initial(width, k, quantile_bins, per_bin, hist_bins, ctx)
+
+  fingerprint = {
+      "model": config.name, "kind": src.spec.kind,
+      "hookpoints": list(src.spec.hookpoints), "width": width,
+      "tokens": _sha(tokens_all, windows.mask, windows.exclude, keep_all),
+      "dictionary": _sha(*(src.arrays[k] for k in sorted(src.arrays))),
+      "architecture": src.spec.architecture, "top_k": k,
+      "quantile_bins": quantile_bins, "per_bin": per_bin,
+      "hist_bins": hist_bins, "before": before, "after": after,
+      "seed": seed, "dtype": jnp.dtype(dtype).name}
+  path = None if state_dir is None else pathlib.Path(state_dir) / STATE_FILE
+  stage, next_window = 1, 0
+  if path is not None:
+    safe_write.check_workdir(path.parent)
+    loaded = _load(path, fingerprint)
+    if loaded is not None:
+      stage, next_window, p1, saved_p2 = loaded
+      p2 = saved_p2 if saved_p2 is not None else p2
+
+  real = windows.mask.sum(axis=1)
+  state = {1: p1, 2: p2}
+  last_save = time.monotonic()
+
+  def save(stage_, window_):
+    nonlocal last_save
+    if path is not None:
+      _save(path, fingerprint, stage_, window_, state[1],
+            state[2] if stage_ >= 2 else None)
+      last_save = time.monotonic()
+
+  for number in (1, 2):
+    if stage > number:
+      continue
+    start = next_window if stage == number else 0
+    state[number] = _place(state[number], mesh, latent_axis)
+    extra = ()
+    if number == 2:
+      mx = np.asarray(jax.device_get(state[1]["max"]))
+      extra = (_place(histogram_edges(mx, hist_bins), mesh, latent_axis),
+               _place(quantile_edges(mx, quantile_bins), mesh, latent_axis))
+    step = pass1 if number == 1 else pass2
+    bar = tqdm(total=int(real.sum()), initial=int(real[:start].sum()),
+               unit="tok", unit_scale=True, disable=not progress,
+               desc=f"dashboard scan {number}/2", dynamic_ncols=True)
+    done = start
+    try:
+      for w0 in range(start, n_windows, batch_size):
+        stop = min(w0 + batch_size, n_windows)
+        tokens = np.zeros((batch_size, seq_len), np.int32)
+        mask = np.zeros((batch_size, seq_len), bool)
+        keep = np.zeros((batch_size, seq_len), bool)
+        tokens[:stop - w0] = tokens_all[w0:stop]
+        mask[:stop - w0] = windows.mask[w0:stop]
+        keep[:stop - w0] = keep_all[w0:stop]
+        chunk = (tokens, mask, keep)
+        if mesh is not None:
+          rows = NamedSharding(mesh, PartitionSpec(batch_axis))
+          chunk = tuple(jax.device_put(a, rows) for a in chunk)
+        state[number] = step(state[number], params, arrays, *chunk,
+                             np.int32(w0), *extra)
+        done = stop
+        bar.update(int(real[w0:stop].sum()))
+        if time.monotonic() - last_save >= save_every_s:
+          save(number, done)
+        if on_chunk is not None:
+          on_chunk(number, done)
+    except BaseException:
+      bar.close()
+      try:
+        save(number, done)
+      except RuntimeError:  # a donated buffer the failed step consumed
+        pass
+      raise
+    bar.close()
+    stage, next_window = number + 1, 0
+    save(stage, 0)
+
+  r1 = {k_: np.asarray(v) for k_, v in jax.device_get(state[1]).items()}
+  r2 = {k_: np.asarray(v) for k_, v in jax.device_get(state[2]).items()}
+  extras = {}
+  if lens:
+    extras = lens_lib.compute(src, config, params, n_tokens=lens_tokens,
+                              n_neighbours=num_neighbours)
+  return _result(st, src, r1, r2, n_windows, seq_len, num_tokens, extras)
+
+
+def _result(st, src, r1, r2, n_windows, seq_len, num_tokens, extras
+            ) -> ScanResult:
+  def index(a):
+    return np.where(a == _SENTINEL, -1, a.astype(np.int64))
+
+  def value(v, idx):
+    return np.where(idx < 0, 0.0, v).astype(np.float32)
+
+  top_index, q_index = index(r1["top_index"]), index(r2["q_index"])
+  total = r1["sum"].astype(np.float64) - r1["comp"].astype(np.float64)
+  return ScanResult(
+      model=st.config.name, kind=src.spec.kind,
+      hookpoints=src.spec.hookpoints, width=src.spec.width, seq_len=seq_len,
+      num_windows=n_windows, num_tokens=num_tokens, k=st.k,
+      quantile_bins=st.bins, per_bin=st.per_bin, hist_bins=st.hist_bins,
+      before=st.before, after=st.after, seed=st.seed,
+      count=r1["count"].astype(np.int64), total=total,
+      max=r1["max"].astype(np.float32),
+      top_values=value(r1["top_value"], top_index), top_index=top_index,
+      top_context=r1["top_context"],
+      hist_edges=histogram_edges(r1["max"], st.hist_bins),
+      hist_counts=r2["hist"].astype(np.int64),
+      quantile_edges=quantile_edges(r1["max"], st.bins),
+      quantile_counts=r2["q_count"].astype(np.int64),
+      quantile_values=value(r2["q_value"], q_index), quantile_index=q_index,
+      quantile_context=r2["q_context"],
+      lens=extras.get("lens"), neighbours=extras.get("neighbours"),
+      input_neighbours=extras.get("input_neighbours"))
