@@ -18,4 +18,10 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "read_latent": "gemscope_jax.dashboards.site",
     "show": "gemscope_jax.dashboards.notebook",
     "serve": "gemscope_jax.dashboards.server",
+    "ScanResult": "gemscope_jax.dashboards.scan",
+    "meta_record": "gemscope_jax.dashboards.records",
+    "latent_record": "gemscope_jax.dashboards.records",
+    "Lens": "gemscope_jax.dashboards.lens",
+    "logit_lens": "gemscope_jax.dashboards.lens",
+    "neighbours": "gemscope_jax.dashboards.lens",
 }, submodules=("notebook", "server", "site"))
