@@ -599,6 +599,16 @@ def test_dead_and_missing_latents(page, site):
   page.wait("document.querySelector('.gs-missing')")
   assert "no record of latent 4000" in page.eval(
       "document.querySelector('.gs-missing').textContent")
+  # The header's box goes to a latent; the back link to the index, which
+  # loads then (the page was opened on a latent).
+  page.eval("document.getElementById('gs-go').value = '5';"
+            "document.querySelector('.gs-go').requestSubmit()")
+  page.wait("(document.getElementById('gs-latent-title') || {})"
+            ".textContent === 'Latent 5'")
+  page.eval("document.getElementById('gs-back').click()")
+  page.wait("(document.getElementById('gs-status') || {dataset: {}})"
+            ".dataset.loaded === 'all'")
+  assert _ids(page) == list(range(WIDTH))
 
 
 def test_show_renders_in_a_browser(page, site, tmp_path):
