@@ -145,38 +145,59 @@ def _check_hookpoints(hps, config, d_in) -> tuple[str, ...]:
 
 def latents(spec: Spec, arrays: dict[str, jax.Array],
             acts: dict[str, jax.Array]) -> jax.Array:
-  """(..., width) float32 latents from the recorded hookpoints, with the
-  arithmetic of `InferenceDictionary.encode` / `MultiLayerInference.encode`
-  (float32, highest matmul precision)."""
+  """(width, tokens) float32 latents, latent-major, from the recorded
+  hookpoints' (..., d) activations (flattened over the leading axes), with
+  the arithmetic of `InferenceDictionary.encode` /
+  `MultiLayerInference.encode` (float32, highest matmul precision).
+
+  Latent-major because everything downstream reduces over tokens per
+  latent: the encoder matmul writes that layout directly, where a
+  transpose of a (tokens, width) array would cost as much as a top-k.
+  """
   if not spec.multilayer:
     x = acts[spec.hookpoints[0]].astype(jnp.float32)
+    x = x.reshape(-1, x.shape[-1])                          # (N, d)
     if spec.pre_enc_bias:
       x = x - arrays["b_dec"]
-    pre = jnp.matmul(x, arrays["w_enc"], precision=_HIGHEST) + arrays["b_enc"]
+    pre = jnp.einsum("dw,nd->wn", arrays["w_enc"], x, precision=_HIGHEST
+                     ) + arrays["b_enc"][:, None]
     f = jax.nn.relu(pre)
     if spec.architecture == "jumprelu":
-      return f * (pre > arrays["threshold"]).astype(f.dtype)
+      return f * (pre > arrays["threshold"][:, None]).astype(f.dtype)
     if spec.architecture == "topk":
-      _, idx = jax.lax.top_k(f, spec.k)
-      keep = jnp.put_along_axis(jnp.zeros_like(f), idx,
-                                jnp.ones(idx.shape, f.dtype), axis=-1,
-                                inplace=False)
-      return f * keep
+      return _topk_per_token(f, spec.k, strict=True)
     return f
   x = jnp.stack([acts[h].astype(jnp.float32) for h in spec.hookpoints],
-                axis=-2)                                   # (..., n, d)
-  eq = "...nd,nds->...ns" if spec.kind == "clt" else "...nd,nds->...s"
-  pre = jnp.einsum(eq, x, arrays["w_enc"], precision=_HIGHEST
-                   ) + arrays["b_enc"]
+                axis=-2)                                    # (..., n, d)
+  x = x.reshape(-1, *x.shape[-2:])                          # (N, n, d)
+  if spec.kind == "clt":
+    pre = jnp.einsum("nds,Nnd->nsN", arrays["w_enc"], x, precision=_HIGHEST
+                     ) + arrays["b_enc"][..., None]
+  else:
+    pre = jnp.einsum("nds,Nnd->sN", arrays["w_enc"], x, precision=_HIGHEST
+                     ) + arrays["b_enc"][:, None]
   f = jax.nn.relu(pre)
   if spec.architecture == "jumprelu":
-    f = f * (pre > arrays["threshold"]).astype(f.dtype)
-  f = f.reshape(*f.shape[:x.ndim - 2], spec.width)
+    f = f * (pre > arrays["threshold"][..., None]).astype(f.dtype)
+  f = f.reshape(spec.width, -1)             # a CLT's layers, layer-major
   if spec.architecture == "topk":
-    # As MultiLayerInference.encode: every latent >= the k-th largest.
-    kth = jax.lax.top_k(f, spec.k)[0][..., -1:]
-    f = f * (f >= kth).astype(f.dtype)
+    f = _topk_per_token(f, spec.k, strict=False)
   return f
+
+
+def _topk_per_token(f, k, strict):
+  """Keeps each token's (column's) k largest latents: exactly k by
+  position (`InferenceDictionary`, strict) or every latent >= the k-th
+  largest (`MultiLayerInference`)."""
+  ft = f.T
+  values, idx = jax.lax.top_k(ft, k)
+  if strict:
+    keep = jnp.put_along_axis(jnp.zeros_like(ft), idx,
+                              jnp.ones(idx.shape, ft.dtype), axis=-1,
+                              inplace=False)
+  else:
+    keep = (ft >= values[:, -1:]).astype(ft.dtype)
+  return (ft * keep).T
 
 
 # --- the vectors the lens and the neighbour tables compare ------------------

@@ -190,13 +190,13 @@ def _mix(h):
 
 def priority(flat_index: jax.Array, latent: jax.Array, seed: int
              ) -> jax.Array:
-  """Sampling priority in [0, 1) of (flat index (N,), latent (W,)) pairs,
-  (N, W) float32: 24 bits of a hash of (index, latent, seed)."""
+  """Sampling priority in [0, 1) of (latent (W,), flat index (N,)) pairs,
+  (W, N) float32: 24 bits of a hash of (index, latent, seed)."""
   s = np.uint32(seed & 0xFFFFFFFF)
   a = _mix(flat_index.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) ^ s)
   b = _mix(latent.astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
            + (s ^ jnp.uint32(0x27D4EB2F)))
-  h = _mix(a[:, None] ^ b[None, :])
+  h = _mix(b[:, None] ^ a[None, :])
   return (h >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)
 
 
@@ -216,27 +216,24 @@ def _merge(key, index, payloads, c_key, c_index, c_payloads, m):
                 for p, c in zip(payloads, c_payloads)))
 
 
-def _contexts(f, local, before, after):
-  """(W, m, C): latent w's values around each of its candidates `local`
-  (W, m) (chunk-local flat indices) within their windows; f is (B, T, W)."""
-  t_len = f.shape[1]
+def _contexts(f, local, t_len, before, after):
+  """(W, m, C): each latent's values around its candidates `local` (W, m)
+  (chunk-local flat indices) within their windows; f is (W, B * T)."""
   offsets = jnp.arange(-before, after + 1)
-
-  def one(col, n):                                    # col (B, T), n (m,)
-    b, t = n // t_len, n % t_len
-    tt = t[:, None] + offsets
-    ok = (tt >= 0) & (tt < t_len)
-    return jnp.where(ok, col[b[:, None], jnp.clip(tt, 0, t_len - 1)], 0.0)
-
-  return jax.vmap(one, in_axes=(2, 0))(f, local)
+  tt = (local % t_len)[..., None] + offsets                # (W, m, C)
+  ok = (tt >= 0) & (tt < t_len)
+  n = jnp.clip(local[..., None] + offsets, 0, f.shape[1] - 1)
+  values = jnp.take_along_axis(f, n.reshape(n.shape[0], -1), axis=1)
+  return jnp.where(ok, values.reshape(n.shape), 0.0)
 
 
-def _candidates(st, f, keys_wn, m, w0):
-  """The m best of one chunk per latent: (key, flat index, context)."""
-  c_key, local = jax.lax.top_k(keys_wn, m)
+def _candidates(st, f, keys, m, w0, t_len):
+  """The m best of one chunk per latent: (key, local index, flat index,
+  context); keys and f are (W, B * T)."""
+  c_key, local = jax.lax.top_k(keys, m)
   empty = c_key == -jnp.inf
-  flat = jnp.where(empty, _SENTINEL, w0 * f.shape[1] + local)
-  ctx = _contexts(f, local, st.before, st.after)
+  flat = jnp.where(empty, _SENTINEL, w0 * t_len + local)
+  ctx = _contexts(f, local, t_len, st.before, st.after)
   return c_key, local, flat, jnp.where(empty[..., None], 0.0, ctx)
 
 
@@ -250,63 +247,76 @@ def _steps(st: _Static):
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(st.mesh, PartitionSpec(*axes)))
 
-  def latents(params, arrays, tokens, mask, keep):
+  def acts_of(params, tokens, mask):
+    """(B, T, n_hookpoints, d) activations at the dictionary's input."""
     out = models.forward(params, tokens, mask, config=st.config,
                          hookpoints=st.spec.hookpoints, logits=False,
                          loss=False, dtype=st.dtype)
-    f = dl.latents(st.spec, arrays, out.activations)
-    f = jnp.where(keep[..., None], f, 0.0)             # (B, T, W)
-    f = constrain(f, st.batch_axis, None, st.latent_axis)
-    flat = f.reshape(-1, f.shape[-1])
-    return f, flat, flat > 0
+    return jnp.stack([out.activations[h] for h in st.spec.hookpoints], 2)
+
+  def latents(arrays, acts, keep):
+    """(W, B * T) latents (0 off the ordinary tokens) and where they fire."""
+    f = dl.latents(st.spec, arrays, {h: acts[:, :, i] for i, h in
+                                     enumerate(st.spec.hookpoints)})
+    f = jnp.where(keep.reshape(1, -1), f, 0.0)
+    f = constrain(f, st.latent_axis, None)
+    return f, f > 0
 
   def pass1(state, params, arrays, tokens, mask, keep, w0):
-    f, flat, fired = latents(params, arrays, tokens, mask, keep)
+    """(state, the chunk's activations, for pass 2 to reuse)."""
+    t_len = tokens.shape[1]
+    acts = acts_of(params, tokens, mask)
+    f, fired = latents(arrays, acts, keep)
     s = dict(state)
-    s["count"] = state["count"] + fired.sum(0, dtype=jnp.int32)
-    y = flat.sum(0) - state["comp"]                    # Kahan summation
+    s["count"] = state["count"] + fired.sum(1, dtype=jnp.int32)
+    y = f.sum(1) - state["comp"]                       # Kahan summation
     t = state["sum"] + y
     s["comp"] = (t - state["sum"]) - y
     s["sum"] = t
-    s["max"] = jnp.maximum(state["max"], flat.max(0))
-    keys = constrain(jnp.where(fired, flat, -jnp.inf).T, st.latent_axis,
-                     None)
-    c_key, _, c_idx, c_ctx = _candidates(st, f, keys,
-                                         min(st.k, keys.shape[1]), w0)
+    s["max"] = jnp.maximum(state["max"], f.max(1))
+    keys = jnp.where(fired, f, -jnp.inf)
+    c_key, _, c_idx, c_ctx = _candidates(st, f, keys, min(st.k, f.shape[1]),
+                                         w0, t_len)
     s["top_value"], s["top_index"], (s["top_context"],) = _merge(
         state["top_value"], state["top_index"], (state["top_context"],),
         c_key, c_idx, (c_ctx,), st.k)
-    return s
+    return s, acts
 
   def pass2(state, params, arrays, tokens, mask, keep, w0, hist_edges,
             q_edges):
-    f, flat, fired = latents(params, arrays, tokens, mask, keep)
+    return pass2_cached(state, acts_of(params, tokens, mask), arrays, keep,
+                        w0, hist_edges, q_edges)
+
+  def pass2_cached(state, acts, arrays, keep, w0, hist_edges, q_edges):
+    t_len = keep.shape[1]
+    f, fired = latents(arrays, acts, keep)
     s = dict(state)
-    n_fired = fired.sum(0, dtype=jnp.int32)
-    # Tokens at or above each interior edge; differences are the counts.
-    ge = jax.lax.map(
-        lambda e: jnp.sum(fired & (flat >= e[None, :]), 0, dtype=jnp.int32),
-        hist_edges[:, 1:-1].T)                         # (H - 1, W)
-    cum = jnp.concatenate([n_fired[None], ge,
-                           jnp.zeros_like(n_fired)[None]])
-    s["hist"] = state["hist"] + (cum[:-1] - cum[1:]).T
-    q = jnp.zeros(flat.shape, jnp.int32)
+    # A value's bin is the number of interior edges at or below it, by
+    # comparisons with the exact edges (one fused pass); non-firing tokens
+    # go to an extra bin that is dropped.
+    width, hb = f.shape[0], st.hist_bins
+    h = jnp.zeros(f.shape, jnp.int32)
+    for j in range(1, hb):
+      h = h + (f >= hist_edges[:, j:j + 1]).astype(jnp.int32)
+    h = jnp.where(fired, h, hb)
+    rows = jnp.broadcast_to(jnp.arange(width)[:, None], h.shape)
+    s["hist"] = state["hist"] + jnp.zeros((width, hb + 1), jnp.int32).at[
+        rows, h].add(1)[:, :hb]
+    q = jnp.zeros(f.shape, jnp.int32)
     for j in range(1, st.bins):
-      q = q + (flat >= q_edges[None, :, j]).astype(jnp.int32)
-    n = flat.shape[0]
-    prio = priority(w0 * f.shape[1] + jnp.arange(n),
-                    jnp.arange(flat.shape[1]), st.seed)
-    flat_t = constrain(flat.T, st.latent_axis, None)
+      q = q + (f >= q_edges[:, j:j + 1]).astype(jnp.int32)
+    n = f.shape[1]
+    prio = priority(w0 * t_len + jnp.arange(n), jnp.arange(f.shape[0]),
+                    st.seed)
     m = min(st.per_bin, n)
     counts, keys, idxs, vals, ctxs = [], [], [], [], []
     for b in range(st.bins):
       in_bin = fired & (q == b)
-      counts.append(in_bin.sum(0, dtype=jnp.int32))
+      counts.append(in_bin.sum(1, dtype=jnp.int32))
       c_key, local, c_idx, c_ctx = _candidates(
-          st, f, constrain(jnp.where(in_bin, prio, -jnp.inf).T,
-                           st.latent_axis, None), m, w0)
+          st, f, jnp.where(in_bin, prio, -jnp.inf), m, w0, t_len)
       c_val = jnp.where(c_key == -jnp.inf, 0.0,
-                        jnp.take_along_axis(flat_t, local, axis=1))
+                        jnp.take_along_axis(f, local, axis=1))
       key, idx, (val, ctx) = _merge(
           state["q_key"][:, b], state["q_index"][:, b],
           (state["q_value"][:, b], state["q_context"][:, b]),
@@ -320,12 +330,16 @@ def _steps(st: _Static):
     s["q_value"], s["q_context"] = jnp.stack(vals, 1), jnp.stack(ctxs, 1)
     return s
 
-  kw = {}
+  state_out = None
   if st.mesh is not None:
-    kw = dict(out_shardings=NamedSharding(
-        st.mesh, PartitionSpec(st.latent_axis)))
-  return (jax.jit(pass1, donate_argnums=0, **kw),
-          jax.jit(pass2, donate_argnums=0, **kw))
+    state_out = NamedSharding(st.mesh, PartitionSpec(st.latent_axis))
+  jit = lambda fn, out: (  # noqa: E731
+      jax.jit(fn, donate_argnums=0) if st.mesh is None else
+      jax.jit(fn, donate_argnums=0, out_shardings=out))
+  rows = None if st.mesh is None else NamedSharding(
+      st.mesh, PartitionSpec(st.batch_axis))
+  return (jit(pass1, (state_out, rows)), jit(pass2, state_out),
+          jit(pass2_cached, state_out))
 
 
 def _initial(width: int, k: int, bins: int, per_bin: int, hist_bins: int,
@@ -443,7 +457,7 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
          seed: int = 0, lens: bool = True, lens_tokens: int = 10,
          num_neighbours: int = 10, progress: bool = True,
          state_dir: str | pathlib.Path | None = None,
-         save_every_s: float = 300.0,
+         save_every_s: float = 300.0, cache_bytes: int = 2 << 30,
          on_chunk: Callable[[int, int], None] | None = None) -> ScanResult:
   """Scans `windows` and returns every latent's dashboard statistics.
 
@@ -470,6 +484,9 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
     state_dir: a folder to save progress in and resume from.
     save_every_s: seconds between saves (also saved at each pass's end and
       when an exception stops the scan).
+    cache_bytes: host memory for pass 1's activations at the hookpoint(s),
+      which pass 2 then encodes again instead of running Gemma twice; a
+      scan whose activations need more (or 0) runs Gemma in both passes.
     on_chunk: called as on_chunk(pass_number, next_window) after each chunk
       (and its save, if one was due).
 
@@ -522,7 +539,7 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
             f"{axis!r} ({mesh.shape[axis]} devices)")
   st = _Static(src.spec, config, jnp.dtype(dtype), k, quantile_bins, per_bin,
                hist_bins, before, after, seed, mesh, latent_axis, batch_axis)
-  pass1, pass2 = _steps(st)
+  pass1, pass2, pass2_cached = _steps(st)
   arrays = _place(src.arrays, mesh, latent_axis, lead=False)
   ctx = before + 1 + after
   p1, p2 = _initial(width, k, quantile_bins, per_bin, hist_bins, ctx)
@@ -556,42 +573,66 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
             state[2] if stage_ >= 2 else None)
       last_save = time.monotonic()
 
+  # Pass 1's activations, kept on the host for pass 2 when they fit (a
+  # pass that resumes in the middle has none and runs Gemma again).
+  per_window = (seq_len * len(src.spec.hookpoints)
+                * src.arrays["w_enc"].shape[-2] * jnp.dtype(dtype).itemsize)
+  cache: dict[int, np.ndarray] | None = (
+      {} if stage == 1 and next_window == 0
+      and n_windows * per_window <= cache_bytes else None)
+  rows = None if mesh is None else NamedSharding(mesh,
+                                                 PartitionSpec(batch_axis))
+
+  def chunk_of(w0):
+    stop = min(w0 + batch_size, n_windows)
+    out = []
+    for a in (tokens_all, windows.mask, keep_all):
+      pad = np.zeros((batch_size, seq_len), a.dtype)
+      pad[:stop - w0] = a[w0:stop]
+      out.append(pad if rows is None else jax.device_put(pad, rows))
+    return stop, out
+
   for number in (1, 2):
     if stage > number:
       continue
     start = next_window if stage == number else 0
     state[number] = _place(state[number], mesh, latent_axis)
-    extra = ()
+    edges = ()
     if number == 2:
       mx = np.asarray(jax.device_get(state[1]["max"]))
-      extra = (_place(histogram_edges(mx, hist_bins), mesh, latent_axis),
+      edges = (_place(histogram_edges(mx, hist_bins), mesh, latent_axis),
                _place(quantile_edges(mx, quantile_bins), mesh, latent_axis))
-    step = pass1 if number == 1 else pass2
+    reuse = number == 2 and cache is not None and len(cache) == len(
+        range(0, n_windows, batch_size))
     bar = tqdm(total=int(real.sum()), initial=int(real[:start].sum()),
                unit="tok", unit_scale=True, disable=not progress,
                desc=f"dashboard scan {number}/2", dynamic_ncols=True)
-    done = start
+    done, pending = start, None
     try:
       for w0 in range(start, n_windows, batch_size):
-        stop = min(w0 + batch_size, n_windows)
-        tokens = np.zeros((batch_size, seq_len), np.int32)
-        mask = np.zeros((batch_size, seq_len), bool)
-        keep = np.zeros((batch_size, seq_len), bool)
-        tokens[:stop - w0] = tokens_all[w0:stop]
-        mask[:stop - w0] = windows.mask[w0:stop]
-        keep[:stop - w0] = keep_all[w0:stop]
-        chunk = (tokens, mask, keep)
-        if mesh is not None:
-          rows = NamedSharding(mesh, PartitionSpec(batch_axis))
-          chunk = tuple(jax.device_put(a, rows) for a in chunk)
-        state[number] = step(state[number], params, arrays, *chunk,
-                             np.int32(w0), *extra)
+        stop, (tokens, mask, keep) = chunk_of(w0)
+        if number == 1:
+          state[1], acts = pass1(state[1], params, arrays, tokens, mask,
+                                 keep, np.int32(w0))
+          if pending is not None:    # copied a chunk late: no stall
+            cache[pending[0]] = np.asarray(pending[1])
+          pending = None if cache is None else (w0, acts)
+        elif reuse:
+          acts = cache.pop(w0)
+          acts = acts if rows is None else jax.device_put(acts, rows)
+          state[2] = pass2_cached(state[2], acts, arrays, keep,
+                                  np.int32(w0), *edges)
+        else:
+          state[2] = pass2(state[2], params, arrays, tokens, mask, keep,
+                           np.int32(w0), *edges)
         done = stop
         bar.update(int(real[w0:stop].sum()))
         if time.monotonic() - last_save >= save_every_s:
           save(number, done)
         if on_chunk is not None:
           on_chunk(number, done)
+      if pending is not None:
+        cache[pending[0]] = np.asarray(pending[1])
     except BaseException:
       bar.close()
       try:
