@@ -1,0 +1,305 @@
+"""`attribute`: the attribution graph of one prompt through transcoders/CLTs.
+
+Edges are direct effects in the frozen linear model of
+`_replacement.LocalReplacement`, where features are sources only (their
+nonlinearity is not differentiated). A target row is a cotangent on the
+model's read sites: a feature's encoder column (without b_enc) at its
+`mlp_in` (layer, position), or a logit's demeaned unembedding
+E[v] - mean_v E at the final-norm output of the last position. One
+`jax.vjp` of the linear model, `vmap`ped over a batch of such rows, gives
+each row's gradient at every write site (the scaled embeddings, and each
+layer's MLP output), and then
+  feature edge = gradient . (activation * decoder row)   (summed over the
+                 output layers a CLT latent writes to)
+  error edge   = gradient . error vector
+  token edge   = gradient . sqrt(d_model) * embedding row
+  bias         = gradient . b_dec (every layer, every position)
+so that a row's edges plus its bias sum to its value when every active
+feature is a node (the linear model has no other constant).
+
+When there are more active features than `max_feature_nodes`, features are
+chosen as circuit-tracer does: logit rows first, then repeatedly the
+unvisited features of highest partial influence (computed from the rows so
+far) until the budget is spent.
+
+Caveat: feature edges are computed per layer as (rows, T, features)
+products and the position picked afterwards, which costs T times the
+minimum; fine for short prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemscope_jax import models
+from gemscope_jax.circuits import _graph, _prune, _replacement
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_PAD = 64  # features per layer are padded to a multiple of this
+
+
+@functools.partial(jax.jit, static_argnames=("pad",))
+def _rows(frozen, embed, errors, b_dec, sources, source_pos, layer, pos,
+          read_vecs, final_vecs, is_logit, *, pad):
+  """Edges of a batch of R target rows.
+
+  Returns (features (R, sum n_l padded), errors (R, L * T), tokens (R, T),
+  bias (R,)).
+  """
+  del pad
+  L, T, D = errors.shape
+  zeros = jnp.zeros((L, T, D), jnp.float32)
+  _, vjp = jax.vjp(functools.partial(_replacement.run_linear, frozen),
+                   embed, zeros)
+
+  def one(l, p, read, final, logit):
+    ct_reads = zeros.at[l, p].set(jnp.where(logit, 0.0, 1.0) * read)
+    return vjp((ct_reads, jnp.where(logit, 1.0, 0.0) * final))
+
+  g_e, g_w = jax.vmap(one)(layer, pos, read_vecs, final_vecs, is_logit)
+  tok = jnp.einsum("rtd,td->rt", g_e, embed, precision=_HIGHEST)
+  err = jnp.einsum("rltd,ltd->rlt", g_w, errors, precision=_HIGHEST)
+  bias = jnp.einsum("rltd,ld->r", g_w, b_dec, precision=_HIGHEST)
+  feats = []
+  for l, (src, spos) in enumerate(zip(sources, source_pos)):
+    if src.shape[0] == 0:
+      continue
+    k = src.shape[1]
+    m = jnp.einsum("rktd,nkd->rtn", g_w[:, l:l + k], src, precision=_HIGHEST)
+    feats.append(m[:, spos, jnp.arange(src.shape[0])])
+  feats = (jnp.concatenate(feats, axis=1) if feats
+           else jnp.zeros((layer.shape[0], 0), jnp.float32))
+  return feats, err.reshape(err.shape[0], -1), tok, bias
+
+
+def _padded_sources(rep):
+  """Per-layer sources padded to multiples of _PAD, their positions, and
+  the column of each real feature in the padded concatenation."""
+  sources, positions, columns = [], [], []
+  start = offset = 0
+  for src in rep.sources:
+    n = src.shape[0]
+    pos = rep.features[start:start + n, 1]
+    if n:
+      size = -(-n // _PAD) * _PAD
+      sources.append(jnp.pad(src, ((0, size - n), (0, 0), (0, 0))))
+      positions.append(jnp.asarray(np.pad(pos, (0, size - n))))
+      columns.append(offset + np.arange(n))
+      offset += size
+    else:
+      sources.append(src)
+      positions.append(jnp.zeros((0,), jnp.int32))
+    start += n
+  cols = np.concatenate(columns) if columns else np.zeros(0, np.int64)
+  return sources, positions, cols
+
+
+def salient_logits(logits: np.ndarray, *, desired_prob: float = 0.95,
+                   max_logits: int = 10) -> tuple[np.ndarray, np.ndarray]:
+  """(token ids, probabilities): the most likely tokens until their
+  cumulative probability reaches `desired_prob`, at most `max_logits`."""
+  logits = np.asarray(logits, np.float64)
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  order = np.argsort(-p, kind="stable")[:max_logits]
+  cut = int(np.searchsorted(np.cumsum(p[order]), desired_prob)) + 1
+  order = order[:cut]
+  return order.astype(np.int32), p[order].astype(np.float32)
+
+
+def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
+              config: models.Gemma3Config, params: Any, *,
+              tokenizer=None, max_feature_nodes: int | None = None,
+              target_tokens: Sequence[int] | None = None,
+              batch_size: int = 256, desired_logit_prob: float = 0.95,
+              max_n_logits: int = 10, update_interval: int = 4,
+              verbose: bool = False) -> _graph.Graph:
+  """The attribution graph of one prompt (module docstring).
+
+  Args:
+    tokens_or_prompt: token ids (BOS first), or text (needs `tokenizer`).
+    dictionaries: {layer: InferenceDictionary} transcoders reading
+      `layer_L/mlp_in` and writing `layer_L/mlp_out` (a list of num_layers,
+      None for a layer left whole, also works), or one CLT
+      (`interop.MultiLayerInference` of kind 'clt').
+    config, params: the model.
+    tokenizer: encodes a prompt and names the tokens.
+    max_feature_nodes: most features kept as nodes (default all active).
+    target_tokens: logit targets; default the likeliest next tokens up to
+      `desired_logit_prob` cumulative probability, at most `max_n_logits`.
+    batch_size: target rows per backward pass.
+    update_interval: batches between re-rankings of the features.
+    verbose: print timings.
+
+  Returns:
+    A `Graph`.
+  """
+  t0 = time.perf_counter()
+  prompt = None
+  if isinstance(tokens_or_prompt, str):
+    if tokenizer is None:
+      raise ValueError("attribute: a text prompt needs a tokenizer")
+    prompt = tokens_or_prompt
+    tokens = np.asarray(tokenizer.encode(prompt), np.int32)
+  else:
+    tokens = np.asarray(tokens_or_prompt, np.int32).reshape(-1)
+  if len(tokens) < 2:
+    raise ValueError("attribute: needs at least 2 tokens (BOS and one more)")
+  rep = _replacement.build(params, config, tokens, dictionaries)
+  L, T = config.num_layers, len(tokens)
+  logits = np.asarray(rep.clean["logits"], np.float64)
+  if target_tokens is None:
+    logit_ids, logit_p = salient_logits(logits, desired_prob=desired_logit_prob,
+                                        max_logits=max_n_logits)
+  else:
+    logit_ids = np.asarray(target_tokens, np.int32).reshape(-1)
+    p = np.exp(logits - logits.max())
+    logit_p = (p / p.sum())[logit_ids].astype(np.float32)
+  n_act, n_err, n_log = len(rep.features), L * T, len(logit_ids)
+  n_cols = n_act + n_err + T + n_log
+  budget = n_act if max_feature_nodes is None else min(max_feature_nodes,
+                                                       n_act)
+
+  emb = rep.embedding
+  demeaned = np.asarray(emb[jnp.asarray(logit_ids)] - emb.mean(axis=0))
+  sources, source_pos, cols = _padded_sources(rep)
+  D = config.d_model
+
+  def run(rows):
+    """rows: ('logit', i) or feature indices; returns (R, n_cols) edges and
+    (R,) biases."""
+    out, biases = [], []
+    for s in range(0, len(rows), batch_size):
+      chunk = rows[s:s + batch_size]
+      r = len(chunk)
+      layer = np.zeros(batch_size, np.int32)
+      pos = np.zeros(batch_size, np.int32)
+      read = np.zeros((batch_size, D), np.float32)
+      final = np.zeros((batch_size, D), np.float32)
+      logit = np.zeros(batch_size, bool)
+      for i, row in enumerate(chunk):
+        if row < 0:  # logit -1 - k
+          final[i] = demeaned[-1 - row]
+          logit[i] = True
+        else:
+          l, p, f = rep.features[row]
+          layer[i], pos[i] = l, p
+          read[i] = rep.dicts.w_enc[l][:, f]
+      feats, err, tok, bias = _rows(
+          rep.frozen, rep.clean["embed"], rep.errors,
+          jnp.asarray(rep.dicts.b_dec), sources, source_pos,
+          jnp.asarray(layer), jnp.asarray(pos), jnp.asarray(read),
+          jnp.asarray(final), jnp.asarray(logit), pad=_PAD)
+      block = np.zeros((r, n_cols), np.float32)
+      block[:, :n_act] = np.asarray(feats)[:r, cols]
+      block[:, n_act:n_act + n_err] = np.asarray(err)[:r]
+      block[:, n_act + n_err:n_act + n_err + T] = np.asarray(tok)[:r]
+      out.append(block)
+      biases.append(np.asarray(bias)[:r])
+    return np.concatenate(out), np.concatenate(biases)
+
+  logit_rows, logit_bias = run(list(range(-1, -1 - n_log, -1)))
+  t1 = time.perf_counter()
+  # Rows computed so far and the node (column) each stands for.
+  matrix = [logit_rows]
+  row_node = [n_act + n_err + T + np.arange(n_log)]
+  feature_bias = np.zeros(n_act, np.float32)
+  visited = np.zeros(n_act, bool)
+  weights = np.zeros(n_cols)
+  weights[n_act + n_err + T:] = logit_p
+  while visited.sum() < budget:
+    if budget == n_act:
+      pending = np.nonzero(~visited)[0]
+    else:
+      done = np.concatenate(matrix)
+      nodes = np.concatenate(row_node)
+      part = _partial_influence(done, nodes, weights)
+      rank = np.argsort(-part[:n_act], kind="stable")
+      rank = rank[~visited[rank]]
+      pending = rank[:min(update_interval * batch_size,
+                          budget - int(visited.sum()))]
+    rows, bias = run(list(pending))
+    matrix.append(rows)
+    row_node.append(pending)
+    feature_bias[pending] = bias
+    visited[pending] = True
+  t2 = time.perf_counter()
+
+  selected = np.nonzero(visited)[0]
+  matrix = np.concatenate(matrix)
+  nodes = np.concatenate(row_node)
+  row_of = {int(node): i for i, node in enumerate(nodes)}
+  keep_cols = np.concatenate([selected, np.arange(n_act, n_cols)])
+  n = len(keep_cols)
+  n_sel = len(selected)
+  adjacency = np.zeros((n, n), np.float32)
+  adjacency[:n_sel] = matrix[[row_of[int(s)] for s in selected]][:, keep_cols]
+  adjacency[n - n_log:] = logit_rows[:, keep_cols]
+
+  feats = rep.features[selected]
+  mlp_in = np.asarray(rep.clean["mlp_in"])
+  value = np.zeros(n, np.float32)
+  value[:n_sel] = [mlp_in[l, p] @ rep.dicts.w_enc[l][:, f] for l, p, f in feats]
+  logits_c = logits - logits.mean()
+  value[n - n_log:] = logits_c[logit_ids]
+  bias = np.zeros(n, np.float32)
+  bias[:n_sel] = feature_bias[selected]
+  bias[n - n_log:] = logit_bias
+  err_norm = np.linalg.norm(np.asarray(rep.errors), axis=-1).reshape(-1)
+  ll, pp = np.meshgrid(np.arange(L), np.arange(T), indexing="ij")
+  cat = np.concatenate
+  token_strings = None
+  if tokenizer is not None:
+    token_strings = [tokenizer.decode([int(t)]) for t in tokens]
+  graph = _graph.Graph(
+      tokens=tokens,
+      kind=cat([np.full(n_sel, _graph.FEATURE), np.full(n_err, _graph.ERROR),
+                np.full(T, _graph.TOKEN),
+                np.full(n_log, _graph.LOGIT)]).astype(np.int8),
+      layer=cat([feats[:, 0], ll.ravel(), np.full(T, -1),
+                 np.full(n_log, L)]).astype(np.int32),
+      position=cat([feats[:, 1], pp.ravel(), np.arange(T),
+                    np.full(n_log, T - 1)]).astype(np.int32),
+      latent=cat([feats[:, 2], np.full(n_err, -1), tokens,
+                  logit_ids]).astype(np.int32),
+      activation=cat([rep.activations[selected], err_norm, np.zeros(T),
+                      logits[logit_ids]]).astype(np.float32),
+      value=value, bias=bias, adjacency=adjacency,
+      logit_tokens=logit_ids.astype(np.int32),
+      logit_probabilities=np.asarray(logit_p, np.float32),
+      prompt=prompt, token_strings=token_strings,
+      metadata={"model": config.name, "num_layers": L,
+                "d_model": config.d_model,
+                "dictionaries": rep.dicts.kind,
+                "n_active_features": int(n_act),
+                "max_feature_nodes": max_feature_nodes,
+                "batch_size": batch_size,
+                "seconds": {"setup_and_logit_rows": round(t1 - t0, 3),
+                            "feature_rows": round(t2 - t1, 3)}})
+  if verbose:
+    print(f"attribute: {n_act} active features, {n_sel} kept; "
+          f"{t1 - t0:.1f} s setup + logits, {t2 - t1:.1f} s features")
+  return graph
+
+
+def _partial_influence(matrix: np.ndarray, row_node: np.ndarray,
+                       weights: np.ndarray, max_iter: int = 10_000
+                       ) -> np.ndarray:
+  """circuit-tracer's partial influence: influence through the rows
+  computed so far (`matrix` (R, n_cols), row i standing for node
+  row_node[i]), starting from the logit probabilities `weights`."""
+  b = _prune.normalize(matrix)
+  prod = weights.copy()
+  total = np.zeros_like(weights)
+  for _ in range(max_iter):
+    prod = prod[row_node] @ b
+    if not prod.any():
+      return total
+    total += prod
+  raise RuntimeError("partial influence: no convergence")

@@ -1,0 +1,343 @@
+"""The local replacement model of one prompt, and its frozen linear part.
+
+One clean pass of Gemma 3 fixes, for one prompt, every attention pattern and
+every RMSNorm denominator (pre-attention, post-attention, pre-FFW, final).
+With those frozen, the map from what is written into the residual stream
+(the scaled token embeddings, and at each layer the MLP's output) to what
+is read from it (each layer's `mlp_in`, the final-norm output) is linear:
+`LocalReplacement.run`. Each MLP output is then written as
+    mlp_out[l, p] = skip_l(mlp_in[l, p]) + sum_features a * W_dec row
+                    + b_dec[l] + error[l, p],
+the skip (an affine transcoder's `x @ affine_skip`) staying inside the
+linear map, so gradients flow through it. The error is what makes the
+replacement reproduce the clean pass exactly. A CLT latent of layer l
+writes rows to every output layer m >= l. Position 0 (BOS) holds no
+feature nodes (as circuit-tracer): its latents' writes are part of its
+error nodes.
+
+Caveat: everything is float32 and held for the whole prompt, (L, T, D)
+arrays and (L, heads, T, T) patterns: fine for prompts of hundreds of
+tokens, not tens of thousands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemscope_jax import models
+# The same RoPE and mask helpers the model uses, so the recomputed attention
+# patterns round exactly as the model's own.
+from gemscope_jax.models import _modules, _transformer
+from gemscope_jax.interop import _inference, multilayer
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out")
+
+
+@flax.struct.dataclass
+class Frozen:
+  """What the clean pass fixes: the linear model's coefficients.
+
+  Attributes:
+    g_pre_attn, g_post_attn, g_pre_ffw: (L, T, D) gains: each RMSNorm as a
+      per-(position, channel) multiplier, 1/rms(clean input) * (1 + scale).
+    g_final: (D,) the final norm's gain at the last position.
+    probs: (L, K, G, T, S) attention patterns.
+    w_v: (L, K, D, H) value weights; w_o: (L, N * H, D) output weights.
+    skip: (L, D, D) affine skips (zeros where a layer has none), or None.
+  """
+  g_pre_attn: jax.Array
+  g_post_attn: jax.Array
+  g_pre_ffw: jax.Array
+  g_final: jax.Array
+  probs: jax.Array
+  w_v: jax.Array
+  w_o: jax.Array
+  skip: jax.Array | None
+
+
+def run_linear(frozen: Frozen, embed: jax.Array, writes: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """The frozen linear model: (embed (T, D), writes (L, T, D)) ->
+  (mlp_in (L, T, D), final-norm output at the last position (D,)).
+
+  `writes[l]` is added to the residual stream after layer l's attention
+  and `mlp_in`, beside the (linear) skip term; it stands for everything
+  else the replaced MLP writes.
+  """
+  def layer(x, per_layer):
+    g_pre, probs, w_v, w_o, g_post, g_ffw, skip, write = per_layer
+    v = jnp.einsum("td,kdh->tkh", x * g_pre, w_v, precision=_HIGHEST)
+    heads = jnp.einsum("kgts,skh->tkgh", probs, v, precision=_HIGHEST)
+    h = jnp.einsum("tn,nd->td", heads.reshape(x.shape[0], -1), w_o,
+                   precision=_HIGHEST)
+    x = x + h * g_post
+    mlp_in = x * g_ffw
+    x = x + write
+    if skip is not None:
+      x = x + jnp.matmul(mlp_in, skip, precision=_HIGHEST)
+    return x, mlp_in
+
+  x, mlp_in = jax.lax.scan(
+      layer, embed,
+      (frozen.g_pre_attn, frozen.probs, frozen.w_v, frozen.w_o,
+       frozen.g_post_attn, frozen.g_pre_ffw, frozen.skip, writes))
+  return mlp_in, x[-1] * frozen.g_final
+
+
+def _inv_rms(x, eps):
+  x = x.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1) + eps)
+
+
+def _rms_norm(x, scale, eps):
+  return x * _inv_rms(x, eps)[..., None] * (1.0 + scale)
+
+
+def freeze(params: Any, config: models.Gemma3Config, tokens: np.ndarray,
+           skip: jax.Array | None):
+  """The clean pass of one prompt (tokens (T,)) and its frozen coefficients.
+
+  Returns:
+    (frozen, clean) with clean = {"embed": (T, D) scaled embeddings,
+    "mlp_in", "mlp_out": (L, T, D), "logits": (V,) at the last position}.
+  """
+  c = config
+  L, T = c.num_layers, len(tokens)
+  names = [f"layer_{l}/{s}" for l in range(L) for s in _SITES]
+  out = models.forward(params, jnp.asarray(tokens, jnp.int32)[None],
+                       config=c, hookpoints=names, loss=False)
+  rec = {s: jnp.stack([out.activations[f"layer_{l}/{s}"][0]
+                       for l in range(L)]).astype(jnp.float32)
+         for s in _SITES}
+  p = [params[f"layer_{l}"] for l in range(L)]
+  scale = lambda l, name: jnp.asarray(p[l][name]["scale"], jnp.float32)  # noqa: E731
+  w_o = jnp.stack([jnp.asarray(p[l]["attn"]["attn_vec_einsum"]["w"],
+                               jnp.float32).reshape(-1, c.d_model)
+                   for l in range(L)])
+  kv = [jnp.asarray(p[l]["attn"]["kv_einsum"]["w"], jnp.float32)
+        for l in range(L)]
+  eps = c.norm_eps
+  g = lambda x, name: jnp.stack([  # noqa: E731
+      _inv_rms(x[l], eps)[:, None] * (1.0 + scale(l, name))
+      for l in range(L)])
+  g_pre_attn = g(rec["resid_pre"], "pre_attention_norm")
+  h = jnp.einsum("ltn,lnd->ltd", rec["attn_out"], w_o, precision=_HIGHEST)
+  g_post_attn = g(h, "post_attention_norm")
+  g_pre_ffw = g(rec["resid_mid"], "pre_ffw_norm")
+  last = rec["resid_mid"][-1, -1] + rec["mlp_out"][-1, -1]
+  g_final = _inv_rms(last, eps) * (
+      1.0 + jnp.asarray(params["final_norm"]["scale"], jnp.float32))
+
+  positions = jnp.arange(T)[None]
+  masks = _transformer.attention_masks(c, jnp.ones((1, T), bool))
+  probs = []
+  for l in range(L):
+    a = rec["resid_pre"][l] * g_pre_attn[l]
+    attn = p[l]["attn"]
+    q = jnp.einsum("td,ndh->tnh", a, jnp.asarray(attn["q_einsum"]["w"],
+                                                 jnp.float32),
+                   precision=_HIGHEST)
+    k = jnp.einsum("td,kdh->tkh", a, kv[l][0], precision=_HIGHEST)
+    q = _rms_norm(q, jnp.asarray(attn["_query_norm"]["scale"]), eps)
+    k = _rms_norm(k, jnp.asarray(attn["_key_norm"]["scale"]), eps)
+    rope = _modules.rope_table(positions, c.head_dim, *c.rope(l), T)
+    q = _modules.apply_rope(q[None], rope)[0] * c.query_scale
+    k = _modules.apply_rope(k[None], rope)[0]
+    q = q.reshape(T, c.num_kv_heads, -1, c.head_dim)
+    logits = jnp.einsum("tkgh,skh->kgts", q, k, precision=_HIGHEST)
+    allowed = masks[c.attention_kind(l)][0]
+    probs.append(jax.nn.softmax(
+        jnp.where(allowed, logits, _modules._MASK_VALUE), axis=-1))
+  frozen = Frozen(g_pre_attn=g_pre_attn, g_post_attn=g_post_attn,
+                  g_pre_ffw=g_pre_ffw, g_final=g_final,
+                  probs=jnp.stack(probs), w_v=jnp.stack([w[1] for w in kv]),
+                  w_o=w_o, skip=skip)
+  embed = jnp.asarray(params["embedder"]["input_embedding"], jnp.float32)
+  clean = {"embed": embed[jnp.asarray(tokens)] * jnp.float32(c.embed_scale),
+           "mlp_in": rec["mlp_in"], "mlp_out": rec["mlp_out"],
+           "logits": out.logits[0, -1].astype(jnp.float32)}
+  return frozen, clean
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dictionaries:
+  """Per-layer transcoders or one CLT, in the form attribution needs.
+
+  Attributes:
+    kind: 'transcoders' or 'clt'.
+    w_enc: per layer (D, S_l) encoder (a transcoder's pre_enc_bias folded
+      into its b_enc), or None for a layer without a dictionary.
+    w_dec: per layer (S_l, k_l, D): latent rows written to layers
+      l .. l + k_l - 1 (k_l = 1 for a transcoder, L - l for a CLT).
+    b_dec: (L, D) decoder bias of each output layer.
+    skip: (L, D, D) affine skips, or None when no layer has one.
+    encode: fn(mlp_in (L, T, D)) -> per layer (T, S_l) latents, or None.
+  """
+  kind: str
+  w_enc: list
+  w_dec: list
+  b_dec: np.ndarray
+  skip: np.ndarray | None
+  encode: Any
+
+  @classmethod
+  def of(cls, dictionaries, config: models.Gemma3Config) -> Dictionaries:
+    """From {layer: InferenceDictionary}, a per-layer sequence (None for a
+    layer whose MLP stays whole: all of it is then error) or one CLT
+    (`MultiLayerInference` of kind 'clt')."""
+    L, D = config.num_layers, config.d_model
+    if isinstance(dictionaries, multilayer.MultiLayerInference):
+      d = dictionaries
+      if d.kind != "clt" or d.n_layers != L or d.d_in != D:
+        raise ValueError(f"attribute: needs a CLT with {L} layers of width "
+                         f"{D}, got a {d.kind} of {d.n_layers} x {d.d_in}")
+      def encode(x):
+        acts = d.encode(np.asarray(x))
+        return [np.asarray(acts[..., l, :], np.float32) for l in range(L)]
+      return cls("clt", list(d.w_enc), [d.w_dec[l, :, l:] for l in range(L)],
+                 np.asarray(d.b_dec, np.float32), None, encode)
+    if isinstance(dictionaries, Mapping):
+      per_layer = [dictionaries.get(l) for l in range(L)]
+      extra = set(dictionaries) - set(range(L))
+      if extra:
+        raise ValueError(f"attribute: no layers {sorted(extra)} in a "
+                         f"{L}-layer model")
+    elif isinstance(dictionaries, Sequence) and len(dictionaries) == L:
+      per_layer = list(dictionaries)
+    else:
+      raise ValueError("attribute: dictionaries must be {layer: transcoder}, "
+                       f"a list of {L} transcoders (None allowed) or a CLT")
+    for l, d in enumerate(per_layer):
+      if d is None:
+        continue
+      if not isinstance(d, _inference.InferenceDictionary):
+        raise ValueError(f"attribute: layer {l}: not an InferenceDictionary")
+      if d.d_in != D or d.d_out != D:
+        raise ValueError(f"attribute: layer {l}: transcoder {d.d_in} -> "
+                         f"{d.d_out}, the model's MLP is {D} -> {D}")
+    per_layer = [None if d is None else d.folded() for d in per_layer]
+    b_dec = np.stack([np.zeros(D, np.float32) if d is None else d.b_dec
+                      for d in per_layer])
+    skip = None
+    if any(d is not None and d.affine_skip is not None for d in per_layer):
+      skip = np.stack([np.zeros((D, D), np.float32)
+                       if d is None or d.affine_skip is None
+                       else d.affine_skip for d in per_layer])
+
+    def encode(x):
+      return [None if d is None else np.asarray(d.encode(x[l]), np.float32)
+              for l, d in enumerate(per_layer)]
+    return cls("transcoders",
+               [None if d is None else d.w_enc for d in per_layer],
+               [None if d is None else d.w_dec[:, None] for d in per_layer],
+               b_dec, skip, encode)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LocalReplacement:
+  """The replacement model of one prompt (see the module docstring).
+
+  Attributes:
+    tokens: (T,) the prompt.
+    frozen: the linear model's coefficients.
+    clean: the clean pass (`freeze`).
+    dicts: the dictionaries.
+    features: (n, 3) int (layer, position, latent) of the active features,
+      sorted; positions >= 1.
+    activations: (n,) their activations.
+    sources: per layer (n_l, k_l, D) float32: activation * decoder rows of
+      that layer's active features, in `features` order.
+    errors: (L, T, D) real MLP output - reconstruction (b_dec and skip
+      included).
+    embedding: (V, D) the (unscaled, tied) embedding table.
+  """
+  tokens: np.ndarray
+  frozen: Frozen
+  clean: dict
+  dicts: Dictionaries
+  features: np.ndarray
+  activations: np.ndarray
+  sources: list
+  errors: jax.Array
+  embedding: jax.Array
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.dicts.w_enc)
+
+  def writes(self, feature_scale=None, error_scale=None) -> jax.Array:
+    """(L, T, D) MLP writes outside the skip: features, b_dec and errors,
+    each feature's and error's contribution times its scale (default 1)."""
+    L, T, D = self.errors.shape
+    n = len(self.features)
+    fs = np.ones(n, np.float32) if feature_scale is None else feature_scale
+    es = np.ones((L, T), np.float32) if error_scale is None else error_scale
+    out = self.errors * jnp.asarray(es)[..., None] + jnp.asarray(
+        self.dicts.b_dec)[:, None]
+    start = 0
+    for l, src in enumerate(self.sources):
+      count = src.shape[0]
+      if count:
+        k = src.shape[1]
+        pos = self.features[start:start + count, 1]
+        vec = src * jnp.asarray(fs[start:start + count])[:, None, None]
+        out = out.at[l:l + k, pos].add(jnp.swapaxes(vec, 0, 1))
+      start += count
+    return out
+
+  def run(self, embed=None, writes=None):
+    """(mlp_in (L, T, D), final-norm output (D,)) of the linear model."""
+    embed = self.clean["embed"] if embed is None else embed
+    writes = self.writes() if writes is None else writes
+    return run_linear(self.frozen, embed, writes)
+
+  def logits(self, final: jax.Array) -> jax.Array:
+    """(V,) logits of a final-norm output (D,)."""
+    return jnp.matmul(self.embedding, final, precision=_HIGHEST)
+
+
+def build(params, config: models.Gemma3Config, tokens,
+          dictionaries) -> LocalReplacement:
+  """The local replacement model of `tokens` (T,) through `dictionaries`."""
+  tokens = np.asarray(tokens, np.int32)
+  dicts = dictionaries if isinstance(dictionaries, Dictionaries) else (
+      Dictionaries.of(dictionaries, config))
+  skip = None if dicts.skip is None else jnp.asarray(dicts.skip)
+  frozen, clean = freeze(params, config, tokens, skip)
+  L = config.num_layers
+  acts = dicts.encode(np.asarray(clean["mlp_in"]))
+  features, values, sources = [], [], []
+  recon = np.broadcast_to(dicts.b_dec[:, None], clean["mlp_out"].shape).copy()
+  for l in range(L):
+    if acts[l] is None:
+      sources.append(np.zeros((0, 1, config.d_model), np.float32))
+      continue
+    a = acts[l].copy()
+    a[0] = 0.0  # BOS holds no feature nodes
+    pos, lat = np.nonzero(a)
+    w_dec = dicts.w_dec[l]
+    k = w_dec.shape[1]
+    recon[l:l + k] += np.einsum("ts,skd->ktd", a, w_dec)
+    features.append(np.stack([np.full_like(pos, l), pos, lat], axis=1))
+    values.append(a[pos, lat])
+    sources.append((a[pos, lat][:, None, None] * w_dec[lat]).astype(
+        np.float32))
+  if skip is not None:
+    recon += np.einsum("ltd,lde->lte", np.asarray(clean["mlp_in"]),
+                       dicts.skip)
+  errors = jnp.asarray(np.asarray(clean["mlp_out"]) - recon, jnp.float32)
+  features = (np.concatenate(features) if features
+              else np.zeros((0, 3), np.int64)).astype(np.int32)
+  values = (np.concatenate(values) if values
+            else np.zeros(0)).astype(np.float32)
+  embedding = jnp.asarray(params["embedder"]["input_embedding"], jnp.float32)
+  return LocalReplacement(tokens, frozen, clean, dicts, features, values,
+                          [jnp.asarray(s) for s in sources], errors,
+                          embedding)
