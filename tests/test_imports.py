@@ -48,7 +48,7 @@ LAYERS: dict[str, int] = {
     "models": 3,
     "convert": 4, "parallel": 4, "dictionaries": 4,
     "surgery": 5, "data": 5, "interop": 5,
-    "evals": 6, "generate": 6, "dashboards": 6,
+    "evals": 6, "generate": 6, "dashboards": 6, "circuits": 6,
     "training": 7,
     "cli": 8,
 }

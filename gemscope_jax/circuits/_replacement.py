@@ -199,8 +199,8 @@ class Dictionaries:
         raise ValueError(f"attribute: needs a CLT with {L} layers of width "
                          f"{D}, got a {d.kind} of {d.n_layers} x {d.d_in}")
       def encode(x):
-        acts = d.encode(np.asarray(x))
-        return [np.asarray(acts[..., l, :], np.float32) for l in range(L)]
+        acts = d.encode(np.swapaxes(np.asarray(x), 0, 1))  # (T, L, S)
+        return [np.asarray(acts[:, l], np.float32) for l in range(L)]
       return cls("clt", list(d.w_enc), [d.w_dec[l, :, l:] for l in range(L)],
                  np.asarray(d.b_dec, np.float32), None, encode)
     if isinstance(dictionaries, Mapping):
@@ -341,3 +341,8 @@ def build(params, config: models.Gemma3Config, tokens,
   return LocalReplacement(tokens, frozen, clean, dicts, features, values,
                           [jnp.asarray(s) for s in sources], errors,
                           embedding)
+
+
+# The public name of `build` (the package face cannot export a name that
+# equals a submodule, and "build" reads too generically there).
+build_replacement = build

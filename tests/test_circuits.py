@@ -1,0 +1,344 @@
+"""Attribution graphs (gemscope_jax.circuits): the replacement model, exact
+edges, completeness, feature selection, pruning and scores, save/load, JSON.
+
+A tiny random Gemma 3 (3 layers, one global, a sliding window of 3 so local
+masks matter, random norm scales) with random JumpReLU transcoders (with and
+without affine skip) and a random CLT whose thresholds sit at the 80th
+percentile of their pre-activations on the prompt (about 20% fire).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemscope_jax import circuits, interop, models
+from gemscope_jax.circuits import _graph, _prune, _replacement
+
+TINY = models.Gemma3Config(
+    name="tiny_circuits", num_layers=3, d_model=32, mlp_dim=64, num_heads=2,
+    num_kv_heads=1, head_dim=16, vocab_size=97, sliding_window=3,
+    global_every=2)
+TOKENS = np.array([2, 5, 17, 33, 8, 61, 40], np.int32)
+WIDTH = 40
+run_linear = jax.jit(_replacement.run_linear)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  rng = np.random.default_rng(0)
+  # NumPy draws in abstract_params' shapes (init_params is slow); norm
+  # scales random too, so every frozen gain is exercised.
+  params = jax.tree.map(
+      lambda s: rng.normal(0, 0.3 if len(s.shape) > 1 else 0.2,
+                           s.shape).astype(s.dtype),
+      models.abstract_params(TINY))
+  out = models.forward(params, TOKENS[None], config=TINY, hookpoints=[
+      f"layer_{l}/mlp_in" for l in range(TINY.num_layers)])
+  x = [np.asarray(out.activations[f"layer_{l}/mlp_in"][0])
+       for l in range(TINY.num_layers)]
+  return params, x, np.asarray(out.logits[0, -1])
+
+
+def _transcoders(x, skip: bool, seed: int = 1):
+  rng = np.random.default_rng(seed)
+  d = TINY.d_model
+  out = {}
+  for l, xl in enumerate(x):
+    w_enc = (rng.normal(size=(d, WIDTH)) / np.sqrt(d)).astype(np.float32)
+    b_enc = rng.normal(size=WIDTH).astype(np.float32) * 0.1
+    thr = np.quantile(xl @ w_enc + b_enc, 0.8, axis=0)
+    out[l] = interop.InferenceDictionary(
+        w_enc=w_enc, w_dec=rng.normal(size=(WIDTH, d)) * 0.3, b_enc=b_enc,
+        b_dec=rng.normal(size=d) * 0.1, threshold=thr,
+        affine_skip=rng.normal(size=(d, d)) * 0.1 if skip else None)
+  return out
+
+
+def _clt(x, seed: int = 2):
+  rng = np.random.default_rng(seed)
+  n, d = TINY.num_layers, TINY.d_model
+  w_enc = (rng.normal(size=(n, d, WIDTH)) / np.sqrt(d)).astype(np.float32)
+  b_enc = rng.normal(size=(n, WIDTH)) * 0.1
+  thr = np.stack([np.quantile(x[l] @ w_enc[l] + b_enc[l], 0.8, axis=0)
+                  for l in range(n)])
+  w_dec = rng.normal(size=(n, WIDTH, n, d)) * 0.2
+  w_dec *= np.triu(np.ones((n, n)))[:, None, :, None]  # source <= output
+  return interop.MultiLayerInference(
+      kind="clt", w_enc=w_enc, w_dec=w_dec, b_enc=b_enc,
+      b_dec=rng.normal(size=(n, d)) * 0.1, threshold=thr)
+
+
+KINDS = ("transcoders", "skip_transcoders", "clt")
+
+
+def _dicts(kind, x):
+  if kind == "clt":
+    return _clt(x)
+  return _transcoders(x, skip=kind == "skip_transcoders")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def case(request, tiny):
+  params, x, logits = tiny
+  dicts = _dicts(request.param, x)
+  rep = _replacement.build(params, TINY, TOKENS, dicts)
+  graph = circuits.attribute(TOKENS, dicts, TINY, params, batch_size=64)
+  return request.param, rep, graph, logits
+
+
+def _values(rep, graph, mlp_in, final):
+  """Each node's target quantity in a run of the linear model: feature
+  pre-activation without b_enc, demeaned logit; 0 for tokens and errors."""
+  mlp_in, final = np.asarray(mlp_in, np.float64), np.asarray(final, np.float64)
+  out = np.zeros(graph.num_nodes)
+  for i in np.nonzero(graph.kind == _graph.FEATURE)[0]:
+    l, p, f = graph.layer[i], graph.position[i], graph.latent[i]
+    out[i] = mlp_in[l, p] @ rep.dicts.w_enc[l][:, f]
+  emb = np.asarray(rep.embedding, np.float64)
+  logit = graph.kind == _graph.LOGIT
+  out[logit] = (emb[graph.latent[logit]] - emb.mean(0)) @ final
+  return out
+
+
+def test_replacement_reproduces_logits(case):
+  kind, rep, graph, logits = case
+  n_latents = TINY.num_layers * (len(TOKENS) - 1) * WIDTH
+  assert 0.1 < len(rep.features) / n_latents < 0.3
+  assert (rep.features[:, 1] >= 1).all()          # no BOS features
+  mlp_in, final = run_linear(rep.frozen, rep.clean["embed"], rep.writes())
+  np.testing.assert_allclose(np.asarray(rep.logits(final)), logits,
+                             atol=2e-5 * np.abs(logits).max())
+  np.testing.assert_allclose(mlp_in, rep.clean["mlp_in"], atol=1e-5)
+  # Without the error nodes the replacement does not reproduce them.
+  _, off = run_linear(rep.frozen, rep.clean["embed"],
+                      rep.writes(error_scale=np.zeros((3, len(TOKENS)))))
+  assert np.abs(np.asarray(rep.logits(off)) - logits).max() > 1e-2
+
+
+def test_every_kind_of_edge_is_exact(case):
+  """Doubling one source in the frozen linear model changes every target by
+  exactly A[:, source] (feature, error and token sources; feature and logit
+  targets)."""
+  kind, rep, graph, _ = case
+  n_feat = graph.num_features
+  assert n_feat == len(rep.features)      # all active features are nodes
+  np.testing.assert_array_equal(graph.layer[:n_feat], rep.features[:, 0])
+  base = _values(rep, graph, *run_linear(rep.frozen, rep.clean["embed"],
+                                         rep.writes()))
+  scale = np.abs(base).max()
+  rng = np.random.default_rng(3)
+  L, T = TINY.num_layers, len(TOKENS)
+  checked = {"feature": 0, "error": 0, "token": 0}
+  # features of the first layers (they have feature targets downstream)
+  early = np.nonzero(rep.features[:, 0] < L - 1)[0]
+  for s in rng.choice(early, 5, replace=False):
+    fs = np.ones(n_feat, np.float32)
+    fs[s] = 2.0
+    new = _values(rep, graph, *run_linear(
+        rep.frozen, rep.clean["embed"], rep.writes(feature_scale=fs)))
+    np.testing.assert_allclose(new - base, graph.adjacency[:, s],
+                               atol=1e-5 * scale)
+    assert np.abs(graph.adjacency[:, s]).max() > 1e-3
+    checked["feature"] += 1
+  for l, p in [(0, 0), (0, 3), (1, 5), (L - 1, T - 1), (1, 2)]:
+    es = np.ones((L, T), np.float32)
+    es[l, p] = 2.0
+    new = _values(rep, graph, *run_linear(
+        rep.frozen, rep.clean["embed"], rep.writes(error_scale=es)))
+    col = n_feat + l * T + p
+    assert graph.kind[col] == _graph.ERROR
+    assert (graph.layer[col], graph.position[col]) == (l, p)
+    np.testing.assert_allclose(new - base, graph.adjacency[:, col],
+                               atol=1e-5 * scale)
+    checked["error"] += 1
+  for p in range(T):
+    embed = rep.clean["embed"].at[p].multiply(2.0)
+    new = _values(rep, graph, *run_linear(rep.frozen, embed, rep.writes()))
+    col = n_feat + L * T + p
+    assert graph.kind[col] == _graph.TOKEN
+    np.testing.assert_allclose(new - base, graph.adjacency[:, col],
+                               atol=1e-5 * scale)
+    checked["token"] += 1
+  # every kind of edge was nonzero somewhere: into features and into logits
+  feat_rows = graph.kind == _graph.FEATURE
+  logit_rows = graph.kind == _graph.LOGIT
+  for rows in (feat_rows, logit_rows):
+    for kind_ in (_graph.FEATURE, _graph.ERROR, _graph.TOKEN):
+      block = graph.adjacency[np.ix_(rows, graph.kind == kind_)]
+      assert np.abs(block).max() > 1e-3
+  assert checked == {"feature": 5, "error": 5, "token": T}
+
+
+def test_completeness(case):
+  """With every source a node, each row's edges plus its bias (the b_dec
+  terms propagated through the frozen model) sum to its value: a logit's
+  demeaned logit, a feature's pre-activation without b_enc."""
+  kind, rep, graph, logits = case
+  rows = (graph.kind == _graph.FEATURE) | (graph.kind == _graph.LOGIT)
+  total = graph.adjacency.sum(axis=1) + graph.bias
+  np.testing.assert_allclose(total[rows], graph.value[rows],
+                             atol=2e-5 * np.abs(graph.value).max())
+  logit_nodes = graph.kind == _graph.LOGIT
+  np.testing.assert_allclose(
+      graph.value[logit_nodes],
+      (logits - logits.mean())[graph.logit_tokens], rtol=1e-5, atol=1e-5)
+  # the targets: likeliest tokens to 0.95 probability, at most 10
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  top = np.argsort(-p)
+  np.testing.assert_array_equal(graph.logit_tokens,
+                                top[:len(graph.logit_tokens)])
+  assert len(graph.logit_tokens) == 10 or (
+      p[graph.logit_tokens].sum() >= 0.95 > p[graph.logit_tokens[:-1]].sum())
+
+
+def test_feature_budget_and_targets(tiny):
+  params, x, _ = tiny
+  dicts = _transcoders(x, skip=True)
+  full = circuits.attribute(TOKENS, dicts, TINY, params, batch_size=16)
+  small = circuits.attribute(TOKENS, dicts, TINY, params, batch_size=16,
+                             max_feature_nodes=20, update_interval=1,
+                             target_tokens=[3, 7])
+  assert small.num_features == 20
+  assert small.num_nodes == 20 + 3 * len(TOKENS) + len(TOKENS) + 2
+  np.testing.assert_array_equal(small.logit_tokens, [3, 7])
+  # the same edges among the nodes both graphs hold
+  ids_full = {n: i for i, n in enumerate(full.node_ids())}
+  idx = [ids_full[n] for n in small.node_ids()[:-2]]
+  np.testing.assert_allclose(small.adjacency[:20, :-2],
+                             full.adjacency[np.ix_(idx[:20], idx)],
+                             atol=1e-6)
+  # the kept features have the largest influence among the first ranks:
+  # each kept feature has an edge path to a logit
+  b = _prune.normalize(small.adjacency)
+  infl = _prune.influence(b, _prune.logit_weights(small))
+  assert (infl[:20] > 0).all()
+
+
+def _hand_graph():
+  """f0, f1, e0, t0, t1, logit (p = 0.5); A[target, source]."""
+  a = np.zeros((6, 6), np.float32)
+  a[0, 3], a[0, 4] = 2.0, -2.0           # f0 <- t0, t1
+  a[1, 0], a[1, 3] = 1.0, 3.0            # f1 <- f0, t0
+  a[5, 1], a[5, 2], a[5, 4] = 6.0, -2.0, 2.0   # logit <- f1, e0, t1
+  n = 6
+  return _graph.Graph(
+      tokens=np.array([2, 9], np.int32),
+      kind=np.array([0, 0, 1, 2, 2, 3], np.int8),
+      layer=np.array([0, 1, 0, -1, -1, 2], np.int32),
+      position=np.array([1, 1, 1, 0, 1, 1], np.int32),
+      latent=np.array([4, 7, -1, 2, 9, 11], np.int32),
+      activation=np.ones(n, np.float32), value=np.zeros(n, np.float32),
+      bias=np.zeros(n, np.float32), adjacency=a,
+      logit_tokens=np.array([11], np.int32),
+      logit_probabilities=np.array([0.5], np.float32),
+      metadata={"num_layers": 2})
+
+
+def test_influence_pruning_and_scores_by_hand():
+  g = _hand_graph()
+  infl = circuits.node_influence(g)
+  # closed form: w ((I - B)^-1 - I)
+  b = _prune.normalize(g.adjacency)
+  w = np.array([0, 0, 0, 0, 0, 0.5])
+  closed = w @ (np.linalg.inv(np.eye(6) - b) - np.eye(6))
+  np.testing.assert_allclose(infl, closed, atol=1e-12)
+  np.testing.assert_allclose(infl, [0.075, 0.3, 0.1, 0.2625, 0.1375, 0],
+                             atol=1e-12)
+  # nodes to 0.75 of 0.875: f1, t0, t1 (+ tokens and logit always)
+  node_mask, edge_mask = circuits.prune(g, node_threshold=0.75,
+                                        edge_threshold=0.98)
+  np.testing.assert_array_equal(node_mask, [0, 1, 0, 1, 1, 1])
+  kept = {(int(t), int(s)) for t, s in zip(*np.nonzero(edge_mask))}
+  assert kept == {(5, 1), (1, 3), (5, 4)}
+  # edge scores .375 (logit<-f1), .375 (f1<-t0), .125 (logit<-t1)
+  node_mask, edge_mask = circuits.prune(g, node_threshold=0.75,
+                                        edge_threshold=0.8)
+  kept = {(int(t), int(s)) for t, s in zip(*np.nonzero(edge_mask))}
+  assert kept == {(5, 1), (1, 3)}
+  np.testing.assert_array_equal(node_mask, [0, 1, 0, 1, 1, 1])
+  # a feature whose only input is pruned away goes too
+  node_mask, _ = circuits.prune(g, node_threshold=0.3, edge_threshold=0.98)
+  np.testing.assert_array_equal(node_mask, [0, 1, 0, 1, 1, 1])
+  replacement, completeness = circuits.scores(g)
+  assert replacement == pytest.approx(0.4 / 0.5)
+  assert completeness == pytest.approx((1.375 - 0.2 * 0.5) / 1.375)
+
+
+def test_save_load_and_json(case, tmp_path):
+  kind, rep, graph, _ = case
+  graph.token_strings = [f"t{t}" for t in graph.tokens]
+  graph.prompt = "a prompt"
+  path = graph.save(tmp_path / "g.npz")
+  back = circuits.Graph.load(path)
+  for name in _graph._ARRAYS:
+    a, b = getattr(graph, name), getattr(back, name)
+    assert a.dtype == b.dtype and np.array_equal(a, b), name
+  assert (back.prompt, back.token_strings, back.metadata) == (
+      graph.prompt, graph.token_strings, graph.metadata)
+  ids = graph.node_ids()
+  assert len(set(ids)) == len(ids)
+  data = json.loads(json.dumps(circuits.to_json(graph, slug="t")))
+  node_ids = [n["node_id"] for n in data["nodes"]]
+  assert len(set(node_ids)) == len(node_ids)
+  assert {l["source"] for l in data["links"]} <= set(node_ids)
+  assert {l["target"] for l in data["links"]} <= set(node_ids)
+  meta = data["metadata"]
+  assert meta["schema_version"] == 1 and meta["prompt"] == "a prompt"
+  assert meta["prompt_tokens"] == graph.token_strings
+  assert 0 < meta["replacement_score"] <= 1
+  assert 0 < meta["completeness_score"] <= 1
+  kinds = {n["feature_type"] for n in data["nodes"]}
+  assert {"embedding", "logit"} <= kinds
+  logit_nodes = [n for n in data["nodes"] if n["is_target_logit"]]
+  assert len(logit_nodes) == len(graph.logit_tokens)
+  assert all(n["layer"] == str(TINY.num_layers + 1) for n in logit_nodes)
+
+
+@pytest.mark.slow
+def test_real_model_replacement(real_model):
+  """Random transcoders at all 18 layers of the real 270M (thresholds at the
+  85th percentile of pre-activations on the prompt): the replacement
+  reproduces the real logits, and logit rows are complete."""
+  from gemscope_jax.text.tokenizer import default_tokenizer
+  config, params = real_model
+  tok = default_tokenizer()
+  tokens = np.asarray(tok.encode("The capital of France is"), np.int32)
+  L, d = config.num_layers, config.d_model
+  out = models.forward(params, tokens[None], config=config, hookpoints=[
+      f"layer_{l}/mlp_in" for l in range(L)], logits=False)
+  rng = np.random.default_rng(0)
+  width = 256
+  dicts = {}
+  for l in range(L):
+    x = np.asarray(out.activations[f"layer_{l}/mlp_in"][0])
+    w_enc = rng.normal(size=(d, width)).astype(np.float32) / np.sqrt(d)
+    w_enc /= x.std() + 1e-6
+    thr = np.quantile(x[1:] @ w_enc, 0.85, axis=0)
+    dicts[l] = interop.InferenceDictionary(
+        w_enc=w_enc, w_dec=rng.normal(size=(width, d)) * 0.05,
+        b_enc=np.zeros(width), b_dec=rng.normal(size=d) * 0.01,
+        threshold=thr, affine_skip=rng.normal(size=(d, d)) * 0.01)
+  rep = _replacement.build(params, config, tokens, dicts)
+  _, final = run_linear(rep.frozen, rep.clean["embed"], rep.writes())
+  real = np.asarray(rep.clean["logits"])
+  np.testing.assert_allclose(np.asarray(rep.logits(final)), real,
+                             atol=1e-4 * np.abs(real).max())
+  start = time.perf_counter()
+  graph = circuits.attribute(tokens, dicts, config, params, tokenizer=tok,
+                             max_feature_nodes=200, batch_size=128)
+  seconds = time.perf_counter() - start
+  logit = graph.kind == _graph.LOGIT
+  total = graph.adjacency[logit].sum(1) + graph.bias[logit]
+  # only 200 of the active features are nodes: logit rows are complete
+  # once the features left out are added back (their columns).
+  assert graph.num_features == 200
+  assert np.isfinite(total).all()
+  print(f"real 270M, {len(tokens)} tokens, "
+        f"{graph.metadata['n_active_features']} active: {seconds:.1f} s")
