@@ -17,13 +17,17 @@ simulated kill (the state file rolled back to an earlier save).
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from gemscope_jax import errors, interop, models, text
+from gemscope_jax import errors, interop, models, parallel, text
 from gemscope_jax.dashboards import _dictionary as dl
 from gemscope_jax.dashboards import records as rec
 from gemscope_jax.dashboards import scan as scan_mod
@@ -37,7 +41,7 @@ HP = "layer_1/resid_post"
 WIDTH = 48
 TIE, DEAD, RARE = 0, 1, 2
 SETTINGS = dict(k=6, quantile_bins=4, per_bin=3, hist_bins=8, before=5,
-                after=3, batch_size=3, seed=7, progress=False)
+                after=3, batch_size=4, seed=7, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,8 @@ def tok():
   return default_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def env(tok):
+def build(tok, scan: bool = True) -> dict:
+  """The tiny model, windows, dictionary, numpy latents and a scan."""
   rng = np.random.default_rng(0)
   # NumPy draws in abstract_params' shapes (init_params is slow).
   params = jax.tree.map(
@@ -76,9 +80,15 @@ def env(tok):
       b_dec=np.zeros(32), threshold=threshold, hookpoint=HP)
   pre = x @ d.w_enc.astype(np.float64) + d.b_enc
   f = np.where((pre > d.threshold) & keep[..., None], pre, 0.0)
-  result = scan_mod.scan(TINY, params, d, windows, tok, **SETTINGS)
+  result = (scan_mod.scan(TINY, params, d, windows, tok, **SETTINGS)
+            if scan else None)
   return dict(params=params, windows=windows, d=d, f=f, keep=keep,
               result=result)
+
+
+@pytest.fixture(scope="module")
+def env(tok):
+  return build(tok)
 
 
 def _flat(f):
@@ -245,7 +255,7 @@ def test_resume_after_an_exception_and_after_a_kill(env, tok, tmp_path):
 
   def stop_in_pass_1(number, next_window):
     seen.append((number, next_window))
-    if (number, next_window) == (1, 6):
+    if (number, next_window) == (1, 4):
       raise _Stop
 
   with pytest.raises(_Stop):
@@ -254,7 +264,7 @@ def test_resume_after_an_exception_and_after_a_kill(env, tok, tmp_path):
   calls = []
   resumed = scan_mod.scan(*args, state_dir=state,
                           on_chunk=lambda *a: calls.append(a), **kw)
-  assert calls[0] == (1, 9)                 # continued after window 6
+  assert calls[0] == (1, 8)                 # continued after window 4
   _equal(resumed, env["result"])
 
   # A kill: saves after every chunk; roll the file back to pass 2's first
@@ -263,9 +273,9 @@ def test_resume_after_an_exception_and_after_a_kill(env, tok, tmp_path):
   snapshot = tmp_path / "snapshot.npz"
 
   def kill_in_pass_2(number, next_window):
-    if (number, next_window) == (2, 3):
+    if (number, next_window) == (2, 4):
       shutil.copy(file, snapshot)
-    if (number, next_window) == (2, 9):
+    if (number, next_window) == (2, 10):
       raise _Stop
 
   with pytest.raises(_Stop):
@@ -275,7 +285,7 @@ def test_resume_after_an_exception_and_after_a_kill(env, tok, tmp_path):
   calls.clear()
   resumed = scan_mod.scan(*args, state_dir=state,
                           on_chunk=lambda *a: calls.append(a), **kw)
-  assert calls[0] == (2, 6)
+  assert calls[0] == (2, 8)
   _equal(resumed, env["result"])
   # Finished: a rerun returns the result without scanning.
   calls.clear()
@@ -438,3 +448,50 @@ def test_real_270m_layer_6(real_model, tok):
   np.testing.assert_array_equal(r.top_index[:, 0], f.argmax(0))
   meta, latents = rec.records(r, windows, tok, latents=range(4))
   assert all(x["top"] and x["logit_lens"]["top"] for x in latents)
+
+
+# --- sharded over a mesh (a subprocess with 4 CPU devices) -----------------
+
+def _mesh_worker(out: str) -> None:
+  """Scans on 2 x 2 and 1 x 4 ('data', 'model') meshes and saves each
+  result's arrays."""
+  tok = default_tokenizer()
+  env = build(tok, scan=False)
+  got = {}
+  for data, model in ((2, 2), (1, 4)):
+    mesh = parallel.make_mesh(parallel.MeshPlan(data=data, model=model))
+    got[f"{data}x{model}"] = scan_mod.scan(
+        TINY, env["params"], env["d"], env["windows"], tok, mesh=mesh,
+        lens=False, **SETTINGS)
+  np.savez(out, **{f"{name}.{field}": getattr(r, field)
+                   for name, r in got.items() for field in _FIELDS})
+
+
+_FIELDS = ("count", "total", "max", "top_values", "top_index", "top_context",
+           "hist_edges", "hist_counts", "quantile_counts", "quantile_values",
+           "quantile_index", "quantile_context")
+
+
+def test_sharded_scans_equal_the_unsharded_one(env, tmp_path):
+  out = tmp_path / "mesh.npz"
+  proc = subprocess.run(
+      [sys.executable, str(pathlib.Path(__file__)), str(out)],
+      cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True,
+      timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                        "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  z = np.load(out)
+  for mesh in ("2x2", "1x4"):
+    for field in _FIELDS:
+      a, b = getattr(env["result"], field), z[f"{mesh}.{field}"]
+      if field in ("total", "max", "top_values", "top_context",
+                   "quantile_values", "quantile_context", "hist_edges"):
+        # Gemma's matmuls split over devices round in another order.
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{mesh} {field}")
+      else:
+        np.testing.assert_array_equal(b, a, err_msg=f"{mesh} {field}")
+
+
+if __name__ == "__main__":
+  _mesh_worker(sys.argv[1])
