@@ -442,11 +442,16 @@ def test_real_270m_layer_6(real_model, tok):
       threshold=threshold, hookpoint=hp)
   r = scan_mod.scan(config, params, d, windows, tok, batch_size=4,
                     progress=False)
-  f = _flat(np.where((pre > threshold) & keep[..., None], pre, 0.0))
+  f = _flat(np.where((pre > threshold) & keep[..., None],
+                     np.maximum(pre, 0.0), 0.0))
   assert np.abs(r.count - (f > 0).sum(0)).max() <= 2   # float32 vs 64
   np.testing.assert_allclose(r.max, f.max(0), rtol=1e-3)
-  np.testing.assert_array_equal(r.top_index[:, 0], f.argmax(0))
-  meta, latents = rec.records(r, windows, tok, latents=range(4))
+  np.testing.assert_array_equal(r.top_index[:, 0],
+                                np.where(f.max(0) > 0, f.argmax(0), -1))
+  live = np.flatnonzero(~r.dead)[:4]
+  _, latents = rec.records(r, windows, tok, latents=live)
+  latents = list(latents)
+  assert [x["id"] for x in latents] == list(live)
   assert all(x["top"] and x["logit_lens"]["top"] for x in latents)
 
 
