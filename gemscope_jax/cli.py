@@ -12,6 +12,9 @@
   gemscope activations   dump activations at hookpoints to safetensors
   gemscope generate      continue prompts (plain or chat), optionally
                          steered with dictionary latents (--steer)
+  gemscope dashboard     scan a dictionary's latents over text and write
+                         a static site that opens offline (resumable)
+  gemscope serve         serve a dashboard site over local HTTP
   gemscope info          the Gemma 3 sizes and their parameter counts
 
 Every command ends an expected failure with one line on stderr,
@@ -313,6 +316,45 @@ def _cmd_generate(args) -> int:
   return 0
 
 
+def _load_dictionary_arg(args):
+  """--workdir (its newest checkpoint) or --dictionary (folder or name)."""
+  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.training import export  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  if args.workdir:
+    return export.from_workdir(args.workdir)
+  return interop.load_dictionary(args.dictionary)
+
+
+def _cmd_dashboard(args) -> int:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.dashboards import build  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  safe_write.check_dir_output(args.out, overwrite=args.overwrite,
+                              flag="--out")
+  d = _load_dictionary_arg(args)
+  dtype = jnp.dtype(args.dtype)
+  config, params = pretrained.load_model(args.model, dtype=dtype)
+  done = build.build_site(
+      d, args.out, config=config, params=params,
+      tokenizer=default_tokenizer(), text=args.text,
+      num_tokens=args.num_tokens, seq_len=args.seq_len,
+      batch_size=args.batch_size, k=args.k, hookpoint=args.hookpoint,
+      dtype=dtype, overwrite=args.overwrite, progress=not args.quiet,
+      model_name=str(args.model))
+  print(f"wrote a dashboard of {done['width']:,} latents ({done['dead']:,} "
+        f"dead) over {done['tokens']:,} tokens to {done['out']} (scan "
+        f"{done['scan_s']:.0f} s, pages {done['write_s']:.0f} s); open "
+        f"{done['out']}/index.html or run gemscope serve {done['out']}")
+  return 0
+
+
+def _cmd_serve(args) -> int:
+  from gemscope_jax import dashboards  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  dashboards.serve(args.site, port=args.port, open_browser=args.open)
+  return 0
+
+
 def _cmd_info(_args) -> int:
   from gemscope_jax import models  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   print(f"{'size':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
@@ -478,6 +520,42 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--quiet", action="store_true",
                  help="print nothing but errors (use with --out)")
   p.set_defaults(fn=_cmd_generate)
+
+  p = sub.add_parser("dashboard", help="latent dashboards as a static, "
+                     "offline site", parents=[common])
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--workdir", help="a gemscope train workdir (its "
+                     "newest checkpoint)")
+  which.add_argument("--dictionary", help="a Gemma Scope 2, SAELens or "
+                     "multi-layer folder, or a Gemma Scope 2 release name")
+  p.add_argument("--model", default="default",
+                 help="the model the dictionary belongs to (default: the "
+                 "real Gemma 3 270M)")
+  p.add_argument("--dtype", default="float32", choices=_DTYPES)
+  p.add_argument("--text", default="english_heldout",
+                 help="a corpus name or text files/folders/globs")
+  p.add_argument("--num-tokens", type=_positive_int, default=262_144,
+                 help="tokens of text to scan")
+  p.add_argument("--seq-len", type=_seq_len, default=128,
+                 help="tokens per window, BOS included")
+  p.add_argument("--batch-size", type=_positive_int, default=8,
+                 help="windows per scan chunk")
+  p.add_argument("--k", type=_positive_int, default=20,
+                 help="top-activating examples per latent")
+  p.add_argument("--hookpoint", help="where the dictionary reads, if its "
+                 "config does not say")
+  p.add_argument("--out", required=True, help="the site folder")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a site already at --out (only its files)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(fn=_cmd_dashboard)
+
+  p = sub.add_parser("serve", help="serve a dashboard site at "
+                     "http://127.0.0.1:PORT/", parents=[common])
+  p.add_argument("site", help="a folder `gemscope dashboard` wrote")
+  p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+  p.add_argument("--open", action="store_true", help="open a browser")
+  p.set_defaults(fn=_cmd_serve)
 
   p = sub.add_parser("info", help="list the Gemma 3 sizes",
                      parents=[common])

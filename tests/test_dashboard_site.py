@@ -91,7 +91,7 @@ def make_record(i: int, *, k: int = 5, bins: int = 3, per_bin: int = 2,
   top_tokens = [] if dead else (
       [" zebra" if i == ZEBRA_ID else WORDS[(i + t) % len(WORDS)]
        for t in range(6)])
-  return {
+  record = {
       "id": i, "dead": dead, "count": int(density * 20000), "density": density,
       "mean": mean, "max": mx, "top": top, "quantiles": quantiles,
       "histogram": {"edges": edges, "counts": counts},
@@ -104,6 +104,9 @@ def make_record(i: int, *, k: int = 5, bins: int = 3, per_bin: int = 2,
       "input_neighbours": [[(i + 5) % WIDTH, 0.5]],
       "top_tokens": top_tokens,
   }
+  if i % 4 == 1:  # as an SAE's records: no input-side neighbours at all
+    del record["input_neighbours"]
+  return record
 
 
 def make_meta(width: int = WIDTH) -> dict:

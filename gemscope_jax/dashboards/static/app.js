@@ -434,8 +434,11 @@
     charts.appendChild(lensChart(lens.bottom, 'Logit lens: suppressed tokens', 'gs-neg'));
     main.appendChild(charts);
     if (m.lens) main.appendChild(el('p', {cls: 'gs-note', text: 'Logit lens: ' + m.lens}));
-    main.appendChild(neighbourList(rec.neighbours, 'Neighbours', links));
-    main.appendChild(neighbourList(rec.input_neighbours, 'Input neighbours', links));
+    // An SAE has no input-side neighbours (the list is absent or empty).
+    [neighbourList(rec.neighbours, 'Neighbours', links),
+     neighbourList(rec.input_neighbours, 'Input neighbours', links)].forEach(function (s) {
+      if (s) main.appendChild(s);
+    });
     var top = rec.top || [];
     if (top.length) {
       var sec = el('section', {id: 'gs-top', cls: 'gs-examples'}, [el('h3', {text: 'Top activations'})]);
