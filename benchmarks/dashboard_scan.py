@@ -74,10 +74,10 @@ def main() -> None:
   t_lens = time.perf_counter() - t1
   print(f"{windows.num_tokens} tokens ({windows.tokens.shape[0]} windows of "
         f"{args.seq_len}), width {r.width}, batch {args.batch}")
-  print(f"scan (both passes): {t_scan:.1f} s, {windows.num_tokens / t_scan:,.0f}"
-        f" tokens/s ({2 * windows.num_tokens / t_scan:,.0f} tokens/s per "
-        f"pass); first call with compiles {t_compile:.1f} s; lens + "
-        f"neighbours {t_lens:.1f} s")
+  rate = windows.num_tokens / t_scan
+  print(f"scan (both passes): {t_scan:.1f} s, {rate:,.0f} tokens/s "
+        f"({2 * rate:,.0f} tokens/s per pass); first call with compiles "
+        f"{t_compile:.1f} s; lens + neighbours {t_lens:.1f} s")
   r = scan.dataclasses.replace(r, **extras)
   t2 = time.perf_counter()
   _, latents = records.records(r, windows, tok,

@@ -482,8 +482,9 @@ def test_sharded_scans_equal_the_unsharded_one(env, tmp_path):
   proc = subprocess.run(
       [sys.executable, str(pathlib.Path(__file__)), str(out)],
       cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True,
-      timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu",
-                        "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+      timeout=600, env={
+          **os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   z = np.load(out)
   for mesh in ("2x2", "1x4"):

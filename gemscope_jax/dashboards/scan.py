@@ -2,9 +2,12 @@
 dictionary, in two streaming passes over text.
 
 Each chunk of `batch_size` windows runs Gemma up to the dictionary's input
-hookpoint(s) and encodes the activations into (tokens, width) latents inside
-one jitted step, which folds them into running per-latent buffers; nothing
-of size tokens x width outlives a chunk.
+hookpoint(s) and encodes the activations into (width, tokens) latents
+(latent-major, as the encoder matmul writes them) inside one jitted step,
+which folds them into running per-latent buffers; nothing of size tokens x
+width outlives a chunk. Pass 2 encodes pass 1's activations again from host
+memory when they fit in `cache_bytes` (2 GiB: 819k tokens of a 640-wide
+hookpoint), else it runs Gemma again.
 
   pass 1  firing count, sum (float32, Kahan-compensated), max, and the k
           largest activations.
@@ -34,7 +37,8 @@ Resuming: with `state_dir`, the buffers, the pass and the next window are
 saved atomically (`safe_write.atomic_path`) every `save_every_s` seconds,
 at the end of each pass and when the scan stops on an exception; a rerun
 with the same inputs continues from there and returns what an uninterrupted
-scan returns (bit for bit at the same `batch_size`). Its inputs are
+scan returns (the tests check it bit for bit at the same `batch_size`;
+a pass that resumes midway runs Gemma for pass 2). Its inputs are
 fingerprinted (token hash, dictionary hash, model name, settings); a
 different scan in the same folder is refused.
 
@@ -46,8 +50,9 @@ parameters are used as placed.
 
 Memory (device): width x (k + quantile_bins * per_bin) x (before + 1 +
 after) floats of contexts (4096 wide: 37 MB at the defaults), plus
-width x hist_bins counts, plus one chunk's (batch_size * seq_len, width)
-latents.
+width x hist_bins counts, plus one chunk's (width, batch_size * seq_len)
+latents and a few arrays of its size (pass 2's bins). Host: the activation
+cache.
 
 Caveat: the fingerprint does not hash Gemma's parameters (only the
 model's name): resuming with other weights of the same size is not caught.
@@ -531,7 +536,8 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
   if mesh is not None:
     r = dict(rules or MeshPlan().rules)
     latent_axis, batch_axis = r.get("latent"), r.get("batch")
-    for axis, size, what in ((latent_axis, width, "width"),
+    per_layer = src.arrays["b_enc"].shape[-1]     # a CLT's per-layer width
+    for axis, size, what in ((latent_axis, per_layer, "width per layer"),
                              (batch_axis, batch_size, "batch_size")):
       if axis is not None and size % mesh.shape[axis]:
         raise errors.UsageError(
