@@ -44,15 +44,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _PAD = 64  # features per layer are padded to a multiple of this
 
 
-@functools.partial(jax.jit, static_argnames=("pad",))
+@jax.jit
 def _rows(frozen, embed, errors, b_dec, sources, source_pos, layer, pos,
-          read_vecs, final_vecs, is_logit, *, pad):
+          read_vecs, final_vecs, is_logit):
   """Edges of a batch of R target rows.
 
   Returns (features (R, sum n_l padded), errors (R, L * T), tokens (R, T),
   bias (R,)).
   """
-  del pad
   L, T, D = errors.shape
   zeros = jnp.zeros((L, T, D), jnp.float32)
   _, vjp = jax.vjp(functools.partial(_replacement.run_linear, frozen),
@@ -195,7 +194,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
           rep.frozen, rep.clean["embed"], rep.errors,
           jnp.asarray(rep.dicts.b_dec), sources, source_pos,
           jnp.asarray(layer), jnp.asarray(pos), jnp.asarray(read),
-          jnp.asarray(final), jnp.asarray(logit), pad=_PAD)
+          jnp.asarray(final), jnp.asarray(logit))
       block = np.zeros((r, n_cols), np.float32)
       block[:, :n_act] = np.asarray(feats)[:r, cols]
       block[:, n_act:n_act + n_err] = np.asarray(err)[:r]
