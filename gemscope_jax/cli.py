@@ -341,7 +341,7 @@ def _cmd_dashboard(args) -> int:
       num_tokens=args.num_tokens, seq_len=args.seq_len,
       batch_size=args.batch_size, k=args.k, hookpoint=args.hookpoint,
       dtype=dtype, overwrite=args.overwrite, progress=not args.quiet,
-      model_name=str(args.model))
+      model_name=str(args.model), save_every_s=args.checkpoint_every)
   print(f"wrote a dashboard of {done['width']:,} latents ({done['dead']:,} "
         f"dead) over {done['tokens']:,} tokens to {done['out']} (scan "
         f"{done['scan_s']:.0f} s, pages {done['write_s']:.0f} s); open "
@@ -547,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="the site folder")
   p.add_argument("--overwrite", action="store_true",
                  help="replace a site already at --out (only its files)")
+  p.add_argument("--checkpoint-every", type=float, default=300.0,
+                 metavar="SECONDS", help="save the scan's progress this "
+                 "often (beside --out); a rerun after a kill continues")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(fn=_cmd_dashboard)
 

@@ -335,6 +335,32 @@ ROWS = [
     Row("generate-max-new-tokens-zero",
         lambda w, b: ["generate", "--prompt", "Hi", "--max-new-tokens", "0"],
         U, ("--max-new-tokens", "positive integer, got 0")),
+    # --- dashboard and serve
+    Row("dashboard-out-holds-user-files",
+        lambda w, b: ["dashboard", f"--dictionary={w.sae}", f"--out={b}/full"],
+        O, ("--out", "not empty", "--overwrite")),
+    Row("dashboard-out-is-a-file",
+        lambda w, b: ["dashboard", f"--dictionary={w.sae}", f"--out={b}/file"],
+        O, ("--out", "is a file")),
+    Row("dashboard-hookpoint-not-in-model",
+        lambda w, b: ["dashboard", f"--dictionary={w.sae}",
+                      f"--model={w.model}", "--hookpoint=layer_9/resid_post",
+                      f"--out={b}/site"],
+        I, ("layer_9",)),
+    Row("dashboard-width-does-not-fit",
+        lambda w, b: ["dashboard", f"--dictionary={w.sae}",
+                      f"--model={w.model}", f"--out={b}/site"],
+        I, ("640", "32")),
+    Row("dashboard-text-missing",
+        lambda w, b: ["dashboard", f"--dictionary={w.sae}",
+                      f"--text={b}/nope.txt", f"--out={b}/site"],
+        I, ("--text", "nope.txt")),
+    Row("dashboard-workdir-missing",
+        lambda w, b: ["dashboard", f"--workdir={b}/nope", f"--out={b}/site"],
+        I, ("nope",)),
+    Row("serve-not-a-site",
+        lambda w, b: ["serve", f"{b}/empty"],
+        I, ("not a dashboard site",)),
     # --- the command line itself
     Row("missing-required-flag", lambda w, b: ["train", CONFIG],
         U, ("--workdir",)),
@@ -487,3 +513,38 @@ def test_killed_writer_leaves_no_output_and_rerun_cleans_up(
   after = _tree(box)
   assert {k: v for k, v in after.items() if k in user} == user
   capsys.readouterr()
+
+
+def test_killed_dashboard_scan_resumes_to_the_same_site(world, tmp_path):
+  """`gemscope dashboard` killed while scanning (its state saved after every
+  chunk) leaves no site; the same command rerun continues the scan and
+  writes the site an uninterrupted run writes."""
+  import time
+  from gemscope_jax import dashboards
+  from gemscope_jax.dashboards import build
+  argv = lambda out: ["dashboard", f"--workdir={world.run}",
+                      f"--text={world.text}", "--num-tokens=2048",
+                      "--seq-len=64", "--batch-size=2", "--k=5",
+                      "--checkpoint-every=0", "--quiet", f"--out={out}"]
+  out = tmp_path / "site"
+  state = build.state_dir_for(out)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(GEMSCOPE + argv(out), cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while not list(state.glob("*.npz")) and time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+  assert list(state.glob("*.npz")), "no scan state was saved"
+  assert not out.exists()  # no site that looks complete
+  assert cli.main(argv(out)) == 0
+  assert not state.exists()  # cleaned up once the site is whole
+  ref = tmp_path / "ref"
+  assert cli.main(argv(ref)) == 0
+  got, want = dashboards.read_site(out), dashboards.read_site(ref)
+  assert got["meta"]["width"] == want["meta"]["width"] == 256
+  for i in range(0, 256, 17):
+    a, b = dashboards.read_latent(out, i), dashboards.read_latent(ref, i)
+    assert a == b, i

@@ -38,7 +38,8 @@ def build_site(dictionary: Any, out: str | os.PathLike, *, config, params,
                batch_size: int = 8, k: int = 20, hookpoint: str | None = None,
                dtype=jnp.float32, title: str | None = None,
                overwrite: bool = False, progress: bool = True,
-               model_name: str = "") -> dict[str, Any]:
+               model_name: str = "", save_every_s: float = 300.0
+               ) -> dict[str, Any]:
   """Scans `dictionary` over `num_tokens` of `text` and writes the site.
 
   Args:
@@ -55,6 +56,7 @@ def build_site(dictionary: Any, out: str | os.PathLike, *, config, params,
     overwrite: replace a site already at `out` (only its own files).
     progress: progress bars.
     model_name: how the pages name the model.
+    save_every_s: seconds between saves of the scan's state.
 
   Returns:
     {"out", "width", "tokens", "dead", "scan_s", "write_s"}.
@@ -70,7 +72,8 @@ def build_site(dictionary: Any, out: str | os.PathLike, *, config, params,
   t0 = time.perf_counter()
   result = scan_lib.scan(config, params, dictionary, windows, tokenizer,
                          hookpoint=hookpoint, k=k, batch_size=batch_size,
-                         dtype=dtype, progress=progress, state_dir=state)
+                         dtype=dtype, progress=progress, state_dir=state,
+                         save_every_s=save_every_s)
   t1 = time.perf_counter()
   meta, recs = records_lib.records(result, windows, tokenizer, title=title,
                                    text_source=text)
