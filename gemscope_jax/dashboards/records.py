@@ -45,6 +45,13 @@ def _f(x, digits: int = 6) -> float:
   return float(f"{float(x):.{digits}g}")
 
 
+def _fs(values: np.ndarray, digits: int) -> list[float]:
+  """`_f` of every value (most are exactly 0 in a context: kept as is)."""
+  spec = f".{digits}g"
+  return [float(format(v, spec)) if v else 0.0
+          for v in np.asarray(values, np.float64).tolist()]
+
+
 class TokenText:
   """Per-token strings of a tokenizer's ids (module docstring), cached."""
 
@@ -122,7 +129,7 @@ def _example(result: ScanResult, windows: Windows, text: TokenText,
   ids = windows.tokens[w, lo:hi]
   acts = context[lo - (p - result.before):hi - (p - result.before)]
   return {"window": w, "pos": p, "value": _f(value),
-          "tokens": text.strings(ids), "acts": [_f(a, 4) for a in acts],
+          "tokens": text.strings(ids), "acts": _fs(acts, 4),
           "peak": p - lo}
 
 
@@ -152,7 +159,7 @@ def latent_record(result: ScanResult, latent: int, windows: Windows,
           "count": int(result.quantile_counts[i, b]),
           "examples": [_example(result, windows, text, idx, v, c)
                        for v, idx, c in got]})
-    histogram = {"edges": [_f(e) for e in result.hist_edges[i]],
+    histogram = {"edges": _fs(result.hist_edges[i], 6),
                  "counts": [int(c) for c in result.hist_counts[i]]}
   lens = {"top": [], "bottom": []}
   if result.lens is not None:
