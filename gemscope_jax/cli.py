@@ -15,6 +15,8 @@
   gemscope dashboard     scan a dictionary's latents over text and write
                          a static site that opens offline (resumable)
   gemscope serve         serve a dashboard site over local HTTP
+  gemscope attribute     the attribution graph of a prompt through
+                         transcoders or a CLT (JSON, and an offline viewer)
   gemscope info          the Gemma 3 sizes and their parameter counts
 
 Every command ends an expected failure with one line on stderr,
@@ -355,6 +357,69 @@ def _cmd_serve(args) -> int:
   return 0
 
 
+def _load_transcoder_source(source: str):
+  """One --dictionaries part: a training workdir (a CLT, or a group run's
+  exported members) or what `interop.load_dictionary` reads."""
+  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.training import export  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  if os.path.isdir(os.path.join(source, "checkpoints")):
+    return export.from_workdir(source)
+  return interop.load_dictionary(source)
+
+
+def _cmd_attribute(args) -> int:
+  import json  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  import time  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax import circuits  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.circuits import sources, viewer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  for name, value in (("--node-threshold", args.node_threshold),
+                      ("--edge-threshold", args.edge_threshold)):
+    if not 0 < value <= 1:
+      raise errors.UsageError(f"{name}: takes a fraction in (0, 1], got "
+                              f"{value}")
+  safe_write.check_file_output(args.out, overwrite=args.overwrite,
+                               flag="--out")
+  if args.html:
+    safe_write.check_file_output(args.html, overwrite=args.overwrite,
+                                 flag="--html")
+  tok = default_tokenizer()
+  config, params = pretrained.load_model(args.model)
+  # A group workdir's members are its export folders.
+  spec = args.dictionaries
+  export_dir = os.path.join(spec, "export")
+  if (os.path.isdir(os.path.join(spec, "checkpoints"))
+      and os.path.isdir(export_dir) and not os.path.isfile(
+          os.path.join(export_dir, "params_layer_0.safetensors"))):
+    spec = export_dir
+  dictionaries = sources.load_dictionaries(
+      spec, config, load=_load_transcoder_source, flag="--dictionaries")
+  t0 = time.perf_counter()
+  graph = circuits.attribute(
+      args.prompt, dictionaries, config, params, tokenizer=tok,
+      max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
+  seconds = time.perf_counter() - t0
+  replacement, completeness = circuits.scores(graph)
+  data = circuits.to_json(graph, slug=args.slug,
+                          node_threshold=args.node_threshold,
+                          edge_threshold=args.edge_threshold, tokenizer=tok)
+  with safe_write.atomic_path(args.out, overwrite=args.overwrite,
+                              flag="--out") as tmp:
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+  if args.html:
+    viewer.write_html(data, args.html, dashboard=args.dashboard,
+                      overwrite=args.overwrite, flag="--html")
+  top = ", ".join(f"{tok.decode([int(t)])!r} {p:.3f}" for t, p in zip(
+      graph.logit_tokens, graph.logit_probabilities))
+  print(f"graph of {len(graph.kind):,} nodes ({len(data['nodes']):,} kept, "
+        f"{len(data['links']):,} edges) in {seconds:.1f} s; replacement "
+        f"score {replacement:.3f}, completeness {completeness:.3f}; "
+        f"targets: {top}")
+  print(f"wrote {args.out}" + (f" and {args.html}" if args.html else ""))
+  return 0
+
+
 def _cmd_info(_args) -> int:
   from gemscope_jax import models  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   print(f"{'size':<12} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
@@ -559,6 +624,37 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--port", type=int, default=0, help="0 picks a free port")
   p.add_argument("--open", action="store_true", help="open a browser")
   p.set_defaults(fn=_cmd_serve)
+
+  p = sub.add_parser("attribute", help="attribution graph of a prompt "
+                     "through transcoders or a CLT", parents=[common])
+  p.add_argument("--prompt", required=True, help="the prompt (BOS added)")
+  p.add_argument("--dictionaries", required=True, metavar="SPEC",
+                 help="a group training workdir or folder of per-layer "
+                 "transcoders, a CLT folder or workdir, comma-separated "
+                 "folders or names, or a release name with {L} for the "
+                 "layer (e.g. gemma-scope-2-270m-pt-transcoders/"
+                 "layer_{L}_width_16k_l0_medium)")
+  p.add_argument("--model", default="default",
+                 help="the model the transcoders belong to")
+  p.add_argument("--max-feature-nodes", type=_positive_int, default=None,
+                 help="most feature nodes, chosen by influence (default "
+                 "every active feature)")
+  p.add_argument("--node-threshold", type=float, default=0.8,
+                 help="keep nodes up to this cumulative influence")
+  p.add_argument("--edge-threshold", type=float, default=0.98,
+                 help="keep edges up to this cumulative influence")
+  p.add_argument("--batch-size", type=_positive_int, default=256,
+                 help="target rows per backward pass")
+  p.add_argument("--slug", default="graph", help="the graph's name")
+  p.add_argument("--out", required=True, metavar="GRAPH.json",
+                 help="the pruned graph in circuit-tracer's frontend schema")
+  p.add_argument("--html", metavar="GRAPH.html",
+                 help="also write the offline viewer page")
+  p.add_argument("--dashboard", metavar="SITE",
+                 help="link features to this dashboard site (with --html)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace existing --out / --html files")
+  p.set_defaults(fn=_cmd_attribute)
 
   p = sub.add_parser("info", help="list the Gemma 3 sizes",
                      parents=[common])

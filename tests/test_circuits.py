@@ -342,3 +342,55 @@ def test_real_model_replacement(real_model):
   assert np.isfinite(total).all()
   print(f"real 270M, {len(tokens)} tokens, "
         f"{graph.metadata['n_active_features']} active: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_cli_attribute_writes_the_library_graph(real_model, tmp_path,
+                                                capsys):
+  """`gemscope attribute` over a folder of 18 Gemma Scope 2 transcoder
+  folders writes the JSON that `to_json(attribute(...))` gives, and the
+  viewer page embeds it unchanged."""
+  import json
+  from gemscope_jax import cli
+  from gemscope_jax.circuits import sources, viewer
+  from gemscope_jax.text.tokenizer import default_tokenizer
+  config, params = real_model
+  tok = default_tokenizer()
+  prompt = "The capital of France is"
+  tokens = np.asarray(tok.encode(prompt), np.int32)
+  L, d, width = config.num_layers, config.d_model, 128
+  out = models.forward(params, tokens[None], config=config, hookpoints=[
+      f"layer_{l}/mlp_in" for l in range(L)], logits=False)
+  rng = np.random.default_rng(3)
+  root = tmp_path / "transcoders"
+  for l in range(L):
+    x = np.asarray(out.activations[f"layer_{l}/mlp_in"][0])
+    w_enc = (rng.normal(size=(d, width)) / np.sqrt(d) / (x.std() + 1e-6)
+             ).astype(np.float32)
+    interop.save_gemmascope2(interop.InferenceDictionary(
+        w_enc=w_enc, w_dec=(rng.normal(size=(width, d)) * 0.05).astype(
+            np.float32), b_enc=np.zeros(width, np.float32),
+        b_dec=np.zeros(d, np.float32),
+        threshold=np.quantile(x[1:] @ w_enc, 0.85, axis=0).astype(
+            np.float32), hookpoint=f"layer_{l}/mlp_in",
+        hookpoint_out=f"layer_{l}/mlp_out"), root / f"layer_{l}",
+                              release_layout=False)
+  dicts = sources.load_dictionaries(str(root), config)
+  assert sorted(dicts) == list(range(L))
+  want = circuits.to_json(circuits.attribute(
+      prompt, dicts, config, params, tokenizer=tok, max_feature_nodes=60,
+      batch_size=64), slug="graph", tokenizer=tok)
+  argv = ["attribute", "--prompt", prompt, f"--dictionaries={root}",
+          "--max-feature-nodes=60", "--batch-size=64",
+          f"--out={tmp_path / 'g.json'}", f"--html={tmp_path / 'g.html'}"]
+  assert cli.main(argv) == 0
+  assert "replacement score" in capsys.readouterr().out
+  got = json.loads((tmp_path / "g.json").read_text())
+  assert [n["node_id"] for n in got["nodes"]] == [
+      n["node_id"] for n in want["nodes"]]
+  np.testing.assert_allclose([l["weight"] for l in got["links"]],
+                             [l["weight"] for l in want["links"]],
+                             rtol=1e-5, atol=1e-6)
+  assert viewer.read_html(tmp_path / "g.html") == got
+  # A second run refuses to replace the outputs without --overwrite.
+  assert cli.main(argv) == 4
