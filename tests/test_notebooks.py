@@ -49,6 +49,12 @@ def test_explore_notebook_runs_and_torch_matches_jax(tmp_path, monkeypatch):
   assert summary["active_agreement"] > 0.999
   assert 0 <= summary["silent_fraction"] < 1
   assert len(summary["picked_latents"]) == 4
+  # The dashboard scan and evals.latents are separate implementations of
+  # the same statistics on the same windows.
+  assert summary["dashboard_max"] == pytest.approx(
+      summary["top_examples_max"], rel=1e-4)
+  assert summary["dashboard_density"] == pytest.approx(
+      summary["top_examples_frequency"], rel=1e-4, abs=1e-6)
   # The HTML of the top-activating snippets was rendered into the notebook.
   html = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
           if o.get("output_type") == "display_data"
