@@ -12,6 +12,14 @@ There the real Gemma 3 270M runs replicated, 'fsdp' on a 4 x 1 mesh and
 every parameter's shard shape for the tests to compare. Four devices, not
 eight: simulated devices share the host's memory and an 'fsdp' forward
 gathers weights on each of them (about 13 GB on eight).
+
+Generation has its own workers (`python tests/test_sharding.py generate
+OUT.json`, `... decode27b OUT.json`): the real 270M generating with
+sharded weights and a sharded KV cache on eight simulated devices, and the
+27B decode step compiled abstractly for a 1 x 8 mesh. Both run XLA's CPU
+backend with its concurrency-optimized scheduler off, as
+scripts/memory_plan.py does, so that a layer's weights are gathered when
+the layer runs rather than all at the start.
 """
 
 from __future__ import annotations
@@ -233,7 +241,7 @@ def test_memory_plan_quick_path_counts_weights_exactly(tmp_path):
        str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  rows = json.loads(out.read_text())
+  rows = json.loads(out.read_text())["harvest"]
   mc = models.Gemma3_270M
   n = mc.num_params()
   norms = mc.num_layers * (4 * mc.d_model + 2 * mc.head_dim) + mc.d_model
@@ -254,5 +262,208 @@ def test_memory_plan_quick_path_counts_weights_exactly(tmp_path):
   assert "| 270m | 65,536 | 6 | 4 x 1 | fsdp |" in text
 
 
+# --- generation: the KV cache laid out like the weights ------------------------
+
+GEN_FLAGS = ("--xla_force_host_platform_device_count=8 "
+             "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+# Greedy generation compared; (mesh, layout, prompt lengths): batch 4 splits
+# the cache's batch over 'data'; batch 2 cannot, so its slots are split.
+GEN_CASES = {"fsdp_4x1": ((4, 1), "fsdp", (5, 9, 12, 16)),
+             "fsdp_tp_4x2": ((4, 2), "fsdp_tp", (7, 13))}
+GEN_NEW = 6
+
+
+def _generate_worker(out_path: str) -> None:
+  """The 8-device half: greedy tokens replicated and sharded -> JSON."""
+  import functools  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+
+  from gemscope_jax import generate  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.generate import _loop  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.parallel import gemma_layout  # pylint: disable=import-outside-toplevel
+
+  assert len(jax.devices()) == 8, jax.devices()
+  mc, params = pretrained.load_model("default")
+  params = jax.device_get(params)
+  rng = np.random.default_rng(1)
+  result = {}
+  for name, (shape, layout, lengths) in GEN_CASES.items():
+    rows = [np.concatenate([[2], rng.integers(3, mc.vocab_size, n - 1)])
+            for n in lengths]
+    ref = generate.generate(params, rows, config=mc,
+                            max_new_tokens=GEN_NEW)
+    mesh = Mesh(np.asarray(jax.devices()[:shape[0] * shape[1]]).reshape(
+        shape), ("data", "model"))
+    placed = gemma_layout.shard_gemma_params(params, mc, mesh, layout)
+    layout_of = functools.partial(gemma_layout.cache_shardings, mc, mesh,
+                                  layout)
+    got = generate.generate(placed, rows, config=mc, max_new_tokens=GEN_NEW,
+                            cache_sharding=layout_of)
+    # The cache generate made: prefill again with the same static
+    # arguments (a cache hit, no new compile).
+    t0 = generate.prompt_bucket(max(lengths))
+    length = generate.cache_bucket(t0, GEN_NEW)
+    tokens, mask = generate.left_pad(rows, t0)
+    _, cache, _ = _loop.prefill(
+        placed, jnp.asarray(tokens), jnp.asarray(mask), {}, config=mc,
+        dtype=jnp.dtype(jnp.float32), cache_length=length, edits=(),
+        hookpoints=(), cache_sharding=layout_of(len(rows), length))
+    result[name] = {
+        "ref": [t.tolist() for t in ref.tokens],
+        "got": [t.tolist() for t in got.tokens],
+        "cache_length": length,
+        "spec": [str(a) for a in cache.keys[0].sharding.spec],
+        "shards": sorted({tuple(s.data.shape)
+                          for s in cache.values[-1].addressable_shards}),
+        "devices": len(cache.keys[0].sharding.device_set)}
+    del placed, cache
+    jax.clear_caches()
+  with open(out_path, "w", encoding="utf-8") as f:
+    json.dump(result, f)
+
+
+def _decode27b_worker(out_path: str) -> None:
+  """Compiles the 27B decode step on 1 x 8 (scripts/memory_plan.py's own
+  `decode_row`, which sets its flags before importing jax)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "memory_plan", ROOT / "scripts" / "memory_plan.py")
+  plan = importlib.util.module_from_spec(spec)
+  sys.modules["memory_plan"] = plan
+  spec.loader.exec_module(plan)
+  row = plan.decode_row("gemma3_27b", 1, 8, "fsdp_tp", 8, 8192, loop=False)
+  with open(out_path, "w", encoding="utf-8") as f:
+    json.dump(dataclasses.asdict(row), f)
+
+
+def _run_worker(kind: str, tmp_path, env: dict) -> dict:
+  out = tmp_path / f"{kind}.json"
+  proc = subprocess.run(
+      [sys.executable, str(pathlib.Path(__file__)), kind, str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env={k: v for k, v in {**os.environ, **env}.items()
+           if v is not None})
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def sharded_generation(tmp_path_factory):
+  return _run_worker("generate", tmp_path_factory.mktemp("generate"),
+                     {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": GEN_FLAGS})
+
+
+@pytest.mark.parametrize("case", sorted(GEN_CASES))
+def test_sharded_generation_matches_replicated(sharded_generation, case):
+  """The real 270M, weights and KV cache laid out 'fsdp' on 4 x 1 (batch 4:
+  the cache's batch over 'data') or 'fsdp_tp' on 4 x 2 (batch 2: the
+  cache's slots over 'data'; one KV head, whole on 'model'), generates the
+  replicated run's greedy tokens."""
+  got = sharded_generation[case]
+  assert got["got"] == got["ref"]
+  assert all(len(t) == GEN_NEW for t in got["ref"])
+  (data, model), _, lengths = GEN_CASES[case]
+  length = got["cache_length"]
+  assert got["devices"] == data * model
+  spec = got["spec"]
+  while spec and spec[-1] == "None":
+    spec = spec[:-1]
+  if len(lengths) % data == 0:
+    assert spec == ["data"]
+    assert got["shards"] == [[len(lengths) // data, length, 1, 256]]
+  else:
+    assert spec == ["None", "data"]
+    assert got["shards"] == [[len(lengths), length // data, 1, 256]]
+
+
+def test_cache_layout_in_closed_form():
+  """`cache_specs` for the published sizes: batch over 'data' when it
+  divides, else the slots, KV heads over 'model' under 'fsdp_tp'; one
+  device's bytes are the formula's / devices; fallbacks are reported."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.parallel import gemma_layout  # pylint: disable=import-outside-toplevel
+
+  mc = models.Gemma3_27B
+  mesh = {"data": 4, "model": 8}
+  specs, notes = gemma_layout.cache_specs(mc, mesh, "fsdp_tp", 8, 8192)
+  assert notes == []
+  assert set(specs.keys) == set(specs.values) == {P("data", None, "model")}
+  assert specs.length == specs.start == P()
+  specs, _ = gemma_layout.cache_specs(mc, mesh, "fsdp_tp", 1, 8192)
+  assert set(specs.keys) == {P(None, "data", "model")}
+  specs, _ = gemma_layout.cache_specs(mc, mesh, "fsdp", 8, 8192)
+  assert set(specs.keys) == {P("data")}
+  specs, _ = gemma_layout.cache_specs(mc, mesh, "replicated", 8, 8192)
+  assert set(specs.keys) == {P()}
+  # One device's shard of the bf16 cache: the formula / 32, exactly.
+  abstract = jax.eval_shape(lambda: models.init_cache(mc, 8, 8192,
+                                                      jnp.bfloat16))
+  specs, _ = gemma_layout.cache_specs(mc, mesh, "fsdp_tp", 8, 8192)
+  per_device = sum(
+      int(np.prod(a.shape)) * 2 // (4 * 8)
+      for a, s in zip(abstract.keys + abstract.values,
+                      specs.keys + specs.values))
+  assert per_device * 32 == models.cache_bytes(mc, 8, 8192, jnp.bfloat16)
+  # Fallbacks: 270M's single KV head on 'model'; 3 rows and 130 slots on 4.
+  notes = gemma_layout.describe_cache(models.Gemma3_270M,
+                                      {"data": 2, "model": 2}, "fsdp_tp", 4,
+                                      1024)
+  assert len(notes) == 18 and all("key/value heads" in n for n in notes)
+  specs, notes = gemma_layout.cache_specs(models.Gemma3_270M, {"data": 4},
+                                          "fsdp", 3, 130)
+  assert set(specs.keys) == {P()} and len(notes) == 18
+  # 3 rows on 4: the local layers' 512-slot rings split, the global 1026 not.
+  specs, notes = gemma_layout.cache_specs(models.Gemma3_270M, {"data": 4},
+                                          "fsdp", 3, 1026)
+  sizes = models.layer_sizes(models.Gemma3_270M, 1026)
+  assert [s == P(None, "data") for s in specs.keys] == [
+      n == 512 for n in sizes]
+  assert len(notes) == sizes.count(1026) == 3
+
+
+@pytest.fixture(scope="module")
+def decode_27b(tmp_path_factory):
+  return _run_worker("decode27b", tmp_path_factory.mktemp("decode27b"),
+                     {"XLA_FLAGS": None})
+
+
+def test_27b_decode_step_compiles_within_its_shards(decode_27b):
+  """The Gemma 3 27B decode step (bf16 weights 'fsdp_tp' and a bf16 cache,
+  batch 8, context 8192, laid out over a 1 x 8 mesh of simulated devices)
+  lowers and compiles; per device it holds the exact shards of the weights
+  (closed form / 8) and of the cache (`cache_bytes` / 8) and needs at most
+  2% more besides the unembedding's re-laid shard of the embedding table
+  and the float32 logits."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from gemscope_jax import models  # pylint: disable=import-outside-toplevel
+
+  r = decode_27b
+  mc = models.Gemma3_27B
+  norms = mc.num_layers * (4 * mc.d_model + 2 * mc.head_dim) + mc.d_model
+  weights = 2 * ((mc.num_params() - norms) // 8 + norms)
+  cache = models.cache_bytes(mc, 8, 8192, jnp.bfloat16) // 8
+  assert r["gemma_param_bytes"] == weights
+  assert r["cache_bytes"] == cache + 4 + 4 * 8  # + length, start
+  embedding_shard = 2 * mc.vocab_size * mc.d_model // 8
+  logits = 4 * 8 * mc.vocab_size
+  bound = 1.02 * (weights + cache) + embedding_shard + logits
+  assert weights + cache <= r["step_bytes"] <= bound, (r, bound)
+
+
 if __name__ == "__main__":
-  _worker(sys.argv[1])
+  if sys.argv[1] == "generate":
+    _generate_worker(sys.argv[2])
+  elif sys.argv[1] == "decode27b":
+    _decode27b_worker(sys.argv[2])
+  else:
+    _worker(sys.argv[1])

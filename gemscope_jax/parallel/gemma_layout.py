@@ -257,7 +257,10 @@ def cache_specs(model_config: models.Gemma3Config,
       else:
         notes.append(f"cache layer_{i}: {k} key/value heads not split over "
                      f"'model' ({model} devices)")
-    return PartitionSpec(b_axis, s_axis, k_axis, None)
+    axes = [b_axis, s_axis, k_axis]
+    while axes and axes[-1] is None:  # P('data'), not P('data', None, None)
+      axes.pop()
+    return PartitionSpec(*axes)
 
   specs = tuple(spec(i, s) for i, s in enumerate(
       models.layer_sizes(model_config, cache_length)))
