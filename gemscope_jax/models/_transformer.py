@@ -8,6 +8,8 @@ after block L, which is how activations are harvested cheaply.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -158,6 +160,10 @@ class Gemma3(nn.Module):
     return self.embedder.decode(self.final_norm(x)), new_cache
 
 
+# At most this many rows are unembedded as table @ x.T (see Embedder.decode).
+_FEW_ROWS = 8
+
+
 class Embedder(nn.Module):
   """Token embedding scaled by sqrt(d_model), tied with the unembedding."""
   vocab_size: int
@@ -176,4 +182,14 @@ class Embedder(nn.Module):
 
   def decode(self, x: jax.Array) -> jax.Array:
     table = self.input_embedding.astype(self.dtype)
+    lead = x.shape[:-1]
+    if math.prod(lead) <= _FEW_ROWS:
+      # Decoding: a few rows against the whole (V, D) table. With the table
+      # as the left operand the CPU reads it once in order (a matrix-vector
+      # product), about twice as fast as x @ table.T (measured: 52 vs 100
+      # ms per token at batch 1, float32); the table is the largest read of
+      # a decode step.
+      rows = x.reshape(-1, x.shape[-1])
+      out = jax.lax.dot_general(table, rows, (((1,), (1,)), ((), ())))
+      return out.T.reshape(*lead, -1).astype(x.dtype)
     return project(x, table[None], w_transposed=True)[..., 0, :]
