@@ -441,8 +441,9 @@ def test_27b_decode_step_compiles_within_its_shards(decode_27b):
   batch 8, context 8192, laid out over a 1 x 8 mesh of simulated devices)
   lowers and compiles; per device it holds the exact shards of the weights
   (closed form / 8) and of the cache (`cache_bytes` / 8) and needs at most
-  2% more besides the unembedding's re-laid shard of the embedding table
-  and the float32 logits."""
+  2% more besides the float32 logits and two copies of the unembedding's
+  shard of the embedding table (the CPU backend re-lays it for its dot;
+  how often depends on how the unembedding is written)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from gemscope_jax import models  # pylint: disable=import-outside-toplevel
@@ -456,7 +457,7 @@ def test_27b_decode_step_compiles_within_its_shards(decode_27b):
   assert r["cache_bytes"] == cache + 4 + 4 * 8  # + length, start
   embedding_shard = 2 * mc.vocab_size * mc.d_model // 8
   logits = 4 * 8 * mc.vocab_size
-  bound = 1.02 * (weights + cache) + embedding_shard + logits
+  bound = 1.02 * (weights + cache) + 2 * embedding_shard + logits
   assert weights + cache <= r["step_bytes"] <= bound, (r, bound)
 
 
