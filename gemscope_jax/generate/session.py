@@ -74,8 +74,12 @@ class TextStream:
   multi-token characters (byte fallback) appear once complete.
   """
 
-  def __init__(self, tokenizer, stop: Iterable[int], out: TextIO = sys.stdout):
-    self._tok, self._stop, self._out = tokenizer, set(stop), out
+  def __init__(self, tokenizer, stop: Iterable[int],
+               out: TextIO | None = None):
+    # sys.stdout is looked up here, not bound at import: it may have been
+    # replaced since (notebooks, pytest's capture).
+    self._tok, self._stop = tokenizer, set(stop)
+    self._out = sys.stdout if out is None else out
     self._ids: list[int] = []
     self._shown = ""
 
