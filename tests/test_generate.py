@@ -305,3 +305,15 @@ def test_cli_streams_and_writes_what_the_library_generates(
   assert want.text[0] != clean.text[0]  # the steering did something
   # A second run refuses to replace the JSONL without --overwrite.
   assert cli.main(argv) == errors.OUTPUT
+  # --chat: the prompt is the one-turn conversation in the chat format,
+  # the system prompt folded in, ending in the model's generation prompt.
+  from gemscope_jax.text import chat
+  assert cli.main(["generate", "--prompt", "Name a city.", "--chat",
+                   "--system", "Be brief.", "--max-new-tokens", "3",
+                   "--quiet", f"--out={tmp_path / 'c.jsonl'}"]) == 0
+  row = json.loads((tmp_path / "c.jsonl").read_text())
+  want_ids, _ = chat.encode_chat(tok, [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Name a city."}], add_generation_prompt=True)
+  assert row["prompt_tokens"] == [int(t) for t in want_ids]
+  assert row["prompt_text"].endswith("<start_of_turn>model\n")
