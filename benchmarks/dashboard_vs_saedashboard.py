@@ -53,9 +53,18 @@ Validated (2 cores, 2026-11-29, --num-tokens 8192 --latents 256
   per-latent max activation over the non-BOS positions, from the anchor's
   HookedSAETransformer + sae_lens JumpReLUSAE vs our site's "max", agree to
   2.1e-5 relative (0.006 absolute) on all 256 latents, and the HF tokenizer
-  decodes the ids exactly as ours. Not yet run: the full 262,144 tokens x
-  4096 latents (DESIGN section 9 measured the anchor's best at about 7 min,
-  default about 50 min on 2 cores).
+  decodes the ids exactly as ours.
+
+Full run (2 cores, 2026-11-29, --skip-default --workdir /tmp/dvs_full;
+262,144 tokens, all 4096 latents):
+    side                      wall s   peak GB   wall x   mem x
+    ours                       304.2      2.65     1.00    1.00
+    SAEDashboard best          670.2      7.21     2.20    2.72
+  ours: scan 291 s, write 9.4 s; anchor: load 18 s, run 511 s, save 131 s,
+  one 180 MB HTML file. (DESIGN section 9 measured the anchor's best at
+  7 min 08 s wall earlier; this run was slower, cause not looked into.)
+  Not run: the "default" anchor at full size (about 50 min on 2 cores per
+  DESIGN section 9), nor the max-activation cross-check at full size.
 """
 
 from __future__ import annotations
