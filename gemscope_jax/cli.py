@@ -253,13 +253,15 @@ def _cmd_export_model(args) -> int:
   return 0
 
 
-def _load_steer_source(source: str):
-  """A `--steer` dictionary: a training workdir, or what steer_spec reads."""
-  from gemscope_jax.surgery import steer_spec  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+def _load_dictionary_source(source: str):
+  """A dictionary named on the command line (`--steer`, `--dictionaries`):
+  a training workdir (its newest checkpoint), or a folder or release name
+  as `interop.load_dictionary` reads it."""
+  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   from gemscope_jax.training import export  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   if os.path.isdir(os.path.join(source, "checkpoints")):
     return export.from_workdir(source)
-  return steer_spec.load_steer_source(source)
+  return interop.load_dictionary(source)
 
 
 def _cmd_generate(args) -> int:
@@ -290,7 +292,7 @@ def _cmd_generate(args) -> int:
   dtype = jnp.dtype(args.dtype)
   config, params = pretrained.load_model(args.model, dtype=dtype)
   edits, edit_args = session.steering(args.steer or (), config,
-                                      load=_load_steer_source)
+                                      load=_load_dictionary_source)
   if config.vocab_size < tok.vocab_size:
     raise errors.InputError(
         f"--model {args.model}: its vocabulary has {config.vocab_size:,} "
@@ -357,16 +359,6 @@ def _cmd_serve(args) -> int:
   return 0
 
 
-def _load_transcoder_source(source: str):
-  """One --dictionaries part: a training workdir (a CLT, or a group run's
-  exported members) or what `interop.load_dictionary` reads."""
-  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
-  from gemscope_jax.training import export  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
-  if os.path.isdir(os.path.join(source, "checkpoints")):
-    return export.from_workdir(source)
-  return interop.load_dictionary(source)
-
-
 def _cmd_attribute(args) -> int:
   import json  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   import time  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
@@ -394,7 +386,7 @@ def _cmd_attribute(args) -> int:
           os.path.join(export_dir, "params_layer_0.safetensors"))):
     spec = export_dir
   dictionaries = sources.load_dictionaries(
-      spec, config, load=_load_transcoder_source, flag="--dictionaries")
+      spec, config, load=_load_dictionary_source, flag="--dictionaries")
   t0 = time.perf_counter()
   graph = circuits.attribute(
       args.prompt, dictionaries, config, params, tokenizer=tok,

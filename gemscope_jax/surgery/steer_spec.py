@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 import re
 from typing import Any, Callable, Iterable
 
@@ -204,10 +203,7 @@ def load_steer_source(source: str) -> Any:
   that knows training (`gemscope generate` passes `load=` a function that
   tries `training.export.from_workdir` first).
   """
-  path = pathlib.Path(source)
-  if (path / interop.multilayer.params_file(0)).is_file():
-    return interop.load_multilayer_gemmascope2(path)
-  return interop.load_dictionary(source)
+  return interop.load_dictionary(source)  # multi-layer folders too
 
 
 def to_intervention(spec: SteerSpec, dictionary: Any = None) -> Any:
