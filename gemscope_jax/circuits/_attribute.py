@@ -22,9 +22,12 @@ chosen as circuit-tracer does: logit rows first, then repeatedly the
 unvisited features of highest partial influence (computed from the rows so
 far) until the budget is spent.
 
-Caveat: feature edges are computed per layer as (rows, T, features)
-products and the position picked afterwards, which costs T times the
-minimum; fine for short prompts.
+Cost: a batch of R rows costs one vmapped backward pass; feature edges
+are one (R, k * D) x (k * D, 32) product per block of 32 features that
+share a layer and a position (R x features x D work, no gather of
+gradients). Rows per batch shrink for long prompts (`rows_per_batch`), so
+memory grows linearly with prompt length: (rows, L, T, D) gradients of one
+batch, plus the (rows, columns) edge matrix of the features kept.
 """
 
 from __future__ import annotations
@@ -41,16 +44,55 @@ from gemscope_jax import models
 from gemscope_jax.circuits import _graph, _prune, _replacement
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_PAD = 64  # features per layer are padded to a multiple of this
+# Feature edges are computed in blocks of this many features of one layer
+# and one position (each (layer, position) group padded to a multiple).
+_BLOCK = 32
+# One batch of rows holds each row's gradient at every write site,
+# (rows, L, T, D) floats, and about as much again inside the backward pass:
+# rows per batch are capped so that this stays under _BATCH_BYTES, which
+# keeps memory linear in prompt length.
+_BATCH_BYTES = 512 << 20
+
+
+def rows_per_batch(batch_size: int, num_layers: int, num_tokens: int,
+                   d_model: int) -> int:
+  """Target rows per backward pass: `batch_size`, or fewer for a long
+  prompt, so that a batch's gradients stay near _BATCH_BYTES."""
+  per_row = 2 * num_layers * num_tokens * d_model * 4
+  return int(max(1, min(batch_size, _BATCH_BYTES // per_row)))
+
+
+def _feature_edges(g, w_dec, block_pos, lat, act):
+  """Edges from one layer's features to R target rows.
+
+  g: (R, k, T, D) the rows' gradients at the k layers the features write;
+  w_dec: (S, k, D); block_pos: (B,) the position of each block of _BLOCK
+  features; lat, act: (B, _BLOCK) their latents and activations (padding
+  has act 0). Returns (R, B * _BLOCK):
+  act * sum_{k, d} g[r, k, pos, d] * w_dec[lat, k, d], one (R, k * D) x
+  (k * D, _BLOCK) product per block (R x features x k x D work).
+  """
+  r = g.shape[0]
+
+  def block(args):
+    p, f, a = args
+    rows = jax.lax.dynamic_index_in_dim(g, p, axis=2, keepdims=False)
+    vecs = jnp.take(w_dec, f, axis=0) * a[:, None, None]  # (C, k, D)
+    return jnp.einsum("rkd,ckd->rc", rows, vecs, precision=_HIGHEST)
+
+  out = jax.lax.map(block, (block_pos, lat, act))      # (B, R, C)
+  return jnp.swapaxes(out, 0, 1).reshape(r, -1)
 
 
 @jax.jit
-def _rows(frozen, embed, errors, b_dec, sources, source_pos, layer, pos,
-          read_vecs, final_vecs, is_logit):
+def _rows(frozen, embed, errors, b_dec, w_dec, block_pos, feat_lat, feat_act,
+          layer, pos, read_vecs, final_vecs, is_logit):
   """Edges of a batch of R target rows.
 
-  Returns (features (R, sum n_l padded), errors (R, L * T), tokens (R, T),
-  bias (R,)).
+  w_dec, block_pos, feat_lat, feat_act: per layer, its decoder (S, k, D)
+  and its features in blocks (`_padded_features`), or None.
+  Returns (features (R, sum of padded counts), errors (R, L * T),
+  tokens (R, T), bias (R,)).
   """
   L, T, D = errors.shape
   zeros = jnp.zeros((L, T, D), jnp.float32)
@@ -66,37 +108,47 @@ def _rows(frozen, embed, errors, b_dec, sources, source_pos, layer, pos,
   err = jnp.einsum("rltd,ltd->rlt", g_w, errors, precision=_HIGHEST)
   bias = jnp.einsum("rltd,ld->r", g_w, b_dec, precision=_HIGHEST)
   feats = []
-  for l, (src, spos) in enumerate(zip(sources, source_pos)):
-    if src.shape[0] == 0:
+  for l, (w, fp, fl, fa) in enumerate(zip(w_dec, block_pos, feat_lat,
+                                          feat_act)):
+    if w is None:
       continue
-    k = src.shape[1]
-    m = jnp.einsum("rktd,nkd->rtn", g_w[:, l:l + k], src, precision=_HIGHEST)
-    feats.append(m[:, spos, jnp.arange(src.shape[0])])
+    k = w.shape[1]
+    feats.append(_feature_edges(g_w[:, l:l + k], w, fp, fl, fa))
   feats = (jnp.concatenate(feats, axis=1) if feats
            else jnp.zeros((layer.shape[0], 0), jnp.float32))
   return feats, err.reshape(err.shape[0], -1), tok, bias
 
 
-def _padded_sources(rep):
-  """Per-layer sources padded to multiples of _PAD, their positions, and
-  the column of each real feature in the padded concatenation."""
-  sources, positions, columns = [], [], []
-  start = offset = 0
-  for src in rep.sources:
-    n = src.shape[0]
-    pos = rep.features[start:start + n, 1]
-    if n:
-      size = -(-n // _PAD) * _PAD
-      sources.append(jnp.pad(src, ((0, size - n), (0, 0), (0, 0))))
-      positions.append(jnp.asarray(np.pad(pos, (0, size - n))))
-      columns.append(offset + np.arange(n))
-      offset += size
-    else:
-      sources.append(src)
-      positions.append(jnp.zeros((0,), jnp.int32))
-    start += n
+def _padded_features(rep):
+  """Per layer: its decoder, and its features in blocks of _BLOCK of one
+  position each (the block's position, (B, _BLOCK) latents and
+  activations; None where a layer has no features); and the column of
+  each real feature in the blocks' concatenation."""
+  w_dec, positions, latents, acts, columns = [], [], [], [], []
+  offset = 0
+  for l, (f_l, a_l) in enumerate(rep.features_by_layer()):
+    if not len(f_l):
+      for x in (w_dec, positions, latents, acts):
+        x.append(None)
+      continue
+    pos, start, count = np.unique(f_l[:, 1], return_index=True,
+                                  return_counts=True)
+    blocks = -(-count // _BLOCK)
+    first = np.concatenate([[0], np.cumsum(blocks)[:-1]]) * _BLOCK
+    # Slot of each feature: its group's first slot + its rank in the group.
+    group = np.repeat(np.arange(len(pos)), count)
+    slot = first[group] + np.arange(len(f_l)) - start[group]
+    lat = np.zeros(blocks.sum() * _BLOCK, np.int32)
+    act = np.zeros(blocks.sum() * _BLOCK, np.float32)
+    lat[slot], act[slot] = f_l[:, 2], a_l
+    w_dec.append(jnp.asarray(rep.dicts.w_dec[l], jnp.float32))
+    positions.append(jnp.asarray(np.repeat(pos, blocks), jnp.int32))
+    latents.append(jnp.asarray(lat.reshape(-1, _BLOCK)))
+    acts.append(jnp.asarray(act.reshape(-1, _BLOCK)))
+    columns.append(offset + slot)
+    offset += len(lat)
   cols = np.concatenate(columns) if columns else np.zeros(0, np.int64)
-  return sources, positions, cols
+  return (w_dec, positions, latents, acts), cols
 
 
 def salient_logits(logits: np.ndarray, *, desired_prob: float = 0.95,
@@ -167,8 +219,9 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
 
   emb = rep.embedding
   demeaned = np.asarray(emb[jnp.asarray(logit_ids)] - emb.mean(axis=0))
-  sources, source_pos, cols = _padded_sources(rep)
   D = config.d_model
+  batch_size = rows_per_batch(batch_size, L, T, D)
+  padded, cols = _padded_features(rep)
 
   def run(rows):
     """rows: ('logit', i) or feature indices; returns (R, n_cols) edges and
@@ -192,7 +245,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
           read[i] = rep.dicts.w_enc[l][:, f]
       feats, err, tok, bias = _rows(
           rep.frozen, rep.clean["embed"], rep.errors,
-          jnp.asarray(rep.dicts.b_dec), sources, source_pos,
+          jnp.asarray(rep.dicts.b_dec), *padded,
           jnp.asarray(layer), jnp.asarray(pos), jnp.asarray(read),
           jnp.asarray(final), jnp.asarray(logit))
       block = np.zeros((r, n_cols), np.float32)

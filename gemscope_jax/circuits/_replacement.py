@@ -252,8 +252,6 @@ class LocalReplacement:
     features: (n, 3) int (layer, position, latent) of the active features,
       sorted; positions >= 1.
     activations: (n,) their activations.
-    sources: per layer (n_l, k_l, D) float32: activation * decoder rows of
-      that layer's active features, in `features` order.
     errors: (L, T, D) real MLP output - reconstruction (b_dec and skip
       included).
     embedding: (V, D) the (unscaled, tied) embedding table.
@@ -264,7 +262,6 @@ class LocalReplacement:
   dicts: Dictionaries
   features: np.ndarray
   activations: np.ndarray
-  sources: list
   errors: jax.Array
   embedding: jax.Array
 
@@ -282,15 +279,21 @@ class LocalReplacement:
     out = self.errors * jnp.asarray(es)[..., None] + jnp.asarray(
         self.dicts.b_dec)[:, None]
     start = 0
-    for l, src in enumerate(self.sources):
-      count = src.shape[0]
-      if count:
-        k = src.shape[1]
-        pos = self.features[start:start + count, 1]
-        vec = src * jnp.asarray(fs[start:start + count])[:, None, None]
-        out = out.at[l:l + k, pos].add(jnp.swapaxes(vec, 0, 1))
-      start += count
+    for l, (f, a) in enumerate(self.features_by_layer()):
+      if len(f):
+        scale = fs[start:start + len(f)] * a
+        vec = self.dicts.w_dec[l][f[:, 2]] * scale[:, None, None]
+        k = vec.shape[1]
+        out = out.at[l:l + k, f[:, 1]].add(jnp.swapaxes(vec, 0, 1))
+      start += len(f)
     return out
+
+  def features_by_layer(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, (its rows of `features`, their activations)."""
+    bounds = np.searchsorted(self.features[:, 0],
+                             np.arange(self.num_layers + 1))
+    return [(self.features[a:b], self.activations[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:])]
 
   def run(self, embed=None, writes=None):
     """(mlp_in (L, T, D), final-norm output (D,)) of the linear model."""
@@ -313,11 +316,10 @@ def build(params, config: models.Gemma3Config, tokens,
   frozen, clean = freeze(params, config, tokens, skip)
   L = config.num_layers
   acts = dicts.encode(np.asarray(clean["mlp_in"]))
-  features, values, sources = [], [], []
+  features, values = [], []
   recon = np.broadcast_to(dicts.b_dec[:, None], clean["mlp_out"].shape).copy()
   for l in range(L):
     if acts[l] is None:
-      sources.append(np.zeros((0, 1, config.d_model), np.float32))
       continue
     a = acts[l].copy()
     a[0] = 0.0  # BOS holds no feature nodes
@@ -327,8 +329,6 @@ def build(params, config: models.Gemma3Config, tokens,
     recon[l:l + k] += np.einsum("ts,skd->ktd", a, w_dec)
     features.append(np.stack([np.full_like(pos, l), pos, lat], axis=1))
     values.append(a[pos, lat])
-    sources.append((a[pos, lat][:, None, None] * w_dec[lat]).astype(
-        np.float32))
   if skip is not None:
     recon += np.einsum("ltd,lde->lte", np.asarray(clean["mlp_in"]),
                        dicts.skip)
@@ -339,8 +339,7 @@ def build(params, config: models.Gemma3Config, tokens,
             else np.zeros(0)).astype(np.float32)
   embedding = jnp.asarray(params["embedder"]["input_embedding"], jnp.float32)
   return LocalReplacement(tokens, frozen, clean, dicts, features, values,
-                          [jnp.asarray(s) for s in sources], errors,
-                          embedding)
+                          errors, embedding)
 
 
 # The public name of `build` (the package face cannot export a name that
