@@ -55,11 +55,13 @@ Validated (2 cores shared with other work, 2026-11-29, --lengths 6,64
     anchor        6    8658/8658        176.4    189.6     2.49    2.06   0.83
     ours         64     500/86688        65.9     70.4     3.06    1.00   1.00
     anchor       64     500/86688       126.4    140.0     7.95    1.92   2.60
-  ours' split (setup and logit rows / feature rows): 21.4 / 4.2 s, 19.0 /
-  63.5 s, 29.2 / 36.5 s. An earlier run with thresholds calibrated on the
-  text alone (18,432 active on the 6-token prompt): ours 26.6 s / 2.01 GB
-  and 175 s / 7.17 GB (all features), anchor 44.1 s / 2.36 GB and 631 s /
-  4.58 GB. Not run: 256 tokens (see the notes).
+  ours (gemscope_jax/circuits/_attribute.py as of commit db2a36c) split
+  into setup and logit rows / feature rows: 21.4 / 4.2 s, 19.0 / 63.5 s,
+  29.2 / 36.5 s. An earlier run, thresholds calibrated on the text alone
+  (18,432 active on the 6-token prompt), ours possibly still before
+  db2a36c: ours 26.6 s / 2.01 GB and 175 s / 7.17 GB (all features),
+  anchor 44.1 s / 2.36 GB and 631 s / 4.58 GB. Not run: 256 tokens (see
+  the notes).
 """
 
 from __future__ import annotations
