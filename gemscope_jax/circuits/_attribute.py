@@ -223,10 +223,14 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   batch_size = rows_per_batch(batch_size, L, T, D)
   padded, cols = _padded_features(rep)
 
-  def run(rows):
-    """rows: ('logit', i) or feature indices; returns (R, n_cols) edges and
-    (R,) biases."""
-    out, biases = [], []
+  # Every computed row (logit rows first, then features as they are
+  # visited) is written once, straight into this buffer.
+  buf = np.zeros((n_log + budget, n_cols), np.float32)
+  buf_bias = np.zeros(n_log + budget, np.float32)
+
+  def run(rows, at: int) -> None:
+    """Edges of `rows` (feature indices, or -1 - k for logit k) into
+    buf[at:] and buf_bias[at:]."""
     for s in range(0, len(rows), batch_size):
       chunk = rows[s:s + batch_size]
       r = len(chunk)
@@ -248,51 +252,54 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
           jnp.asarray(rep.dicts.b_dec), *padded,
           jnp.asarray(layer), jnp.asarray(pos), jnp.asarray(read),
           jnp.asarray(final), jnp.asarray(logit))
-      block = np.zeros((r, n_cols), np.float32)
+      block = buf[at + s:at + s + r]
       block[:, :n_act] = np.asarray(feats)[:r, cols]
       block[:, n_act:n_act + n_err] = np.asarray(err)[:r]
       block[:, n_act + n_err:n_act + n_err + T] = np.asarray(tok)[:r]
-      out.append(block)
-      biases.append(np.asarray(bias)[:r])
-    return np.concatenate(out), np.concatenate(biases)
+      buf_bias[at + s:at + s + r] = np.asarray(bias)[:r]
 
-  logit_rows, logit_bias = run(list(range(-1, -1 - n_log, -1)))
+  run(list(range(-1, -1 - n_log, -1)), 0)
   t1 = time.perf_counter()
-  # Rows computed so far and the node (column) each stands for.
-  matrix = [logit_rows]
-  row_node = [n_act + n_err + T + np.arange(n_log)]
-  feature_bias = np.zeros(n_act, np.float32)
+  # The node (column) each filled row of buf stands for.
+  row_node = np.concatenate([n_act + n_err + T + np.arange(n_log),
+                             np.zeros(budget, np.int64)])
+  filled = n_log
   visited = np.zeros(n_act, bool)
   weights = np.zeros(n_cols)
   weights[n_act + n_err + T:] = logit_p
-  while visited.sum() < budget:
+  while filled < n_log + budget:
     if budget == n_act:
       pending = np.nonzero(~visited)[0]
     else:
-      done = np.concatenate(matrix)
-      nodes = np.concatenate(row_node)
-      part = _partial_influence(done, nodes, weights)
+      part = _partial_influence(buf[:filled], row_node[:filled], weights)
       rank = np.argsort(-part[:n_act], kind="stable")
       rank = rank[~visited[rank]]
       pending = rank[:min(update_interval * batch_size,
-                          budget - int(visited.sum()))]
-    rows, bias = run(list(pending))
-    matrix.append(rows)
-    row_node.append(pending)
-    feature_bias[pending] = bias
+                          n_log + budget - filled)]
+    run(list(pending), filled)
+    row_node[filled:filled + len(pending)] = pending
     visited[pending] = True
+    filled += len(pending)
   t2 = time.perf_counter()
 
   selected = np.nonzero(visited)[0]
-  matrix = np.concatenate(matrix)
-  nodes = np.concatenate(row_node)
-  row_of = {int(node): i for i, node in enumerate(nodes)}
+  row_of = np.empty(n_cols, np.int64)
+  row_of[row_node] = np.arange(len(row_node))
   keep_cols = np.concatenate([selected, np.arange(n_act, n_cols)])
   n = len(keep_cols)
   n_sel = len(selected)
+  # Target rows in node order: selected features, then (empty) error and
+  # token rows, then logits; copied in slices to bound the temporaries.
+  sources = np.concatenate([row_of[selected], row_of[n_cols - n_log:]])
+  targets = np.concatenate([np.arange(n_sel), np.arange(n - n_log, n)])
   adjacency = np.zeros((n, n), np.float32)
-  adjacency[:n_sel] = matrix[[row_of[int(s)] for s in selected]][:, keep_cols]
-  adjacency[n - n_log:] = logit_rows[:, keep_cols]
+  bias = np.zeros(n, np.float32)
+  all_cols = n == n_cols
+  for i in range(0, len(targets), 1024):
+    rows = buf[sources[i:i + 1024]]
+    adjacency[targets[i:i + 1024]] = rows if all_cols else rows[:, keep_cols]
+  bias[targets] = buf_bias[sources]
+  del buf
 
   feats = rep.features[selected]
   mlp_in = np.asarray(rep.clean["mlp_in"])
@@ -300,9 +307,6 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   value[:n_sel] = [mlp_in[l, p] @ rep.dicts.w_enc[l][:, f] for l, p, f in feats]
   logits_c = logits - logits.mean()
   value[n - n_log:] = logits_c[logit_ids]
-  bias = np.zeros(n, np.float32)
-  bias[:n_sel] = feature_bias[selected]
-  bias[n - n_log:] = logit_bias
   err_norm = np.linalg.norm(np.asarray(rep.errors), axis=-1).reshape(-1)
   ll, pp = np.meshgrid(np.arange(L), np.arange(T), indexing="ij")
   cat = np.concatenate
@@ -341,16 +345,27 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
 
 
 def _partial_influence(matrix: np.ndarray, row_node: np.ndarray,
-                       weights: np.ndarray, max_iter: int = 10_000
-                       ) -> np.ndarray:
+                       weights: np.ndarray, max_iter: int = 10_000,
+                       chunk: int = 256) -> np.ndarray:
   """circuit-tracer's partial influence: influence through the rows
   computed so far (`matrix` (R, n_cols), row i standing for node
-  row_node[i]), starting from the logit probabilities `weights`."""
-  b = _prune.normalize(matrix)
+  row_node[i]), starting from the logit probabilities `weights`.
+
+  The row-normalised |matrix| is applied a slice of rows at a time, never
+  copied whole.
+  """
+  def apply(w):  # w (R,) -> w @ normalize(matrix)
+    out = np.zeros(matrix.shape[1])
+    for i in range(0, len(matrix), chunk):
+      a = np.abs(matrix[i:i + chunk], dtype=np.float64)
+      s = np.maximum(a.sum(axis=1), 1e-10)
+      out += (w[i:i + chunk] / s) @ a
+    return out
+
   prod = weights.copy()
   total = np.zeros_like(weights)
   for _ in range(max_iter):
-    prod = prod[row_node] @ b
+    prod = apply(prod[row_node])
     if not prod.any():
       return total
     total += prod
