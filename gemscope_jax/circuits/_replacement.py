@@ -23,6 +23,7 @@ tokens, not tens of thousands.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.struct
@@ -100,9 +101,12 @@ def _rms_norm(x, scale, eps):
   return x * _inv_rms(x, eps)[..., None] * (1.0 + scale)
 
 
-def freeze(params: Any, config: models.Gemma3Config, tokens: np.ndarray,
+@functools.partial(jax.jit, static_argnums=(1,))
+def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
            skip: jax.Array | None):
-  """The clean pass of one prompt (tokens (T,)) and its frozen coefficients.
+  """The clean pass of one prompt (tokens (T,)) and its frozen coefficients,
+  one compiled program per prompt length (op by op, its dozens of small
+  kernels each compiled on first use cost several times as long).
 
   Returns:
     (frozen, clean) with clean = {"embed": (T, D) scaled embeddings,
@@ -111,22 +115,23 @@ def freeze(params: Any, config: models.Gemma3Config, tokens: np.ndarray,
   c = config
   L, T = c.num_layers, len(tokens)
   names = [f"layer_{l}/{s}" for l in range(L) for s in _SITES]
-  out = models.forward(params, jnp.asarray(tokens, jnp.int32)[None],
+  tokens = jnp.asarray(tokens, jnp.int32)
+  out = models.forward(params, tokens[None],
                        config=c, hookpoints=names, loss=False)
   rec = {s: jnp.stack([out.activations[f"layer_{l}/{s}"][0]
                        for l in range(L)]).astype(jnp.float32)
          for s in _SITES}
   p = [params[f"layer_{l}"] for l in range(L)]
-  scale = lambda l, name: jnp.asarray(p[l][name]["scale"], jnp.float32)  # noqa: E731
-  w_o = jnp.stack([jnp.asarray(p[l]["attn"]["attn_vec_einsum"]["w"],
-                               jnp.float32).reshape(-1, c.d_model)
-                   for l in range(L)])
-  kv = [jnp.asarray(p[l]["attn"]["kv_einsum"]["w"], jnp.float32)
-        for l in range(L)]
+  # Per-layer weights stacked on a leading layer axis, so that the
+  # coefficients below are one vectorised program, not L unrolled copies.
+  stack = lambda get: jnp.stack([jnp.asarray(get(p[l]), jnp.float32)  # noqa: E731
+                                 for l in range(L)])
+  w_o = stack(lambda q: q["attn"]["attn_vec_einsum"]["w"]).reshape(
+      L, -1, c.d_model)
+  kv = stack(lambda q: q["attn"]["kv_einsum"]["w"])      # (L, 2, K, D, H)
   eps = c.norm_eps
-  g = lambda x, name: jnp.stack([  # noqa: E731
-      _inv_rms(x[l], eps)[:, None] * (1.0 + scale(l, name))
-      for l in range(L)])
+  g = lambda x, name: (_inv_rms(x, eps)[..., None]  # noqa: E731
+                       * (1.0 + stack(lambda q: q[name]["scale"]))[:, None])
   g_pre_attn = g(rec["resid_pre"], "pre_attention_norm")
   h = jnp.einsum("ltn,lnd->ltd", rec["attn_out"], w_o, precision=_HIGHEST)
   g_post_attn = g(h, "post_attention_norm")
@@ -137,30 +142,37 @@ def freeze(params: Any, config: models.Gemma3Config, tokens: np.ndarray,
 
   positions = jnp.arange(T)[None]
   masks = _transformer.attention_masks(c, jnp.ones((1, T), bool))
-  probs = []
-  for l in range(L):
-    a = rec["resid_pre"][l] * g_pre_attn[l]
-    attn = p[l]["attn"]
-    q = jnp.einsum("td,ndh->tnh", a, jnp.asarray(attn["q_einsum"]["w"],
-                                                 jnp.float32),
-                   precision=_HIGHEST)
-    k = jnp.einsum("td,kdh->tkh", a, kv[l][0], precision=_HIGHEST)
-    q = _rms_norm(q, jnp.asarray(attn["_query_norm"]["scale"]), eps)
-    k = _rms_norm(k, jnp.asarray(attn["_key_norm"]["scale"]), eps)
-    rope = _modules.rope_table(positions, c.head_dim, *c.rope(l), T)
-    q = _modules.apply_rope(q[None], rope)[0] * c.query_scale
-    k = _modules.apply_rope(k[None], rope)[0]
+  kinds = [c.attention_kind(l) for l in range(L)]
+  tables = {k: _modules.rope_table(positions, c.head_dim,
+                                   *c.rope(kinds.index(k)), T)
+            for k in set(kinds)}
+  sin = jnp.stack([tables[k][0][0] for k in kinds])     # (L, T, 1, H/2)
+  cos = jnp.stack([tables[k][1][0] for k in kinds])
+  allowed = jnp.stack([masks[k][0] for k in kinds])     # (L, T, S)
+
+  def pattern(x, w_q, w_k, q_scale, k_scale, sin, cos, allowed):
+    q = jnp.einsum("td,ndh->tnh", x, w_q, precision=_HIGHEST)
+    k = jnp.einsum("td,kdh->tkh", x, w_k, precision=_HIGHEST)
+    q = _rms_norm(q, q_scale, eps)
+    k = _rms_norm(k, k_scale, eps)
+    q = _modules.apply_rope(q[None], (sin[None], cos[None]))[0] * c.query_scale
+    k = _modules.apply_rope(k[None], (sin[None], cos[None]))[0]
     q = q.reshape(T, c.num_kv_heads, -1, c.head_dim)
     logits = jnp.einsum("tkgh,skh->kgts", q, k, precision=_HIGHEST)
-    allowed = masks[c.attention_kind(l)][0]
-    probs.append(jax.nn.softmax(
-        jnp.where(allowed, logits, _modules._MASK_VALUE), axis=-1))
+    return jax.nn.softmax(
+        jnp.where(allowed, logits, _modules._MASK_VALUE), axis=-1)
+
+  probs = jax.vmap(pattern)(
+      rec["resid_pre"] * g_pre_attn,
+      stack(lambda q: q["attn"]["q_einsum"]["w"]), kv[:, 0],
+      stack(lambda q: q["attn"]["_query_norm"]["scale"]),
+      stack(lambda q: q["attn"]["_key_norm"]["scale"]), sin, cos, allowed)
   frozen = Frozen(g_pre_attn=g_pre_attn, g_post_attn=g_post_attn,
                   g_pre_ffw=g_pre_ffw, g_final=g_final,
-                  probs=jnp.stack(probs), w_v=jnp.stack([w[1] for w in kv]),
+                  probs=probs, w_v=kv[:, 1],
                   w_o=w_o, skip=skip)
   embed = jnp.asarray(params["embedder"]["input_embedding"], jnp.float32)
-  clean = {"embed": embed[jnp.asarray(tokens)] * jnp.float32(c.embed_scale),
+  clean = {"embed": embed[tokens] * jnp.float32(c.embed_scale),
            "mlp_in": rec["mlp_in"], "mlp_out": rec["mlp_out"],
            "logits": out.logits[0, -1].astype(jnp.float32)}
   return frozen, clean
@@ -313,7 +325,7 @@ def build(params, config: models.Gemma3Config, tokens,
   dicts = dictionaries if isinstance(dictionaries, Dictionaries) else (
       Dictionaries.of(dictionaries, config))
   skip = None if dicts.skip is None else jnp.asarray(dicts.skip)
-  frozen, clean = freeze(params, config, tokens, skip)
+  frozen, clean = freeze(params, config, jnp.asarray(tokens), skip)
   L = config.num_layers
   acts = dicts.encode(np.asarray(clean["mlp_in"]))
   features, values = [], []
