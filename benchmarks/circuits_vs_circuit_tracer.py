@@ -46,22 +46,33 @@ Notes:
     workdir and reused; pass --workdir to keep them (default: a fresh temp
     dir, not removed).
 
-Validated (2 cores shared with other work, 2026-11-29, --lengths 6,64
---workdir /tmp/cvct; 9 min 40 s in all):
-    side     tokens         features   attr s   wall s  peak GB  time x  mem x
-    ours          6     500/8658         25.7     31.3     2.00    1.00   1.00
-    anchor        6     500/8658         26.1     40.5     2.30    1.01   1.15
-    ours          6    8658/8658         85.7     90.2     3.01    1.00   1.00
-    anchor        6    8658/8658        176.4    189.6     2.49    2.06   0.83
-    ours         64     500/86688        65.9     70.4     3.06    1.00   1.00
-    anchor       64     500/86688       126.4    140.0     7.95    1.92   2.60
-  ours (gemscope_jax/circuits/_attribute.py as of commit db2a36c) split
-  into setup and logit rows / feature rows: 21.4 / 4.2 s, 19.0 / 63.5 s,
-  29.2 / 36.5 s. An earlier run, thresholds calibrated on the text alone
-  (18,432 active on the 6-token prompt), ours possibly still before
-  db2a36c: ours 26.6 s / 2.01 GB and 175 s / 7.17 GB (all features),
-  anchor 44.1 s / 2.36 GB and 631 s / 4.58 GB. Not run: 256 tokens (see
-  the notes).
+Validated (2 cores shared with a training run, 2026-11-29, --lengths 6,64
+--workdir /tmp/cvct --repeat 2; 21 min 29 s in all). call 1 is the first
+attribute call in a fresh process (ours pays its JAX compiles there), call
+2 the same prompt again in that process:
+    side     call tokens         features   attr s   wall s  peak GB  time x  mem x
+    ours        1      6     500/8658         12.3     20.2     1.91    1.00   1.00
+    ours        2      6     500/8658          3.9     20.2     2.00    1.00   1.00
+    anchor      1      6     500/8658         18.6     47.8     2.30    1.51   1.20
+    anchor      2      6     500/8658         15.6     47.8     2.32    3.98   1.16
+    ours        1      6    8658/8658         50.7    133.7     2.36    1.00   1.00
+    ours        2      6    8658/8658         77.7    133.7     2.71    1.00   1.00
+    anchor      1      6    8658/8658        264.0    575.9     2.51    5.20   1.06
+    anchor      2      6    8658/8658        282.7    575.9     2.80    3.64   1.03
+    ours        1     64     500/86688       112.8    207.0     2.80    1.00   1.00
+    ours        2     64     500/86688        82.6    207.0     2.90    1.00   1.00
+    anchor      1     64     500/86688       151.4    288.7     7.95    1.34   2.83
+    anchor      2     64     500/86688       104.9    288.7     7.98    1.27   2.75
+  ours (gemscope_jax/circuits as of commit 41aa2a7) split into setup and
+  logit rows / feature rows, calls 1 and 2: 10.0 / 2.3 and 1.0 / 2.9 s;
+  10.7 / 39.8 and 0.9 / 74.9 s; 42.9 / 69.2 and 12.4 / 69.5 s. At 64
+  tokens both sides are bound by the same dense backward pass (about 3
+  GFLOP per target row through 18 layers x 64 positions): ours does not
+  yet skip the layers above a row's own layer or the positions after it.
+  Not run: 256 tokens (see the notes). An earlier run on commit db2a36c
+  (before the jitted clean pass and the preallocated rows): 6 tokens, 500
+  features 25.7 s vs 26.1 s; every feature 85.7 s / 3.01 GB vs 176.4 s /
+  2.49 GB; 64 tokens 65.9 s / 3.06 GB vs 126.4 s / 7.95 GB.
 """
 
 from __future__ import annotations
