@@ -1,13 +1,15 @@
 """Our dashboard build against SAEDashboard 0.8.0 on the same SAE and tokens.
 
   .venv/bin/python benchmarks/dashboard_vs_saedashboard.py
-      [--num-tokens 262144] [--latents N] [--skip-default]
+      [--num-tokens 262144] [--latents N] [--skip-default] [--skip-best]
       [--dictionary out/main/export] [--workdir DIR]
 
 Ours: `dashboards.build.build_site` on the main job's 4096-wide layer-6
 JumpReLU SAE (`out/main/export`, a Gemma Scope 2 folder) over `--num-tokens`
 tokens of the embedded held-out text ("english_heldout") in BOS + 127-token
-windows, in its own subprocess (wall time, peak RSS of that process).
+windows, in its own subprocess (wall time, peak RSS of that process). It
+loads the model as `gemscope dashboard` does: only the blocks the scan
+runs (`scan.blocks_needed`: 7 of 18 for a layer-6 SAE).
 
 Anchor: SAEDashboard 0.8.0 in `.venv-saedashboard` (built by
 scripts/saedashboard_env.sh, DESIGN.md section 9), through
@@ -19,7 +21,8 @@ blocks.6.hook_resid_post). The model is the real Gemma 3 270M written by
 "google/gemma-3-270m", hf_model=..., tokenizer=...)` with HF_HUB_OFFLINE=1;
 the tokenizer is a GemmaTokenizerFast built from the project's SentencePiece
 file (`Tokenizer.save`). Two anchor settings:
-  best:    its activation cache (cache_dir) and 512 latents per batch;
+  best:    its activation cache (cache_dir) and 512 latents per batch
+           (skip with --skip-best, e.g. to run ours and "default" only);
   default: SaeVisConfig's defaults for batch sizes, no cache
            (skip with --skip-default; about 50 min on 2 cores at 262k tokens).
 Each side runs in its own subprocess; the table gives wall time, peak RSS and
@@ -65,6 +68,28 @@ Full run (2 cores, 2026-11-29, --skip-default --workdir /tmp/dvs_full;
   7 min 08 s wall earlier; this run was slower, cause not looked into.)
   Not run: the "default" anchor at full size (about 50 min on 2 cores per
   DESIGN section 9), nor the max-activation cross-check at full size.
+  (Ours here is the code before issue 16's memory work, below.)
+
+Issue 16's memory target, ours at most a third of the anchor's best peak
+(7.21 / 3 = 2.40 GB): ours alone (`--side ours`), the code before
+(commit 58945ff) and after run back to back, 2026-11-29, on the 2 cores
+shared with other jobs (load average 2-4, rising during the second run
+of the full pair, so compare CPU seconds there):
+    tokens x latents       before                    after
+    8,192 x 256            19.4 s wall, 2.18 GB      15.8 s wall, 1.39 GB
+    262,144 x 4096         380 s wall, 635 CPU s,    479 s wall, 554 CPU s,
+                           2.68 GB                   1.47 GB
+  (earlier full pairs, while a training job ran: 467 / 489 s and 456 /
+  533 s wall for an intermediate version, peaks 2.59-2.63 / 1.49-1.50 GB.)
+  1.47 GB is 0.20 of the anchor's best 7.21 GB. Where the peak went
+  (`dashboards.scan`'s module docstring has the stage-by-stage figures):
+  the load held the model twice (2.16 GB alone), the 671 MB activation
+  cache sat in RAM, pass 2 kept every quantile bin's temporaries (0.38
+  GB); now the model is read tensor by tensor into buffers XLA adopts
+  uncopied, only its first 7 blocks are loaded, the cache is a file, and
+  pass 2 takes one bin at a time. Results are bit for bit those of the
+  code before (checked on latents 0-255 of this SAE over 8192 tokens:
+  every array of the scan, the logit lens and neighbours included).
 """
 
 from __future__ import annotations
@@ -103,11 +128,13 @@ def _load(args):
 def run_ours(args) -> None:
   """Child process: build_site, prints one JSON line."""
   from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.dashboards import build  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.dashboards import build, scan  # pylint: disable=import-outside-toplevel
   from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   d = _load(args)
-  config, params = pretrained.load_model("default")
+  # As `gemscope dashboard` loads it: only the blocks the scan runs.
+  config, params = pretrained.load_model(
+      "default", num_blocks=scan.blocks_needed(d))
   tok = default_tokenizer()
   t1 = time.perf_counter()
   done = build.build_site(d, pathlib.Path(args.workdir) / "ours_site",
@@ -172,6 +199,9 @@ def main() -> None:
                   help="only latents 0..N-1 (0: all)")
   ap.add_argument("--skip-default", action="store_true",
                   help="skip the anchor with SAEDashboard's defaults")
+  ap.add_argument("--skip-best", action="store_true",
+                  help="skip the anchor's fastest setting (cache, 512 "
+                       "latents per batch)")
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--text", default="english_heldout")
   ap.add_argument("--dictionary", default=str(ROOT / "out/main/export"))
@@ -196,7 +226,10 @@ def main() -> None:
             f"--dictionary={args.dictionary}", f"--workdir={work}"]
   results = [_child([sys.executable, __file__, "--side=ours", *common])]
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-  settings = [("best", ["--batch=512", f"--cache-dir={work / 'act_cache'}"])]
+  settings = []
+  if not args.skip_best:
+    settings.append(("best", ["--batch=512",
+                              f"--cache-dir={work / 'act_cache'}"]))
   if not args.skip_default:
     settings.append(("default", []))
   for name, extra in settings:

@@ -332,13 +332,16 @@ def _load_dictionary_arg(args):
 def _cmd_dashboard(args) -> int:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
-  from gemscope_jax.dashboards import build  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.dashboards import build, scan  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   safe_write.check_dir_output(args.out, overwrite=args.overwrite,
                               flag="--out")
   d = _load_dictionary_arg(args)
   dtype = jnp.dtype(args.dtype)
-  config, params = pretrained.load_model(args.model, dtype=dtype)
+  # Only the blocks the scan runs: later ones would sit in memory unused.
+  config, params = pretrained.load_model(
+      args.model, dtype=dtype,
+      num_blocks=scan.blocks_needed(d, args.hookpoint))
   done = build.build_site(
       d, args.out, config=config, params=params,
       tokenizer=default_tokenizer(), text=args.text,

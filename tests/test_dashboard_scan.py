@@ -16,6 +16,7 @@ simulated kill (the state file rolled back to an earlier save).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -296,6 +297,143 @@ def test_resume_after_an_exception_and_after_a_kill(env, tok, tmp_path):
   # Another scan in the same folder is refused.
   with pytest.raises(errors.UsageError, match="top_k"):
     scan_mod.scan(*args, state_dir=state, **dict(kw, k=5))
+
+
+def _counting_steps(monkeypatch) -> dict:
+  """Counts pass 2's chunks encoded from Gemma and from the activation
+  file, by wrapping the compiled steps."""
+  calls = {"gemma": 0, "file": 0}
+  steps = scan_mod._steps  # pylint: disable=protected-access
+
+  def counted(st):
+    pass1, pass2, pass2_cached = steps(st)
+
+    def gemma(*a):
+      calls["gemma"] += 1
+      return pass2(*a)
+
+    def file(*a):
+      calls["file"] += 1
+      return pass2_cached(*a)
+    return pass1, gemma, file
+
+  monkeypatch.setattr(scan_mod, "_steps", counted)
+  return calls
+
+
+def test_activation_file_equals_rerunning_gemma(env, tok, tmp_path,
+                                                monkeypatch):
+  """Pass 2 reads pass 1's activations back from a file (a temporary one
+  without state_dir, ACTS_FILE in it with one) and gets the result of
+  running Gemma again, bit for bit; the file goes once the scan is done."""
+  kw = dict(SETTINGS, lens=False)
+  args = (TINY, env["params"], env["d"], env["windows"], tok)
+  calls = _counting_steps(monkeypatch)
+  gemma = scan_mod.scan(*args, cache_bytes=0, **kw)
+  assert calls == {"gemma": 3, "file": 0}      # 10 windows in chunks of 4
+  _equal(gemma, env["result"])                # env's scan used the file
+  calls.update(gemma=0, file=0)
+  state = tmp_path / "state"
+  acts = state / scan_mod.ACTS_FILE
+  window_bytes = 24 * 1 * TINY.d_model * 4
+  sizes = []
+
+  def on_chunk(number, next_window):
+    sizes.append((number, next_window, acts.stat().st_size))
+
+  _equal(scan_mod.scan(*args, state_dir=state, on_chunk=on_chunk, **kw),
+         gemma)
+  assert calls == {"gemma": 0, "file": 3}
+  # Pass 1 writes a chunk late (no stall); pass 2 finds all 10 windows.
+  assert sizes[:3] == [(1, 4, 0), (1, 8, 4 * window_bytes),
+                       (1, 10, 8 * window_bytes)]
+  assert all(size == 10 * window_bytes for n, _, size in sizes if n == 2)
+  assert not acts.exists() and (state / scan_mod.STATE_FILE).is_file()
+
+
+def test_activation_file_resumes_with_the_scan(env, tok, tmp_path,
+                                               monkeypatch):
+  """A scan killed in pass 1 keeps the windows its last save counted and
+  appends the rest; killed in pass 2 it reads the file on; without the
+  file pass 2 runs Gemma. Every resumed result is the uninterrupted one."""
+  kw = dict(SETTINGS, lens=False)
+  args = (TINY, env["params"], env["d"], env["windows"], tok)
+  state = tmp_path / "state"
+  file, acts = state / scan_mod.STATE_FILE, state / scan_mod.ACTS_FILE
+  snapshot = tmp_path / "snapshot.npz"
+  calls = _counting_steps(monkeypatch)
+
+  def kill_at(save_at, stop_at):
+    def on_chunk(number, next_window):
+      if (number, next_window) == save_at:
+        shutil.copy(file, snapshot)
+      if (number, next_window) == stop_at:
+        raise _Stop
+    return on_chunk
+
+  def resume():
+    shutil.copy(snapshot, file)      # as if killed right after that save
+    calls.update(gemma=0, file=0)
+    seen = []
+    result = scan_mod.scan(*args, state_dir=state,
+                           on_chunk=lambda *a: seen.append(a), **kw)
+    _equal(result, env["result"])
+    return seen[0]
+
+  # Killed in pass 1 after 8 windows were written, the last save at 4.
+  with pytest.raises(_Stop):
+    scan_mod.scan(*args, state_dir=state, save_every_s=0.0,
+                  on_chunk=kill_at((1, 4), (1, 8)), **kw)
+  assert acts.stat().st_size > 4 * 24 * TINY.d_model * 4
+  assert resume() == (1, 8)
+  assert calls == {"gemma": 0, "file": 3} and not acts.exists()
+
+  # Killed in pass 2: the file is read on.
+  shutil.rmtree(state)
+  with pytest.raises(_Stop):
+    scan_mod.scan(*args, state_dir=state, save_every_s=0.0,
+                  on_chunk=kill_at((2, 4), (2, 8)), **kw)
+  assert resume() == (2, 8)
+  assert calls == {"gemma": 0, "file": 2}
+
+  # The same without the file: Gemma runs for the rest of pass 2.
+  shutil.rmtree(state)
+  with pytest.raises(_Stop):
+    scan_mod.scan(*args, state_dir=state, save_every_s=0.0,
+                  on_chunk=kill_at((2, 4), (2, 8)), **kw)
+  acts.unlink()
+  assert resume() == (2, 8)
+  assert calls == {"gemma": 2, "file": 0}
+
+
+def test_blocks_needed(env, tok):
+  d = env["d"]
+  assert scan_mod.blocks_needed(d) == 2                  # layer_1/resid_post
+  assert scan_mod.blocks_needed(d, "layer_0/mlp_in") == 1
+  # A transcoder writing attn_out: the lens reads that block's projection.
+  t = dataclasses.replace(d, hookpoint="layer_0/resid_pre",
+                          hookpoint_out="layer_1/attn_out")
+  assert scan_mod.blocks_needed(t) == 2
+  t = dataclasses.replace(d, hookpoint="layer_0/mlp_in",
+                          hookpoint_out="layer_1/mlp_out")
+  assert scan_mod.blocks_needed(t) == 1
+  assert scan_mod.blocks_needed(dataclasses.replace(d, hookpoint=None)
+                                ) is None
+  assert scan_mod.blocks_needed(d, "somewhere") is None
+  clt = interop.MultiLayerInference(
+      kind="clt", w_enc=np.zeros((2, 32, 3)), w_dec=np.zeros((2, 3, 2, 32)),
+      b_enc=np.zeros((2, 3)), b_dec=np.zeros((2, 32)),
+      threshold=np.zeros((2, 3)), hookpoints=("layer_0/mlp_in",
+                                              "layer_3/mlp_in"))
+  assert scan_mod.blocks_needed(clt) == 4
+  # A scan (lens included) runs on params holding only those blocks.
+  few = {k: v for k, v in env["params"].items() if k != "layer_1"}
+  hp = "layer_0/resid_post"
+  assert scan_mod.blocks_needed(d, hp) == 1
+  a, b = (scan_mod.scan(TINY, p, d, env["windows"], tok, hookpoint=hp,
+                        **SETTINGS) for p in (few, env["params"]))
+  _equal(a, b)
+  np.testing.assert_array_equal(a.lens.top_ids, b.lens.top_ids)
 
 
 def test_records_schema_and_text(env, tok):

@@ -216,3 +216,62 @@ def test_orbax_directory_loads_through_load_model(tmp_path, tiny_params):
   config, params = pretrained.load_model(tmp_path / "ckpt", TINY)
   assert config == TINY
   assert_same_tree(jax.tree.map(np.asarray, params), tiny_params)
+
+
+def test_cache_reader_places_each_tensor_from_an_aligned_buffer(
+    tmp_path, tiny_params):
+  """The default model's cache is read tensor by tensor into 64-byte
+  aligned buffers, which the CPU backend adopts without a copy (so the
+  load never holds the model twice); a damaged file is refused."""
+  from gemscope_jax.convert import _tree
+  file = tmp_path / "cache.safetensors"
+  flat = {k: np.ascontiguousarray(v)
+          for k, v in _tree.flatten(tiny_params).items()}
+  save_file(flat, file, metadata={"config": "tiny"})
+  read = pretrained._read_safetensors  # pylint: disable=protected-access
+  keeps = pretrained._keeps  # pylint: disable=protected-access
+  host = read(file, keeps(None), None)
+  assert_same_tree(host, tiny_params)
+  assert all(x.ctypes.data % 64 == 0 for x in jax.tree.leaves(host))
+  placed = []
+
+  def place(path, x):
+    y = jax.device_put(x)
+    placed.append((path, y.unsafe_buffer_pointer() == x.ctypes.data))
+    return y
+
+  assert_same_tree(jax.tree.map(np.asarray, read(file, keeps(1), place)),
+                   {k: v for k, v in tiny_params.items() if k != "layer_1"})
+  assert placed and all(same for _, same in placed)     # no copy on CPU
+  assert not any(p.startswith("layer_1/") for p, _ in placed)
+  cut = tmp_path / "cut.safetensors"
+  cut.write_bytes(file.read_bytes()[:-100])
+  unreadable = pretrained._Unreadable  # pylint: disable=protected-access
+  with pytest.raises(unreadable, match="truncated|fit"):
+    read(cut, keeps(None), None)
+
+
+def test_num_blocks_keeps_the_first_blocks(tmp_path, tiny_params):
+  """load_model(num_blocks=n) holds blocks 0 .. n - 1 (with the embedding
+  and final norm) from every source; a pass that stops there gives what
+  the whole model gives."""
+  sources = {"hf": write_hf(tmp_path / "hf", tiny_params),
+             "gguf": write_gguf(tmp_path / "tiny.gguf", tiny_params)}
+  tokens = np.arange(1, 17).reshape(2, 8) % TINY.vocab_size
+  hp = "layer_0/resid_post"
+  want = models.forward(tiny_params, tokens, config=TINY, hookpoints=(hp,),
+                        logits=False).activations[hp]
+  expect = {"hf": None, "gguf": TINY}   # a folder's config is its own
+  for name, source in sources.items():
+    config, params = pretrained.load_model(source, expect[name],
+                                           num_blocks=1)
+    assert config.num_layers == 2
+    assert sorted(params) == ["embedder", "final_norm", "layer_0"], name
+    got = models.forward(params, tokens, config=TINY, hookpoints=(hp,),
+                         logits=False).activations[hp]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    _, whole = pretrained.load_model(source, expect[name], num_blocks=5)
+    assert_same_tree(jax.tree.map(np.asarray, whole), tiny_params)
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="num_blocks"):
+      pretrained.load_model(sources["hf"], num_blocks=bad)

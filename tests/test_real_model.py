@@ -101,3 +101,13 @@ def test_cached_default_equals_a_fresh_gguf_read(real_model, real_gguf_path):
                      jax.tree.leaves(real_model[1])):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(np.asarray(c), b)
+
+
+def test_default_with_num_blocks_is_the_first_blocks(real_model):
+  from gemscope_jax.convert import pretrained
+  _, few = pretrained.load_model("default", num_blocks=7)
+  assert sorted(few) == sorted(["embedder", "final_norm",
+                                *(f"layer_{i}" for i in range(7))])
+  for a, b in zip(jax.tree.leaves(few),
+                  jax.tree.leaves({k: real_model[1][k] for k in few})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -251,3 +251,29 @@ def write_rows(src: Source, config: models.Gemma3Config, params
                      ["w"], np.float32)
     return d.w_dec @ w_o.reshape(-1, config.d_model)
   return d.w_dec
+
+
+def blocks_needed(d, hookpoint: str | None = None) -> int | None:
+  """How many of Gemma's blocks a scan of `d` runs or reads, the lens
+  included: 1 + the deepest layer among its input hookpoints and, for an
+  `attn_out` writer, the block whose output projection `write_rows` reads.
+  None where the hookpoints are unknown or unreadable (the scan reports
+  those). `convert.pretrained.load_model(..., num_blocks=)` takes it.
+
+  Args:
+    d: an `InferenceDictionary` or `MultiLayerInference`.
+    hookpoint: where an `InferenceDictionary` reads, overriding its own.
+  """
+  parse = models.hooks.parse
+  try:
+    if isinstance(d, MultiLayerInference):
+      points = [parse(n) for n in d.hookpoints]
+    elif isinstance(d, InferenceDictionary):
+      points = [parse(hookpoint or d.hookpoint)]
+      if d.hookpoint_out and parse(d.hookpoint_out).site == "attn_out":
+        points.append(parse(d.hookpoint_out))
+    else:
+      return None
+  except (ValueError, TypeError, AttributeError):  # None, unparsable
+    return None
+  return 1 + max(p.layer for p in points) if points else None

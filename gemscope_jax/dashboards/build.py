@@ -6,6 +6,16 @@ read into windows, the scan runs with its state in a hidden folder beside
 the destination (`.SITE.scan/`), so a killed job rerun with the same
 arguments continues where it stopped, and the site is written atomically;
 the scan state is removed once the site is complete.
+
+Memory (peak RSS, GB = 2^30 bytes): the caller's model (Gemma 3 270M in
+float32: 0.77 GB with the 7 blocks a layer-6 SAE needs, 1.0 GB whole),
+Python, JAX and the tokenizer (0.2 GB), the compiled steps and XLA's
+buffers (about 0.3 GB), pass 2's temporaries (0.15 GB at 4096 latents)
+and the per-latent buffers; pass 1's activations wait for pass 2 in a
+file in the state folder, not in memory. 262,144 tokens x 4096 latents
+peak at 1.47 GB (2.65 GB before issue 16's changes; the `scan` module
+docstring says where it went, benchmarks/dashboard_vs_saedashboard.py
+records the runs).
 """
 
 from __future__ import annotations
@@ -45,7 +55,10 @@ def build_site(dictionary: Any, out: str | os.PathLike, *, config, params,
   Args:
     dictionary: an `interop.InferenceDictionary` or `MultiLayerInference`.
     out: the site folder.
-    config, params, tokenizer: the model.
+    config, params, tokenizer: the model. `params` may hold only the
+      blocks the scan needs (`scan.blocks_needed(dictionary, hookpoint)`
+      of them, as `convert.pretrained.load_model(..., num_blocks=)` loads
+      them and `gemscope dashboard` does).
     text: a corpus name or files (`text.corpora.text_files`).
     num_tokens, seq_len: how much text, in BOS-led windows of this length.
     batch_size: windows per scan chunk.

@@ -5,9 +5,11 @@ Each chunk of `batch_size` windows runs Gemma up to the dictionary's input
 hookpoint(s) and encodes the activations into (width, tokens) latents
 (latent-major, as the encoder matmul writes them) inside one jitted step,
 which folds them into running per-latent buffers; nothing of size tokens x
-width outlives a chunk. Pass 2 encodes pass 1's activations again from host
-memory when they fit in `cache_bytes` (2 GiB: 819k tokens of a 640-wide
-hookpoint), else it runs Gemma again.
+width outlives a chunk. Pass 2 encodes pass 1's activations again, read
+back from a file (`_acts_file`: in `state_dir`, else an anonymous temporary
+file) when they fit in `cache_bytes` (2 GiB: 819k tokens of a 640-wide
+hookpoint) and on the disk, else it runs Gemma again; either way it sees
+the same activations bit for bit.
 
   pass 1  firing count, sum (float32, Kahan-compensated), max, and the k
           largest activations.
@@ -37,9 +39,11 @@ Resuming: with `state_dir`, the buffers, the pass and the next window are
 saved atomically (`safe_write.atomic_path`) every `save_every_s` seconds,
 at the end of each pass and when the scan stops on an exception; a rerun
 with the same inputs continues from there and returns what an uninterrupted
-scan returns (the tests check it bit for bit at the same `batch_size`;
-a pass that resumes midway runs Gemma for pass 2). Its inputs are
-fingerprinted (token hash, dictionary hash, model name, settings); a
+scan returns (the tests check it bit for bit at the same `batch_size`).
+The activation file in `state_dir` is resumed with it: the state records
+how many windows it held (synced to disk first) and a rerun truncates it
+there; a scan whose file is missing or short runs Gemma for pass 2. Its
+inputs are fingerprinted (token hash, dictionary hash, model name, settings); a
 different scan in the same folder is refused.
 
 Sharding: with a ('data', 'model') mesh (`parallel.make_mesh`), the latent
@@ -51,8 +55,33 @@ parameters are used as placed.
 Memory (device): width x (k + quantile_bins * per_bin) x (before + 1 +
 after) floats of contexts (4096 wide: 37 MB at the defaults), plus
 width x hist_bins counts, plus one chunk's (width, batch_size * seq_len)
-latents and a few arrays of its size (pass 2's bins). Host: the activation
-cache.
+latents and a few arrays of that size (pass 2 takes its quantile bins
+one at a time: 156 MB of temporaries at 4096 latents x 1024 tokens, by
+XLA's memory analysis). Host: a chunk or two of activations in flight
+(pass 2 waits for each chunk before it queues the next); the activation
+file lies in the page cache or on disk, not in the process. Gemma's
+blocks after the dictionary's deepest input are never run: a caller can
+load only `blocks_needed(...)` of them (`convert.pretrained.load_model(
+..., num_blocks=)`, as `gemscope dashboard` does).
+
+Where the peak was (peak RSS of `dashboards.build.build_site` on Gemma 3
+270M in float32, 2 CPU cores; VmRSS / VmHWM read from /proc/self/status
+between stages; GB = 2^30 bytes, as the benchmark prints). Before: Python
+and JAX 0.17 GB; loading the model peaked at 2.16-2.18 GB, numpy copies
+of the whole 1.0 GB cache file living beside the jax arrays until
+collected, which alone set the peak of a small build (8192 tokens x 256
+latents: 2.18 GB); after it, model and runtime 1.2 GB, tokenizer 0.05,
+compiled steps and XLA's buffers about 0.3 GB, pass 2's temporaries
+0.38 GB at 4096 latents (every quantile bin's keys at once), and the
+in-RAM activation cache, 0.63 GB (671 MB) at 262,144 tokens: the
+2.65 GB of the full build. Now the load reads the cache tensor by tensor
+into buffers that XLA adopts without a copy (one copy of the model at
+any time) and keeps 7 of 18 blocks for a layer-6 SAE (0.77 GB, not 1.0),
+the activation cache is a file, pass 2 takes one bin at a time (0.15 GB)
+and queues one chunk, and the logit lens takes 64 latents per matmul (64
+MB of logits, not 256 MB): 4096 latents x 32,768 tokens measure 1.02 GB
+after loading, 1.31 after pass 1 and 1.46 GB at the peak, in pass 2.
+Full-size figures: benchmarks/dashboard_vs_saedashboard.py.
 
 Caveat: the fingerprint does not hash Gemma's parameters (only the
 model's name): resuming with other weights of the same size is not caught.
@@ -65,6 +94,9 @@ import functools
 import hashlib
 import json
 import pathlib
+import shutil
+import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -75,12 +107,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from gemscope_jax import errors, models, safe_write
+from gemscope_jax.dashboards import _acts_file
 from gemscope_jax.dashboards import _dictionary as dl
 from gemscope_jax.dashboards import lens as lens_lib
 from gemscope_jax.parallel.mesh import MeshPlan
 from gemscope_jax.text.windows import Windows, ordinary_mask
 
 STATE_FILE = "scan_state.npz"
+ACTS_FILE = "activations.bin"   # pass 1's activations, beside the state
+# How many blocks a scan needs (`convert.pretrained.load_model(num_blocks=)`).
+blocks_needed = dl.blocks_needed
 HIST_FLOOR = 1e-3          # lowest log-spaced histogram edge, x max
 _SENTINEL = np.iinfo(np.int32).max   # flat index of an empty slot
 _STATE_VERSION = 1
@@ -314,25 +350,29 @@ def _steps(st: _Static):
     prio = priority(w0 * t_len + jnp.arange(n), jnp.arange(f.shape[0]),
                     st.seed)
     m = min(st.per_bin, n)
-    counts, keys, idxs, vals, ctxs = [], [], [], [], []
-    for b in range(st.bins):
+
+    # One bin at a time (lax.scan, not a Python loop): unrolled, XLA kept
+    # every bin's (W, n) keys alive at once, 386 MB of temporaries at 4096
+    # latents x 1024 tokens against 156 MB now, and ran slower.
+    def one_bin(_, xs):
+      """Bin b's count and merged sample."""
+      b, key, idx, val, ctx = xs
       in_bin = fired & (q == b)
-      counts.append(in_bin.sum(1, dtype=jnp.int32))
       c_key, local, c_idx, c_ctx = _candidates(
           st, f, jnp.where(in_bin, prio, -jnp.inf), m, w0, t_len)
       c_val = jnp.where(c_key == -jnp.inf, 0.0,
                         jnp.take_along_axis(f, local, axis=1))
-      key, idx, (val, ctx) = _merge(
-          state["q_key"][:, b], state["q_index"][:, b],
-          (state["q_value"][:, b], state["q_context"][:, b]),
-          c_key, c_idx, (c_val, c_ctx), st.per_bin)
-      keys.append(key)
-      idxs.append(idx)
-      vals.append(val)
-      ctxs.append(ctx)
-    s["q_count"] = state["q_count"] + jnp.stack(counts, axis=1)
-    s["q_key"], s["q_index"] = jnp.stack(keys, 1), jnp.stack(idxs, 1)
-    s["q_value"], s["q_context"] = jnp.stack(vals, 1), jnp.stack(ctxs, 1)
+      key, idx, (val, ctx) = _merge(key, idx, (val, ctx), c_key, c_idx,
+                                    (c_val, c_ctx), st.per_bin)
+      return None, (in_bin.sum(1, dtype=jnp.int32), key, idx, val, ctx)
+
+    names = ("q_key", "q_index", "q_value", "q_context")
+    _, (counts, *out) = jax.lax.scan(
+        one_bin, None, (jnp.arange(st.bins),
+                        *(jnp.moveaxis(state[k], 1, 0) for k in names)))
+    s["q_count"] = state["q_count"] + counts.T
+    for k, v in zip(names, out):
+      s[k] = jnp.moveaxis(v, 0, 1)
     return s
 
   state_out = None
@@ -395,13 +435,13 @@ def _sha(*arrays) -> str:
 
 
 def _save(path: pathlib.Path, fingerprint: dict, stage: int, next_window: int,
-          p1: dict, p2: dict | None) -> None:
+          p1: dict, p2: dict | None, cached: int = 0) -> None:
   arrays = {f"p1.{k}": np.asarray(v) for k, v in jax.device_get(p1).items()}
   if p2 is not None:
     arrays.update({f"p2.{k}": np.asarray(v)
                    for k, v in jax.device_get(p2).items()})
   meta = {"version": _STATE_VERSION, "fingerprint": fingerprint,
-          "stage": stage, "next_window": next_window}
+          "stage": stage, "next_window": next_window, "cached": cached}
   arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   with safe_write.atomic_path(path) as tmp:
     with open(tmp, "wb") as fh:
@@ -409,7 +449,8 @@ def _save(path: pathlib.Path, fingerprint: dict, stage: int, next_window: int,
 
 
 def _load(path: pathlib.Path, fingerprint: dict):
-  """(stage, next_window, p1, p2) saved in `path`, or None if absent."""
+  """(stage, next_window, p1, p2, cached) saved in `path`, or None if
+  absent; `cached`: windows in the activation file (0 in older states)."""
   if not path.is_file():
     return None
   try:
@@ -429,7 +470,7 @@ def _load(path: pathlib.Path, fingerprint: dict):
         "it to start over")
   p1 = {k[3:]: v for k, v in arrays.items() if k.startswith("p1.")}
   p2 = {k[3:]: v for k, v in arrays.items() if k.startswith("p2.")} or None
-  return meta["stage"], meta["next_window"], p1, p2
+  return meta["stage"], meta["next_window"], p1, p2, meta.get("cached", 0)
 
 
 # --- the scan ---------------------------------------------------------------
@@ -489,9 +530,12 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
     state_dir: a folder to save progress in and resume from.
     save_every_s: seconds between saves (also saved at each pass's end and
       when an exception stops the scan).
-    cache_bytes: host memory for pass 1's activations at the hookpoint(s),
-      which pass 2 then encodes again instead of running Gemma twice; a
-      scan whose activations need more (or 0) runs Gemma in both passes.
+    cache_bytes: file space for pass 1's activations at the hookpoint(s)
+      (in `state_dir`, else a temporary file in `tempfile.gettempdir()`),
+      which pass 2 then reads and encodes again instead of running Gemma
+      twice; a scan whose activations need more (or 0, or more than the
+      disk has free) runs Gemma in both passes. Not process memory: the
+      file is read and written, never mapped.
     on_chunk: called as on_chunk(pass_number, next_window) after each chunk
       (and its save, if one was due).
 
@@ -560,32 +604,45 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
       "hist_bins": hist_bins, "before": before, "after": after,
       "seed": seed, "dtype": jnp.dtype(dtype).name}
   path = None if state_dir is None else pathlib.Path(state_dir) / STATE_FILE
-  stage, next_window = 1, 0
+  stage, next_window, cached = 1, 0, 0
   if path is not None:
     safe_write.check_workdir(path.parent)
     loaded = _load(path, fingerprint)
     if loaded is not None:
-      stage, next_window, p1, saved_p2 = loaded
+      stage, next_window, p1, saved_p2, cached = loaded
       p2 = saved_p2 if saved_p2 is not None else p2
 
   real = windows.mask.sum(axis=1)
   state = {1: p1, 2: p2}
   last_save = time.monotonic()
+  window_shape = (seq_len, len(src.spec.hookpoints),
+                  src.arrays["w_enc"].shape[-2])
+  acts_file = _open_acts(path, stage, next_window, cached, n_windows,
+                         window_shape, jnp.dtype(dtype), cache_bytes)
+
+  def drop_acts(e: OSError) -> None:
+    """Gives up the activation file (pass 2 runs Gemma) on an I/O error."""
+    nonlocal acts_file
+    if acts_file is not None:
+      print(f"[gemscope] dashboard scan: activation file dropped ({e}); "
+            "pass 2 runs Gemma again", file=sys.stderr, flush=True)
+      acts_file.close(remove=True)
+      acts_file = None
 
   def save(stage_, window_):
     nonlocal last_save
     if path is not None:
+      n_cached = 0
+      if acts_file is not None:
+        try:
+          acts_file.sync()     # durable before the state that counts it
+          n_cached = acts_file.windows
+        except OSError as e:
+          drop_acts(e)
       _save(path, fingerprint, stage_, window_, state[1],
-            state[2] if stage_ >= 2 else None)
+            state[2] if stage_ >= 2 else None, n_cached)
       last_save = time.monotonic()
 
-  # Pass 1's activations, kept on the host for pass 2 when they fit (a
-  # pass that resumes in the middle has none and runs Gemma again).
-  per_window = (seq_len * len(src.spec.hookpoints)
-                * src.arrays["w_enc"].shape[-2] * jnp.dtype(dtype).itemsize)
-  cache: dict[int, np.ndarray] | None = (
-      {} if stage == 1 and next_window == 0
-      and n_windows * per_window <= cache_bytes else None)
   rows = None if mesh is None else NamedSharding(mesh,
                                                  PartitionSpec(batch_axis))
 
@@ -598,57 +655,90 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
       out.append(pad if rows is None else jax.device_put(pad, rows))
     return stop, out
 
-  for number in (1, 2):
-    if stage > number:
-      continue
-    start = next_window if stage == number else 0
-    state[number] = _place(state[number], mesh, latent_axis)
-    edges = ()
-    if number == 2:
-      mx = np.asarray(jax.device_get(state[1]["max"]))
-      edges = (_place(histogram_edges(mx, hist_bins), mesh, latent_axis),
-               _place(quantile_edges(mx, quantile_bins), mesh, latent_axis))
-    reuse = number == 2 and cache is not None and len(cache) == len(
-        range(0, n_windows, batch_size))
-    bar = tqdm(total=int(real.sum()), initial=int(real[:start].sum()),
-               unit="tok", unit_scale=True, disable=not progress,
-               desc=f"dashboard scan {number}/2", dynamic_ncols=True)
-    done, pending = start, None
+  ahead = {}     # the next chunk's activations, read while one runs
+
+  def cached_acts(w0, stop):
+    """The chunk's activations from the file, or None (then from Gemma)."""
+    if w0 in ahead:
+      return ahead.pop(w0)
+    if acts_file is None or acts_file.windows < n_windows:
+      return None
     try:
-      for w0 in range(start, n_windows, batch_size):
-        stop, (tokens, mask, keep) = chunk_of(w0)
-        if number == 1:
-          state[1], acts = pass1(state[1], params, arrays, tokens, mask,
-                                 keep, np.int32(w0))
-          if pending is not None:    # copied a chunk late: no stall
-            cache[pending[0]] = np.asarray(pending[1])
-          pending = None if cache is None else (w0, acts)
-        elif reuse:
-          acts = cache.pop(w0)
-          acts = acts if rows is None else jax.device_put(acts, rows)
-          state[2] = pass2_cached(state[2], acts, arrays, keep,
-                                  np.int32(w0), *edges)
-        else:
-          state[2] = pass2(state[2], params, arrays, tokens, mask, keep,
-                           np.int32(w0), *edges)
-        done = stop
-        bar.update(int(real[w0:stop].sum()))
-        if time.monotonic() - last_save >= save_every_s:
-          save(number, done)
-        if on_chunk is not None:
-          on_chunk(number, done)
-      if pending is not None:
-        cache[pending[0]] = np.asarray(pending[1])
-    except BaseException:
-      bar.close()
+      acts = acts_file.read(w0, stop, batch_size)
+    except OSError as e:
+      drop_acts(e)
+      return None
+    return acts if rows is None else jax.device_put(acts, rows)
+
+  try:
+    for number in (1, 2):
+      if stage > number:
+        continue
+      start = next_window if stage == number else 0
+      state[number] = _place(state[number], mesh, latent_axis)
+      edges = ()
+      if number == 2:
+        mx = np.asarray(jax.device_get(state[1]["max"]))
+        edges = (_place(histogram_edges(mx, hist_bins), mesh, latent_axis),
+                 _place(quantile_edges(mx, quantile_bins), mesh,
+                        latent_axis))
+      bar = tqdm(total=int(real.sum()), initial=int(real[:start].sum()),
+                 unit="tok", unit_scale=True, disable=not progress,
+                 desc=f"dashboard scan {number}/2", dynamic_ncols=True)
+      done = start
       try:
-        save(number, done)
-      except RuntimeError:  # a donated buffer the failed step consumed
-        pass
-      raise
-    bar.close()
-    stage, next_window = number + 1, 0
-    save(stage, 0)
+        for w0 in range(start, n_windows, batch_size):
+          stop, (tokens, mask, keep) = chunk_of(w0)
+          if number == 1:
+            state[1], acts = pass1(state[1], params, arrays, tokens, mask,
+                                   keep, np.int32(w0))
+            if acts_file is not None:
+              try:
+                acts_file.put(w0, stop - w0, acts)
+              except OSError as e:
+                drop_acts(e)
+          elif (acts := cached_acts(w0, stop)) is not None:
+            state[2] = pass2_cached(state[2], acts, arrays, keep,
+                                    np.int32(w0), *edges)
+            # One chunk in flight: reading runs far ahead of encoding, and
+            # every chunk queued would hold its activations (pass 1 waits
+            # for each chunk's as it copies them out).
+            if stop < n_windows:
+              ahead[stop] = cached_acts(stop, min(stop + batch_size,
+                                                  n_windows))
+            jax.block_until_ready(state[2])
+          else:
+            state[2] = pass2(state[2], params, arrays, tokens, mask, keep,
+                             np.int32(w0), *edges)
+          done = stop
+          bar.update(int(real[w0:stop].sum()))
+          if time.monotonic() - last_save >= save_every_s:
+            save(number, done)
+          if on_chunk is not None:
+            on_chunk(number, done)
+        if acts_file is not None:
+          try:
+            acts_file.flush()
+          except OSError as e:
+            drop_acts(e)
+      except BaseException:
+        bar.close()
+        try:
+          save(number, done)
+        except RuntimeError:  # a donated buffer the failed step consumed
+          pass
+        raise
+      bar.close()
+      stage, next_window = number + 1, 0
+      save(stage, 0)
+    if acts_file is not None:
+      acts_file.close(remove=True)     # the scan is complete
+      acts_file = None
+  finally:
+    if acts_file is not None:
+      acts_file.close()                # kept for a rerun to resume
+  if path is not None and stage > 2:
+    (path.parent / ACTS_FILE).unlink(missing_ok=True)
 
   r1 = {k_: np.asarray(v) for k_, v in jax.device_get(state[1]).items()}
   r2 = {k_: np.asarray(v) for k_, v in jax.device_get(state[2]).items()}
@@ -657,6 +747,30 @@ def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
     extras = lens_lib.compute(src, config, params, n_tokens=lens_tokens,
                               n_neighbours=num_neighbours)
   return _result(st, src, r1, r2, n_windows, seq_len, num_tokens, extras)
+
+
+def _open_acts(path, stage, next_window, cached, n_windows, window_shape,
+               dtype, cache_bytes) -> _acts_file.ActivationFile | None:
+  """The activation file for this scan, or None when pass 2 must run
+  Gemma: too big for `cache_bytes` or the free disk, or (resuming) missing
+  windows that pass 1 has gone past."""
+  if stage > 2:
+    return None
+  keep = next_window if stage == 1 else n_windows
+  if cached < keep:     # saved without (all of) them: cannot be rebuilt
+    return None
+  window_bytes = int(np.prod(window_shape)) * dtype.itemsize
+  where = tempfile.gettempdir() if path is None else path.parent
+  need = (n_windows - keep) * window_bytes
+  if (n_windows * window_bytes > cache_bytes
+      or need > shutil.disk_usage(where).free):
+    return None
+  try:
+    return _acts_file.ActivationFile(
+        None if path is None else path.parent / ACTS_FILE, window_shape,
+        dtype, keep)
+  except OSError:
+    return None
 
 
 def _result(st, src, r1, r2, n_windows, seq_len, num_tokens, extras
