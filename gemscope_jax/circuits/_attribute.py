@@ -354,12 +354,10 @@ def _partial_influence(matrix: np.ndarray, row_node: np.ndarray,
   The row-normalised |matrix| is applied a slice of rows at a time, never
   copied whole.
   """
-  def apply(w):  # w (R,) -> w @ normalize(matrix)
+  def apply(w):  # w (R,) -> w @ normalize(matrix); normalize is row-wise
     out = np.zeros(matrix.shape[1])
     for i in range(0, len(matrix), chunk):
-      a = np.abs(matrix[i:i + chunk], dtype=np.float64)
-      s = np.maximum(a.sum(axis=1), 1e-10)
-      out += (w[i:i + chunk] / s) @ a
+      out += w[i:i + chunk] @ _prune.normalize(matrix[i:i + chunk])
     return out
 
   prod = weights.copy()
