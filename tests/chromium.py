@@ -150,8 +150,11 @@ class Chromium:
     clip = {"x": 0, "y": 0, "width": self.width,
             "height": min(4000, max(200, math.ceil(size["height"]))),
             "scale": 1}
+    # Capturing beyond the viewport resizes the page for a moment (and
+    # fires `resize`): only ask for it when the page is taller.
     shot = self.call("Page.captureScreenshot", session=True, format="png",
-                     clip=clip, captureBeyondViewport=True)
+                     clip=clip,
+                     captureBeyondViewport=clip["height"] > self.height)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(shot["data"]))
     return path

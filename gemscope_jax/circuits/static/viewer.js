@@ -226,10 +226,18 @@
     while (start < m.abs.length - 1 && m.abs[start] < m.view.threshold) start++;
     this.slider.value = start;
     this.setThreshold(start);
-    var resized = null;  // lay the graph out again for the new window size
+    // Lay the graph out again when the window settles at a new size (not on
+    // a resize that comes back to the old one, as a full-page capture does:
+    // redrawing would drop the node under the pointer mid-click).
+    var resized = null, size = [this.box.clientWidth, this.box.clientHeight];
     window.addEventListener('resize', function () {
       clearTimeout(resized);
-      resized = setTimeout(function () { p.layout(); p.applyThreshold(); p.refresh(); }, 150);
+      resized = setTimeout(function () {
+        var now = [p.box.clientWidth, p.box.clientHeight];
+        if (now[0] === size[0] && now[1] === size[1]) return;
+        size = now;
+        p.layout(); p.applyThreshold(); p.refresh();
+      }, 150);
     });
     this.svg.addEventListener('mouseover', function (e) { p.over(e); });
     this.svg.addEventListener('mouseout', function (e) { p.out(e); });
