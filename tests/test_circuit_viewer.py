@@ -645,6 +645,83 @@ def test_a_large_graph_opens_quickly(page, tmp_path):
   assert drawn < 2.0 and opened < 6.0 and pinned < 2.0 and grouped < 2.0
 
 
+# Of the token labels horizontally in view (right of the row labels), how
+# many are hidden: below or above the graph box, or under something else.
+_TOKENS_HIDDEN = """(() => {
+  const box = document.getElementById('gc-graph').getBoundingClientRect();
+  const shown = [...document.querySelectorAll('.gc-token')].filter(t => {
+    const r = t.getBoundingClientRect(), x = r.x + r.width / 2;
+    return x > box.left + 60 && x < box.right - 10;
+  });
+  if (!shown.length) throw new Error('no token label in view');
+  return shown.filter(t => {
+    const r = t.getBoundingClientRect();
+    const x = r.x + r.width / 2, y = r.y + r.height / 2;
+    return !(r.top >= box.top && r.bottom <= box.bottom
+             && document.elementFromPoint(x, y) === t);
+  }).length;
+})()"""
+
+
+def test_a_tall_graph_fits_and_keeps_its_tokens_in_sight(page, tmp_path):
+  """All 18 layers of a tall graph fit a 1000-px window without
+  scrolling, no two nodes of a column overlapping; in a window too short
+  for that, the graph scrolls and the token axis stays at the bottom of
+  what is shown, scrolled to the top or not."""
+  # As the real CLT graph of "The capital of France is" is: 26 features
+  # in each of layers 1-8 at the last position (three lines a cell).
+  graph = make_large_graph(n_nodes=120, n_links=600, positions=6)
+  for layer in range(1, 9):
+    for latent in range(26):
+      graph["nodes"].append({
+          "node_id": feature_id(layer, 20000 + latent, 5), "feature": latent,
+          "layer": layer, "ctx_idx": 5,
+          "feature_type": "cross layer transcoder", "token_prob": 0.0,
+          "is_target_logit": False, "influence": 0.5, "activation": 1.0,
+          "clerp": ""})
+  rows = viewer.view_model(graph)["rows"]
+  assert len(rows) == 20 and sum(r["lines"] for r in rows) >= 34
+  out = viewer.write_html(graph, tmp_path / "tall.html")
+  _open(page, out)
+  box = "document.getElementById('gc-graph')"
+  height = "+document.getElementById('gc-svg').getAttribute('height')"
+  assert page.eval(height) <= page.eval(f"{box}.clientHeight")
+  assert page.eval(f"{box}.scrollHeight <= {box}.clientHeight")
+  closest = page.eval("""(() => {
+    const by = new Map();
+    for (const e of document.querySelectorAll('.gc-node')) {
+      const r = e.getBoundingClientRect(), x = Math.round(r.x + r.width / 2);
+      if (!by.has(x)) by.set(x, []);
+      by.get(x).push([r.top, r.bottom]);
+    }
+    let gap = Infinity;
+    for (const v of by.values()) {
+      v.sort((a, b) => a[0] - b[0]);
+      for (let i = 1; i < v.length; i++) gap = Math.min(gap, v[i][0] - v[i - 1][1]);
+    }
+    return gap;
+  })()""")
+  assert closest >= 0
+  assert page.eval(_TOKENS_HIDDEN) == 0
+  page.screenshot(SHOTS / "tall.png")
+  try:
+    page.call("Emulation.setDeviceMetricsOverride", session=True,
+              width=page.width, height=520, deviceScaleFactor=1,
+              mobile=False)
+    page.wait(f"{height} > {box}.clientHeight + 100")
+    for top in (0, 10**6, 137):
+      page.eval(f"{box}.scrollTop = {top}")
+      page.wait("document.querySelector('.gc-tokens').getAttribute("
+                "'transform') === 'translate(0 ' + Math.min(0, "
+                f"{box}.scrollTop + {box}.clientHeight - {height}) + ')'")
+      assert page.eval(_TOKENS_HIDDEN) == 0, top
+    page.screenshot(SHOTS / "tall-scrolled.png")
+  finally:
+    page.call("Emulation.setDeviceMetricsOverride", session=True,
+              width=page.width, height=page.height, deviceScaleFactor=1,
+              mobile=False)
+
+
 def test_the_engines_json_opens(page, tmp_path):
   """A small graph as circuits.to_json writes it (layers as strings,
   error ids ERR_L_p, extra fields) draws every kept node and edge."""

@@ -9,6 +9,7 @@ percentile of their pre-activations on the prompt (about 20% fire).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -119,6 +120,36 @@ def test_replacement_reproduces_logits(case):
   _, off = run_linear(rep.frozen, rep.clean["embed"],
                       rep.writes(error_scale=np.zeros((3, len(TOKENS)))))
   assert np.abs(np.asarray(rep.logits(off)) - logits).max() > 1e-2
+
+
+def test_backward_is_the_vjp_of_the_linear_model(case):
+  """The hand-written transpose equals `jax.vjp(run_linear)` row by row,
+  for feature rows at every layer and logit rows, and for a batch whose
+  highest row sits below the top layer (the layers above are skipped)."""
+  _, rep, _, _ = case
+  L, T, D = rep.errors.shape
+  rng = np.random.default_rng(7)
+  zeros = jnp.zeros((L, T, D), jnp.float32)
+  _, vjp = jax.vjp(functools.partial(_replacement.run_linear, rep.frozen),
+                   rep.clean["embed"], zeros)
+  backward = jax.jit(_replacement.backward)
+  for layers in ([0, 1, 2, 0, 2, 1], [0, 1, 0, 1], [0, 0, 0]):
+    r = len(layers)
+    layer = np.asarray(layers, np.int32)
+    pos = rng.integers(0, T, r).astype(np.int32)
+    read = rng.normal(size=(r, D)).astype(np.float32)
+    final = np.zeros((r, D), np.float32)
+    if max(layers) == L - 1:  # the last row is a logit row
+      final[-1], read[-1] = rng.normal(size=D), 0.0
+    g_e, g_w = backward(rep.frozen, layer, pos, read, final)
+    for i in range(r):
+      want_e, want_w = vjp((zeros.at[layer[i], pos[i]].set(read[i]),
+                            jnp.asarray(final[i])))
+      scale = max(np.abs(want_w).max(), np.abs(want_e).max())
+      np.testing.assert_allclose(g_e[i], want_e, atol=1e-5 * scale)
+      np.testing.assert_allclose(g_w[:, i], want_w, atol=1e-5 * scale)
+      # nothing flows back from a row's own layer or above
+      assert not np.asarray(g_w[layer[i]:, i]).any() or max(layers) == L - 1
 
 
 def test_every_kind_of_edge_is_exact(case):

@@ -5,9 +5,10 @@ Edges are direct effects in the frozen linear model of
 nonlinearity is not differentiated). A target row is a cotangent on the
 model's read sites: a feature's encoder column (without b_enc) at its
 `mlp_in` (layer, position), or a logit's demeaned unembedding
-E[v] - mean_v E at the final-norm output of the last position. One
-`jax.vjp` of the linear model, `vmap`ped over a batch of such rows, gives
-each row's gradient at every write site (the scaled embeddings, and each
+E[v] - mean_v E at the final-norm output of the last position. The
+linear model transposed by hand (`_replacement.backward`, equal to its
+`jax.vjp` row by row) takes a batch of such rows at once and gives each
+row's gradient at every write site (the scaled embeddings, and each
 layer's MLP output), and then
   feature edge = gradient . (activation * decoder row)   (summed over the
                  output layers a CLT latent writes to)
@@ -22,7 +23,8 @@ chosen as circuit-tracer does: logit rows first, then repeatedly the
 unvisited features of highest partial influence (computed from the rows so
 far) until the budget is spent.
 
-Cost: a batch of R rows costs one vmapped backward pass; feature edges
+Cost: a batch of R rows costs one backward pass through the layers up to
+its highest row (`_replacement.backward`, rows sorted by layer); feature edges
 are one (R, k * D) x (k * D, 32) product per block of 32 features that
 share a layer and a position (R x features x D work, no gather of
 gradients). Rows per batch shrink for long prompts (`rows_per_batch`), so
@@ -52,6 +54,10 @@ _BLOCK = 32
 # rows per batch are capped so that this stays under _BATCH_BYTES, which
 # keeps memory linear in prompt length.
 _BATCH_BYTES = 512 << 20
+# Batches smaller than batch_size are compiled only for prompts where a
+# full batch costs more than the compile (`_padded_size`): 64 rows x 64
+# tokens of backward pass take about as long as compiling one more size.
+_SMALL_WORK = 64 * 64
 
 
 def rows_per_batch(batch_size: int, num_layers: int, num_tokens: int,
@@ -65,20 +71,20 @@ def rows_per_batch(batch_size: int, num_layers: int, num_tokens: int,
 def _feature_edges(g, w_dec, block_pos, lat, act):
   """Edges from one layer's features to R target rows.
 
-  g: (R, k, T, D) the rows' gradients at the k layers the features write;
+  g: (k, R, T, D) the rows' gradients at the k layers the features write;
   w_dec: (S, k, D); block_pos: (B,) the position of each block of _BLOCK
   features; lat, act: (B, _BLOCK) their latents and activations (padding
   has act 0). Returns (R, B * _BLOCK):
-  act * sum_{k, d} g[r, k, pos, d] * w_dec[lat, k, d], one (R, k * D) x
+  act * sum_{k, d} g[k, r, pos, d] * w_dec[lat, k, d], one (R, k * D) x
   (k * D, _BLOCK) product per block (R x features x k x D work).
   """
-  r = g.shape[0]
+  r = g.shape[1]
 
   def block(args):
     p, f, a = args
     rows = jax.lax.dynamic_index_in_dim(g, p, axis=2, keepdims=False)
     vecs = jnp.take(w_dec, f, axis=0) * a[:, None, None]  # (C, k, D)
-    return jnp.einsum("rkd,ckd->rc", rows, vecs, precision=_HIGHEST)
+    return jnp.einsum("krd,ckd->rc", rows, vecs, precision=_HIGHEST)
 
   out = jax.lax.map(block, (block_pos, lat, act))      # (B, R, C)
   return jnp.swapaxes(out, 0, 1).reshape(r, -1)
@@ -86,37 +92,44 @@ def _feature_edges(g, w_dec, block_pos, lat, act):
 
 @jax.jit
 def _rows(frozen, embed, errors, b_dec, w_dec, block_pos, feat_lat, feat_act,
-          layer, pos, read_vecs, final_vecs, is_logit):
-  """Edges of a batch of R target rows.
+          layer, pos, read_vecs, final_vecs):
+  """Edges of a batch of R target rows (`_replacement.backward`'s
+  arguments; best sorted by layer, which sets the batch's cost).
 
   w_dec, block_pos, feat_lat, feat_act: per layer, its decoder (S, k, D)
   and its features in blocks (`_padded_features`), or None.
   Returns (features (R, sum of padded counts), errors (R, L * T),
   tokens (R, T), bias (R,)).
   """
-  L, T, D = errors.shape
-  zeros = jnp.zeros((L, T, D), jnp.float32)
-  _, vjp = jax.vjp(functools.partial(_replacement.run_linear, frozen),
-                   embed, zeros)
-
-  def one(l, p, read, final, logit):
-    ct_reads = zeros.at[l, p].set(jnp.where(logit, 0.0, 1.0) * read)
-    return vjp((ct_reads, jnp.where(logit, 1.0, 0.0) * final))
-
-  g_e, g_w = jax.vmap(one)(layer, pos, read_vecs, final_vecs, is_logit)
+  g_e, g_w = _replacement.backward(frozen, layer, pos, read_vecs,
+                                   final_vecs)         # g_w (L, R, T, D)
   tok = jnp.einsum("rtd,td->rt", g_e, embed, precision=_HIGHEST)
-  err = jnp.einsum("rltd,ltd->rlt", g_w, errors, precision=_HIGHEST)
-  bias = jnp.einsum("rltd,ld->r", g_w, b_dec, precision=_HIGHEST)
+  err = jnp.einsum("lrtd,ltd->rlt", g_w, errors, precision=_HIGHEST)
+  bias = jnp.einsum("lrtd,ld->r", g_w, b_dec, precision=_HIGHEST)
   feats = []
   for l, (w, fp, fl, fa) in enumerate(zip(w_dec, block_pos, feat_lat,
                                           feat_act)):
     if w is None:
       continue
     k = w.shape[1]
-    feats.append(_feature_edges(g_w[:, l:l + k], w, fp, fl, fa))
+    feats.append(_feature_edges(g_w[l:l + k], w, fp, fl, fa))
   feats = (jnp.concatenate(feats, axis=1) if feats
            else jnp.zeros((layer.shape[0], 0), jnp.float32))
   return feats, err.reshape(err.shape[0], -1), tok, bias
+
+
+def _padded_size(rows: int, batch_size: int, num_tokens: int) -> int:
+  """Rows a batch of `rows` is padded to: batch_size, halved while it
+  still holds them (at least 16), so that the few logit rows or a last
+  short batch do not pay for a full one. Each size compiles once (about
+  2 s on 2 CPU cores), more than a full batch of a short prompt costs:
+  below _SMALL_WORK (batch_size x tokens) every batch is full size."""
+  size = batch_size
+  if batch_size * num_tokens < _SMALL_WORK:
+    return size
+  while size // 2 >= max(rows, 16):
+    size //= 2
+  return size
 
 
 def _padded_features(rep):
@@ -234,15 +247,15 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
     for s in range(0, len(rows), batch_size):
       chunk = rows[s:s + batch_size]
       r = len(chunk)
-      layer = np.zeros(batch_size, np.int32)
-      pos = np.zeros(batch_size, np.int32)
-      read = np.zeros((batch_size, D), np.float32)
-      final = np.zeros((batch_size, D), np.float32)
-      logit = np.zeros(batch_size, bool)
+      size = _padded_size(r, batch_size, T)
+      layer = np.zeros(size, np.int32)
+      pos = np.zeros(size, np.int32)
+      read = np.zeros((size, D), np.float32)
+      final = np.zeros((size, D), np.float32)
       for i, row in enumerate(chunk):
         if row < 0:  # logit -1 - k
           final[i] = demeaned[-1 - row]
-          logit[i] = True
+          layer[i] = L - 1
         else:
           l, p, f = rep.features[row]
           layer[i], pos[i] = l, p
@@ -251,7 +264,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
           rep.frozen, rep.clean["embed"], rep.errors,
           jnp.asarray(rep.dicts.b_dec), *padded,
           jnp.asarray(layer), jnp.asarray(pos), jnp.asarray(read),
-          jnp.asarray(final), jnp.asarray(logit))
+          jnp.asarray(final))
       block = buf[at + s:at + s + r]
       block[:, :n_act] = np.asarray(feats)[:r, cols]
       block[:, n_act:n_act + n_err] = np.asarray(err)[:r]
@@ -276,6 +289,9 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
       rank = rank[~visited[rank]]
       pending = rank[:min(update_interval * batch_size,
                           n_log + budget - filled)]
+    # Rows of a layer together: a batch's backward pass stops at its
+    # highest layer (`_replacement.backward`).
+    pending = pending[np.argsort(rep.features[pending, 0], kind="stable")]
     run(list(pending), filled)
     row_node[filled:filled + len(pending)] = pending
     visited[pending] = True

@@ -92,6 +92,54 @@ def run_linear(frozen: Frozen, embed: jax.Array, writes: jax.Array
   return mlp_in, x[-1] * frozen.g_final
 
 
+def backward(frozen: Frozen, layer: jax.Array, pos: jax.Array,
+             read: jax.Array, final: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`run_linear` transposed by hand for R target rows at once.
+
+  Row r reads `read[r]` (D,) at mlp_in[layer[r], pos[r]] and `final[r]`
+  (D,) at the final-norm output (a logit row has read 0 and
+  layer L - 1; a feature row has final 0). Returns each row's gradient at
+  every write site: (embed (R, T, D), writes (L, R, T, D)), what
+  `jax.vjp(run_linear)` gives row by row.
+
+  Layers above the batch's highest row are skipped (`lax.cond`): nothing
+  flows back from them (their cotangent is still zero), so a batch of
+  rows at layer l costs l + 1 layers, not L. Rows sorted by layer make
+  most batches cheap; this is the backward pass that hooks and autograd
+  give circuit-tracer for free, and `vmap(vjp)` does not.
+  """
+  L, T, D = frozen.g_pre_ffw.shape
+  r = layer.shape[0]
+  top = jnp.max(layer)
+  ct = jnp.zeros((r, T, D), jnp.float32).at[:, T - 1].set(
+      final * frozen.g_final)
+  at_pos = jnp.arange(T)[None, :] == pos[:, None]                # (R, T)
+
+  def step(ct, per_layer):
+    l, g_pre, probs, w_v, w_o, g_post, g_ffw, skip = per_layer
+
+    def transpose(ct):
+      reads = (at_pos & (layer == l)[:, None])[..., None] * read[:, None]
+      if skip is not None:  # mlp_in also feeds the skip's write
+        reads = reads + jnp.einsum("rte,de->rtd", ct, skip,
+                                   precision=_HIGHEST)
+      mid = ct + reads * g_ffw
+      heads = jnp.einsum("rtd,nd->rtn", mid * g_post, w_o,
+                         precision=_HIGHEST).reshape(r, T, *probs.shape[:2], -1)
+      v = jnp.einsum("rtkgh,kgts->rskh", heads, probs, precision=_HIGHEST)
+      x = jnp.einsum("rskh,kdh->rsd", v, w_v, precision=_HIGHEST)
+      return mid + x * g_pre, ct
+
+    return jax.lax.cond(l <= top, transpose, lambda ct: (ct, ct), ct)
+
+  ct, g_writes = jax.lax.scan(
+      step, ct,
+      (jnp.arange(L), frozen.g_pre_attn, frozen.probs, frozen.w_v,
+       frozen.w_o, frozen.g_post_attn, frozen.g_pre_ffw, frozen.skip),
+      reverse=True)
+  return ct, g_writes
+
+
 def _inv_rms(x, eps):
   x = x.astype(jnp.float32)
   return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1) + eps)

@@ -41,10 +41,12 @@ Everything runs with HF_HUB_OFFLINE=1: local paths only.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +93,7 @@ def _model_folder(model: str, tokenizer: str) -> str:
   the two are joined by symlinks in a temporary folder.
   """
   joined = pathlib.Path(tempfile.mkdtemp(prefix="ct-model-"))
+  atexit.register(shutil.rmtree, joined, ignore_errors=True)
   for source in (pathlib.Path(tokenizer), pathlib.Path(model)):
     for f in source.iterdir():
       link = joined / f.name

@@ -81,7 +81,9 @@
     var right = logits ? RIGHT + 70 : RIGHT;  // room for slanted logit labels
     var clamp = function (x, lo, hi) { return Math.max(lo, Math.min(hi, x)); };
     var sx = clamp((width - LEFT - right - (v.columns.length - 1) * COL_PAD) / (slots * SLOT), 0.85, 3);
-    var sy = clamp((height - this.top - BOTTOM - (v.rows.length - 1) * ROW_PAD) / (lines * LINE), 1, 2.5);
+    // Rows shrink down to 13 px a line (nodes are 11-13 px) before the graph
+    // scrolls vertically: a tall graph of all 18 layers still fits a window.
+    var sy = clamp((height - this.top - BOTTOM - (v.rows.length - 1) * ROW_PAD) / (lines * LINE), 0.65, 2.5);
     this.slot = SLOT * sx; this.line = LINE * sy;
     var x = LEFT, y = 0;
     this.colX = v.columns.map(function (c) {
@@ -205,10 +207,11 @@
     this.svg = svg('svg', {id: 'gc-svg'});
     this.gBack = svg('g', {cls: 'gc-back'});
     this.gRows = svg('g', {cls: 'gc-rows'});  // row labels, kept in view
+    this.gTokens = svg('g', {cls: 'gc-tokens'});  // the token axis, kept in view
     this.gEdges = svg('g', {cls: 'gc-edges', id: 'gc-edges'});
     this.gNodes = svg('g', {cls: 'gc-nodes', id: 'gc-nodes'});
     this.svg.appendChild(this.gBack); this.svg.appendChild(this.gEdges); this.svg.appendChild(this.gNodes);
-    this.svg.appendChild(this.gRows);
+    this.svg.appendChild(this.gTokens); this.svg.appendChild(this.gRows);
     this.panel = el('aside', {id: 'gc-panel', cls: 'gc-panel'});
     var box = el('div', {cls: 'gc-graph', id: 'gc-graph'}, [this.svg]);
     this.root.appendChild(el('div', {cls: 'gc-body'}, [box, this.panel]));
@@ -218,8 +221,11 @@
     this.layout();
     // Row labels follow horizontal scrolling; a wide graph opens scrolled
     // to its end, where the logits are.
+    // The token axis follows vertical scrolling, so the prompt stays in
+    // sight however tall the graph.
     box.addEventListener('scroll', function () {
       p.gRows.setAttribute('transform', 'translate(' + box.scrollLeft + ' 0)');
+      p.stickTokens();
     });
     box.scrollLeft = box.scrollWidth;
     var start = 0;
@@ -261,8 +267,14 @@
     this.svg.setAttribute('width', m.width);
     this.svg.setAttribute('height', m.height);
     this.svg.setAttribute('viewBox', '0 0 ' + m.width + ' ' + m.height);
-    [this.gBack, this.gRows, this.gNodes].forEach(function (g) { g.textContent = ''; });
+    [this.gBack, this.gRows, this.gTokens, this.gNodes].forEach(function (g) { g.textContent = ''; });
     this.drawBack(); this.drawNodes(); this.drawGroups(); this.drawEdges();
+    this.stickTokens();
+  };
+
+  Page.prototype.stickTokens = function () {
+    var dy = Math.min(0, this.box.scrollTop + this.box.clientHeight - this.m.height);
+    this.gTokens.setAttribute('transform', 'translate(0 ' + dy + ')');
   };
 
   Page.prototype.drawBack = function () {
@@ -274,6 +286,9 @@
       if (i % 2 === 0) g.appendChild(svg('rect', {cls: 'gc-band', x: 0, y: yTop, width: m.width, height: h}));
       rows.appendChild(svg('text', {cls: 'gc-row-label', x: LEFT - 10, y: yTop + h / 2 + 4, text: r.label}));
     });
+    var axis = this.gTokens;
+    axis.appendChild(svg('rect', {cls: 'gc-token-back', x: 0, y: m.height - BOTTOM + 4,
+                                  width: m.width, height: BOTTOM - 4}));
     v.columns.forEach(function (c, i) {
       var x = m.colX[i], w = c.slots * m.slot;
       if (i > 0) g.appendChild(svg('line', {cls: 'gc-col-line', x1: x - COL_PAD / 2, x2: x - COL_PAD / 2,
@@ -281,7 +296,7 @@
       var t = svg('text', {cls: 'gc-token', x: x + w / 2, y: m.height - BOTTOM + 18,
                            text: cut(c.token, Math.max(2, Math.floor((w + COL_PAD) / 7)))});
       t.appendChild(svg('title', {text: JSON.stringify(c.token) + ' (position ' + i + ')'}));
-      g.appendChild(t);
+      axis.appendChild(t);
     });
   };
 
