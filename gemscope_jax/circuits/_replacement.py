@@ -193,7 +193,7 @@ def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
   kinds = [c.attention_kind(l) for l in range(L)]
   tables = {k: _modules.rope_table(positions, c.head_dim,
                                    *c.rope(kinds.index(k)), T)
-            for k in set(kinds)}
+            for k in dict.fromkeys(kinds)}  # first-seen order: a stable program
   sin = jnp.stack([tables[k][0][0] for k in kinds])     # (L, T, 1, H/2)
   cos = jnp.stack([tables[k][1][0] for k in kinds])
   allowed = jnp.stack([masks[k][0] for k in kinds])     # (L, T, S)
