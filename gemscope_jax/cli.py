@@ -647,7 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--html", metavar="GRAPH.html",
                  help="also write the offline viewer page")
   p.add_argument("--dashboard", metavar="SITE",
-                 help="link features to this dashboard site (with --html)")
+                 help="link features to their dashboard pages (with "
+                      "--html): a site `gemscope dashboard` wrote (a CLT's, "
+                      "or one layer's) or a folder of per-layer sites")
   p.add_argument("--overwrite", action="store_true",
                  help="replace existing --out / --html files")
   p.set_defaults(fn=_cmd_attribute)

@@ -585,22 +585,74 @@ def test_features_link_to_their_dashboard_pages(page, small):
   assert page.eval("document.querySelectorAll('.gc-dash').length") == 1
 
 
-def test_a_dashboard_link_opens_the_latent_page(page, tmp_path):
+def _site(folder, hookpoint: str, width: int, kind: str = "transcoder"):
+  """A dashboard site of `width` synthetic latents reading `hookpoint`."""
   from gemscope_jax.dashboards import site as site_lib
   from test_dashboard_site import make_meta, make_record
-  site_lib.write_site(tmp_path / "dash", make_meta(),
-                      (make_record(i) for i in range(40)))
-  graph = make_graph()
+  meta = dict(make_meta(width), hookpoint=hookpoint, kind=kind)
+  return site_lib.write_site(folder, meta,
+                             (make_record(i) for i in range(width)))
+
+
+def _small_latents(graph, width: int = 40) -> dict:
+  """The graph with every feature's latent id below `width`."""
   for n in graph["nodes"]:
     if n["feature_type"] == "cross layer transcoder":
-      n["feature"] = n["feature"] % 40
+      n["feature"] = n["feature"] % width
+  return graph
+
+
+def test_links_follow_what_each_site_covers(tmp_path):
+  """A site's data/site.json decides the links: a single-layer site links
+  only its layer's features, a CLT site numbers latents layer-major, a
+  folder of per-layer sites links each layer to its own."""
+  graph = _small_latents(make_graph())
+  ids = [n["node_id"] for n in graph["nodes"]]
+  pages = tmp_path / "pages"
+  pages.mkdir()
+  _site(tmp_path / "sites" / "layer_2", "layer_2/mlp_in", 40)
+  _site(tmp_path / "sites" / "layer_3", "layer_3/mlp_in", 40)
+  _site(tmp_path / "clt", ", ".join(f"layer_{l}/mlp_in" for l in range(4)),
+        160, kind="clt")
+  hrefs = lambda d: dict(zip(ids, viewer.view_model(  # noqa: E731
+      graph, dashboard=d, page_dir=pages)["hrefs"]))
+  one = hrefs(tmp_path / "sites" / "layer_2")
+  assert one[A] == "../sites/layer_2/index.html#latent=21"
+  assert one["3_401_5"] is None and one["0_101_1"] is None
+  per_layer = hrefs(tmp_path / "sites")
+  assert per_layer[A] == "../sites/layer_2/index.html#latent=21"
+  assert per_layer["3_401_5"] == "../sites/layer_3/index.html#latent=1"
+  assert per_layer["0_101_1"] is None
+  clt = hrefs(tmp_path / "clt")
+  assert clt[A] == f"../clt/index.html#latent={2 * 40 + 21}"
+  assert clt["0_101_1"] == "../clt/index.html#latent=21"
+  assert clt["3_401_5"] == f"../clt/index.html#latent={3 * 40 + 1}"
+  # A mapping to a CLT site takes its offsets too.
+  assert hrefs({2: tmp_path / "clt"})[A] == \
+      f"../clt/index.html#latent={2 * 40 + 21}"
+  _site(tmp_path / "sites" / "again", "layer_3/resid_post", 40, kind="sae")
+  with pytest.raises(errors.InputError, match="two dashboard sites for "
+                     "layer 3"):
+    hrefs(tmp_path / "sites")
+
+
+@pytest.mark.parametrize("kind", ["transcoder", "clt"])
+def test_a_dashboard_link_opens_the_latent_page(page, tmp_path, kind):
+  if kind == "clt":
+    _site(tmp_path / "dash", ", ".join(f"layer_{l}/mlp_in"
+                                       for l in range(4)), 160, kind="clt")
+    want = 2 * 40 + 301 % 40
+  else:
+    _site(tmp_path / "dash", "layer_2/mlp_in", 40)
+    want = 301 % 40
+  graph = _small_latents(make_graph())
   out = viewer.write_html(graph, tmp_path / "g.html",
                           dashboard=tmp_path / "dash")
   _open(page, out)
   _click(page, _node(A))
   page.eval("location.href = document.querySelector('.gc-dash').href")
   page.wait("(document.getElementById('gs-latent-title') || {})"
-            f".textContent === 'Latent {301 % 40}'")
+            f".textContent === 'Latent {want}'")
 
 
 def test_a_large_graph_opens_quickly(page, tmp_path):

@@ -181,14 +181,77 @@ def dashboard_href(base: str, feature: Any) -> str:
   return f"{base}/index.html#latent={feature}"
 
 
+_SITE_LAYER = re.compile(r"layer_(\d+)/")
+
+
+def site_layers(site: str | os.PathLike) -> dict[int, int] | None:
+  """{layer: the site's id of that layer's latent 0} for a dashboard site
+  folder, from its data/site.json: a single-layer site (SAE, transcoder)
+  holds one layer at offset 0; a CLT site numbers its latents layer-major
+  (layer i's latent j is i * d_sae + j, `dashboards._dictionary`). None
+  when the folder holds no site, or a site not tied to layers (a
+  crosscoder's latents span them all)."""
+  path = pathlib.Path(site) / "data" / "site.json"
+  if not path.is_file():
+    return None
+  try:
+    meta = json.loads(path.read_text(encoding="utf-8"))["meta"]
+    layers = [int(m[1]) for m in _SITE_LAYER.finditer(meta["hookpoint"])]
+    width = int(meta["width"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise errors.InputError(f"{path}: not a dashboard site's meta ({e})"
+                            ) from None
+  if meta.get("kind") == "clt" and layers:
+    return {l: i * (width // len(layers)) for i, l in enumerate(layers)}
+  return {layers[0]: 0} if len(layers) == 1 else None
+
+
+def _links(dashboard: Any, page_dir: pathlib.Path) -> dict:
+  """{layer or None: (base, offset)}: where a feature of a layer links, at
+  latent id feature + offset (None: every layer, ids as they are)."""
+  if dashboard is None:
+    return {}
+  if isinstance(dashboard, Mapping):
+    out = {}
+    for k, v in dashboard.items():
+      layers = None if _URL.match(os.fspath(v)) else site_layers(v)
+      out[int(k)] = (_dashboard_base(v, page_dir),
+                     (layers or {}).get(int(k), 0))
+    return out
+  if _URL.match(os.fspath(dashboard)):
+    return {None: (_dashboard_base(dashboard, page_dir), 0)}
+  folder = pathlib.Path(dashboard)
+  layers = site_layers(folder)
+  if layers is not None:
+    base = _dashboard_base(folder, page_dir)
+    return {l: (base, off) for l, off in layers.items()}
+  # A folder of sites, one per layer (per-layer transcoders).
+  subs = sorted(p for p in folder.iterdir() if p.is_dir()) \
+      if folder.is_dir() else []
+  out = {}
+  for sub in subs:
+    for l, off in (site_layers(sub) or {}).items():
+      if l in out:
+        raise errors.InputError(
+            f"{folder}: two dashboard sites for layer {l} ({sub.name} and "
+            "another); keep one per layer")
+      out[l] = (_dashboard_base(sub, page_dir), off)
+  if out:
+    return out
+  return {None: (_dashboard_base(folder, page_dir), 0)}
+
+
 def view_model(graph: dict, *, dashboard: Any = None,
                page_dir: str | os.PathLike = ".") -> dict:
   """What the page draws (module docstring); `graph` is checked first.
 
   Args:
     graph: the graph JSON.
-    dashboard: None; a dashboard site (folder or URL) of every feature;
-      or {layer: site} for one site per layer (per-layer transcoders).
+    dashboard: None; a dashboard site folder (its data/site.json says
+      which layers it covers: one, or all of a CLT's, whose latent ids it
+      numbers layer-major), a folder of such sites (one per layer, for
+      per-layer transcoders), a URL (every feature, ids as they are), or
+      {layer: site folder or URL}.
     page_dir: the folder the page is written to (folder links are made
       relative to it).
   """
@@ -236,20 +299,15 @@ def view_model(graph: dict, *, dashboard: Any = None,
   for row, lines in zip(rows, row_lines):
     row["lines"] = lines
 
-  bases: dict = {}
-  if isinstance(dashboard, Mapping):
-    bases = {int(k): _dashboard_base(v, pathlib.Path(page_dir).resolve())
-             for k, v in dashboard.items()}
-  elif dashboard is not None:
-    bases = {None: _dashboard_base(dashboard,
-                                   pathlib.Path(page_dir).resolve())}
+  links = _links(dashboard, pathlib.Path(page_dir).resolve())
   hrefs = []
   for node, kind, layer in zip(nodes, kinds, layers):
-    base = bases.get(None, bases.get(layer))
+    base, offset = links.get(None, links.get(layer, (None, 0)))
     feature = node.get("feature")
-    ok = kind in ("feature", "other") and feature is not None and \
+    ok = kind in ("feature", "other") and isinstance(feature, int) and \
         not isinstance(feature, bool)
-    hrefs.append(dashboard_href(base, feature) if ok and base else None)
+    hrefs.append(dashboard_href(base, feature + offset) if ok and base
+                 else None)
 
   weights = sorted((abs(l["weight"]) for l in graph["links"]), reverse=True)
   threshold = weights[DEFAULT_EDGES - 1] if len(weights) > DEFAULT_EDGES \
@@ -305,9 +363,10 @@ def write_html(graph_json: dict, out: str | os.PathLike, *,
     graph_json: the graph in circuit-tracer's frontend schema (module
       docstring); embedded exactly, `read_html` gives it back.
     out: the HTML file to write.
-    dashboard: feature links: a dashboard site folder (linked relative to
-      `out`) or URL; or {layer: folder or URL}; None for no links. A
-      feature links to `<dashboard>/index.html#latent=<feature>`.
+    dashboard: feature links (`view_model`): a dashboard site folder
+      (linked relative to `out`), a folder of per-layer sites, a URL, or
+      {layer: folder or URL}; None for no links. A feature links to
+      `<site>/index.html#latent=<id>`, its id in that site.
     overwrite: replace an existing `out` (else it is refused).
     flag: how error messages name `out` (the command line's flag).
 
