@@ -38,10 +38,9 @@ Notes:
     5-15 s). time x and mem x = anchor / ours, of attr s and of peak GB.
   - the anchor's forward pass runs the prompt as batch-size rows and keeps
     the full logits, (batch, T, 262144) float32: 4.3 GB at 64 x 64, 17 GB
-    at 64 x 256, past what a 24 GB machine has beside the rest: the
-    256-token case (`--lengths 256 --batch-size 16`) is supported but was
-    not run (about 32 backward passes of 16 x 256 tokens per side, beyond
-    the CPU time this validation had).
+    at 64 x 256, past what a 24 GB machine has beside the rest: run the
+    256-token case with `--lengths 256 --batch-size 16` (below), and
+    nothing else large beside it.
   - the model folder (1 GB) and tokenizer folder are written once per
     workdir and reused; pass --workdir to keep them (default: a fresh temp
     dir, not removed).
@@ -75,6 +74,24 @@ over it:
   compile cache takes it from 12.4 to 6.1 s. The anchor's own times vary
   with the load beside it: the run before (shared with a training job)
   measured 18.6 / 264 / 151 s for its three first calls.
+
+  256 tokens (--lengths 256 --all-features-up-to 0 --batch-size 16
+  --repeat 1, same day, 2 cores shared with the test suite, which the
+  anchor's 9.7 GB then pushed out of memory):
+    side       call tokens         features   attr s   wall s  peak GB  time x  mem x
+    ours          1    256     500/294527      110.8    115.1     3.73    1.00   1.00
+    ours     cached    256     500/294527      132.1    135.4     3.62    1.23   2.68
+    anchor        1    256     500/294527      162.1    176.0     9.70    1.46   2.60
+  At 256 tokens both sides are bound by the same dense backward pass
+  (per batch of 16 rows: the w_o, skip and value products, about 5 GMAC
+  a layer, and the attention transpose, 1 GMAC a layer), and both skip
+  the layers above a row: ours is 1.46x, short of 3x. What is left is
+  the positions after each row's own, which a batch of rows sorted by
+  (layer, position) could leave out (a prompt prefix per batch). Peak
+  memory grows linearly with prompt length on our side (1.86, 2.74,
+  3.73 GB at 6, 64, 256 tokens; rows per batch shrink with length), the
+  anchor's with its batch x tokens x vocabulary logits (2.30, 7.85 GB
+  at batch 64; 9.70 GB at batch 16 and 256 tokens).
 
   Before the hand-written backward pass (commit 41aa2a7, `jax.vjp` of the
   linear model `vmap`ped over rows, every layer for every row; 2 cores
