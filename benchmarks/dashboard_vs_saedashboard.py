@@ -144,7 +144,7 @@ def _load(args):
 def run_ours(args) -> None:
   """Child process: build_site, prints one JSON line."""
   from gemscope_jax.convert import pretrained  # pylint: disable=import-outside-toplevel
-  from gemscope_jax.dashboards import build, scan  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.dashboards import build, scan, site  # pylint: disable=import-outside-toplevel
   from gemscope_jax.text.tokenizer import default_tokenizer  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   d = _load(args)
@@ -159,6 +159,11 @@ def run_ours(args) -> None:
                           seq_len=args.seq_len, overwrite=True,
                           progress=False)
   t2 = time.perf_counter()
+  # The site is whole: its data/site.json lists every latent.
+  stats = site.read_site(done["out"])["stats"]
+  if stats["latents"] != done["width"]:
+    raise SystemExit(f"{done['out']}: {stats['latents']} of "
+                     f"{done['width']} latents in the site")
   print(json.dumps({"side": "ours", "load_s": t1 - t0, "build_s": t2 - t1,
                     "scan_s": done["scan_s"], "write_s": done["write_s"],
                     "tokens": done["tokens"], "width": done["width"],
