@@ -106,6 +106,18 @@ Full run with every side, same run (2 cores, 2026-11-29, commit 7a365e5,
   its CPU-second ratio, about 11x, is the fairer one. Issue 16's targets:
   at most a third of best's memory, met (0.21); at least 5x default, met;
   at least 2x best, not met (1.93x).
+
+Then the scan's default chunk went from 8 to 16 windows (an A/B of
+benchmarks/dashboard_scan.py on the idle machine, 16,384 tokens,
+alternated: 15.4 / 15.6 s at 8, 15.2 / 13.4 s at 16), and ours and best
+ran again, same run, the machine otherwise idle (--skip-default, commit
+4391708 plus that change):
+    side                      wall s   peak GB   wall x   mem x
+    ours                       251.5      1.64     1.00    1.00
+    SAEDashboard best          562.2      7.05     2.24    4.31
+  ours: scan 240 s, write 8 s. Best's time matches the run above (561.2
+  s), so against default (3,934 s there) ours is about 15x. All three
+  targets met: 2.24x best, >= 5x default, memory 0.23 of best's.
 """
 
 from __future__ import annotations

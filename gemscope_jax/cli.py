@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="tokens of text to scan")
   p.add_argument("--seq-len", type=_seq_len, default=128,
                  help="tokens per window, BOS included")
-  p.add_argument("--batch-size", type=_positive_int, default=8,
+  p.add_argument("--batch-size", type=_positive_int, default=16,
                  help="windows per scan chunk")
   p.add_argument("--k", type=_positive_int, default=20,
                  help="top-activating examples per latent")

@@ -45,7 +45,7 @@ def state_dir_for(out: str | os.PathLike) -> pathlib.Path:
 def build_site(dictionary: Any, out: str | os.PathLike, *, config, params,
                tokenizer, text: str = "english_heldout",
                num_tokens: int = 262_144, seq_len: int = 128,
-               batch_size: int = 8, k: int = 20, hookpoint: str | None = None,
+               batch_size: int = 16, k: int = 20, hookpoint: str | None = None,
                dtype=jnp.float32, title: str | None = None,
                overwrite: bool = False, progress: bool = True,
                model_name: str = "", save_every_s: float = 300.0

@@ -497,7 +497,7 @@ def _place(tree, mesh, axis, lead: bool = True):
 def scan(config: models.Gemma3Config, params, dictionary, windows: Windows,
          tokenizer, *, hookpoint: str | None = None, k: int = 20,
          quantile_bins: int = 10, per_bin: int = 5, hist_bins: int = 50,
-         before: int = 24, after: int = 8, batch_size: int = 8,
+         before: int = 24, after: int = 8, batch_size: int = 16,
          dtype=jnp.float32, mesh=None,
          rules: tuple[tuple[str, str | None], ...] | None = None,
          seed: int = 0, lens: bool = True, lens_tokens: int = 10,
