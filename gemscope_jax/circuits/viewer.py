@@ -42,6 +42,7 @@ import re
 from typing import Any, Mapping
 
 from gemscope_jax import errors, safe_write
+from gemscope_jax.models import hooks
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 PAGE_FILES = ("viewer.html", "viewer.js", "viewer.css")
@@ -181,9 +182,6 @@ def dashboard_href(base: str, feature: Any) -> str:
   return f"{base}/index.html#latent={feature}"
 
 
-_SITE_LAYER = re.compile(r"layer_(\d+)/")
-
-
 def site_layers(site: str | os.PathLike) -> dict[int, int] | None:
   """{layer: the site's id of that layer's latent 0} for a dashboard site
   folder, from its data/site.json: a single-layer site (SAE, transcoder)
@@ -196,7 +194,8 @@ def site_layers(site: str | os.PathLike) -> dict[int, int] | None:
     return None
   try:
     meta = json.loads(path.read_text(encoding="utf-8"))["meta"]
-    layers = [int(m[1]) for m in _SITE_LAYER.finditer(meta["hookpoint"])]
+    layers = [hooks.parse(h).layer for h in meta["hookpoint"].split(",")
+              if h.strip()]
     width = int(meta["width"])
   except (ValueError, KeyError, TypeError) as e:
     raise errors.InputError(f"{path}: not a dashboard site's meta ({e})"
