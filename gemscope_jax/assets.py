@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 # The package's one safe-write helper; re-exported here, where the cache
 # writers have always found it.
@@ -45,16 +46,19 @@ def enable_compile_cache(path: str | os.PathLike | None = None
 
   The folder is `path`, else $JAX_COMPILATION_CACHE_DIR when set, else
   cache_dir()/xla; GEMSCOPE_COMPILE_CACHE=0 turns it off (returns None).
-  Call before the first compile. The cache is trusted code: keep it in a
-  folder only you can write.
+  Call before the first compile. Before JAX is imported this only sets
+  $JAX_COMPILATION_CACHE_DIR, which JAX reads when it is (so a command
+  that never compiles never loads JAX for it). The cache is trusted code:
+  keep it in a folder only you can write.
   """
   if os.environ.get("GEMSCOPE_COMPILE_CACHE", "1") == "0":
     return None
-  import jax  # pylint: disable=import-outside-toplevel  (assets stays light)
   folder = pathlib.Path(path or os.environ.get("JAX_COMPILATION_CACHE_DIR")
                         or cache_dir() / "xla")
   folder.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(folder))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_compilation_cache_dir", str(folder))
   return folder
 
 
