@@ -338,23 +338,19 @@ def main() -> None:
   print(f"{'side':<8}{'call':>7}{'tokens':>7}{'features':>17}{'attr s':>9}"
         f"{'wall s':>9}{'peak GB':>9}{'time x':>8}{'mem x':>7}")
   ours = {}
-  anchor_first = {}
-  for r in results:
-    case = (r["tokens"], r["n_selected"] if r["n_selected"] < r["n_active"]
+  def case(r):
+    return (r["tokens"], r["n_selected"] if r["n_selected"] < r["n_active"]
             else "all")
-    if r["side"] == "anchor" and r["call"] == 0:
-      anchor_first[case] = r
+
+  anchor_first = {case(r): r for r in results
+                  if r["side"] == "anchor" and r["call"] == 0}
   for r in results:
-    case = (r["tokens"], r["n_selected"] if r["n_selected"] < r["n_active"]
-            else "all")
     if r["side"] == "ours":
-      ours[case + (r["call"],)] = r
-    # ours in a fresh process with a warm cache against the anchor's call 1
-    base = (ours.get(case + (r["call"],), r) if r["call"] != "cached"
-            else r)
-    if r["call"] == "cached" and case in anchor_first:
-      r = dict(r, ratio_of=anchor_first[case])
-    num = r.pop("ratio_of", r)
+      ours[case(r) + (r["call"],)] = r
+    if r["call"] == "cached":  # a fresh ours against the anchor's call 1
+      num, base = anchor_first.get(case(r), r), r
+    else:
+      num, base = r, ours.get(case(r) + (r["call"],), r)
     print(f"{r['side']:<8}{_call(r):>7}{r['tokens']:>7}"
           f"{r['n_selected']:>8}/{r['n_active']:<8}{r['wall_s']:>9.1f}"
           f"{r['child_s']:>9.1f}{r['peak_rss_gb']:>9.2f}"
