@@ -303,6 +303,35 @@ def test_influence_pruning_and_scores_by_hand():
   assert completeness == pytest.approx((1.375 - 0.2 * 0.5) / 1.375)
 
 
+def test_partial_influence_is_the_influence_through_computed_rows():
+  """`_partial_influence` on a random acyclic graph where only some nodes'
+  rows are computed equals w ((I - B)^-1 - I) of the square matrix that
+  holds those rows (and zeros for every other node)."""
+  from gemscope_jax.circuits import _attribute
+  rng = np.random.default_rng(0)
+  n = 300                          # nodes in topological order; 5 logits last
+  row_node = np.concatenate([np.arange(n - 5, n),
+                             rng.choice(n - 5, 120, replace=False)])
+  matrix = np.zeros((len(row_node), n), np.float32)
+  for i, t in enumerate(row_node):   # edges only from earlier nodes
+    src = rng.choice(t, min(t, 40), replace=False)
+    matrix[i, src] = rng.normal(size=len(src))
+  matrix[7] = 0.0                    # a row with no edges stays 0
+  weights = np.zeros(n)
+  weights[n - 5:] = rng.dirichlet(np.ones(5))
+  square = np.zeros((n, n))
+  square[row_node] = matrix
+  b = _prune.normalize(square)
+  closed = weights @ (np.linalg.inv(np.eye(n) - b) - np.eye(n))
+  got = _attribute._partial_influence(matrix, row_node, weights, chunk=32)
+  np.testing.assert_allclose(got, closed, rtol=1e-9, atol=1e-12)
+  assert (got[row_node[5:]] > 0).any()
+  sums = np.abs(matrix.astype(np.float64)).sum(axis=1)  # the caller's sums
+  np.testing.assert_allclose(
+      _attribute._partial_influence(matrix, row_node, weights, sums), got,
+      rtol=1e-12)
+
+
 def test_save_load_and_json(case, tmp_path):
   kind, rep, graph, _ = case
   graph.token_strings = [f"t{t}" for t in graph.tokens]

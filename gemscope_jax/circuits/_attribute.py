@@ -240,6 +240,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   # visited) is written once, straight into this buffer.
   buf = np.zeros((n_log + budget, n_cols), np.float32)
   buf_bias = np.zeros(n_log + budget, np.float32)
+  buf_sums = np.zeros(n_log + budget)  # sum of |edges| of each row
 
   def run(rows, at: int) -> None:
     """Edges of `rows` (feature indices, or -1 - k for logit k) into
@@ -270,6 +271,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
       block[:, n_act:n_act + n_err] = np.asarray(err)[:r]
       block[:, n_act + n_err:n_act + n_err + T] = np.asarray(tok)[:r]
       buf_bias[at + s:at + s + r] = np.asarray(bias)[:r]
+      buf_sums[at + s:at + s + r] = np.abs(block.astype(np.float64)).sum(1)
 
   run(list(range(-1, -1 - n_log, -1)), 0)
   t1 = time.perf_counter()
@@ -284,7 +286,8 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
     if budget == n_act:
       pending = np.nonzero(~visited)[0]
     else:
-      part = _partial_influence(buf[:filled], row_node[:filled], weights)
+      part = _partial_influence(buf[:filled], row_node[:filled], weights,
+                                buf_sums[:filled])
       rank = np.argsort(-part[:n_act], kind="stable")
       rank = rank[~visited[rank]]
       pending = rank[:min(update_interval * batch_size,
@@ -361,26 +364,41 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
 
 
 def _partial_influence(matrix: np.ndarray, row_node: np.ndarray,
-                       weights: np.ndarray, max_iter: int = 10_000,
-                       chunk: int = 256) -> np.ndarray:
+                       weights: np.ndarray, row_sums: np.ndarray | None = None,
+                       chunk: int = 256, max_iter: int = 10_000
+                       ) -> np.ndarray:
   """circuit-tracer's partial influence: influence through the rows
   computed so far (`matrix` (R, n_cols), row i standing for node
   row_node[i]), starting from the logit probabilities `weights`.
 
-  The row-normalised |matrix| is applied a slice of rows at a time, never
-  copied whole.
+  With B = the row-normalised |matrix|, the power series is
+  w B + (w B)[row_node] B + ...: each term after the first only reads
+  B's columns at `row_node`, the (R, R) matrix S = B[:, row_node]. So
+  z_0 = w[row_node], z_k+1 = z_k S is iterated in R dimensions until it
+  vanishes (S is nilpotent: the graph is acyclic), and B is applied once,
+  to their sum: total = (sum_k z_k) B, read a slice of rows at a time
+  (one pass over `matrix`, never copied whole). `row_sums`, each row's
+  sum of |entries| (float64), saves a second pass when the caller has it.
   """
-  def apply(w):  # w (R,) -> w @ normalize(matrix); normalize is row-wise
-    out = np.zeros(matrix.shape[1])
-    for i in range(0, len(matrix), chunk):
-      out += w[i:i + chunk] @ _prune.normalize(matrix[i:i + chunk])
-    return out
-
-  prod = weights.copy()
-  total = np.zeros_like(weights)
+  matrix = matrix[:len(row_node)]
+  if row_sums is None:
+    row_sums = np.concatenate([
+        np.abs(matrix[i:i + chunk].astype(np.float64)).sum(axis=1)
+        for i in range(0, len(matrix), chunk)] or [np.zeros(0)])
+  inv = 1.0 / np.maximum(row_sums[:len(row_node)], 1e-10)
+  square = np.abs(matrix[:, row_node].astype(np.float64)) * inv[:, None]
+  z = np.asarray(weights, np.float64)[row_node]
+  acc = z.copy()
   for _ in range(max_iter):
-    prod = apply(prod[row_node])
-    if not prod.any():
-      return total
-    total += prod
-  raise RuntimeError("partial influence: no convergence")
+    z = z @ square
+    if not z.any():
+      break
+    acc += z
+  else:
+    raise RuntimeError("partial influence: no convergence")
+  scaled = acc * inv
+  total = np.zeros(matrix.shape[1])
+  for i in range(0, len(matrix), chunk):
+    total += scaled[i:i + chunk] @ np.abs(
+        matrix[i:i + chunk].astype(np.float64))
+  return total
