@@ -375,12 +375,29 @@ def _cmd_attribute(args) -> int:
     if not 0 < value <= 1:
       raise errors.UsageError(f"{name}: takes a fraction in (0, 1], got "
                               f"{value}")
+  if args.dashboard is not None:
+    if not args.html:
+      raise errors.UsageError("--dashboard: links the viewer page's "
+                              "features; add --html GRAPH.html")
+    if "://" not in args.dashboard and not os.path.isdir(args.dashboard):
+      error, what = ((errors.InputError, "is a file")
+                     if os.path.exists(args.dashboard) else
+                     (errors.MissingInputError, "no such folder"))
+      raise error(f"--dashboard {args.dashboard}: {what}; give a site "
+                  "`gemscope dashboard` wrote, a folder of such sites, or a "
+                  "URL")
   safe_write.check_file_output(args.out, overwrite=args.overwrite,
                                flag="--out")
   if args.html:
+    if os.path.realpath(args.html) == os.path.realpath(args.out):
+      raise errors.UsageError(f"--html {args.html}: the same file as --out; "
+                              "give the viewer page its own name")
     safe_write.check_file_output(args.html, overwrite=args.overwrite,
                                  flag="--html")
   tok = default_tokenizer()
+  if len(tok.encode(args.prompt)) < 2:
+    raise errors.UsageError("--prompt: give some text; the graph explains "
+                            "the model's next token after it")
   config, params = pretrained.load_model(args.model)
   # A group workdir's members are its export folders.
   spec = args.dictionaries
@@ -391,6 +408,10 @@ def _cmd_attribute(args) -> int:
     spec = export_dir
   dictionaries = sources.load_dictionaries(
       spec, config, load=_load_dictionary_source, flag="--dictionaries")
+  if config.vocab_size < tok.vocab_size:
+    raise errors.InputError(
+        f"--model {args.model}: its vocabulary has {config.vocab_size:,} "
+        f"tokens; the Gemma 3 tokenizer needs {tok.vocab_size:,}")
   t0 = time.perf_counter()
   graph = circuits.attribute(
       args.prompt, dictionaries, config, params, tokenizer=tok,

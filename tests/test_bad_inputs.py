@@ -11,7 +11,8 @@ export-model, and the activation scan): no partial output, and the next
 run removes the stray temporary.
 
 One tiny training run (24 steps of layer-1 activations on the real Gemma
-3 270M) and a tiny random Gemma in a transformers folder are shared.
+3 270M), a tiny random Gemma in a transformers folder, and tiny random
+transcoders and CLT (for `gemscope attribute`) are shared.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class World:
   llama: pathlib.Path      # the same files, config.json says "llama"
   sae: pathlib.Path        # the run exported as a SAELens folder
   narrow: pathlib.Path     # a SAELens folder of width 64 at layer 1
+  transcoders: pathlib.Path  # layer_0/, layer_1/: transcoders of the tiny
+  wide: pathlib.Path       # a width-64 transcoder at layer 1 (tiny is 32)
+  clt: pathlib.Path        # a CLT of 3 layers (tiny has 2)
   text: pathlib.Path
   binary: pathlib.Path
   no_get_config: pathlib.Path
@@ -91,14 +95,38 @@ def world(tmp_path_factory) -> World:
       w_dec=rng.normal(size=(8, 64)).astype(np.float32),
       b_enc=np.zeros(8, np.float32), b_dec=np.zeros(64, np.float32),
       threshold=np.zeros(8, np.float32)), narrow)
+  tiny = TINY_MODEL.d_model
+  transcoders = root / "transcoders"
+  for l in range(TINY_MODEL.num_layers):
+    interop.save_gemmascope2(_transcoder(rng, tiny, l),
+                             transcoders / f"layer_{l}", release_layout=False)
+  wide = root / "wide"
+  interop.save_gemmascope2(_transcoder(rng, 64, 1), wide,
+                           release_layout=False)
+  clt = root / "clt"
+  interop.save_multilayer_gemmascope2(interop.MultiLayerInference(
+      kind="clt", w_enc=np.ones((3, tiny, 8), np.float32),
+      w_dec=np.ones((3, 8, 3, tiny), np.float32),
+      b_enc=np.zeros((3, 8), np.float32), b_dec=np.zeros((3, tiny), np.float32),
+      threshold=np.zeros((3, 8), np.float32)), clt)
   text = root / "ok.txt"
   text.write_text("To be, or not to be, that is the question. " * 20)
   binary = root / "blob.txt"
   binary.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)
   no_get_config = root / "no_get_config.py"
   no_get_config.write_text("CONFIG = {}\n")
-  return World(root, run, model, llama, sae, narrow, text, binary,
-               no_get_config)
+  return World(root, run, model, llama, sae, narrow, transcoders, wide, clt,
+               text, binary, no_get_config)
+
+
+def _transcoder(rng, d: int, layer: int) -> interop.InferenceDictionary:
+  """A random JumpReLU transcoder of width 8 at `layer`, d -> d."""
+  return interop.InferenceDictionary(
+      w_enc=rng.normal(size=(d, 8)).astype(np.float32),
+      w_dec=rng.normal(size=(8, d)).astype(np.float32),
+      b_enc=np.zeros(8, np.float32), b_dec=np.zeros(d, np.float32),
+      threshold=np.zeros(8, np.float32), hookpoint=f"layer_{layer}/mlp_in",
+      hookpoint_out=f"layer_{layer}/mlp_out")
 
 
 def _tree(*roots: pathlib.Path) -> dict[str, str]:
@@ -133,6 +161,14 @@ class Row:
 
 
 U, I, O, R = errors.USAGE, errors.INPUT, errors.OUTPUT, errors.RUN
+
+
+def _attribute(w: World, b: pathlib.Path, *flags: str) -> list[str]:
+  """`gemscope attribute` of 'Hi' through the tiny model's transcoders to
+  a new file, with `flags` added (a flag given again wins)."""
+  return ["attribute", "--prompt=Hi", f"--model={w.model}",
+          f"--dictionaries={w.transcoders}", f"--out={b}/g.json", *flags]
+
 
 ROWS = [
     # --- train: overrides (one typed parser for --set and FILE:ARG)
@@ -221,11 +257,9 @@ ROWS = [
     Row("eval-dictionary-missing",
         lambda w, b: ["eval", f"--dictionary={b}/nope"],
         I, ("--dictionary", "no such dictionary folder")),
-    # interop.load raises a plain ValueError here (2); an InputError (3)
-    # would be more precise.
     Row("eval-dictionary-not-a-dictionary",
         lambda w, b: ["eval", f"--dictionary={b}/full"],
-        U, ("full", "params.safetensors", "sae_weights.safetensors")),
+        I, ("full", "params.safetensors", "sae_weights.safetensors")),
     Row("eval-dictionary-width-does-not-fit",
         lambda w, b: ["eval", f"--dictionary={w.narrow}", "--quiet"],
         I, ("width is 64", "layer_1/resid_post", "640")),
@@ -361,6 +395,95 @@ ROWS = [
     Row("serve-not-a-site",
         lambda w, b: ["serve", f"{b}/empty"],
         I, ("not a dashboard site",)),
+    # --- attribute: flags and outputs (checked before the model loads)
+    Row("attribute-out-exists",
+        lambda w, b: _attribute(w, b, f"--out={b}/file"),
+        O, ("--out", "already exists", "--overwrite")),
+    Row("attribute-out-is-a-folder",
+        lambda w, b: _attribute(w, b, f"--out={b}/empty"),
+        O, ("--out", "is a folder")),
+    Row("attribute-out-inside-a-file",
+        lambda w, b: _attribute(w, b, f"--out={b}/file/g.json"),
+        O, ("--out", "is a file")),
+    Row("attribute-html-exists",
+        lambda w, b: _attribute(w, b, f"--html={b}/file"),
+        O, ("--html", "already exists", "--overwrite")),
+    Row("attribute-html-is-a-folder",
+        lambda w, b: _attribute(w, b, f"--html={b}/empty"),
+        O, ("--html", "is a folder")),
+    Row("attribute-html-is-the-out-file",
+        lambda w, b: _attribute(w, b, f"--html={b}/g.json", "--overwrite"),
+        U, ("--html", "the same file as --out")),
+    Row("attribute-dashboard-without-html",
+        lambda w, b: _attribute(w, b, f"--dashboard={b}/full"),
+        U, ("--dashboard", "--html")),
+    Row("attribute-dashboard-missing",
+        lambda w, b: _attribute(w, b, f"--html={b}/g.html",
+                                f"--dashboard={b}/nope"),
+        I, ("--dashboard", "nope", "no such folder", "a URL")),
+    Row("attribute-prompt-empty",
+        lambda w, b: _attribute(w, b, "--prompt="),
+        U, ("--prompt", "give some text")),
+    Row("attribute-max-feature-nodes-zero",
+        lambda w, b: _attribute(w, b, "--max-feature-nodes=0"),
+        U, ("--max-feature-nodes", "positive integer, got 0")),
+    Row("attribute-max-feature-nodes-negative",
+        lambda w, b: _attribute(w, b, "--max-feature-nodes", "-3"),
+        U, ("--max-feature-nodes", "positive integer, got -3")),
+    Row("attribute-node-threshold-zero",
+        lambda w, b: _attribute(w, b, "--node-threshold=0"),
+        U, ("--node-threshold", "(0, 1]", "got 0.0")),
+    Row("attribute-edge-threshold-above-one",
+        lambda w, b: _attribute(w, b, "--edge-threshold=1.5"),
+        U, ("--edge-threshold", "(0, 1]", "got 1.5")),
+    Row("attribute-batch-size-zero",
+        lambda w, b: _attribute(w, b, "--batch-size=0"),
+        U, ("--batch-size", "positive integer, got 0")),
+    # --- attribute: --dictionaries and --model (the tiny model)
+    Row("attribute-dictionaries-missing",
+        lambda w, b: _attribute(w, b, f"--dictionaries={b}/nope"),
+        I, ("--dictionaries", "nope", "no such dictionary folder")),
+    Row("attribute-dictionaries-holds-none",
+        lambda w, b: _attribute(w, b, f"--dictionaries={b}/full"),
+        I, ("--dictionaries", "full", "holds no dictionary folder")),
+    Row("attribute-dictionaries-is-a-file",
+        lambda w, b: _attribute(w, b, f"--dictionaries={b}/file"),
+        I, ("--dictionaries", "file", "params.safetensors",
+            "sae_weights.safetensors")),
+    Row("attribute-dictionaries-empty",
+        lambda w, b: _attribute(w, b, "--dictionaries=,"),
+        U, ("--dictionaries", "give a folder")),
+    Row("attribute-dictionaries-unknown-release",
+        lambda w, b: _attribute(
+            w, b, "--dictionaries=gemma-scope-2-270m-pt-transcoderz/"
+            "layer_{L}_width_16k_l0_medium"),
+        U, ("--dictionaries", "unknown release alias 'transcoderz'",
+            "transcoders")),
+    Row("attribute-dictionaries-not-transcoders",
+        lambda w, b: _attribute(w, b, f"--dictionaries={w.narrow}"),
+        I, ("--dictionaries", "narrow", "layer_1/resid_post",
+            "layer_L/mlp_in")),
+    Row("attribute-dictionaries-width-does-not-fit",
+        lambda w, b: _attribute(w, b, f"--dictionaries={w.wide}"),
+        I, ("--dictionaries", "wide", "64 -> 64", "32 -> 32")),
+    Row("attribute-dictionaries-clt-does-not-fit",
+        lambda w, b: _attribute(w, b, f"--dictionaries={w.clt}"),
+        I, ("--dictionaries", "clt", "3 layers", "the model has 2")),
+    Row("attribute-dictionaries-clt-and-transcoders",
+        lambda w, b: _attribute(
+            w, b, f"--dictionaries={w.clt},{w.transcoders}/layer_0"),
+        U, ("--dictionaries", "one cross-layer transcoder")),
+    Row("attribute-dictionaries-two-for-one-layer",
+        lambda w, b: _attribute(
+            w, b, f"--dictionaries={w.transcoders}/layer_0,"
+            f"{w.transcoders}/layer_0"),
+        U, ("--dictionaries", "two transcoders for layer 0")),
+    Row("attribute-model-vocabulary-too-small",
+        lambda w, b: _attribute(w, b),
+        I, ("--model", "256 tokens", "262,144")),
+    Row("attribute-model-missing",
+        lambda w, b: _attribute(w, b, f"--model={b}/nope.gguf"),
+        I, ("nope.gguf", "no such model")),
     # --- the command line itself
     Row("missing-required-flag", lambda w, b: ["train", CONFIG],
         U, ("--workdir",)),

@@ -38,7 +38,8 @@ def detect_format(path: str | os.PathLike) -> str:
 
   Raises:
     FileNotFoundError: no such path.
-    ValueError: neither format's weights file, or both, in or below it.
+    errors.InputError: (a ValueError) neither format's weights file, or
+      both, in or below it.
   """
   path = pathlib.Path(path)
   if not path.exists():
@@ -46,10 +47,10 @@ def detect_format(path: str | os.PathLike) -> str:
   found = {name for name in LOADERS
            if (path / name).exists() or any(path.rglob(name))}
   if len(found) != 1:
-    raise ValueError(f"{path}: expected a Gemma Scope 2 folder "
-                     f"({gemmascope2.PARAMS}) or a SAELens one "
-                     f"({saelens.WEIGHTS}), found "
-                     f"{' and '.join(sorted(found)) or 'neither'}")
+    raise errors.InputError(f"{path}: expected a Gemma Scope 2 folder "
+                            f"({gemmascope2.PARAMS}) or a SAELens one "
+                            f"({saelens.WEIGHTS}), found "
+                            f"{' and '.join(sorted(found)) or 'neither'}")
   return "gemmascope2" if gemmascope2.PARAMS in found else "saelens"
 
 
@@ -89,8 +90,9 @@ def load_dictionary(source: str | os.PathLike
   Raises:
     FileNotFoundError: no such folder; a name whose repo or folder is not
       on the Hub (or in the local cache when offline), naming both.
-    ValueError: an unknown release name (the message lists what is valid),
-      or a folder of neither format.
+    errors.UsageError: (a ValueError) an unknown release name (the message
+      lists what is valid).
+    errors.InputError: (a ValueError) a folder of neither format, or both.
   """
   path = locate(source)
   if (path / multilayer.params_file(0)).exists() and not (
