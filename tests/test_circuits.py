@@ -207,6 +207,26 @@ def test_every_kind_of_edge_is_exact(case):
   assert checked == {"feature": 5, "error": 5, "token": T}
 
 
+@pytest.mark.parametrize("budget", [None, 60])
+def test_prefix_buckets_give_the_same_graph(case, tiny, budget, monkeypatch):
+  """Rows run on the prompt prefix up to their position (buckets 2, 4, 7
+  here instead of 64, 128, ...) give the graph the whole prompt gives."""
+  from gemscope_jax.circuits import _attribute
+  kind, _, _, _ = case
+  params, x, _ = tiny
+  dicts = _dicts(kind, x)
+  kw = dict(batch_size=4, max_feature_nodes=budget, update_interval=1)
+  whole = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
+  monkeypatch.setattr(_attribute, "_MIN_PREFIX", 2)
+  assert [_attribute.prefix_bucket(n, 7) for n in (1, 2, 3, 5, 7)] == [
+      2, 2, 4, 7, 7]
+  cut = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
+  assert cut.node_ids() == whole.node_ids()
+  assert (cut.position[cut.kind == _graph.FEATURE] < 4).any()  # cut rows
+  np.testing.assert_allclose(cut.adjacency, whole.adjacency, atol=1e-6)
+  np.testing.assert_allclose(cut.bias, whole.bias, atol=1e-6)
+
+
 def test_completeness(case):
   """With every source a node, each row's edges plus its bias (the b_dec
   terms propagated through the frozen model) sum to its value: a logit's

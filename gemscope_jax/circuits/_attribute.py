@@ -24,12 +24,17 @@ unvisited features of highest partial influence (computed from the rows so
 far) until the budget is spent.
 
 Cost: a batch of R rows costs one backward pass through the layers up to
-its highest row (`_replacement.backward`, rows sorted by layer); feature edges
-are one (R, k * D) x (k * D, 32) product per block of 32 features that
-share a layer and a position (R x features x D work, no gather of
-gradients). Rows per batch shrink for long prompts (`rows_per_batch`), so
-memory grows linearly with prompt length: (rows, L, T, D) gradients of one
-batch, plus the (rows, columns) edge matrix of the features kept.
+its highest row (`_replacement.backward`), on the prompt's prefix up to
+its last row's position rounded up to 64, 128, 256, ... tokens
+(`prefix_bucket`: a row's gradient is zero after its own position, so the
+edges are the same); rows are sorted by prefix bucket, then layer. Feature
+edges are one (R, k * D) x (k * D, 32) product per block of 32 features
+that share a layer and a position (R x features x D work, no gather of
+gradients). Rows per batch shrink for long prefixes (`rows_per_batch`),
+so memory grows linearly with prompt length: (rows, L, T, D) gradients of
+one batch, plus the (rows, columns) edge matrix of the features kept.
+Feature selection re-ranks by partial influence in the computed rows'
+own dimensions (`_partial_influence`), one pass over the rows per ranking.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ _BATCH_BYTES = 512 << 20
 # full batch costs more than the compile (`_padded_size`): 64 rows x 64
 # tokens of backward pass take about as long as compiling one more size.
 _SMALL_WORK = 64 * 64
+# The shortest prompt prefix a batch of rows runs on (`prefix_bucket`).
+_MIN_PREFIX = 64
 
 
 def rows_per_batch(batch_size: int, num_layers: int, num_tokens: int,
@@ -132,36 +139,84 @@ def _padded_size(rows: int, batch_size: int, num_tokens: int) -> int:
   return size
 
 
-def _padded_features(rep):
-  """Per layer: its decoder, and its features in blocks of _BLOCK of one
-  position each (the block's position, (B, _BLOCK) latents and
-  activations; None where a layer has no features); and the column of
-  each real feature in the blocks' concatenation."""
-  w_dec, positions, latents, acts, columns = [], [], [], [], []
-  offset = 0
-  for l, (f_l, a_l) in enumerate(rep.features_by_layer()):
-    if not len(f_l):
-      for x in (w_dec, positions, latents, acts):
-        x.append(None)
-      continue
-    pos, start, count = np.unique(f_l[:, 1], return_index=True,
-                                  return_counts=True)
-    blocks = -(-count // _BLOCK)
-    first = np.concatenate([[0], np.cumsum(blocks)[:-1]]) * _BLOCK
-    # Slot of each feature: its group's first slot + its rank in the group.
-    group = np.repeat(np.arange(len(pos)), count)
-    slot = first[group] + np.arange(len(f_l)) - start[group]
-    lat = np.zeros(blocks.sum() * _BLOCK, np.int32)
-    act = np.zeros(blocks.sum() * _BLOCK, np.float32)
-    lat[slot], act[slot] = f_l[:, 2], a_l
-    w_dec.append(jnp.asarray(rep.dicts.w_dec[l], jnp.float32))
-    positions.append(jnp.asarray(np.repeat(pos, blocks), jnp.int32))
-    latents.append(jnp.asarray(lat.reshape(-1, _BLOCK)))
-    acts.append(jnp.asarray(act.reshape(-1, _BLOCK)))
-    columns.append(offset + slot)
-    offset += len(lat)
-  cols = np.concatenate(columns) if columns else np.zeros(0, np.int64)
-  return (w_dec, positions, latents, acts), cols
+class _Blocks:
+  """The active features in blocks of _BLOCK features of one layer and one
+  position (each (layer, position) group padded with act-0 slots), as
+  `_rows` reads them, for the prompt or for a prefix of it.
+
+  Blocks of a layer are in position order, so the blocks of a prefix
+  (positions < P) are the first ones of each layer: `for_prefix` slices
+  them, and says which column of `_rows`' output holds each feature of
+  the prefix (features at later positions have no edge into rows there).
+  """
+
+  def __init__(self, rep):
+    self.w_dec, self.pos, self.lat, self.act, self.slot = [], [], [], [], []
+    for l, (f_l, a_l) in enumerate(rep.features_by_layer()):
+      if not len(f_l):
+        for x in (self.w_dec, self.pos, self.lat, self.act, self.slot):
+          x.append(None)
+        continue
+      pos, start, count = np.unique(f_l[:, 1], return_index=True,
+                                    return_counts=True)
+      blocks = -(-count // _BLOCK)
+      first = np.concatenate([[0], np.cumsum(blocks)[:-1]]) * _BLOCK
+      # Slot of each feature: its group's first slot + its rank in it.
+      group = np.repeat(np.arange(len(pos)), count)
+      slot = first[group] + np.arange(len(f_l)) - start[group]
+      lat = np.zeros(blocks.sum() * _BLOCK, np.int32)
+      act = np.zeros(blocks.sum() * _BLOCK, np.float32)
+      lat[slot], act[slot] = f_l[:, 2], a_l
+      self.w_dec.append(jnp.asarray(rep.dicts.w_dec[l], jnp.float32))
+      self.pos.append(np.repeat(pos, blocks).astype(np.int32))
+      self.lat.append(lat.reshape(-1, _BLOCK))
+      self.act.append(act.reshape(-1, _BLOCK))
+      self.slot.append(slot)
+    self._cache = {}
+
+  def for_prefix(self, prefix: int):
+    """((w_dec, block_pos, latents, activations) per layer, as `_rows`
+    takes them; features (indices into rep.features) with a column there;
+    their columns)."""
+    if prefix not in self._cache:
+      parts = ([], [], [], [])
+      have, cols = [], []
+      offset = start = 0
+      for l, w in enumerate(self.w_dec):
+        if w is None:
+          for x in parts:
+            x.append(None)
+          continue
+        nb = int(np.searchsorted(self.pos[l], prefix))
+        slot = self.slot[l]
+        inside = slot < nb * _BLOCK
+        have.append(start + np.nonzero(inside)[0])
+        cols.append(offset + slot[inside])
+        start += len(slot)
+        if nb == 0:
+          for x in parts:
+            x.append(None)
+          continue
+        for x, v in zip(parts, (w, jnp.asarray(self.pos[l][:nb]),
+                                jnp.asarray(self.lat[l][:nb]),
+                                jnp.asarray(self.act[l][:nb]))):
+          x.append(v)
+        offset += nb * _BLOCK
+      cat = lambda xs: (np.concatenate(xs) if xs  # noqa: E731
+                        else np.zeros(0, np.int64))
+      self._cache[prefix] = (parts, cat(have), cat(cols))
+    return self._cache[prefix]
+
+
+def prefix_bucket(need: int, num_tokens: int) -> int:
+  """Tokens a batch of rows reading positions < `need` runs on: 64, 128,
+  256, ... (one compile each), or the whole prompt. A row's gradient is
+  zero after its own position (attention looks back only), so a prefix
+  gives the same edges at a fraction of the work on long prompts."""
+  size = _MIN_PREFIX
+  while size < need:
+    size *= 2
+  return min(size, num_tokens)
 
 
 def salient_logits(logits: np.ndarray, *, desired_prob: float = 0.95,
@@ -233,8 +288,33 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   emb = rep.embedding
   demeaned = np.asarray(emb[jnp.asarray(logit_ids)] - emb.mean(axis=0))
   D = config.d_model
-  batch_size = rows_per_batch(batch_size, L, T, D)
-  padded, cols = _padded_features(rep)
+  # Rows per batch on the whole prompt; batches on a shorter prefix hold
+  # more (`rows_per_batch` of their prefix), up to batch_size.
+  full_batch = rows_per_batch(batch_size, L, T, D)
+  blocks = _Blocks(rep)
+  b_dec = jnp.asarray(rep.dicts.b_dec)
+  prefixes = {}
+
+  def on_prefix(prefix: int):
+    """The linear model's inputs cut to the first `prefix` positions."""
+    if prefix not in prefixes:
+      f, embed, errors = rep.frozen, rep.clean["embed"], rep.errors
+      if prefix < T:
+        cut = slice(0, prefix)
+        f = f.replace(g_pre_attn=f.g_pre_attn[:, cut],
+                      g_post_attn=f.g_post_attn[:, cut],
+                      g_pre_ffw=f.g_pre_ffw[:, cut],
+                      probs=f.probs[..., cut, cut])
+        embed, errors = embed[cut], errors[:, cut]
+      prefixes[prefix] = (f, embed, errors)
+    return prefixes[prefix]
+
+  def prefix_of(rows: np.ndarray) -> np.ndarray:
+    """Each row's prefix bucket (logit rows read the last position)."""
+    need = np.where(rows < 0, T,
+                    rep.features[np.maximum(rows, 0), 1].astype(int) + 1)
+    sizes = {n: prefix_bucket(n, T) for n in np.unique(need)}
+    return np.array([sizes[n] for n in need], np.int64)
 
   # Every computed row (logit rows first, then features as they are
   # visited) is written once, straight into this buffer.
@@ -242,13 +322,20 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   buf_bias = np.zeros(n_log + budget, np.float32)
   buf_sums = np.zeros(n_log + budget)  # sum of |edges| of each row
 
-  def run(rows, at: int) -> None:
-    """Edges of `rows` (feature indices, or -1 - k for logit k) into
-    buf[at:] and buf_bias[at:]."""
-    for s in range(0, len(rows), batch_size):
-      chunk = rows[s:s + batch_size]
+  def run(rows: np.ndarray, at: int) -> None:
+    """Edges of `rows` (feature indices, or -1 - k for logit k; rows of
+    one prefix bucket together) into buf[at:] and buf_bias[at:]."""
+    rows = np.asarray(rows, np.int64)
+    prefix = prefix_of(rows)
+    s = 0
+    while s < len(rows):
+      p_len = int(prefix[s])
+      cap = rows_per_batch(batch_size, L, p_len, D)
+      end = min(s + cap, s + int(np.argmax(prefix[s:] != p_len))
+                if (prefix[s:] != p_len).any() else len(rows))
+      chunk = rows[s:end]
       r = len(chunk)
-      size = _padded_size(r, batch_size, T)
+      size = _padded_size(r, cap, p_len)
       layer = np.zeros(size, np.int32)
       pos = np.zeros(size, np.int32)
       read = np.zeros((size, D), np.float32)
@@ -261,19 +348,21 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
           l, p, f = rep.features[row]
           layer[i], pos[i] = l, p
           read[i] = rep.dicts.w_enc[l][:, f]
+      parts, have, fcols = blocks.for_prefix(p_len)
       feats, err, tok, bias = _rows(
-          rep.frozen, rep.clean["embed"], rep.errors,
-          jnp.asarray(rep.dicts.b_dec), *padded,
-          jnp.asarray(layer), jnp.asarray(pos), jnp.asarray(read),
-          jnp.asarray(final))
-      block = buf[at + s:at + s + r]
-      block[:, :n_act] = np.asarray(feats)[:r, cols]
-      block[:, n_act:n_act + n_err] = np.asarray(err)[:r]
-      block[:, n_act + n_err:n_act + n_err + T] = np.asarray(tok)[:r]
-      buf_bias[at + s:at + s + r] = np.asarray(bias)[:r]
-      buf_sums[at + s:at + s + r] = np.abs(block.astype(np.float64)).sum(1)
+          *on_prefix(p_len), b_dec, *parts, jnp.asarray(layer),
+          jnp.asarray(pos), jnp.asarray(read), jnp.asarray(final))
+      block = buf[at + s:at + end]
+      block[:, have] = np.asarray(feats)[:r, fcols]
+      err = np.asarray(err)[:r].reshape(r, L, p_len)
+      for l in range(L):
+        block[:, n_act + l * T:n_act + l * T + p_len] = err[:, l]
+      block[:, n_act + n_err:n_act + n_err + p_len] = np.asarray(tok)[:r]
+      buf_bias[at + s:at + end] = np.asarray(bias)[:r]
+      buf_sums[at + s:at + end] = np.abs(block.astype(np.float64)).sum(1)
+      s = end
 
-  run(list(range(-1, -1 - n_log, -1)), 0)
+  run(np.arange(-1, -1 - n_log, -1), 0)
   t1 = time.perf_counter()
   # The node (column) each filled row of buf stands for.
   row_node = np.concatenate([n_act + n_err + T + np.arange(n_log),
@@ -290,12 +379,14 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
                                 buf_sums[:filled])
       rank = np.argsort(-part[:n_act], kind="stable")
       rank = rank[~visited[rank]]
-      pending = rank[:min(update_interval * batch_size,
+      pending = rank[:min(update_interval * full_batch,
                           n_log + budget - filled)]
-    # Rows of a layer together: a batch's backward pass stops at its
+    # Rows of one prefix bucket, and in it of one layer, together: a
+    # batch's backward pass runs on its bucket's prefix and stops at its
     # highest layer (`_replacement.backward`).
-    pending = pending[np.argsort(rep.features[pending, 0], kind="stable")]
-    run(list(pending), filled)
+    pending = pending[np.lexsort((rep.features[pending, 0],
+                                  prefix_of(pending)))]
+    run(pending, filled)
     row_node[filled:filled + len(pending)] = pending
     visited[pending] = True
     filled += len(pending)
@@ -354,7 +445,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
                 "dictionaries": rep.dicts.kind,
                 "n_active_features": int(n_act),
                 "max_feature_nodes": max_feature_nodes,
-                "batch_size": batch_size,
+                "batch_size": full_batch,
                 "seconds": {"setup_and_logit_rows": round(t1 - t0, 3),
                             "feature_rows": round(t2 - t1, 3)}})
   if verbose:

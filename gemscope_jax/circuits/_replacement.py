@@ -149,7 +149,11 @@ def _rms_norm(x, scale, eps):
   return x * _inv_rms(x, eps)[..., None] * (1.0 + scale)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
+# freeze runs once per prompt, and its time is mostly XLA's: LLVM's -O0
+# compiles it in 1.6 s instead of 2.5 s, and it runs as fast (its work is
+# matmuls, which call the same library either way).
+@functools.partial(jax.jit, static_argnums=(1,),
+                   compiler_options={"xla_backend_optimization_level": 0})
 def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
            skip: jax.Array | None):
   """The clean pass of one prompt (tokens (T,)) and its frozen coefficients,
