@@ -1,17 +1,22 @@
 """surgery.steer and surgery.steer_spec on a tiny random Gemma 3.
 
-Closed forms, each from a real pass: a zero coefficient and the ablation of
-a latent that never fires leave the logits bit-identical; additive steering
-moves the hookpoint by coef * d at the selected tokens only; a clamp moves
-it by (v - f_i) * W_dec[i] with f from the dictionary's own `encode` (SAEs
-at resid_post and attn_out, skip transcoders, CLTs into each output
-layer), and on a dictionary whose encoder inverts its decoder the edited
-activation encodes to v with an unchanged reconstruction error. The spec
+Closed forms, each from a real pass, for an SAE (resid_post), a skip
+transcoder (mlp_in -> mlp_out) and a CLT latent (mlp_out of every layer
+from its own on), against float64 numpy: a zero coefficient and the
+ablation of a latent that never fires leave the logits bit-identical;
+additive steering moves each written hookpoint by coef * d at the selected
+tokens only; a clamp moves it by (v - f_i) * W_dec[i] and keeps output
+minus the reconstruction with the clamped latents equal to the error
+before the edit (also SAEs at attn_out), and on an SAE whose encoder
+inverts its decoder the edited activation encodes to v. The spec
 parser round-trips and names the part of a bad spec. One test runs the
 real Gemma 3 270M (attn_out is wider than the residual there).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -29,6 +34,7 @@ MLP_IN, MLP_OUT = "layer_1/mlp_in", "layer_1/mlp_out"
 ALL_HPS = (RESID, ATTN, MLP_IN, MLP_OUT, *(f"layer_{i}/mlp_{s}"
                                            for i in range(3)
                                            for s in ("in", "out")))
+KINDS = ("sae", "transcoder", "clt")  # see `_make_case`
 
 
 def _f32(x):
@@ -85,19 +91,70 @@ def _flat(a, mask):
 
 # ------------------------------------------------------------ closed forms
 
-def test_coefficient_zero_is_bit_identical(env):
+@pytest.mark.parametrize("kind", ["vector", *KINDS])
+def test_coefficient_zero_is_bit_identical(env, kind):
+  """A raw vector at resid_post, and a latent's decoder row of an SAE (at
+  resid_post), a skip transcoder (into mlp_out) and a CLT (into mlp_out
+  of layers 1 and 2). See `_assert_unchanged` for mlp_out."""
   params, tokens, mask, _, clean = env
-  d = np.random.default_rng(1).normal(size=D)
-  edits, args = surgery.steering_edits(
-      [surgery.AddDirection(RESID, d, 0.0, "all")])
+  if kind == "vector":
+    d = np.random.default_rng(1).normal(size=D)
+    iv = surgery.AddDirection(RESID, d, 0.0, "all")
+  else:
+    c = _case(kind, env)
+    iv = surgery.AddLatent(c.d, c.latent, 0.0, "all", **c.kw)
+  edits, args = surgery.steering_edits([iv])
+  assert len(edits) == (2 if kind == "clt" else 1)
   out = models.forward(params, tokens, mask, config=TINY, edits=edits,
-                       edit_args=args)
-  assert np.array_equal(np.asarray(out.logits), np.asarray(clean.logits))
+                       edit_args=args, hookpoints=ALL_HPS)
+  _assert_unchanged(env, out, sorted(edits))
   # A nonzero coefficient through the same program does change them.
-  args[RESID][0]["coef"] = np.float32(3.0)
+  for hp in args:
+    args[hp][0]["coef"] = np.float32(3.0)
   out = models.forward(params, tokens, mask, config=TINY, edits=edits,
                        edit_args=args)
   assert not np.allclose(np.asarray(out.logits), np.asarray(clean.logits))
+
+
+def _order(name):
+  """(layer, site in the order the pass computes it)."""
+  h = models.hooks.parse(name)
+  return h.layer, models.hooks.SITES.index(h.site)
+
+
+def _noop(x, args):
+  return x + 0.0 * args
+
+
+def _assert_unchanged(env, out, edited):
+  """`out` (logits, ALL_HPS) is the clean pass, bit for bit.
+
+  At resid_post that holds against the pass without edits. At mlp_out it
+  cannot: without an edit there XLA (CPU) fuses the post-FFW norm into the
+  residual add and rounds resid_post differently (up to a few ulps) than
+  when any edit sits between, even `x + 0 * a`. There the pass must be
+  bit-identical to one with that plain no-op at the same hookpoints, and
+  every hookpoint up to the first edited one (included) to the clean pass.
+  """
+  params, tokens, mask, _, clean = env
+  ref = clean
+  if any(models.hooks.parse(hp).site == "mlp_out" for hp in edited):
+    ref = models.forward(
+        params, tokens, mask, config=TINY, edits={hp: _noop for hp in edited},
+        edit_args={hp: np.ones(D, np.float32) for hp in edited},
+        hookpoints=ALL_HPS)
+    first = min(map(_order, edited))
+    for hp in ALL_HPS:
+      if _order(hp) <= first:
+        assert np.array_equal(np.asarray(out.activations[hp]),
+                              np.asarray(clean.activations[hp])), hp
+    np.testing.assert_allclose(np.asarray(out.logits),
+                               np.asarray(clean.logits), rtol=1e-5,
+                               atol=1e-7)
+  assert np.array_equal(np.asarray(out.logits), np.asarray(ref.logits))
+  for hp in ALL_HPS:
+    assert np.array_equal(np.asarray(out.activations[hp]),
+                          np.asarray(ref.activations[hp])), hp
 
 
 def test_additive_moves_selected_tokens_by_coef_times_d(env):
@@ -178,21 +235,6 @@ def test_clamp_at_attn_out_moves_by_v_minus_f_times_row(env, arch):
                              atol=1e-5)
 
 
-def test_ablating_a_latent_that_never_fires_is_bit_identical(env):
-  params, tokens, mask, _, clean = env
-  rng = np.random.default_rng(5)
-  x = np.asarray(clean.activations[RESID])
-  sae = _sae(rng, _flat(x, mask), hookpoint=RESID)
-  threshold = sae.threshold.copy()
-  threshold[6] = 1e9
-  sae = sae.replace(threshold=threshold)
-  assert not np.asarray(sae.encode(x))[..., 6].any()
-  edits, args = surgery.steering_edits([surgery.ablate(sae, 6)])
-  out = models.forward(params, tokens, mask, config=TINY, edits=edits,
-                       edit_args=args)
-  assert np.array_equal(np.asarray(out.logits), np.asarray(clean.logits))
-
-
 def test_skip_transcoder_clamp_moves_mlp_out(env):
   """Encoded from mlp_in of the same pass, written into mlp_out; the skip
   term cancels in f_clamped - f."""
@@ -264,6 +306,211 @@ def test_clt_clamp_moves_each_output_layer(env):
   assert sorted(edits) == ["layer_1/mlp_out", "layer_2/mlp_out"]
   np.testing.assert_array_equal(args["layer_2/mlp_out"][0]["direction"],
                                 _f32(clt.w_dec[1, i, 2]))
+
+
+# ------------------------- closed forms for every kind of dictionary (numpy)
+#
+# Each case: a dictionary, one of its latents that fires on some of the
+# edited tokens but not all, where it reads and writes, and its encoder and
+# reconstruction written again here in float64 numpy (not the code under
+# test). A CLT latent of source layer 1 writes mlp_out 1 and 2; mlp_out 2 is
+# computed after the edit of mlp_out 1 changed its input, so what it is
+# moved from is read off a pass that adds the edit of mlp_out 1 as a plain
+# array (`_before`).
+
+@dataclasses.dataclass
+class _Case:
+  d: Any
+  kw: dict
+  read: str
+  writes: list  # [(hookpoint, (d_sae, width) decoder rows it writes with)]
+  unchanged: tuple  # hookpoints before every write: bit-identical to clean
+  encode: Callable  # activations -> (B, T, d_sae) latents of the source
+  recon: Callable  # (hookpoint, source latents, activations) -> (B, T, D)
+  threshold: np.ndarray  # of the source layer's latents
+  latent: int = -1
+
+
+def _np_jumprelu(x, w_enc, b_enc, threshold):
+  pre = np.asarray(x, np.float64) @ np.float64(w_enc) + b_enc
+  return np.maximum(pre, 0.0) * (pre > threshold)
+
+
+def _make_case(kind, clean, mask):
+  rng = np.random.default_rng({"sae": 20, "transcoder": 21, "clt": 22}[kind])
+  a = clean.activations
+  if kind == "clt":
+    clt = _clt(rng, clean, mask)
+
+    def enc(acts, s=1):
+      return _np_jumprelu(acts[f"layer_{s}/mlp_in"], clt.w_enc[s],
+                          clt.b_enc[s], clt.threshold[s])
+
+    def clt_recon(hp, f_src, acts):
+      o = models.hooks.parse(hp).layer
+      fs = [f_src if s == 1 else enc(acts, s) for s in range(o + 1)]
+      return sum(f @ np.float64(clt.w_dec[s, :, o])
+                 for s, f in enumerate(fs)) + clt.b_dec[o]
+    return _Case(clt, {"layer": 1}, "layer_1/mlp_in",
+                 [(f"layer_{o}/mlp_out", clt.w_dec[1, :, o]) for o in (1, 2)],
+                 ("layer_0/mlp_out", "layer_1/mlp_in", ATTN), enc, clt_recon,
+                 clt.threshold[1])
+  if kind == "sae":
+    d = _sae(rng, _flat(a[RESID], mask), hookpoint=RESID)
+    case = _Case(d, {}, RESID, [(RESID, d.w_dec)],
+                 (ATTN, MLP_IN, MLP_OUT, "layer_0/mlp_out"), None, None,
+                 d.threshold)
+  else:  # a skip transcoder, mlp_in -> mlp_out of layer 1
+    d = _sae(rng, _flat(a[MLP_IN], mask), hookpoint=MLP_IN,
+             hookpoint_out=MLP_OUT,
+             affine_skip=_f32(rng.normal(size=(D, D)) * 0.1))
+    case = _Case(d, {}, MLP_IN, [(MLP_OUT, d.w_dec)],
+                 (ATTN, MLP_IN, "layer_0/mlp_out"), None, None, d.threshold)
+  case.encode = lambda acts: _np_jumprelu(acts[case.read], d.w_enc, d.b_enc,
+                                          d.threshold)
+
+  def recon(hp, f, acts):
+    del hp
+    out = f @ np.float64(d.w_dec) + d.b_dec
+    if d.affine_skip is not None:
+      out = out + np.asarray(acts[case.read], np.float64) @ np.float64(
+          d.affine_skip)
+    return out
+  case.recon = recon
+  return case
+
+
+def _case(kind, env):
+  _, _, mask, pos, clean = env
+  c = _make_case(kind, clean, mask)
+  sel = mask & (pos > 0)
+  f = c.encode(clean.activations)[sel]
+  np.testing.assert_array_equal(  # the numpy encoder is the dictionary's
+      f > 0, np.asarray(c.d.encode(
+          np.stack([np.asarray(clean.activations[f"layer_{s}/mlp_in"])
+                    for s in range(3)], -2)))[sel][:, 1] > 0
+      if kind == "clt" else np.asarray(c.d.encode(
+          clean.activations[c.read]))[sel] > 0)
+  fires = (f > 0).mean(0)
+  c.latent = int(np.flatnonzero((fires > 0.2) & (fires < 0.8))[0])
+  return c
+
+
+def _before(env, c, deltas, k):
+  """The activations of the pass in which the edits of the hookpoints
+  written before `c.writes[k]` are added as plain arrays: what the k-th
+  written hookpoint is computed as before its own edit."""
+  params, tokens, mask, _, clean = env
+  if k == 0:
+    return clean.activations
+  hps = [hp for hp, _ in c.writes[:k]]
+  out = models.forward(params, tokens, mask, config=TINY,
+                       edits={hp: _add_given for hp in hps},
+                       edit_args={hp: _f32(dl) for hp, dl in
+                                  zip(hps, deltas)},
+                       hookpoints=ALL_HPS, logits=False)
+  return out.activations
+
+
+def _np(acts):
+  return {k: np.asarray(v) for k, v in acts.items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_latent_moves_every_written_hookpoint_by_coef_times_row(env,
+                                                                   kind):
+  """At explicit positions: each hookpoint the dictionary writes moves by
+  coef * its decoder row there and not elsewhere; what comes before is
+  untouched."""
+  _, _, mask, pos, clean = env
+  c = _case(kind, env)
+  coef = -3.5
+  got = _np(_run(env, [surgery.AddLatent(c.d, c.latent, coef, "1,3,4",
+                                         **c.kw)]).activations)
+  sel = (mask & np.isin(pos, [1, 3, 4]))[..., None]
+  deltas = [sel * coef * np.float64(rows[c.latent]) for _, rows in c.writes]
+  for k, (hp, _) in enumerate(c.writes):
+    before = np.asarray(_before(env, c, deltas, k)[hp])
+    np.testing.assert_allclose(got[hp] - before, deltas[k], rtol=0,
+                               atol=2e-6, err_msg=hp)
+    assert np.abs(deltas[k]).max() > 0.1
+  first = c.writes[0][0]
+  off = ~sel[..., 0]
+  assert np.array_equal(got[first][off],
+                        np.asarray(clean.activations[first])[off])
+  for hp in c.unchanged:
+    assert np.array_equal(got[hp], np.asarray(clean.activations[hp])), hp
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clamp_moves_by_v_minus_f_and_keeps_the_error(env, kind):
+  """Clamping latent i to v (above its threshold) on the prompt: each
+  written hookpoint moves by (v - f_i) * its row, f from what the
+  dictionary reads in the same pass (for a transcoder or CLT, mlp_in,
+  which the edit at mlp_out leaves as it was), and output minus the
+  reconstruction with the clamped latents equals the error before the
+  edit: x + (f_clamped - f) @ W_dec."""
+  _, _, mask, pos, clean = env
+  c = _case(kind, env)
+  i = c.latent
+  v = float(c.threshold[i]) + 2.0
+  assert v > c.threshold[i]
+  got = _np(_run(env, [surgery.ClampLatents(c.d, i, v, "prompt",
+                                            **c.kw)]).activations)
+  sel = mask & (pos > 0)
+  f = c.encode(clean.activations)
+  if kind != "sae":
+    assert np.array_equal(got[c.read], np.asarray(clean.activations[c.read]))
+  fc = f.copy()
+  fc[..., i] = np.where(sel, v, f[..., i])
+  change = fc[..., i] - f[..., i]
+  assert (change[sel] != 0).all() and (f[..., i][sel] == 0).any()
+  deltas = [change[..., None] * np.float64(rows[i]) for _, rows in c.writes]
+  for k, (hp, _) in enumerate(c.writes):
+    acts = _before(env, c, deltas, k)
+    before = np.asarray(acts[hp], np.float64)
+    np.testing.assert_allclose(got[hp] - before, deltas[k], rtol=0,
+                               atol=2e-6, err_msg=hp)
+    # f of the other source layers (a CLT's layer 2) from the same pass.
+    err_before = before - c.recon(hp, f, _np(acts))
+    err_after = got[hp] - c.recon(hp, fc, got)
+    np.testing.assert_allclose(err_after, err_before, rtol=0, atol=1e-5,
+                               err_msg=hp)
+    assert np.abs(deltas[k]).max() > 0.1
+  for hp in c.unchanged:
+    assert np.array_equal(got[hp], np.asarray(clean.activations[hp])), hp
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ablating_a_latent_that_never_fires_changes_nothing(env, kind):
+  """Its threshold raised out of reach: ablating it leaves the logits and
+  every recorded hookpoint bit-identical (see `_assert_unchanged`)."""
+  params, tokens, mask, _, clean = env
+  c = _case(kind, env)
+  if kind == "clt":
+    threshold = c.d.threshold.copy()
+    threshold[1, c.latent] = 1e9
+    d = dataclasses.replace(c.d, threshold=threshold)
+    f = np.asarray(d.encode(np.stack(
+        [np.asarray(clean.activations[f"layer_{s}/mlp_in"])
+         for s in range(3)], -2)))[..., 1, c.latent]
+  else:
+    threshold = c.d.threshold.copy()
+    threshold[c.latent] = 1e9
+    d = c.d.replace(threshold=threshold)
+    f = np.asarray(d.encode(clean.activations[c.read]))[..., c.latent]
+  assert not f.any()
+  edits, args = surgery.steering_edits([surgery.ablate(d, c.latent, **c.kw)])
+  out = models.forward(params, tokens, mask, config=TINY, edits=edits,
+                       edit_args=args, hookpoints=ALL_HPS)
+  _assert_unchanged(env, out, sorted(edits))
+  # The latent that does fire, ablated the same way, changes them.
+  edits, args = surgery.steering_edits([surgery.ablate(c.d, c.latent,
+                                                       **c.kw)])
+  out = models.forward(params, tokens, mask, config=TINY, edits=edits,
+                       edit_args=args)
+  assert not np.allclose(np.asarray(out.logits), np.asarray(clean.logits),
+                         rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------- positions, decoding, errors
