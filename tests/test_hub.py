@@ -387,6 +387,54 @@ def test_dictionary_by_name_equals_the_one_written(offline):
   np.testing.assert_array_equal(cc.w_dec, offline["crosscoder"].w_dec)
 
 
+def test_steer_specs_by_release_name_equal_the_folder(offline):
+  """`--steer` with release names resolves, through the cache, to the same
+  dictionaries and edits as the snapshot's folders, with both loaders (the
+  library's and the command line's, which also reads workdirs)."""
+  from gemscope_jax import cli  # pylint: disable=import-outside-toplevel  (only here)
+  from gemscope_jax import surgery  # pylint: disable=import-outside-toplevel  (only here)
+  from gemscope_jax.surgery import steer_spec  # pylint: disable=import-outside-toplevel  (only here)
+  snapshot = (offline["hub"] / ("models--" + DICT_REPO.replace("/", "--"))
+              / "snapshots" / COMMIT)
+  tc_name = ("gemma-scope-2-270m-pt-transcoders/transcoder/"
+             "layer_9_width_16k_l0_small")
+  sources = {DICT_NAME: snapshot / DICT_FOLDER,
+             tc_name: snapshot / "transcoder/layer_9_width_16k_l0_small"}
+  assert all(p.is_dir() for p in sources.values())
+  specs = ["{sae}:1234+8@prompt", "{sae}:77=20@3:9", "{tc}:5=-2.5@generated"]
+  folder_sae = interop.load_dictionary(sources[DICT_NAME])
+  np.testing.assert_array_equal(folder_sae.w_dec, offline["sae"].w_dec)
+  for load in (steer_spec.load_steer_source,
+               cli._load_dictionary_source):  # pylint: disable=protected-access
+    got = {}
+    for how in ("name", "folder"):
+      sae, tc = ((DICT_NAME, tc_name) if how == "name"
+                 else map(str, sources.values()))
+      got[how] = steer_spec.load_interventions(
+          [s.format(sae=sae, tc=tc) for s in specs], load=load)
+    add, clamp, tc_clamp = got["name"]
+    assert isinstance(add, surgery.AddLatent) and add.coef == 8
+    (hp, _, args), = add.parts()
+    assert hp == "layer_12/resid_post"
+    np.testing.assert_array_equal(args["direction"], folder_sae.w_dec[1234])
+    assert isinstance(clamp, surgery.ClampLatents) and clamp.latents == (77,)
+    assert [p[0] for p in tc_clamp.parts()] == ["layer_9/mlp_out"]
+    assert tc_clamp.parts()[0][1].source == "layer_9/mlp_in"
+    # The same edits, argument for argument, as from the folders.
+    for a, b in zip(got["name"], got["folder"]):
+      for (hp_a, part_a, args_a), (hp_b, part_b, args_b) in zip(a.parts(),
+                                                                b.parts()):
+        assert (hp_a, part_a) == (hp_b, part_b)
+        assert sorted(args_a) == sorted(args_b)
+        for key in args_a:
+          np.testing.assert_array_equal(args_a[key], args_b[key],
+                                        err_msg=key)
+    edits_a, _ = surgery.steering_edits(got["name"])
+    edits_b, _ = surgery.steering_edits(got["folder"])
+    assert edits_a == edits_b and sorted(edits_a) == ["layer_12/resid_post",
+                                                      "layer_9/mlp_out"]
+
+
 @pytest.mark.parametrize("name, message", [
     ("gemma-scope-2-2b-pt-res/layer_1_width_16k_l0_small",
      "unknown model size '2b' (valid: 270m, 1b, 4b, 12b, 27b)"),
