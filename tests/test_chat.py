@@ -404,3 +404,52 @@ def test_lockstep_shards_leave_template_tokens_out(tok, tmp_path):
   for s in range(2):
     got = set(group.next_bucket(s)[HOOK][:, 0].astype(int))
     assert len(got) > 1 and got <= content
+
+
+def test_eval_on_conversations_leaves_template_tokens_out(tok, jsonl_files,
+                                                         tiny_params):
+  """config eval.format=chat_jsonl -> training.heldout.eval_windows ->
+  evals.evaluate: the statistics count exactly the conversations' own
+  tokens, and the MSE is numpy's over those tokens' activations."""
+  from gemscope_jax import interop  # pylint: disable=import-outside-toplevel  (only here)
+  from gemscope_jax.evals import evaluate as eval_lib  # pylint: disable=import-outside-toplevel  (only here)
+  from gemscope_jax.training import heldout  # pylint: disable=import-outside-toplevel  (only here)
+  files, convs = jsonl_files
+  e = plans.EvalPlan(text=",".join(map(str, files)), num_tokens=100_000,
+                     loss_tokens=4 * SEQ_LEN, seq_len=SEQ_LEN, batch_size=4,
+                     dense_threshold=0.1, at_end=True, format="chat_jsonl")
+  windows = heldout.eval_windows(types.SimpleNamespace(eval=e), tok)
+  want = conversations.windows_from_conversations(tok, files, SEQ_LEN)
+  np.testing.assert_array_equal(windows.tokens, want.tokens)
+  np.testing.assert_array_equal(windows.exclude, want.exclude)
+  content = sum(int((~chat.encode_chat(tok, c)[1]).sum()) for c in convs)
+  keep = windows.mask & ~windows.exclude
+  assert keep.sum() == content < windows.mask.sum()
+
+  rng = np.random.default_rng(1)
+  d, s = TINY.d_model, 24
+  sae = interop.InferenceDictionary(
+      w_enc=rng.normal(0, 0.3, (d, s)), w_dec=rng.normal(0, 0.3, (s, d)),
+      b_enc=rng.normal(0, 0.1, s), b_dec=np.zeros(d),
+      threshold=np.full(s, 0.05), hookpoint=HOOK)
+  module, params, norm_scale = interop.as_module(sae)
+  result = eval_lib.evaluate(
+      model_config=TINY, model_params=tiny_params, hookpoint=HOOK,
+      module=module, params=params, norm_scale=norm_scale, windows=windows,
+      tokenizer=tok, batch_size=e.batch_size, progress=False,
+      loss_tokens=e.loss_tokens)
+  m = result.metrics
+  assert m["num_tokens"] == content
+  assert m["num_special"] == int(windows.mask.sum()) - content
+  acts = np.asarray(models.forward(
+      tiny_params, windows.tokens, windows.mask, config=TINY,
+      hookpoints=[HOOK], logits=False).activations[HOOK], np.float64)
+
+  def mse(sel):
+    x = acts[sel]
+    return ((x - np.asarray(sae(x), np.float64)) ** 2).sum(-1).mean()
+  np.testing.assert_allclose(m["mse"], mse(keep), rtol=1e-4)
+  # What plain text's rule keeps (special ids only out) is another number.
+  text_rule = ordinary_mask(tok, windows.tokens, windows.mask)
+  assert text_rule.sum() > content
+  assert not np.isclose(m["mse"], mse(text_rule), rtol=1e-3)
