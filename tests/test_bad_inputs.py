@@ -671,3 +671,19 @@ def test_killed_dashboard_scan_resumes_to_the_same_site(world, tmp_path):
   for i in range(0, 256, 17):
     a, b = dashboards.read_latent(out, i), dashboards.read_latent(ref, i)
     assert a == b, i
+
+
+def test_eval_workdir_honours_the_dictionary_flags(world, tmp_path, capsys):
+  """`eval --workdir` with --num-tokens / --loss-tokens evaluates that many
+  tokens (the flags are the run's eval fields, not accepted and
+  ignored), and says so in metrics.json."""
+  run = tmp_path / "run"
+  shutil.copytree(world.run, run)
+  got = {}
+  for n in (256, 512):
+    assert cli.main(["eval", f"--workdir={run}", f"--num-tokens={n}",
+                     "--loss-tokens=64", "--quiet"]) == 0
+    got[n] = json.loads((run / "metrics.json").read_text())
+  capsys.readouterr()
+  assert got[256]["num_tokens"] != got[512]["num_tokens"]
+  assert 0 < got[256]["num_tokens"] <= 256 < got[512]["num_tokens"] <= 512

@@ -114,6 +114,11 @@ def test_corrupt_newest_checkpoint_falls_back(reference_run, tmp_path):
   proc = run_cli(tmp_path)
   assert "unreadable" in proc.stdout and "24" in proc.stdout
   assert "resuming from step 16" in proc.stdout
+  # One line about the damaged checkpoint, not the libraries' tracebacks.
+  said = [l for l in (proc.stdout + proc.stderr).splitlines()
+          if "24" in l and "unreadable" in l]
+  assert len(said) == 1, said
+  assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
   assert any((tmp_path / "corrupt").iterdir())  # kept, not deleted
   ref, got = exported(reference_run), exported(tmp_path)
   for k in ref:
