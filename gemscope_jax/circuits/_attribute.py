@@ -75,37 +75,41 @@ def rows_per_batch(batch_size: int, num_layers: int, num_tokens: int,
   return int(max(1, min(batch_size, _BATCH_BYTES // per_row)))
 
 
-def _feature_edges(g, w_dec, block_pos, lat, act):
-  """Edges from one layer's features to R target rows.
+def _feature_edges(g, w_dec, block_layer, block_pos, lat, act):
+  """Edges from a group of layers' features to R target rows.
 
-  g: (k, R, T, D) the rows' gradients at the k layers the features write;
-  w_dec: (S, k, D); block_pos: (B,) the position of each block of _BLOCK
-  features; lat, act: (B, _BLOCK) their latents and activations (padding
-  has act 0). Returns (R, B * _BLOCK):
-  act * sum_{k, d} g[k, r, pos, d] * w_dec[lat, k, d], one (R, k * D) x
-  (k * D, _BLOCK) product per block (R x features x k x D work).
+  g: (L, R, T, D) the rows' gradients at every layer's write site;
+  w_dec: (G, S, k, D) the decoders of the group's G layers (a latent of
+  model layer l writes layers l .. l + k - 1); per block of _BLOCK
+  features: block_layer (B,) its layer's index in w_dec, block_pos (B, 2)
+  its (model layer, position), lat and act (B, _BLOCK) its latents and
+  activations (padding has act 0). Returns (R, B * _BLOCK):
+  act * sum_{k, d} g[layer + k, r, pos, d] * w_dec[lat, k, d], one
+  (R, k * D) x (k * D, _BLOCK) product per block (R x features x k x D).
   """
-  r = g.shape[1]
+  r, d = g.shape[1], g.shape[3]
+  k = w_dec.shape[2]
 
   def block(args):
-    p, f, a = args
-    rows = jax.lax.dynamic_index_in_dim(g, p, axis=2, keepdims=False)
-    vecs = jnp.take(w_dec, f, axis=0) * a[:, None, None]  # (C, k, D)
-    return jnp.einsum("krd,ckd->rc", rows, vecs, precision=_HIGHEST)
+    i, at, f, a = args
+    rows = jax.lax.dynamic_slice(g, (at[0], 0, at[1], 0), (k, r, 1, d))
+    vecs = jnp.take(w_dec[i], f, axis=0) * a[:, None, None]  # (C, k, D)
+    return jnp.einsum("krd,ckd->rc", rows[:, :, 0], vecs,
+                      precision=_HIGHEST)
 
-  out = jax.lax.map(block, (block_pos, lat, act))      # (B, R, C)
+  out = jax.lax.map(block, (block_layer, block_pos, lat, act))  # (B, R, C)
   return jnp.swapaxes(out, 0, 1).reshape(r, -1)
 
 
 @jax.jit
-def _rows(frozen, embed, errors, b_dec, w_dec, block_pos, feat_lat, feat_act,
-          layer, pos, read_vecs, final_vecs):
+def _rows(frozen, embed, errors, b_dec, groups, layer, pos, read_vecs,
+          final_vecs):
   """Edges of a batch of R target rows (`_replacement.backward`'s
   arguments; best sorted by layer, which sets the batch's cost).
 
-  w_dec, block_pos, feat_lat, feat_act: per layer, its decoder (S, k, D)
-  and its features in blocks (`_padded_features`), or None.
-  Returns (features (R, sum of padded counts), errors (R, L * T),
+  groups: the features in blocks, per group of layers whose decoders
+  share a shape (`_Blocks`), as `_feature_edges` takes them.
+  Returns (features (R, the groups' block slots), errors (R, L * T),
   tokens (R, T), bias (R,)).
   """
   g_e, g_w = _replacement.backward(frozen, layer, pos, read_vecs,
@@ -113,13 +117,7 @@ def _rows(frozen, embed, errors, b_dec, w_dec, block_pos, feat_lat, feat_act,
   tok = jnp.einsum("rtd,td->rt", g_e, embed, precision=_HIGHEST)
   err = jnp.einsum("lrtd,ltd->rlt", g_w, errors, precision=_HIGHEST)
   bias = jnp.einsum("lrtd,ld->r", g_w, b_dec, precision=_HIGHEST)
-  feats = []
-  for l, (w, fp, fl, fa) in enumerate(zip(w_dec, block_pos, feat_lat,
-                                          feat_act)):
-    if w is None:
-      continue
-    k = w.shape[1]
-    feats.append(_feature_edges(g_w[l:l + k], w, fp, fl, fa))
+  feats = [_feature_edges(g_w, *group) for group in groups]
   feats = (jnp.concatenate(feats, axis=1) if feats
            else jnp.zeros((layer.shape[0], 0), jnp.float32))
   return feats, err.reshape(err.shape[0], -1), tok, bias
@@ -144,67 +142,86 @@ class _Blocks:
   position (each (layer, position) group padded with act-0 slots), as
   `_rows` reads them, for the prompt or for a prefix of it.
 
-  Blocks of a layer are in position order, so the blocks of a prefix
-  (positions < P) are the first ones of each layer: `for_prefix` slices
-  them, and says which column of `_rows`' output holds each feature of
-  the prefix (features at later positions have no edge into rows there).
+  Layers whose decoders share a shape (every layer of a transcoder set of
+  one width; each layer of a CLT alone, as its latents write L - l layers)
+  form one group: one stacked decoder and one loop over its blocks, so a
+  transcoder set compiles one loop instead of one per layer. `for_prefix`
+  keeps the blocks at positions < P and says which column of `_rows`'
+  output holds each feature there (features at later positions have no
+  edge into rows on that prefix).
   """
 
   def __init__(self, rep):
-    self.w_dec, self.pos, self.lat, self.act, self.slot = [], [], [], [], []
-    for l, (f_l, a_l) in enumerate(rep.features_by_layer()):
-      if not len(f_l):
-        for x in (self.w_dec, self.pos, self.lat, self.act, self.slot):
-          x.append(None)
+    shapes = {}
+    for l, w in enumerate(rep.dicts.w_dec):
+      if w is not None:
+        shapes.setdefault(tuple(w.shape), []).append(l)
+    self.groups = []      # per group: (w_dec, layer, pos, lat, act, slot)
+    feature_slot = np.zeros(len(rep.features), np.int64)
+    feature_group = np.zeros(len(rep.features), np.int64)
+    by_layer = rep.features_by_layer()
+    first_row = np.searchsorted(rep.features[:, 0],
+                                np.arange(len(by_layer)))
+    for gi, layers in enumerate(shapes.values()):
+      lay, pos_all, lat_all, act_all = [], [], [], []
+      size = 0
+      for i, l in enumerate(layers):
+        f_l, a_l = by_layer[l]
+        if not len(f_l):
+          continue
+        pos, start, count = np.unique(f_l[:, 1], return_index=True,
+                                      return_counts=True)
+        blocks = -(-count // _BLOCK)
+        first = np.concatenate([[0], np.cumsum(blocks)[:-1]]) * _BLOCK
+        # Slot of each feature: its group's first slot + its rank in it.
+        group = np.repeat(np.arange(len(pos)), count)
+        slot = first[group] + np.arange(len(f_l)) - start[group]
+        lat = np.zeros(blocks.sum() * _BLOCK, np.int32)
+        act = np.zeros(blocks.sum() * _BLOCK, np.float32)
+        lat[slot], act[slot] = f_l[:, 2], a_l
+        rows = first_row[l] + np.arange(len(f_l))
+        feature_slot[rows] = size + slot
+        feature_group[rows] = gi
+        size += len(lat)
+        lay.append(np.full(blocks.sum(), i, np.int32))
+        pos_all.append(np.stack([np.full(blocks.sum(), l),
+                                 np.repeat(pos, blocks)], 1).astype(np.int32))
+        lat_all.append(lat.reshape(-1, _BLOCK))
+        act_all.append(act.reshape(-1, _BLOCK))
+      if not lay:
         continue
-      pos, start, count = np.unique(f_l[:, 1], return_index=True,
-                                    return_counts=True)
-      blocks = -(-count // _BLOCK)
-      first = np.concatenate([[0], np.cumsum(blocks)[:-1]]) * _BLOCK
-      # Slot of each feature: its group's first slot + its rank in it.
-      group = np.repeat(np.arange(len(pos)), count)
-      slot = first[group] + np.arange(len(f_l)) - start[group]
-      lat = np.zeros(blocks.sum() * _BLOCK, np.int32)
-      act = np.zeros(blocks.sum() * _BLOCK, np.float32)
-      lat[slot], act[slot] = f_l[:, 2], a_l
-      self.w_dec.append(jnp.asarray(rep.dicts.w_dec[l], jnp.float32))
-      self.pos.append(np.repeat(pos, blocks).astype(np.int32))
-      self.lat.append(lat.reshape(-1, _BLOCK))
-      self.act.append(act.reshape(-1, _BLOCK))
-      self.slot.append(slot)
+      w_dec = jnp.asarray(np.stack([rep.dicts.w_dec[l] for l in layers]),
+                          jnp.float32)
+      self.groups.append((w_dec, *(np.concatenate(x) for x in (
+          lay, pos_all, lat_all, act_all))))
+    self.feature_slot, self.feature_group = feature_slot, feature_group
+    self.num_features = len(rep.features)
     self._cache = {}
 
   def for_prefix(self, prefix: int):
-    """((w_dec, block_pos, latents, activations) per layer, as `_rows`
-    takes them; features (indices into rep.features) with a column there;
-    their columns)."""
+    """(groups as `_rows` takes them; features (indices into
+    rep.features) with a column there; their columns)."""
     if prefix not in self._cache:
-      parts = ([], [], [], [])
-      have, cols = [], []
-      offset = start = 0
-      for l, w in enumerate(self.w_dec):
-        if w is None:
-          for x in parts:
-            x.append(None)
+      groups, have, cols = [], [], []
+      offset = 0
+      for gi, (w_dec, lay, pos, lat, act) in enumerate(self.groups):
+        keep = pos[:, 1] < prefix
+        if not keep.any():
           continue
-        nb = int(np.searchsorted(self.pos[l], prefix))
-        slot = self.slot[l]
-        inside = slot < nb * _BLOCK
-        have.append(start + np.nonzero(inside)[0])
-        cols.append(offset + slot[inside])
-        start += len(slot)
-        if nb == 0:
-          for x in parts:
-            x.append(None)
-          continue
-        for x, v in zip(parts, (w, jnp.asarray(self.pos[l][:nb]),
-                                jnp.asarray(self.lat[l][:nb]),
-                                jnp.asarray(self.act[l][:nb]))):
-          x.append(v)
-        offset += nb * _BLOCK
+        # Block j of the group -> its slot in the kept blocks' output.
+        new_block = np.cumsum(keep) - 1
+        mine = np.nonzero(self.feature_group == gi)[0]
+        block = self.feature_slot[mine] // _BLOCK
+        inside = keep[block]
+        have.append(mine[inside])
+        cols.append(offset + new_block[block[inside]] * _BLOCK
+                    + self.feature_slot[mine[inside]] % _BLOCK)
+        offset += int(keep.sum()) * _BLOCK
+        groups.append((w_dec, *(jnp.asarray(x[keep])
+                                for x in (lay, pos, lat, act))))
       cat = lambda xs: (np.concatenate(xs) if xs  # noqa: E731
                         else np.zeros(0, np.int64))
-      self._cache[prefix] = (parts, cat(have), cat(cols))
+      self._cache[prefix] = (tuple(groups), cat(have), cat(cols))
     return self._cache[prefix]
 
 
@@ -348,9 +365,9 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
           l, p, f = rep.features[row]
           layer[i], pos[i] = l, p
           read[i] = rep.dicts.w_enc[l][:, f]
-      parts, have, fcols = blocks.for_prefix(p_len)
+      groups, have, fcols = blocks.for_prefix(p_len)
       feats, err, tok, bias = _rows(
-          *on_prefix(p_len), b_dec, *parts, jnp.asarray(layer),
+          *on_prefix(p_len), b_dec, groups, jnp.asarray(layer),
           jnp.asarray(pos), jnp.asarray(read), jnp.asarray(final))
       block = buf[at + s:at + end]
       block[:, have] = np.asarray(feats)[:r, fcols]
