@@ -88,12 +88,13 @@ def _feature_edges(g, w_dec, block_layer, block_pos, lat, act):
   (R, k * D) x (k * D, _BLOCK) product per block (R x features x k x D).
   """
   r, d = g.shape[1], g.shape[3]
-  k = w_dec.shape[2]
+  n, s, k = w_dec.shape[:3]
+  flat = w_dec.reshape(n * s, k, d)  # one gather of a block's rows
 
   def block(args):
     i, at, f, a = args
     rows = jax.lax.dynamic_slice(g, (at[0], 0, at[1], 0), (k, r, 1, d))
-    vecs = jnp.take(w_dec[i], f, axis=0) * a[:, None, None]  # (C, k, D)
+    vecs = jnp.take(flat, i * s + f, axis=0) * a[:, None, None]  # (C, k, D)
     return jnp.einsum("krd,ckd->rc", rows[:, :, 0], vecs,
                       precision=_HIGHEST)
 
