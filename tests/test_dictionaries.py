@@ -94,14 +94,27 @@ def test_jump_relu_and_step_custom_vjp_closed_forms():
   np.testing.assert_allclose(g_th, np.sum(g * -(1 / eps) * rect, axis=0),
                              rtol=1e-5)
 
+  # The two-sided estimator: the mirror image reaches pre.
+  wide = 4 * eps
+  rect_wide = (np.abs((pre - th) / wide) < 0.5).astype(np.float32)
+  assert rect_wide.sum() > rect.sum()
+  out, vjp = jax.vjp(lambda p, t: jumprelu.step(p, t, eps, wide), pre, th)
+  g_pre2, g_th2 = vjp(g)
+  np.testing.assert_allclose(out, (pre > th).astype(np.float32))
+  np.testing.assert_allclose(g_pre2, g * (1 / wide) * rect_wide, rtol=1e-6)
+  np.testing.assert_array_equal(g_th2, g_th)
 
-@pytest.mark.parametrize("penalty", ["quadratic", "l0"])
-def test_jumprelu_loss_gradients_closed_form(penalty):
-  """d loss / d {threshold, w_enc, w_dec, b_enc, b_dec} derived by hand."""
+
+@pytest.mark.parametrize("penalty,preact_bandwidth", [
+    ("quadratic", 0.0), ("l0", 0.0), ("quadratic", 0.6)])
+def test_jumprelu_loss_gradients_closed_form(penalty, preact_bandwidth):
+  """d loss / d {threshold, w_enc, w_dec, b_enc, b_dec} derived by hand
+  (with `l0_preact_bandwidth` w, the penalty's d L0 / d pre =
+  rect_w / w / B joins the reconstruction's d_pre)."""
   eps, target, coeff = 0.3, 3.0, 0.7
   p, x = _random_params(threshold=(0.1, 0.5)), _x()
   module = D.JumpReLU(D_IN, D_SAE, bandwidth=eps, target_l0=target,
-                      sparsity_penalty=penalty)
+                      sparsity_penalty=penalty, l0_preact_bandwidth=preact_bandwidth)
   grads = jax.grad(lambda q: _loss(module, q, x, coeff).total)(p)
 
   xc = x - p["b_dec"]
@@ -118,6 +131,9 @@ def test_jumprelu_loss_gradients_closed_form(penalty):
   d_l0 = coeff * ((2 / target) * 2 * (l0 - target) if penalty == "quadratic"
                   else 1.0)
   d_pre = d_f * mask
+  if preact_bandwidth:
+    wide = (np.abs((pre - th) / preact_bandwidth) < 0.5).astype(np.float32)
+    d_pre = d_pre + d_l0 * wide / preact_bandwidth / B
   want = {
       "threshold": (np.sum(d_f * -(th / eps) * rect, 0)
                     + d_l0 * np.sum(-(1 / eps) * rect, 0) / B),

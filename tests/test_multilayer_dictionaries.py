@@ -325,6 +325,52 @@ def test_clt_gradients_match_hand_derivation():
                                err_msg=key)
 
 
+@pytest.mark.parametrize("preact_bandwidth", [0.0, 1.5])
+def test_clt_per_layer_l0_targets_match_hand_derivation(preact_bandwidth):
+  """`l0_targets`: sum_n (2 c / L0*_n) (L0_n - L0*_n)^2 and its gradients
+  (each layer's threshold sees its own layer's L0; with `l0_preact_bandwidth`
+  the pre-activations see it too)."""
+  p = _multi_params(7, "clt")
+  targets = (3.0, 2.0, 1.5)[:N_LAYERS]
+  assert len(targets) == N_LAYERS
+  coeff, eps = 0.3, 0.5
+  module = D.CrossLayerTranscoder(N_LAYERS, D_IN, D_SAE, bandwidth=eps,
+                                  target_l0=sum(targets), l0_targets=targets,
+                                  l0_preact_bandwidth=preact_bandwidth)
+  x = _f32(_rng(8).normal(size=(B, N_LAYERS, D_IN)))
+  t = _f32(_rng(9).normal(size=(B, N_LAYERS, D_IN)))
+  lo = _loss(module, p, x, target=t, coeff=coeff)
+  g = jax.grad(lambda q: _loss(module, q, x, target=t, coeff=coeff).total)(p)
+  pre, f, recon = _clt_numpy(p, x)
+  th = p["threshold"]
+  hard = (pre > th).astype(np.float64)
+  rect = (np.abs((pre - th) / eps) < 0.5).astype(np.float64)
+  assert rect.any()
+  l0 = hard.sum(2).mean(0)                            # (n_layers,)
+  tgt = np.asarray(targets)
+  np.testing.assert_allclose(lo.sparsity,
+                             np.sum(coeff * (2 / tgt) * (l0 - tgt) ** 2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(lo.aux["l0_per_layer"], l0, rtol=1e-6)
+  mask = np.triu(np.ones((N_LAYERS, N_LAYERS)))
+  g_r = 2 * (recon - t) / B
+  g_f = np.einsum("bod,nlod,no->bnl", g_r, p["w_dec"], mask)
+  dpen = coeff * (2 / tgt) * 2 * (l0 - tgt)           # d P / d L0_n
+  g_pre = g_f * hard
+  if preact_bandwidth:
+    wide = (np.abs((pre - th) / preact_bandwidth) < 0.5).astype(np.float64)
+    g_pre = g_pre + dpen[None, :, None] * wide / preact_bandwidth / B
+  want = {
+      "threshold": (np.sum(g_f * -(th / eps) * rect, 0)
+                    + dpen[:, None] * np.sum(-(1 / eps) * rect, 0) / B),
+      "b_enc": g_pre.sum(0),
+      "w_enc": np.einsum("bnd,bnl->ndl", x, g_pre),
+  }
+  for key, value in want.items():
+    np.testing.assert_allclose(g[key], value, rtol=1e-4, atol=1e-5,
+                               err_msg=key)
+
+
 # ------------------------------------------------------------------ causality
 
 
@@ -658,6 +704,14 @@ def test_registry_builds_new_architectures(arch, kwargs, cls, attrs):
     ("target_l0", dict(architecture="jumprelu_transcoder")),
     ("k", dict(architecture="topk_clt", n_layers=2, k=2 * D_SAE + 1)),
     ("k", dict(architecture="topk_transcoder")),
+    ("l0_targets", dict(architecture="jumprelu_clt", n_layers=2,
+                        l0_targets=(1.0,))),
+    ("l0_targets", dict(architecture="jumprelu_clt", n_layers=2,
+                        l0_targets=(1.0, float(D_SAE)))),
+    ("l0_targets", dict(architecture="topk_clt", n_layers=2, k=2,
+                        l0_targets=(1.0, 1.0))),
+    ("l0_targets", dict(architecture="jumprelu_crosscoder", n_layers=2,
+                        target_l0=1.0, l0_targets=(1.0, 1.0))),
     ("matryoshka_prefixes", dict(architecture="topk_crosscoder", k=2,
                                  n_layers=2, matryoshka_prefixes=(4, D_SAE))),
 ])

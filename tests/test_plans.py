@@ -138,3 +138,21 @@ def test_one_validation_pass_names_the_field():
                           "mesh.gemma=zero3": "config.mesh.gemma"}.items():
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
       plans.make(_config(extra=override))
+
+
+def test_clt_l0_targets_from_the_config():
+  """dictionary.l0_targets: 'even' splits target_l0 over the CLT's layers;
+  a list sets each layer's target (and the total); a wrong length, a
+  crosscoder or a bad word are refused naming the field."""
+  def dict_config(extra):
+    c = config_lib.load(f"experiments/clt_270m.py:runlocal,{extra}")
+    return plans.make(c).dictionaries[0].config
+  even = dict_config("dictionary.l0_targets=even")
+  assert even.l0_targets == (60.0,) * 4 and even.target_l0 == 240.0
+  assert dict_config("dictionary.l0_targets=[100,60,40,20]").l0_targets == (
+      100.0, 60.0, 40.0, 20.0)
+  assert dict_config("dictionary.l0_targets=[100,60,40,20]").target_l0 == 220
+  assert dict_config("dictionary.width=1024").l0_targets is None
+  for bad in ("dictionary.l0_targets=[1,2]", "dictionary.l0_targets=half"):
+    with pytest.raises(ValueError, match=r"config\.dictionary\.l0_targets"):
+      dict_config(bad)

@@ -58,8 +58,15 @@ class DictConfig:
       with the Matryoshka loss, or None.
     preact_coeff: JumpReLU pre-activation loss weight (revives silent
       latents; 0 is the published recipe).
+    l0_preact_bandwidth: JumpReLU: > 0, the L0 penalty's straight-through
+      estimator also reaches the pre-activations, with a kernel of this
+      width (`jumprelu.step`); 0: published.
     affine_skip: transcoders only: learn the affine skip `x @ w_skip`.
     n_layers: crosscoders and CLTs only (required): layers read/written.
+    l0_targets: JumpReLU CLTs only: one target L0 per layer (n_layers
+      floats), each layer's quadratic penalty on its own L0; None: one
+      penalty on the total (`target_l0`), which layers may share as they
+      like.
     causal: crosscoders only: weakly causal masks (see `Crosscoder`).
   """
 
@@ -75,9 +82,11 @@ class DictConfig:
   dtype: str = "float32"
   matryoshka_prefixes: tuple[int, ...] | None = None
   preact_coeff: float = 0.0
+  l0_preact_bandwidth: float = 0.0
   affine_skip: bool = False
   n_layers: int | None = None
   causal: bool = False
+  l0_targets: tuple[float, ...] | None = None
 
   def __post_init__(self):
     for name in ("d_in", "d_sae"):
@@ -123,6 +132,9 @@ class DictConfig:
                  f"off for transcoders; d_out={self.d_out})", self.pre_enc_bias)
     if not self.bandwidth > 0:
       raise _bad("bandwidth", "must be > 0", self.bandwidth)
+    if not self.l0_preact_bandwidth >= 0:
+      raise _bad("l0_preact_bandwidth", "must be >= 0 (0: off)",
+                 self.l0_preact_bandwidth)
     if not self.preact_coeff >= 0:
       raise _bad("preact_coeff", "must be >= 0", self.preact_coeff)
     if self.sparsity_penalty not in PENALTIES:
@@ -133,8 +145,20 @@ class DictConfig:
     if self.target_l0 is not None and not 0 < self.target_l0 < n_latents:
       raise _bad("target_l0", f"must be in (0, {n_latents}) (latents per "
                  "token)", self.target_l0)
+    if self.l0_targets is not None:
+      if arch != "jumprelu_clt" or self.sparsity_penalty != "quadratic":
+        raise _bad("l0_targets", "only for a jumprelu_clt with the quadratic "
+                   f"penalty, not {arch!r} / {self.sparsity_penalty!r}",
+                   self.l0_targets)
+      t = tuple(self.l0_targets)
+      if (len(t) != self.n_layers
+          or not all(isinstance(v, (int, float)) and 0 < v < self.d_sae
+                     for v in t)):
+        raise _bad("l0_targets", f"must be {self.n_layers} numbers in (0, "
+                   f"{self.d_sae}), one per layer", self.l0_targets)
+      object.__setattr__(self, "l0_targets", tuple(float(v) for v in t))
     if (arch.startswith("jumprelu") and self.sparsity_penalty == "quadratic"
-        and self.target_l0 is None):
+        and self.target_l0 is None and self.l0_targets is None):
       raise _bad("target_l0", "is required by sparsity_penalty='quadratic'",
                  None)
     if self.k is not None and (not isinstance(self.k, int)

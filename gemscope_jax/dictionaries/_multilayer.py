@@ -74,6 +74,7 @@ class MultiLayer(nn.Module):
   target_l0: float | None = None
   threshold_init: float = 0.001
   preact_coeff: float = 0.0
+  l0_preact_bandwidth: float = 0.0
   dtype: Any = jnp.float32
 
   unit_decoder: ClassVar[bool] = True
@@ -151,7 +152,7 @@ class MultiLayer(nn.Module):
           out.pre_acts, self.threshold, bandwidth=self.bandwidth,
           kind=self.sparsity_penalty, sparsity_coeff=sparsity_coeff,
           target_l0=self.target_l0, preact_coeff=self.preact_coeff,
-          latent_axes=axes)
+          latent_axes=axes, preact_bandwidth=self.l0_preact_bandwidth)
     l0 = jnp.mean(jnp.sum(out.latents > 0, axis=axes, dtype=jnp.float32))
     return jnp.zeros((), jnp.float32), {"l0": l0}
 
@@ -211,6 +212,7 @@ class MultiLayer(nn.Module):
                 bandwidth=config.bandwidth,
                 sparsity_penalty=config.sparsity_penalty,
                 target_l0=config.target_l0, preact_coeff=config.preact_coeff,
+                l0_preact_bandwidth=config.l0_preact_bandwidth,
                 dtype=jnp.dtype(config.dtype))
 
 

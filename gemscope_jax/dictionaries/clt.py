@@ -20,8 +20,11 @@ w_dec[n, l, n:], have unit norm.
 L0 is the total over layers: the number of latents of a token firing at any
 layer, so `target_l0` (and TopK's `k`) is a budget for the whole CLT, e.g.
 n_layers times a per-layer SAE's L0. The quadratic penalty sees that one
-total; layers may trade latents among themselves. `loss(...).aux` has
-'l0_per_layer' for monitoring.
+total; layers may trade latents among themselves (and a short run spends
+most of it on the first layers, whose latents write to every later one).
+With `l0_targets` (one per layer) each layer's L0 gets its own quadratic
+penalty instead, (2 coeff / L0*_n) (L0_n - L0*_n)^2 summed over layers.
+`loss(...).aux` has 'l0_per_layer' for monitoring.
 
 Caveat: the decoder is stored full size (about half of it the masked zero
 blocks) and computed densely; memory and FLOPs are twice what the causal
@@ -37,6 +40,7 @@ import numpy as np
 
 from gemscope_jax.dictionaries import _base
 from gemscope_jax.dictionaries import _multilayer
+from gemscope_jax.dictionaries import jumprelu as jumprelu_lib
 
 AXES = {
     "w_enc": ("layer", "embed", "latent"),
@@ -60,6 +64,7 @@ class CrossLayerTranscoder(_multilayer.MultiLayer):
   token over all layers.
   """
   latent_axes_names = ("layer", "latent")
+  l0_targets: tuple[float, ...] | None = None
 
   @property
   def latent_shape(self) -> tuple[int, ...]:
@@ -110,10 +115,31 @@ class CrossLayerTranscoder(_multilayer.MultiLayer):
                      "each layer); its input is mlp_in")
 
   def penalty(self, out: _base.DictOutput, sparsity_coeff):
-    sparsity, aux = super().penalty(out, sparsity_coeff)
+    if self.l0_targets is not None and self.activation == "jumprelu":
+      sparsity, aux = self._per_layer_penalty(out.pre_acts, sparsity_coeff)
+    else:
+      sparsity, aux = super().penalty(out, sparsity_coeff)
     fired = (out.latents != 0).astype(jnp.float32)
     per_layer = jnp.sum(fired, axis=-1).reshape(-1, self.n_layers)
     return sparsity, {**aux, "l0_per_layer": jnp.mean(per_layer, axis=0)}
+
+  def _per_layer_penalty(self, pre, sparsity_coeff):
+    """sum_n (2 coeff / L0*_n) (L0_n - L0*_n)^2 over layers n, each L0_n the
+    batch mean of the layer's straight-through count (`l0_targets`)."""
+    pre = pre.astype(jnp.float32)
+    threshold = self.threshold.astype(jnp.float32)
+    counts = jumprelu_lib.step(pre, threshold, self.bandwidth,
+                               self.l0_preact_bandwidth)
+    l0 = jnp.mean(jnp.sum(counts, axis=-1).reshape(-1, self.n_layers), 0)
+    sparsity = jnp.sum(jumprelu_lib.sparsity_penalty(
+        l0, "quadratic", sparsity_coeff,
+        jnp.asarray(self.l0_targets, jnp.float32)))
+    aux = {"l0": jnp.sum(l0)}
+    if self.preact_coeff:
+      gap = jax.nn.relu(threshold - pre)
+      aux["preact_loss"] = jnp.mean(jnp.sum(gap, axis=(-2, -1)))
+      sparsity = sparsity + self.preact_coeff * aux["preact_loss"]
+    return sparsity, aux
 
   @nn.nowrap
   def to_inference(self, params: _base.Params, norm_scale, out_norm_scale
@@ -148,4 +174,4 @@ class CrossLayerTranscoder(_multilayer.MultiLayer):
 
   @classmethod
   def from_config(cls, config) -> CrossLayerTranscoder:
-    return cls(**cls.common_kwargs(config))
+    return cls(**cls.common_kwargs(config), l0_targets=config.l0_targets)

@@ -8,7 +8,14 @@ published them:
   d H / d threshold  = -(1 / eps) * rect((pre - threshold) / eps)
   d f / d pre        = H(pre - threshold)       (the hard mask)
   d H / d pre        = 0
-where rect(u) = 1 for |u| < 1/2. The threshold is a plain fp32 parameter
+where rect(u) = 1 for |u| < 1/2. With `l0_preact_bandwidth` = eps' > 0 the
+L0 estimator also reaches the pre-activations,
+  d H / d pre = (1 / eps') * rect((pre - threshold) / eps'),
+the mirror image of its threshold gradient with a kernel of its own width:
+the penalty can then move the encoder, not only the thresholds. (With
+eps' = eps the per-token gradient, 1 / (eps * batch) on the few
+pre-activations in the window, swamps the reconstruction's: a wider
+kernel spreads the same total over more tokens.) The threshold is a plain fp32 parameter
 (init 0.001), not a log-parameter: under Adam a log-threshold freezes.
 
 `JumpReLUTranscoder` is the same module read as a transcoder (mlp_in of a
@@ -65,20 +72,28 @@ def _jump_relu_bwd(eps, res, g):
 jump_relu.defvjp(_jump_relu_fwd, _jump_relu_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def step(pre: jax.Array, threshold: jax.Array, eps: float) -> jax.Array:
-  """H(pre - threshold), with the straight-through threshold gradient."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def step(pre: jax.Array, threshold: jax.Array, eps: float,
+         preact_bandwidth: float = 0.0) -> jax.Array:
+  """H(pre - threshold), with the straight-through threshold gradient (and
+  its mirror image, of width `preact_bandwidth`, for `pre` when that is
+  > 0)."""
   return (pre > threshold).astype(pre.dtype)
 
 
-def _step_fwd(pre, threshold, eps):
-  return step(pre, threshold, eps), (pre, threshold)
+def _step_fwd(pre, threshold, eps, preact_bandwidth):
+  return step(pre, threshold, eps, preact_bandwidth), (pre, threshold)
 
 
-def _step_bwd(eps, res, g):
+def _step_bwd(eps, preact_bandwidth, res, g):
   pre, threshold = res
   g_th = g * (-(1.0 / eps) * rect_window(pre, threshold, eps))
-  return jnp.zeros_like(pre), _sum_to_latents(g_th, threshold)
+  if preact_bandwidth:
+    g_pre = g * ((1.0 / preact_bandwidth)
+                 * rect_window(pre, threshold, preact_bandwidth))
+  else:
+    g_pre = jnp.zeros_like(pre)
+  return g_pre, _sum_to_latents(g_th, threshold)
 
 
 step.defvjp(_step_fwd, _step_bwd)
@@ -101,7 +116,7 @@ def sparsity_penalty(l0: jax.Array, kind: str, sparsity_coeff,
 def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
                   kind: str, sparsity_coeff, target_l0: float | None,
                   preact_coeff: float, latent_axes: tuple[int, ...] = (-1,),
-                  per_token: bool = False
+                  per_token: bool = False, preact_bandwidth: float = 0.0
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """JumpReLU's (coeff * penalty [+ pre-activation loss], metrics).
 
@@ -116,10 +131,12 @@ def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
       quadratic form, E_t[(2/L0*)(l0_t - L0*)^2], which also penalises the
       spread of L0 over tokens) instead of to the batch-mean L0 (Gemma
       Scope 2's form, the default). The same for 'l0'.
+    preact_bandwidth: > 0: the L0 estimator's gradient also reaches `pre`,
+      with a kernel of this width (`step`).
   """
   pre = pre.astype(jnp.float32)
   threshold = threshold.astype(jnp.float32)
-  counts = step(pre, threshold, bandwidth)
+  counts = step(pre, threshold, bandwidth, preact_bandwidth)
   token_l0 = jnp.sum(counts, axis=latent_axes)
   l0 = jnp.mean(token_l0)
   if per_token:
@@ -156,6 +173,11 @@ class JumpReLU(_base.Dictionary):
       the penalty of the batch-mean L0. The trainer sets it from
       `train.l0_per_token` (the fused dense step handles only False, so the
       trainer differentiates with autodiff then).
+    l0_preact_bandwidth: > 0: the penalty's L0 estimator also passes its
+      gradient to the pre-activations, (1 / w) * rect((pre - threshold) / w)
+      with w this width (see the module docstring); 0: the published
+      estimator. Autodiff only (the dense and sparse steps implement the
+      published one).
   """
   bandwidth: float = 0.001
   sparsity_penalty: str = "quadratic"
@@ -163,6 +185,7 @@ class JumpReLU(_base.Dictionary):
   threshold_init: float = 0.001
   preact_coeff: float = 0.0
   l0_per_token: bool = False
+  l0_preact_bandwidth: float = 0.0
 
   def setup(self):
     super().setup()
@@ -182,7 +205,7 @@ class JumpReLU(_base.Dictionary):
         out.pre_acts, self.threshold, bandwidth=self.bandwidth,
         kind=self.sparsity_penalty, sparsity_coeff=sparsity_coeff,
         target_l0=self.target_l0, preact_coeff=self.preact_coeff,
-        per_token=self.l0_per_token)
+        per_token=self.l0_per_token, preact_bandwidth=self.l0_preact_bandwidth)
 
   @nn.nowrap
   def to_inference(self, params: _base.Params, norm_scale,
@@ -198,7 +221,8 @@ class JumpReLU(_base.Dictionary):
                pre_enc_bias=config.pre_enc_bias, dtype=jnp.dtype(config.dtype),
                bandwidth=config.bandwidth,
                sparsity_penalty=config.sparsity_penalty,
-               target_l0=config.target_l0, preact_coeff=config.preact_coeff)
+               target_l0=config.target_l0, preact_coeff=config.preact_coeff,
+               l0_preact_bandwidth=config.l0_preact_bandwidth)
 
 
 class JumpReLUTranscoder(JumpReLU):
@@ -219,7 +243,8 @@ class JumpReLUTranscoder(JumpReLU):
                affine_skip=config.affine_skip, dtype=jnp.dtype(config.dtype),
                bandwidth=config.bandwidth,
                sparsity_penalty=config.sparsity_penalty,
-               target_l0=config.target_l0, preact_coeff=config.preact_coeff)
+               target_l0=config.target_l0, preact_coeff=config.preact_coeff,
+               l0_preact_bandwidth=config.l0_preact_bandwidth)
 
 
 def to_inference(params: _base.Params, norm_scale, *, pre_enc_bias: bool = True,

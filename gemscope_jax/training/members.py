@@ -72,14 +72,27 @@ def dict_config(c: ml_collections.ConfigDict, lay: layout_lib.Layout,
   """The `DictConfig` of `c.dictionary` over `lay`'s widths in `mc`."""
   d_in, d_out = lay.widths(mc)
   d = c.dictionary
+  n_layers = len(lay.inputs) if lay.multilayer else None
+  targets, target_l0 = d.get("l0_targets"), d.target_l0
+  if isinstance(targets, str):
+    if targets != "even":
+      raise ValueError(f"DictConfig.l0_targets: 'even' or one number per "
+                       f"layer, got {targets!r}")
+    # The total target_l0 split evenly over the layers.
+    targets = (None if n_layers is None or target_l0 is None
+               else (target_l0 / n_layers,) * n_layers)
+  elif targets is not None:
+    targets = tuple(targets)
+    target_l0 = float(sum(targets))  # the total they add up to
   return dictionaries.DictConfig(
       d_in=d_in, d_sae=d.width, architecture=d.architecture,
-      d_out=None if d_out == d_in else d_out,
-      bandwidth=d.bandwidth, target_l0=d.target_l0, k=d.k,
+      d_out=None if d_out == d_in else d_out, l0_targets=targets,
+      bandwidth=d.bandwidth, target_l0=target_l0, k=d.k,
       sparsity_penalty=d.sparsity_penalty, dtype=d.dtype,
       matryoshka_prefixes=d.matryoshka_prefixes,
       preact_coeff=d.preact_coeff, affine_skip=bool(d.affine_skip),
-      n_layers=len(lay.inputs) if lay.multilayer else None,
+      l0_preact_bandwidth=float(d.l0_preact_bandwidth),
+      n_layers=n_layers,
       causal=bool(d.causal))
 
 

@@ -76,6 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
       bandwidth=0.001,          # JumpReLU STE kernel width (normalised units)
       sparsity_penalty="quadratic",  # JumpReLU: quadratic (GS2) or l0 (GS1)
       preact_coeff=3e-6,        # JumpReLU pre-activation loss (0: published)
+      # JumpReLU: > 0, the L0 penalty's estimator also moves the
+      # pre-activations with a kernel this wide (0: published, thresholds
+      # only).
+      l0_preact_bandwidth=0.0,
       dtype="float32",
       matryoshka_prefixes=config_dict.placeholder(tuple),
       affine_skip=False,        # transcoders: learn x @ w_skip as well
@@ -84,6 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
       # mlp_in -> mlp_out (CLT) at each.
       layers=config_dict.placeholder(object),
       causal=False,             # crosscoders: weakly causal masks
+      # JumpReLU CLTs: per-layer L0 targets, each with its own quadratic
+      # penalty: 'even' (target_l0 split evenly) or one number per layer;
+      # None: one penalty on the total target_l0 (layers share it freely).
+      l0_targets=config_dict.placeholder(object),
   ))
   c.train = ml_collections.ConfigDict(dict(
       num_tokens=614_400,       # activations seen in training

@@ -53,10 +53,12 @@ _TOPK = (topk_lib.TopK, topk_lib.TopKTranscoder)
 
 def supported(module) -> bool:
   """Whether `loss_and_grads` handles this module (else use autodiff)."""
-  # The per-token L0 penalty (SAELens's form) is left to autodiff.
+  # The per-token L0 penalty (SAELens's form) and the L0 estimator's
+  # pre-activation gradient are left to autodiff.
   return (type(module) in _JUMPRELU + _TOPK  # pylint: disable=unidiomatic-typecheck
           and jnp.dtype(module.dtype) == jnp.float32
-          and not getattr(module, "l0_per_token", False))
+          and not getattr(module, "l0_per_token", False)
+          and not getattr(module, "l0_preact_bandwidth", 0.0))
 
 
 class _Matmuls:
