@@ -32,9 +32,9 @@ active feature as a node up to --all-features-up-to tokens (default 6: at
 per batch of 64 rows there, would need about 5 hours).
 
 Notes:
-  - attr s is the attribute call alone (ours includes its JAX compiles, as a
-    user's single call does: about 20 s of "setup_and_logit_rows" at 6
-    tokens); wall s is the whole child (interpreter start, model load:
+  - attr s is the attribute call alone (ours includes its JAX compiles and
+    tracing, as a user's single call does: about 5 of a first call's 7-10 s
+    at 6 tokens); wall s is the whole child (interpreter start, model load:
     5-15 s). time x and mem x = anchor / ours, of attr s and of peak GB.
   - the anchor's forward pass runs the prompt as batch-size rows and keeps
     the full logits, (batch, T, 262144) float32: 4.3 GB at 64 x 64, 17 GB
@@ -46,7 +46,8 @@ Notes:
     dir, not removed).
 
 Validated (2 cores shared with the test suite, 2026-11-29, commit
-b723856 and after: the hand-written backward pass, --lengths 6,64
+c4300ea: prefix buckets, one feature-edge loop per decoder shape, partial
+influence in the computed rows' dimensions, freeze at -O0; --lengths 6,64
 --workdir /tmp/cvct --repeat 2). call 1 is the first attribute call in a
 fresh process with an empty XLA compile cache (ours pays every compile
 there), call 2 the same prompt again in that process, "cached" a fresh
@@ -54,44 +55,45 @@ process that finds its programs in the compile cache call 1 filled (as a
 second `gemscope attribute` run does); its time x is the anchor's call 1
 over it:
     side       call tokens         features   attr s   wall s  peak GB  time x  mem x
-    ours          1      6     500/8658         12.4     20.3     1.86    1.00   1.00
-    ours          2      6     500/8658          3.0     20.3     1.94    1.00   1.00
-    ours     cached      6     500/8658          6.1      9.5     1.81    3.22   1.27
-    anchor        1      6     500/8658         19.5     51.9     2.30    1.57   1.23
-    anchor        2      6     500/8658         19.8     51.9     2.31    6.70   1.19
-    ours          1      6    8658/8658         54.4     93.2     2.34    1.00   1.00
-    ours          2      6    8658/8658         34.1     93.2     2.72    1.00   1.00
-    ours     cached      6    8658/8658         39.8     43.1     2.32    3.38   1.07
-    anchor        1      6    8658/8658        134.8    282.8     2.48    2.48   1.06
-    anchor        2      6    8658/8658        134.9    282.8     2.80    3.96   1.03
-    ours          1     64     500/86688        30.0     47.0     2.74    1.00   1.00
-    ours          2     64     500/86688        13.6     47.0     2.88    1.00   1.00
-    ours     cached     64     500/86688        18.7     21.4     2.56    3.78   3.07
-    anchor        1     64     500/86688        70.9    147.3     7.85    2.36   2.86
-    anchor        2     64     500/86688        66.6    147.3     8.32    4.90   2.89
-  Ours' first call at 6 tokens is mostly XLA compiling (the clean pass
-  about 4 s, each batch size of `_rows` about 2 s, tracing 1.5 s): the
-  compile cache takes it from 12.4 to 6.1 s. The anchor's own times vary
-  with the load beside it: the run before (shared with a training job)
-  measured 18.6 / 264 / 151 s for its three first calls.
+    ours          1      6     500/8658         10.2     17.7     1.88    1.00   1.00
+    ours          2      6     500/8658          2.4     17.7     1.96    1.00   1.00
+    ours     cached      6     500/8658          6.3      9.3     1.87    2.98   1.23
+    anchor        1      6     500/8658         18.7     49.8     2.29    1.84   1.22
+    anchor        2      6     500/8658         20.2     49.8     2.32    8.34   1.18
+    ours          1      6    8658/8658         44.1     82.7     2.34    1.00   1.00
+    ours          2      6    8658/8658         34.5     82.7     2.67    1.00   1.00
+    ours     cached      6    8658/8658         35.0     38.4     2.31    4.00   1.08
+    anchor        1      6    8658/8658        139.9    288.8     2.50    3.17   1.07
+    anchor        2      6    8658/8658        136.7    288.8     2.83    3.96   1.06
+    ours          1     64     500/86688        19.3     35.0     2.41    1.00   1.00
+    ours          2     64     500/86688        11.6     35.0     2.52    1.00   1.00
+    ours     cached     64     500/86688        16.7     20.7     2.40    4.99   3.18
+    anchor        1     64     500/86688        83.4    179.0     7.63    4.32   3.17
+    anchor        2     64     500/86688        82.7    179.0     7.88    7.16   3.13
+  Ours' first call at 6 tokens is mostly compiling and tracing (quiet
+  machine, in process: the clean pass traces in 1.0 s and compiles in
+  1.6 s, `_rows` compiles in 1.2 s, of a 6.9 s call whose second run
+  takes 1.4 s); under the suite's load it is 10.2 s, 1.8x the anchor's.
 
   256 tokens (--lengths 256 --all-features-up-to 0 --batch-size 16
-  --repeat 1, same day, 2 cores shared with the test suite, which the
-  anchor's 9.7 GB then pushed out of memory):
+  --repeat 1, same commit, quiet machine: the anchor needs 9.6 GB):
     side       call tokens         features   attr s   wall s  peak GB  time x  mem x
-    ours          1    256     500/294527      110.8    115.1     3.73    1.00   1.00
-    ours     cached    256     500/294527      132.1    135.4     3.62    1.23   2.68
-    anchor        1    256     500/294527      162.1    176.0     9.70    1.46   2.60
-  At 256 tokens both sides are bound by the same dense backward pass
-  (per batch of 16 rows: the w_o, skip and value products, about 5 GMAC
-  a layer, and the attention transpose, 1 GMAC a layer), and both skip
-  the layers above a row: ours is 1.46x, short of 3x. What is left is
-  the positions after each row's own, which a batch of rows sorted by
-  (layer, position) could leave out (a prompt prefix per batch). Peak
-  memory grows linearly with prompt length on our side (1.86, 2.74,
-  3.73 GB at 6, 64, 256 tokens; rows per batch shrink with length), the
-  anchor's with its batch x tokens x vocabulary logits (2.30, 7.85 GB
-  at batch 64; 9.70 GB at batch 16 and 256 tokens).
+    ours          1    256     500/294528       43.6     47.6     3.70    1.00   1.00
+    ours     cached    256     500/294528       41.9     44.5     3.67    2.44   2.62
+    anchor        1    256     500/294527      102.1    115.2     9.62    2.34   2.60
+  (one feature more is active on our side: a pre-activation at its
+  threshold rounds differently). In process, a second call takes 32 s:
+  20 s of backward passes (41 batches on prefixes of 64, 128 and 256
+  tokens), 6 s of re-ranking by partial influence, 3.5 s of clean pass.
+  Peak memory grows linearly with prompt length on our side (1.88, 2.41,
+  3.70 GB at 6, 64, 256 tokens), the anchor's with its batch x tokens x
+  vocabulary logits (2.29, 7.63 GB at batch 64; 9.62 GB at batch 16 and
+  256 tokens).
+
+  The run before this one (commit b723856, same conditions): 6 tokens
+  12.4 / 3.0 / 6.1 s against 19.5 s, every feature 54.4 / 34.1 / 39.8 s
+  against 134.8 s, 64 tokens 30.0 / 13.6 / 18.7 s against 70.9 s, 256
+  tokens 110.8 s against 162.1 s (1.5x).
 
   Before the hand-written backward pass (commit 41aa2a7, `jax.vjp` of the
   linear model `vmap`ped over rows, every layer for every row; 2 cores
