@@ -157,7 +157,7 @@ class _Blocks:
     for l, w in enumerate(rep.dicts.w_dec):
       if w is not None:
         shapes.setdefault(tuple(w.shape), []).append(l)
-    self.groups = []      # per group: (w_dec, layer, pos, lat, act, slot)
+    self.groups = []  # per group: (w_dec, block_layer, block_pos, lat, act)
     feature_slot = np.zeros(len(rep.features), np.int64)
     feature_group = np.zeros(len(rep.features), np.int64)
     by_layer = rep.features_by_layer()
@@ -196,7 +196,6 @@ class _Blocks:
       self.groups.append((w_dec, *(np.concatenate(x) for x in (
           lay, pos_all, lat_all, act_all))))
     self.feature_slot, self.feature_group = feature_slot, feature_group
-    self.num_features = len(rep.features)
     self._cache = {}
 
   def for_prefix(self, prefix: int):
@@ -349,8 +348,9 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
     while s < len(rows):
       p_len = int(prefix[s])
       cap = rows_per_batch(batch_size, L, p_len, D)
-      end = min(s + cap, s + int(np.argmax(prefix[s:] != p_len))
-                if (prefix[s:] != p_len).any() else len(rows))
+      # This bucket's rows end where another bucket's start.
+      other = np.flatnonzero(prefix[s:] != p_len)
+      end = min(s + cap, s + int(other[0]) if len(other) else len(rows))
       chunk = rows[s:end]
       r = len(chunk)
       size = _padded_size(r, cap, p_len)
