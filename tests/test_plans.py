@@ -156,3 +156,17 @@ def test_clt_l0_targets_from_the_config():
   for bad in ("dictionary.l0_targets=[1,2]", "dictionary.l0_targets=half"):
     with pytest.raises(ValueError, match=r"config\.dictionary\.l0_targets"):
       dict_config(bad)
+
+
+def test_l0_preact_bandwidth_needs_jumprelu_and_an_autodiff_step():
+  """The option runs on autodiff: the sparse step and TopK are refused
+  naming the field; with the dense step the trainer falls back."""
+  for extra in ("dictionary.l0_preact_bandwidth=0.1,train.step=sparse",
+                "dictionary.l0_preact_bandwidth=0.1,arch=topk,k=8"):
+    with pytest.raises(ValueError,
+                       match=r"config\.dictionary\.l0_preact_bandwidth"):
+      plans.make(_config(extra=extra))
+  with pytest.raises(ValueError, match=r"l0_preact_bandwidth"):
+    plans.make(_config(extra="dictionary.l0_preact_bandwidth=-1.0"))
+  plan = plans.make(_config(extra="dictionary.l0_preact_bandwidth=0.1"))
+  assert plan.dictionaries[0].config.l0_preact_bandwidth == 0.1

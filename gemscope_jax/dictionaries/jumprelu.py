@@ -12,11 +12,13 @@ where rect(u) = 1 for |u| < 1/2. With `l0_preact_bandwidth` = eps' > 0 the
 L0 estimator also reaches the pre-activations,
   d H / d pre = (1 / eps') * rect((pre - threshold) / eps'),
 the mirror image of its threshold gradient with a kernel of its own width:
-the penalty can then move the encoder, not only the thresholds. (With
-eps' = eps the per-token gradient, 1 / (eps * batch) on the few
-pre-activations in the window, swamps the reconstruction's: a wider
-kernel spreads the same total over more tokens.) The threshold is a plain fp32 parameter
-(init 0.001), not a log-parameter: under Adam a log-threshold freezes.
+the penalty can then move the encoder, not only the thresholds. An
+experiment, off by default: on the layer-6 transcoder's `runlocal` run
+every width tried (0.001, 0.05, 0.3) reached the L0 target but left FVU
+near 1 (README, "Transcoders, crosscoders and CLTs").
+
+The threshold is a plain fp32 parameter (init 0.001), not a
+log-parameter: under Adam a log-threshold freezes.
 
 `JumpReLUTranscoder` is the same module read as a transcoder (mlp_in of a
 layer -> its mlp_out): no pre-encoder bias, input and target each divided by

@@ -119,8 +119,8 @@ def validate(c: ml_collections.ConfigDict
         "train.l0_per_token", "needs a jumprelu SAE or transcoder without "
         "matryoshka_prefixes and train.step 'dense' or 'autodiff'",
         t.l0_per_token)
-  _need(not d.get("l0_preact_bandwidth") or (d.architecture.startswith("jumprelu")
-                                        and t.step != "sparse"),
+  _need(not d.get("l0_preact_bandwidth")
+        or (d.architecture.startswith("jumprelu") and t.step != "sparse"),
         "dictionary.l0_preact_bandwidth", "needs a jumprelu architecture and "
         "train.step 'dense' or 'autodiff' (it runs on autodiff)",
         d.get("l0_preact_bandwidth"))
