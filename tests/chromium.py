@@ -37,6 +37,12 @@ def find_binary() -> str | None:
   return None
 
 
+# What Chromium answers an evaluation that lands while the page navigates.
+_NAVIGATING = ("Inspected target navigated or closed",
+               "Cannot find context with specified id",
+               "Execution context was destroyed")
+
+
 class Chromium:
   """Headless Chromium over the DevTools protocol on a pipe (fd 3 in,
   fd 4 out, messages ended by NUL): one page, its console errors kept
@@ -132,8 +138,14 @@ class Chromium:
     """Polls until `expression` is truthy in the page."""
     deadline = time.monotonic() + timeout
     while True:
-      if self.eval(f"!!({expression})"):
-        return
+      try:
+        if self.eval(f"!!({expression})"):
+          return
+      except RuntimeError as e:
+        # A page that is navigating has no context to evaluate in for a
+        # moment: poll again rather than fail (anything else still raises).
+        if not any(m in str(e) for m in _NAVIGATING):
+          raise
       if time.monotonic() > deadline:
         raise TimeoutError(f"waited {timeout} s for {expression}")
       time.sleep(0.03)
