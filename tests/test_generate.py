@@ -120,6 +120,40 @@ def test_sampler_closed_forms():
     generate.Sampling(1.0, top_p=0)
 
 
+def test_greedy_argmax_equals_numpys():
+  rng = np.random.default_rng(4)
+  for v in (262144, 1000, 513, 97, 7):
+    logits = rng.normal(size=(7, v)).astype(np.float32)
+    logits[1] = 0  # all tied: the first index
+    logits[2, [v // 3, v - 1]] = 50  # a tie across chunks
+    logits[3] = -np.inf
+    logits[4, v // 2] = np.nan  # NaN counts as the largest
+    logits[5, [1, v - 1]] = np.inf
+    logits[6, v - 1] = 50  # the largest in the padded last chunk
+    got = jax.jit(generate.sampling.argmax)(jnp.asarray(logits))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.argmax(logits, -1), err_msg=v)
+    np.testing.assert_array_equal(
+        generate.sample(jnp.asarray(logits), jax.random.key(0),
+                        generate.GREEDY), np.argmax(logits, -1))
+
+
+def test_bfloat16_cache_logits_equal_forward(tiny_params):
+  # bfloat16 decodes through other kernels than a forward over many rows
+  # (the unembedding of a few rows, the embedding gather behind barriers).
+  rows = _prompts(np.random.default_rng(5), (5, 11))
+  g = generate.generate(tiny_params, rows, config=TINY, max_new_tokens=24,
+                        stop_tokens=(), return_logits=True,
+                        dtype=jnp.bfloat16)
+  for r, t, lg in zip(rows, g.tokens, g.logits):
+    full = np.concatenate([r, t])[None]
+    ref = models.forward(tiny_params, full, config=TINY, dtype=jnp.bfloat16)
+    want = np.asarray(ref.logits[0, len(r) - 1:-1], np.float32)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(lg, want, atol=0.02 * scale)
+    np.testing.assert_array_equal(t, np.asarray(lg).argmax(-1))
+
+
 def test_sampling_is_reproducible_from_its_key(tiny_params):
   rows = _prompts(np.random.default_rng(4), (4, 7))
   rule = generate.Sampling(temperature=1.0, top_k=20)

@@ -48,7 +48,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """(B,) int32 next tokens from (B, V) logits."""
   logits = logits.astype(jnp.float32)
   if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   logits = logits / sampling.temperature
   if sampling.top_k is not None:
     k = min(sampling.top_k, logits.shape[-1])
@@ -66,6 +66,27 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(
         jnp.int32)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def argmax(logits: jax.Array, chunk: int = 512) -> jax.Array:
+  """(B,) int32: the first index of each row's largest value, NaN counting
+  as +inf (so `jnp.argmax(logits, -1)` on every row without NaN).
+
+  XLA's CPU argmax is one (value, index) reduction over all V = 262,144
+  columns, about 1 ms per row per token; the largest value of each chunk of
+  columns (a plain max), then the argmax inside the first chunk holding the
+  overall largest, is about 20x faster.
+  """
+  b, v = logits.shape
+  logits = jnp.where(jnp.isnan(logits), jnp.inf, logits)
+  pad = -v % chunk
+  if pad:
+    logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  blocks = logits.reshape(b, -1, chunk)
+  best = jnp.argmax(blocks.max(axis=-1), axis=-1)
+  inside = jnp.argmax(
+      jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0], axis=-1)
+  return (best * chunk + inside).astype(jnp.int32)
 
 
 def _nucleus(sorted_logits: jax.Array, top_p: float | None) -> jax.Array:
