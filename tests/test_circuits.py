@@ -344,12 +344,13 @@ def test_partial_influence_is_the_influence_through_computed_rows():
   b = _prune.normalize(square)
   closed = weights @ (np.linalg.inv(np.eye(n) - b) - np.eye(n))
   got = _attribute._partial_influence(matrix, row_node, weights, chunk=32)
-  np.testing.assert_allclose(got, closed, rtol=1e-9, atol=1e-12)
+  # The last pass over the rows is float32 (it only ranks features).
+  np.testing.assert_allclose(got, closed, rtol=2e-6, atol=1e-9)
   assert (got[row_node[5:]] > 0).any()
   sums = np.abs(matrix.astype(np.float64)).sum(axis=1)  # the caller's sums
   np.testing.assert_allclose(
       _attribute._partial_influence(matrix, row_node, weights, sums), got,
-      rtol=1e-12)
+      rtol=1e-6)
 
 
 def test_save_load_and_json(case, tmp_path):

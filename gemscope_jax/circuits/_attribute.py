@@ -377,7 +377,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
         block[:, n_act + l * T:n_act + l * T + p_len] = err[:, l]
       block[:, n_act + n_err:n_act + n_err + p_len] = np.asarray(tok)[:r]
       buf_bias[at + s:at + end] = np.asarray(bias)[:r]
-      buf_sums[at + s:at + end] = np.abs(block.astype(np.float64)).sum(1)
+      buf_sums[at + s:at + end] = np.abs(block).sum(1, dtype=np.float64)
       s = end
 
   run(np.arange(-1, -1 - n_log, -1), 0)
@@ -474,7 +474,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
 
 def _partial_influence(matrix: np.ndarray, row_node: np.ndarray,
                        weights: np.ndarray, row_sums: np.ndarray | None = None,
-                       chunk: int = 256, max_iter: int = 10_000
+                       chunk: int = 64, max_iter: int = 10_000
                        ) -> np.ndarray:
   """circuit-tracer's partial influence: influence through the rows
   computed so far (`matrix` (R, n_cols), row i standing for node
@@ -492,7 +492,7 @@ def _partial_influence(matrix: np.ndarray, row_node: np.ndarray,
   matrix = matrix[:len(row_node)]
   if row_sums is None:
     row_sums = np.concatenate([
-        np.abs(matrix[i:i + chunk].astype(np.float64)).sum(axis=1)
+        np.abs(matrix[i:i + chunk]).sum(axis=1, dtype=np.float64)
         for i in range(0, len(matrix), chunk)] or [np.zeros(0)])
   inv = 1.0 / np.maximum(row_sums[:len(row_node)], 1e-10)
   square = np.abs(matrix[:, row_node].astype(np.float64)) * inv[:, None]
@@ -505,9 +505,12 @@ def _partial_influence(matrix: np.ndarray, row_node: np.ndarray,
     acc += z
   else:
     raise RuntimeError("partial influence: no convergence")
-  scaled = acc * inv
+  # The pass over `matrix` is float32 (a BLAS matrix-vector product per
+  # slice, no float64 copy of it): the totals only rank features, and the
+  # pass is most of a ranking's time on long prompts (measured at 256
+  # tokens, 295k active features: 0.55 s -> 0.15 s per ranking).
+  scaled = (acc * inv).astype(np.float32)
   total = np.zeros(matrix.shape[1])
   for i in range(0, len(matrix), chunk):
-    total += scaled[i:i + chunk] @ np.abs(
-        matrix[i:i + chunk].astype(np.float64))
+    total += scaled[i:i + chunk] @ np.abs(matrix[i:i + chunk])
   return total
