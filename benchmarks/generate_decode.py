@@ -80,7 +80,18 @@ def worker_ours(dtype_name: str, batch: int, repeats: int) -> dict:
                           max_new_tokens=NEW, stop_tokens=(), dtype=dtype)
     assert all(len(t) == NEW for t in g.tokens)
 
+  # The floor of a decode step: reading every weight once (what a step of
+  # any implementation must do at batch 1), as one jitted sum per array.
+  read_all = jax.jit(lambda p: sum(jnp.sum(x, dtype=jnp.float32)
+                                   for x in jax.tree.leaves(p)))
+
+  def read_weights():
+    jax.block_until_ready(read_all(params))
+
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   return {"prefill": best(prefill, repeats), "whole": best(whole, repeats),
+          "read_weights": best(read_weights, 3 * repeats),
+          "weight_bytes": weight_bytes,
           "cache_bytes": models.cache_bytes(config, batch, length, dtype),
           "cache_length": length}
 
@@ -155,7 +166,9 @@ def main() -> None:
           new = run_worker(framework, dtype, batch, args.repeats)
           key = f"{framework}/{dtype}/{batch}"
           old = results.setdefault(key, new)
-          for k in ("prefill", "whole"):
+          for k in ("prefill", "whole", "read_weights"):
+            if k not in new:
+              continue
             old[k] = min(old[k], new[k])
           old["peak_rss_gib"] = max(old["peak_rss_gib"], new["peak_rss_gib"])
 
@@ -176,6 +189,17 @@ def main() -> None:
                   for x in (hf, ours))
         print(f"{dtype:<9} {batch:>5} {work:<8} {a:>13,.0f} {b:>9,.0f} "
               f"{b / a:>5.2f}x")
+  print("\nthe floor of a decode step at batch 1: reading every weight once"
+        " (a jitted sum, this machine, this run):")
+  for dtype in dtypes:
+    ours = results[f"ours/{dtype}/{batches[0]}"]
+    hf = results[f"hf/{dtype}/{batches[0]}"]
+    floor = ours["read_weights"]
+    hf_step = (hf["whole"] - hf["prefill"]) / NEW
+    print(f"  {dtype}: {ours['weight_bytes'] / 2**30:.2f} GiB in "
+          f"{floor * 1e3:.1f} ms ({ours['weight_bytes'] / floor / 1e9:.0f} "
+          f"GB/s): at most {1 / floor:.0f} tokens/s, "
+          f"{hf_step / floor:.2f}x transformers' step")
   print("\npeak RSS (GiB, weights included) and our KV cache by formula:")
   for dtype in dtypes:
     for batch in batches:
