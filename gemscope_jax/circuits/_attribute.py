@@ -302,8 +302,11 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   budget = n_act if max_feature_nodes is None else min(max_feature_nodes,
                                                        n_act)
 
-  emb = rep.embedding
-  demeaned = np.asarray(emb[jnp.asarray(logit_ids)] - emb.mean(axis=0))
+  # On the host: as eager jnp ops each of these compiles a program first
+  # (about half a second of a short prompt's first call).
+  emb = np.asarray(rep.embedding)
+  demeaned = emb[logit_ids] - emb.mean(axis=0, dtype=np.float64).astype(
+      np.float32)
   D = config.d_model
   # Rows per batch on the whole prompt; batches on a shorter prefix hold
   # more (`rows_per_batch` of their prefix), up to batch_size.

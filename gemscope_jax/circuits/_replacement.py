@@ -166,13 +166,48 @@ def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
   """
   c = config
   L, T = c.num_layers, len(tokens)
-  names = [f"layer_{l}/{s}" for l in range(L) for s in _SITES]
   tokens = jnp.asarray(tokens, jnp.int32)
-  out = models.forward(params, tokens[None],
-                       config=c, hookpoints=names, loss=False)
-  rec = {s: jnp.stack([out.activations[f"layer_{l}/{s}"][0]
-                       for l in range(L)]).astype(jnp.float32)
-         for s in _SITES}
+  positions = jnp.arange(T)[None]
+  masks = _transformer.attention_masks(c, jnp.ones((1, T), bool))
+  kinds = [c.attention_kind(l) for l in range(L)]
+  tables = {k: _modules.rope_table(positions, c.head_dim,
+                                   *c.rope(kinds.index(k)), T)
+            for k in dict.fromkeys(kinds)}  # first-seen order: a stable program
+  sin = jnp.stack([tables[k][0][0] for k in kinds])     # (L, T, 1, H/2)
+  cos = jnp.stack([tables[k][1][0] for k in kinds])
+  allowed = jnp.stack([masks[k][0] for k in kinds])     # (L, T, S)
+
+  # The clean pass: the model's own Block, one layer at a time in a scan
+  # over the stacked layer weights (the layers differ only in the mask and
+  # RoPE table they are given), recording every site. Tracing and compiling
+  # one block instead of L unrolled ones is most of a short prompt's first
+  # call (measured on the 270M at 6 tokens, cores shared: tracing 1.1 ->
+  # 0.2 s, compiling 2.3 -> 1.0 s).
+  block = _modules.Block(c, 0, jnp.float32)
+  layers = jax.tree.map(lambda *w: jnp.stack(w),
+                        *[params[f"layer_{l}"] for l in range(L)])
+
+  def one_layer(x, per_layer):
+    weights, sin_l, cos_l, allowed_l = per_layer
+    seen = {}
+
+    def record(site, value):
+      seen[site] = value
+      return value
+
+    x = block.apply({"params": weights}, x, (sin_l[None], cos_l[None]),
+                    allowed_l[None], record)
+    return x, tuple(seen[s][0].astype(jnp.float32) for s in _SITES)
+
+  embedder = _transformer.Embedder(c.vocab_size, c.d_model)
+  x = embedder.apply({"params": params["embedder"]}, tokens[None],
+                     method="encode")
+  x, sites = jax.lax.scan(one_layer, x, (layers, sin, cos, allowed))
+  rec = dict(zip(_SITES, sites))
+  final = _modules.RMSNorm(c.norm_eps).apply(
+      {"params": params["final_norm"]}, x[:, -1:])
+  last_logits = embedder.apply({"params": params["embedder"]}, final,
+                               method="decode")[0, -1]
   p = [params[f"layer_{l}"] for l in range(L)]
   # Per-layer weights stacked on a leading layer axis, so that the
   # coefficients below are one vectorised program, not L unrolled copies.
@@ -191,16 +226,6 @@ def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
   last = rec["resid_mid"][-1, -1] + rec["mlp_out"][-1, -1]
   g_final = _inv_rms(last, eps) * (
       1.0 + jnp.asarray(params["final_norm"]["scale"], jnp.float32))
-
-  positions = jnp.arange(T)[None]
-  masks = _transformer.attention_masks(c, jnp.ones((1, T), bool))
-  kinds = [c.attention_kind(l) for l in range(L)]
-  tables = {k: _modules.rope_table(positions, c.head_dim,
-                                   *c.rope(kinds.index(k)), T)
-            for k in dict.fromkeys(kinds)}  # first-seen order: a stable program
-  sin = jnp.stack([tables[k][0][0] for k in kinds])     # (L, T, 1, H/2)
-  cos = jnp.stack([tables[k][1][0] for k in kinds])
-  allowed = jnp.stack([masks[k][0] for k in kinds])     # (L, T, S)
 
   def pattern(x, w_q, w_k, q_scale, k_scale, sin, cos, allowed):
     q = jnp.einsum("td,ndh->tnh", x, w_q, precision=_HIGHEST)
@@ -226,7 +251,7 @@ def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
   embed = jnp.asarray(params["embedder"]["input_embedding"], jnp.float32)
   clean = {"embed": embed[tokens] * jnp.float32(c.embed_scale),
            "mlp_in": rec["mlp_in"], "mlp_out": rec["mlp_out"],
-           "logits": out.logits[0, -1].astype(jnp.float32)}
+           "logits": last_logits.astype(jnp.float32)}
   return frozen, clean
 
 
