@@ -227,6 +227,50 @@ def test_prefix_buckets_give_the_same_graph(case, tiny, budget, monkeypatch):
   np.testing.assert_allclose(cut.bias, whole.bias, atol=1e-6)
 
 
+# Prompts of one length; with blocks of 4 features, their feature blocks
+# number differently but fall in the same buckets (see the test).
+_SAME_LENGTH = ([2, 5, 17, 33, 8, 61, 40], [2, 5, 17, 9, 34, 61, 40],
+                [2, 7, 17, 33, 8, 60, 41], [2, 50, 51, 52, 53, 54, 55])
+
+
+@pytest.mark.parametrize("kind", ["skip_transcoders", "clt"])
+def test_block_buckets_pad_without_changing_the_graph(tiny, kind,
+                                                       monkeypatch):
+  """Feature blocks padded to buckets give the exact graph, and a prompt of
+  the same length with other block counts in the same buckets reuses the
+  compiled program instead of compiling its own."""
+  from gemscope_jax.circuits import _attribute, _replacement
+  sizes = [_attribute.block_bucket(n) for n in range(1, 3000)]
+  assert sizes[:16] == [16] * 16 and sizes[16] == 20 and sizes[32] == 40
+  assert all(n <= b <= max(16, 1.25 * n) for n, b in enumerate(sizes, 1))
+  params, x, _ = tiny
+  dicts = _dicts(kind, x)
+  # Blocks of 4 features, so that block counts vary between prompts.
+  monkeypatch.setattr(_attribute, "_BLOCK", 4)
+
+  def blocks(tokens):
+    rep = _replacement.build(params, TINY, tokens, dicts)
+    groups = _attribute._Blocks(rep).for_prefix(len(tokens))[0]
+    return tuple(len(g[1]) for g in groups)
+
+  prompts = [np.array(t, np.int32) for t in _SAME_LENGTH]
+  padded = [blocks(t) for t in prompts]
+  with monkeypatch.context() as m:
+    m.setattr(_attribute, "block_bucket", lambda n: n)
+    exact = [blocks(t) for t in prompts]
+  a, b = next((i, j) for i in range(len(prompts)) for j in range(i)
+              if padded[i] == padded[j] and exact[i] != exact[j])
+  graph = circuits.attribute(prompts[a], dicts, TINY, params, batch_size=4)
+  compiled = _attribute._rows._cache_size()
+  circuits.attribute(prompts[b], dicts, TINY, params, batch_size=4)
+  assert _attribute._rows._cache_size() == compiled
+  monkeypatch.setattr(_attribute, "block_bucket", lambda n: n)
+  unpadded = circuits.attribute(prompts[a], dicts, TINY, params,
+                                batch_size=4)
+  assert graph.node_ids() == unpadded.node_ids()
+  np.testing.assert_allclose(graph.adjacency, unpadded.adjacency, atol=1e-6)
+
+
 def test_completeness(case):
   """With every source a node, each row's edges plus its bias (the b_dec
   terms propagated through the frozen model) sum to its value: a logit's

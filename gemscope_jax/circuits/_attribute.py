@@ -216,13 +216,31 @@ class _Blocks:
         have.append(mine[inside])
         cols.append(offset + new_block[block[inside]] * _BLOCK
                     + self.feature_slot[mine[inside]] % _BLOCK)
-        offset += int(keep.sum()) * _BLOCK
-        groups.append((w_dec, *(jnp.asarray(x[keep])
-                                for x in (lay, pos, lat, act))))
+        # Padded to a bucket of blocks (act 0: no edge, no column read), so
+        # that another prompt of this length usually reuses the program.
+        # Padding blocks read the first block's (layer, position) with
+        # activation 0; their columns are never read.
+        kept = [x[keep] for x in (lay, pos, lat, act)]
+        extra = block_bucket(len(kept[0])) - len(kept[0])
+        fill = [np.zeros_like(kept[0][:1]), kept[1][:1],
+                np.zeros_like(kept[2][:1]), np.zeros_like(kept[3][:1])]
+        kept = [np.concatenate([x, np.repeat(f, extra, axis=0)])
+                for x, f in zip(kept, fill)]
+        offset += len(kept[0]) * _BLOCK
+        groups.append((w_dec, *map(jnp.asarray, kept)))
       cat = lambda xs: (np.concatenate(xs) if xs  # noqa: E731
                         else np.zeros(0, np.int64))
       self._cache[prefix] = (tuple(groups), cat(have), cat(cols))
     return self._cache[prefix]
+
+
+def block_bucket(n: int) -> int:
+  """Blocks a group of features is padded to: 16, then steps of an eighth
+  to a quarter of n (17 -> 20, 33 -> 40, 300 -> 320), at most 25% more."""
+  if n <= 16:
+    return 16
+  step = 1 << (n.bit_length() - 3)
+  return -(-n // step) * step
 
 
 def prefix_bucket(need: int, num_tokens: int) -> int:
