@@ -216,10 +216,10 @@ class _Blocks:
         have.append(mine[inside])
         cols.append(offset + new_block[block[inside]] * _BLOCK
                     + self.feature_slot[mine[inside]] % _BLOCK)
-        # Padded to a bucket of blocks (act 0: no edge, no column read), so
-        # that another prompt of this length usually reuses the program.
-        # Padding blocks read the first block's (layer, position) with
-        # activation 0; their columns are never read.
+        # Padded to a bucket of blocks (`block_bucket`), so that another
+        # prompt of this length usually reuses the compiled program. A
+        # padding block reads the first block's (layer, position) with
+        # activation 0, and its columns are never read.
         kept = [x[keep] for x in (lay, pos, lat, act)]
         extra = block_bucket(len(kept[0])) - len(kept[0])
         fill = [np.zeros_like(kept[0][:1]), kept[1][:1],
