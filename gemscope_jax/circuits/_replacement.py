@@ -150,8 +150,9 @@ def _rms_norm(x, scale, eps):
 
 
 # freeze runs once per prompt, and its time is mostly XLA's: LLVM's -O0
-# compiles it in 1.6 s instead of 2.5 s, and it runs as fast (its work is
-# matmuls, which call the same library either way).
+# compiles it in 0.7 s instead of 1.2 s (270M, 6 tokens), and it runs
+# about as fast (0.40 against 0.37 s: its work is matmuls, which call the
+# same library either way).
 @functools.partial(jax.jit, static_argnums=(1,),
                    compiler_options={"xla_backend_optimization_level": 0})
 def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
@@ -208,11 +209,9 @@ def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
       {"params": params["final_norm"]}, x[:, -1:])
   last_logits = embedder.apply({"params": params["embedder"]}, final,
                                method="decode")[0, -1]
-  p = [params[f"layer_{l}"] for l in range(L)]
-  # Per-layer weights stacked on a leading layer axis, so that the
-  # coefficients below are one vectorised program, not L unrolled copies.
-  stack = lambda get: jnp.stack([jnp.asarray(get(p[l]), jnp.float32)  # noqa: E731
-                                 for l in range(L)])
+  # The coefficients below read the same stacked weights (leading layer
+  # axis), so that they are one vectorised program, not L unrolled copies.
+  stack = lambda get: jnp.asarray(get(layers), jnp.float32)  # noqa: E731
   w_o = stack(lambda q: q["attn"]["attn_vec_einsum"]["w"]).reshape(
       L, -1, c.d_model)
   kv = stack(lambda q: q["attn"]["kv_einsum"]["w"])      # (L, 2, K, D, H)
@@ -223,8 +222,7 @@ def freeze(params: Any, config: models.Gemma3Config, tokens: jax.Array,
   h = jnp.einsum("ltn,lnd->ltd", rec["attn_out"], w_o, precision=_HIGHEST)
   g_post_attn = g(h, "post_attention_norm")
   g_pre_ffw = g(rec["resid_mid"], "pre_ffw_norm")
-  last = rec["resid_mid"][-1, -1] + rec["mlp_out"][-1, -1]
-  g_final = _inv_rms(last, eps) * (
+  g_final = _inv_rms(x[0, -1], eps) * (
       1.0 + jnp.asarray(params["final_norm"]["scale"], jnp.float32))
 
   def pattern(x, w_q, w_k, q_scale, k_scale, sin, cos, allowed):
