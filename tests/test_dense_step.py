@@ -98,6 +98,12 @@ CASES = {
     "sae_quadratic_preact": dict(cls=jumprelu_lib.JumpReLU, kw=dict(
         sparsity_penalty="quadratic", target_l0=40.0, preact_coeff=1e-3)),
     "sae_l0": dict(cls=jumprelu_lib.JumpReLU, kw=dict(sparsity_penalty="l0")),
+    # Thresholds at each latent's 90th percentile: every latent fires on
+    # about 10 % of tokens, above max_freq.
+    "sae_high_freq": dict(cls=jumprelu_lib.JumpReLU, kw=dict(
+        target_l0=40.0, freq_coeff=3.0, max_freq=0.05)),
+    "transcoder_high_freq": dict(cls=jumprelu_lib.JumpReLUTranscoder, kw=dict(
+        d_out=16, target_l0=40.0, freq_coeff=3.0, max_freq=0.08)),
     "transcoder": dict(cls=jumprelu_lib.JumpReLUTranscoder, kw=dict(
         d_out=16, target_l0=40.0)),
     "transcoder_skip_preact": dict(cls=jumprelu_lib.JumpReLUTranscoder, kw=dict(

@@ -155,3 +155,82 @@ def test_init_norm_scales_encoder_and_decoder():
                      jnp.asarray(1.0))
   np.testing.assert_allclose(np.asarray(state1.params["w_dec"]) * 0.3, w_dec,
                              rtol=1e-5, atol=1e-7)
+
+
+def test_high_frequency_penalty_value_and_threshold_grad():
+  """c * sum_i (relu(f_i - m) / m)^2 with f_i latent i's batch firing
+  frequency, and its straight-through threshold gradient
+  c * 2 relu(f_i - m) / m^2 * (1 / B) sum_t -(1/eps) rect_ti, by hand;
+  latents at or below m get no gradient from it."""
+  eps, coeff, fc, m = 0.3, 0.7, 4.0, 0.3
+  p, x = _params(), _x()
+  pre = (x - p["b_dec"]) @ p["w_enc"] + p["b_enc"]
+  th = p["threshold"]
+
+  def pen(t, freq_coeff):
+    return jumprelu.penalty_terms(
+        jnp.asarray(pre), t, bandwidth=eps, kind="l0", sparsity_coeff=coeff,
+        target_l0=None, preact_coeff=0.0, freq_coeff=freq_coeff,
+        max_freq=m)
+
+  f = (pre > th).mean(0)
+  rect = (np.abs((pre - th) / eps) < 0.5).astype(np.float64)
+  over = np.maximum(f - m, 0) / m
+  # Some latents above m with pairs in their window, some below.
+  assert ((over > 0) & (rect.sum(0) > 0)).sum() >= 2 and (over == 0).sum() >= 2
+  base, _ = pen(jnp.asarray(th), 0.0)
+  total, aux = pen(jnp.asarray(th), fc)
+  np.testing.assert_allclose(aux["high_freq_loss"], np.sum(over ** 2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(total - base, coeff * fc * np.sum(over ** 2),
+                             rtol=1e-5)
+  grad = (jax.grad(lambda t: pen(t, fc)[0])(jnp.asarray(th))
+          - jax.grad(lambda t: pen(t, 0.0)[0])(jnp.asarray(th)))
+  want = coeff * fc * 2 * over / m * (-(1 / eps) * rect.mean(0))
+  np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6)
+  assert np.all(np.asarray(grad)[over == 0] == 0)
+
+
+def test_high_frequency_penalty_removes_a_known_dense_latent():
+  """A tiny synthetic problem: 24 sparse features (each on 4 % of tokens)
+  and one dense feature (on 50 %). Trained without the penalty, the SAE
+  gives the dense feature a latent that fires on about half the tokens;
+  with freq_coeff=10, max_freq=0.1, no latent fires on more than 10 %, and
+  L0 stays at its target."""
+  d, n_sparse, width, t = 16, 24, 32, 1024
+  rng = np.random.default_rng(0)
+  dirs = rng.normal(size=(n_sparse + 1, d))
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  rates = np.r_[np.full(n_sparse, 0.04), 0.5]
+
+  def batch(r):
+    mag = r.uniform(0.5, 1.5, (t, n_sparse + 1)) * (r.random(
+        (t, n_sparse + 1)) < rates)
+    x = mag @ dirs
+    return jnp.asarray(x / np.sqrt(np.mean(np.sum(x ** 2, 1))), jnp.float32)
+
+  from step_helpers import jitted_update  # pylint: disable=import-outside-toplevel
+  results = {}
+  for fc in (0.0, 10.0):
+    module = D.JumpReLU(d, width, bandwidth=0.01, target_l0=1.5,
+                        freq_coeff=fc, max_freq=0.1)
+    params = {k: D.leaf_value(v) for k, v in
+              D.init_params(module, jax.random.PRNGKey(0)).items()}
+    opt = optax.adam(3e-3, b1=0.0, b2=0.999)
+    state, update = opt.init(params), jitted_update(module, opt,
+                                                    method="dense")
+    r = np.random.default_rng(1)
+    for i in range(1500):
+      params, state, _ = update(params, state, batch(r),
+                                jnp.float32(min(1.0, i / 300)))
+    out = module.apply({"params": params}, batch(np.random.default_rng(99)))
+    freq = np.asarray((out.latents > 0).mean(0))
+    w = np.asarray(params["w_dec"])
+    cos = w @ dirs[-1] / np.linalg.norm(w, axis=1)
+    results[fc] = freq, cos
+  freq, cos = results[0.0]
+  top = int(np.argmax(freq))
+  assert freq[top] > 0.4 and cos[top] > 0.95  # the dense feature's latent
+  freq, cos = results[10.0]
+  assert freq.max() <= 0.105, freq.max()
+  assert abs(freq.sum() - 1.5) < 0.2

@@ -61,6 +61,11 @@ class DictConfig:
     l0_preact_bandwidth: JumpReLU: > 0, the L0 penalty's straight-through
       estimator also reaches the pre-activations, with a kernel of this
       width (`jumprelu.step`); 0: published.
+    freq_coeff: JumpReLU: weight, relative to the L0 penalty's, of the
+      high-frequency term sum_i (relu(freq_i - max_freq) / max_freq)^2
+      (`jumprelu.frequency_penalty`); 0: off.
+    max_freq: JumpReLU: the firing frequency above which `freq_coeff`
+      penalises a latent.
     affine_skip: transcoders only: learn the affine skip `x @ w_skip`.
     n_layers: crosscoders and CLTs only (required): layers read/written.
     l0_targets: JumpReLU CLTs only: one target L0 per layer (n_layers
@@ -83,6 +88,8 @@ class DictConfig:
   matryoshka_prefixes: tuple[int, ...] | None = None
   preact_coeff: float = 0.0
   l0_preact_bandwidth: float = 0.0
+  freq_coeff: float = 0.0
+  max_freq: float = 0.1
   affine_skip: bool = False
   n_layers: int | None = None
   causal: bool = False
@@ -135,6 +142,14 @@ class DictConfig:
     if not self.l0_preact_bandwidth >= 0:
       raise _bad("l0_preact_bandwidth", "must be >= 0 (0: off)",
                  self.l0_preact_bandwidth)
+    if not self.freq_coeff >= 0:
+      raise _bad("freq_coeff", "must be >= 0 (0: off)", self.freq_coeff)
+    if not 0 < self.max_freq < 1:
+      raise _bad("max_freq", "must be in (0, 1) (a fraction of tokens)",
+                 self.max_freq)
+    if self.freq_coeff and not arch.startswith("jumprelu"):
+      raise _bad("freq_coeff", f"needs a jumprelu architecture, not {arch!r}",
+                 self.freq_coeff)
     if not self.preact_coeff >= 0:
       raise _bad("preact_coeff", "must be >= 0", self.preact_coeff)
     if self.sparsity_penalty not in PENALTIES:

@@ -59,9 +59,10 @@ class MultiLayer(nn.Module):
     activation: 'jumprelu' (STE threshold, as `JumpReLU`) or 'topk' (the k
       largest latents of a token, over all its latents).
     k: TopK latents per token.
-    bandwidth, sparsity_penalty, target_l0, threshold_init, preact_coeff:
-      as `JumpReLU` (target_l0 counts one token's latents, see
-      `latent_shape`).
+    bandwidth, sparsity_penalty, target_l0, threshold_init, preact_coeff,
+    l0_preact_bandwidth, freq_coeff, max_freq: as `JumpReLU` (target_l0
+      counts one token's latents, see `latent_shape`; a frequency is one
+      (layer, latent)'s).
     dtype: compute dtype of the matmul inputs; parameters are fp32.
   """
   n_layers: int
@@ -75,6 +76,8 @@ class MultiLayer(nn.Module):
   threshold_init: float = 0.001
   preact_coeff: float = 0.0
   l0_preact_bandwidth: float = 0.0
+  freq_coeff: float = 0.0
+  max_freq: float = 0.1
   dtype: Any = jnp.float32
 
   unit_decoder: ClassVar[bool] = True
@@ -152,9 +155,16 @@ class MultiLayer(nn.Module):
           out.pre_acts, self.threshold, bandwidth=self.bandwidth,
           kind=self.sparsity_penalty, sparsity_coeff=sparsity_coeff,
           target_l0=self.target_l0, preact_coeff=self.preact_coeff,
-          latent_axes=axes, preact_bandwidth=self.l0_preact_bandwidth)
+          latent_axes=axes, preact_bandwidth=self.l0_preact_bandwidth,
+          layer_targets=self.layer_targets(), freq_coeff=self.freq_coeff,
+          max_freq=self.max_freq)
     l0 = jnp.mean(jnp.sum(out.latents > 0, axis=axes, dtype=jnp.float32))
     return jnp.zeros((), jnp.float32), {"l0": l0}
+
+  def layer_targets(self) -> tuple[float, ...] | None:
+    """Per-layer L0 targets, each with its own penalty (a CLT's
+    `l0_targets`); None: one penalty on the total."""
+    return None
 
   def encode(self, x: jax.Array) -> jax.Array:
     return self.activate(self.pre_acts(x))
@@ -213,6 +223,7 @@ class MultiLayer(nn.Module):
                 sparsity_penalty=config.sparsity_penalty,
                 target_l0=config.target_l0, preact_coeff=config.preact_coeff,
                 l0_preact_bandwidth=config.l0_preact_bandwidth,
+                freq_coeff=config.freq_coeff, max_freq=config.max_freq,
                 dtype=jnp.dtype(config.dtype))
 
 

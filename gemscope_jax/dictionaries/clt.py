@@ -114,32 +114,14 @@ class CrossLayerTranscoder(_multilayer.MultiLayer):
     raise ValueError("CrossLayerTranscoder.loss needs target= (mlp_out of "
                      "each layer); its input is mlp_in")
 
+  def layer_targets(self) -> tuple[float, ...] | None:
+    return self.l0_targets
+
   def penalty(self, out: _base.DictOutput, sparsity_coeff):
-    if self.l0_targets is not None and self.activation == "jumprelu":
-      sparsity, aux = self._per_layer_penalty(out.pre_acts, sparsity_coeff)
-    else:
-      sparsity, aux = super().penalty(out, sparsity_coeff)
+    sparsity, aux = super().penalty(out, sparsity_coeff)
     fired = (out.latents != 0).astype(jnp.float32)
     per_layer = jnp.sum(fired, axis=-1).reshape(-1, self.n_layers)
     return sparsity, {**aux, "l0_per_layer": jnp.mean(per_layer, axis=0)}
-
-  def _per_layer_penalty(self, pre, sparsity_coeff):
-    """sum_n (2 coeff / L0*_n) (L0_n - L0*_n)^2 over layers n, each L0_n the
-    batch mean of the layer's straight-through count (`l0_targets`)."""
-    pre = pre.astype(jnp.float32)
-    threshold = self.threshold.astype(jnp.float32)
-    counts = jumprelu_lib.step(pre, threshold, self.bandwidth,
-                               self.l0_preact_bandwidth)
-    l0 = jnp.mean(jnp.sum(counts, axis=-1).reshape(-1, self.n_layers), 0)
-    sparsity = jnp.sum(jumprelu_lib.sparsity_penalty(
-        l0, "quadratic", sparsity_coeff,
-        jnp.asarray(self.l0_targets, jnp.float32)))
-    aux = {"l0": jnp.sum(l0)}
-    if self.preact_coeff:
-      gap = jax.nn.relu(threshold - pre)
-      aux["preact_loss"] = jnp.mean(jnp.sum(gap, axis=(-2, -1)))
-      sparsity = sparsity + self.preact_coeff * aux["preact_loss"]
-    return sparsity, aux
 
   @nn.nowrap
   def to_inference(self, params: _base.Params, norm_scale, out_norm_scale

@@ -115,10 +115,28 @@ def sparsity_penalty(l0: jax.Array, kind: str, sparsity_coeff,
   raise ValueError(f"sparsity_penalty must be one of {PENALTIES}, got {kind!r}")
 
 
+def frequency_penalty(freq: jax.Array, max_freq: float) -> jax.Array:
+  """The high-frequency term: sum_i (relu(freq_i - max_freq) / max_freq)^2.
+
+  freq_i is latent i's firing frequency in the batch, the token mean of its
+  straight-through indicator, so the term's gradient reaches the threshold
+  of each latent firing on more than `max_freq` of tokens, and only those:
+    d / d threshold_i = 2 relu(freq_i - max_freq) / max_freq^2
+                        * -(1 / eps) * (fraction of tokens in i's window).
+  Squared so that it grows with the overshoot, relative to max_freq so that
+  one coefficient suits any max_freq. The Gemma Scope 2 report describes
+  such a penalty in words only ("latents firing on more than 10 % of
+  tokens disappear" at an aggressive setting); this form is ours.
+  """
+  return jnp.sum(jnp.square(jax.nn.relu(freq - max_freq) / max_freq))
+
+
 def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
                   kind: str, sparsity_coeff, target_l0: float | None,
                   preact_coeff: float, latent_axes: tuple[int, ...] = (-1,),
-                  per_token: bool = False, preact_bandwidth: float = 0.0
+                  per_token: bool = False, preact_bandwidth: float = 0.0,
+                  layer_targets: tuple[float, ...] | None = None,
+                  freq_coeff: float = 0.0, max_freq: float = 0.1
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """JumpReLU's (coeff * penalty [+ pre-activation loss], metrics).
 
@@ -135,22 +153,40 @@ def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
       Scope 2's form, the default). The same for 'l0'.
     preact_bandwidth: > 0: the L0 estimator's gradient also reaches `pre`,
       with a kernel of this width (`step`).
+    layer_targets: a CLT's per-layer targets (pre is (..., n_layers,
+      d_sae)): the quadratic penalty of each layer's batch-mean L0 against
+      its own target, summed over layers, in place of one penalty on the
+      total.
+    freq_coeff, max_freq: the high-frequency term (`frequency_penalty`),
+      times sparsity_coeff so that it warms up with the L0 penalty; 0: off.
   """
   pre = pre.astype(jnp.float32)
   threshold = threshold.astype(jnp.float32)
   counts = step(pre, threshold, bandwidth, preact_bandwidth)
-  token_l0 = jnp.sum(counts, axis=latent_axes)
-  l0 = jnp.mean(token_l0)
-  if per_token:
-    sparsity = jnp.mean(sparsity_penalty(token_l0, kind, sparsity_coeff,
-                                         target_l0))
+  token_axes = tuple(range(pre.ndim - threshold.ndim))
+  if layer_targets is not None:
+    layer_l0 = jnp.mean(jnp.sum(counts, axis=-1), axis=token_axes)
+    sparsity = jnp.sum(sparsity_penalty(
+        layer_l0, "quadratic", sparsity_coeff,
+        jnp.asarray(layer_targets, jnp.float32)))
+    l0 = jnp.sum(layer_l0)
   else:
-    sparsity = sparsity_penalty(l0, kind, sparsity_coeff, target_l0)
+    token_l0 = jnp.sum(counts, axis=latent_axes)
+    l0 = jnp.mean(token_l0)
+    if per_token:
+      sparsity = jnp.mean(sparsity_penalty(token_l0, kind, sparsity_coeff,
+                                           target_l0))
+    else:
+      sparsity = sparsity_penalty(l0, kind, sparsity_coeff, target_l0)
   aux = {"l0": l0}
   if preact_coeff:
     gap = jax.nn.relu(threshold - pre)
     aux["preact_loss"] = jnp.mean(jnp.sum(gap, axis=latent_axes))
     sparsity = sparsity + preact_coeff * aux["preact_loss"]
+  if freq_coeff:
+    freq = jnp.mean(counts, axis=token_axes)
+    aux["high_freq_loss"] = frequency_penalty(freq, max_freq)
+    sparsity = sparsity + sparsity_coeff * freq_coeff * aux["high_freq_loss"]
   return sparsity, aux
 
 
@@ -180,6 +216,11 @@ class JumpReLU(_base.Dictionary):
       with w this width (see the module docstring); 0: the published
       estimator. Autodiff only (the dense and sparse steps implement the
       published one).
+    freq_coeff: weight (relative to the L0 penalty's coefficient) of the
+      high-frequency term `frequency_penalty`; 0 (published: no form given)
+      turns it off.
+    max_freq: the firing frequency above which `freq_coeff` penalises a
+      latent.
   """
   bandwidth: float = 0.001
   sparsity_penalty: str = "quadratic"
@@ -188,6 +229,8 @@ class JumpReLU(_base.Dictionary):
   preact_coeff: float = 0.0
   l0_per_token: bool = False
   l0_preact_bandwidth: float = 0.0
+  freq_coeff: float = 0.0
+  max_freq: float = 0.1
 
   def setup(self):
     super().setup()
@@ -207,7 +250,8 @@ class JumpReLU(_base.Dictionary):
         out.pre_acts, self.threshold, bandwidth=self.bandwidth,
         kind=self.sparsity_penalty, sparsity_coeff=sparsity_coeff,
         target_l0=self.target_l0, preact_coeff=self.preact_coeff,
-        per_token=self.l0_per_token, preact_bandwidth=self.l0_preact_bandwidth)
+        per_token=self.l0_per_token, preact_bandwidth=self.l0_preact_bandwidth,
+        freq_coeff=self.freq_coeff, max_freq=self.max_freq)
 
   @nn.nowrap
   def to_inference(self, params: _base.Params, norm_scale,
@@ -224,7 +268,8 @@ class JumpReLU(_base.Dictionary):
                bandwidth=config.bandwidth,
                sparsity_penalty=config.sparsity_penalty,
                target_l0=config.target_l0, preact_coeff=config.preact_coeff,
-               l0_preact_bandwidth=config.l0_preact_bandwidth)
+               l0_preact_bandwidth=config.l0_preact_bandwidth,
+               freq_coeff=config.freq_coeff, max_freq=config.max_freq)
 
 
 class JumpReLUTranscoder(JumpReLU):
@@ -246,7 +291,8 @@ class JumpReLUTranscoder(JumpReLU):
                bandwidth=config.bandwidth,
                sparsity_penalty=config.sparsity_penalty,
                target_l0=config.target_l0, preact_coeff=config.preact_coeff,
-               l0_preact_bandwidth=config.l0_preact_bandwidth)
+               l0_preact_bandwidth=config.l0_preact_bandwidth,
+               freq_coeff=config.freq_coeff, max_freq=config.max_freq)
 
 
 def to_inference(params: _base.Params, norm_scale, *, pre_enc_bias: bool = True,

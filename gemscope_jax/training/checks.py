@@ -124,6 +124,10 @@ def validate(c: ml_collections.ConfigDict
         "dictionary.l0_preact_bandwidth", "needs a jumprelu architecture and "
         "train.step 'dense' or 'autodiff' (it runs on autodiff)",
         d.get("l0_preact_bandwidth"))
+  _need(not d.get("freq_coeff") or (d.architecture.startswith("jumprelu")
+                                    and t.step != "sparse"),
+        "dictionary.freq_coeff", "needs a jumprelu architecture and "
+        "train.step 'dense' or 'autodiff'", d.get("freq_coeff"))
   _need(t.step != "sparse" or (d.architecture in ("jumprelu", "topk",
                                                  "batchtopk")
                               and d.matryoshka_prefixes is None),

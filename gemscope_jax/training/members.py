@@ -92,6 +92,7 @@ def dict_config(c: ml_collections.ConfigDict, lay: layout_lib.Layout,
       matryoshka_prefixes=d.matryoshka_prefixes,
       preact_coeff=d.preact_coeff, affine_skip=bool(d.affine_skip),
       l0_preact_bandwidth=float(d.l0_preact_bandwidth),
+      freq_coeff=float(d.freq_coeff), max_freq=float(d.max_freq),
       n_layers=n_layers,
       causal=bool(d.causal))
 

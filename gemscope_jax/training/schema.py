@@ -80,6 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
       # pre-activations with a kernel this wide (0: published, thresholds
       # only).
       l0_preact_bandwidth=0.0,
+      # JumpReLU: the high-frequency penalty freq_coeff * sum_i (relu(f_i -
+      # max_freq) / max_freq)^2 over each latent's batch firing frequency
+      # f_i (times the warmed-up sparsity coefficient); 0: off.
+      freq_coeff=0.0,
+      max_freq=0.1,
       dtype="float32",
       matryoshka_prefixes=config_dict.placeholder(tuple),
       affine_skip=False,        # transcoders: learn x @ w_skip as well

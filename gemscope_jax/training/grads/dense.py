@@ -16,6 +16,8 @@ of a step at width 16k. Here the same loss and gradients are written out:
   db_dec = sum_t g_r - w_enc db_enc   (the pre-encoder bias; without it sum_t g_r)
   dthreshold = -(1/eps) (threshold * sum_t w g_f + dP/dL0 / T * sum_t w)
                + preact_coeff / T * sum_t [pre < threshold]
+               [- (1/eps) 2 c relu(fired / T - m) / (m^2 T) * sum_t w,
+                the high-frequency term, c its coefficient, m max_freq]
 
 with w the straight-through window |pre - threshold| / eps < 1/2 and P the
 sparsity penalty of the batch-mean L0 (Gemma Scope 2's quadratic
@@ -148,6 +150,14 @@ def loss_and_grads(module, params: Params, x: jax.Array, *, sparsity_coeff,
   sparsity, d_pen = jax.value_and_grad(penalty)(l0)
   aux = {"fvu": _base.fvu(y, recon), "l0": l0}
   g_th = -(1.0 / eps) * (th * window_g + (d_pen / n) * window)
+  if module.freq_coeff:
+    # sparsity_coeff * freq_coeff * sum_i (relu(fired_i / n - m) / m)^2.
+    m = module.max_freq
+    over = jax.nn.relu(fired / n - m) / m
+    aux["high_freq_loss"] = jnp.sum(jnp.square(over))
+    c_freq = sparsity_coeff * module.freq_coeff
+    sparsity = sparsity + c_freq * aux["high_freq_loss"]
+    g_th = g_th - (1.0 / eps) * (2.0 * c_freq * over / (m * n)) * window
   if module.preact_coeff:
     aux["preact_loss"] = jnp.sum(gap) / n
     sparsity = sparsity + module.preact_coeff * aux["preact_loss"]
