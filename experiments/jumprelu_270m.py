@@ -35,11 +35,7 @@ def get_config(arg=None):
     c.model.name, c.model.checkpoint = "gemma3_270m", "default"
     c.hookpoint = "layer_6/resid_post"
   else:
+    # The 270M preset's CPU-sized recipe, encoder columns starting at norm
+    # 0.3 (training/presets.py says why).
     c = config_lib.preset("gemma3_270m")
-    # Encoder columns start at norm 0.3 rather than the published 1 (W_enc
-    # = W_dec^T, decoder rows still unit after the first step): at lr 1e-3
-    # and a few hundred steps the unit-scale random encoder is slow to
-    # unlearn (benchmarks/quality_vs_saelens.py: FVU 0.131 -> 0.077 on
-    # held-out Shakespeare at L0 61, dead latents unchanged).
-    c.train.init_norm = 0.3
   return config_lib.apply_overrides(c, overrides)
