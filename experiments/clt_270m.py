@@ -4,6 +4,17 @@ r"""A cross-layer transcoder (CLT) over Gemma 3 270M's MLPs.
   gemscope train --config=experiments/clt_270m.py:clt_layers=all \
       --workdir=out/clt_all
 
+Started from trained transcoders of the same layers (Gemma Scope 2's
+recipe: each layer's first 1024 latents, near-duplicates dropped), with the
+L0 target falling from 4x to its goal over the first 200 steps:
+
+  gemscope train --config=experiments/transcoder_270m.py:layers=3-6 \
+      --workdir=out/tc_3_6
+  gemscope train --config=experiments/clt_270m.py --workdir=out/clt_init \
+      --set dictionary.init_from=out/tc_3_6 \
+      --set dictionary.init_prefix=1024 \
+      --set train.l0_target_decay_steps=200
+
 Latents read mlp_in of layer n and write mlp_out of layer n and every later
 layer (causal); trained jointly on all the chosen layers from one Gemma pass,
 each layer's mlp_in and mlp_out divided by its own scalar. The L0 budget is

@@ -111,14 +111,16 @@ def test_plans_are_frozen_and_detached_from_the_config():
 def test_plan_reads_every_field_the_step_uses():
   """Each plan field equals the config field it comes from."""
   c = _config(extra="train.grad_clip_norm=0.5,train.unit_decoder=False,"
-              "train.sparse_capacity=64,train.dead_after_tokens=777")
+              "train.sparse_capacity=64,train.dead_after_tokens=777,"
+              "train.l0_target_decay_steps=9,train.l0_target_start=2.5")
   p = plans.make(c)
   t = c.train
   assert p.step == plans.StepPlan(
       grads=t.step, sparse_capacity=64, sparsity_coeff=t.sparsity_coeff,
       sparsity_warmup_steps=t.sparsity_warmup_steps, unit_decoder=False,
       dead_after_tokens=777, batch_size=t.batch_size,
-      num_steps=t.num_tokens // t.batch_size)
+      num_steps=t.num_tokens // t.batch_size, l0_target_decay_steps=9,
+      l0_target_start=2.5)
   assert p.optimizer == plans.OptimizerPlan(
       lr=t.lr, lr_warmup_steps=t.lr_warmup_steps,
       lr_decay_fraction=t.lr_decay_fraction, beta1=t.beta1, beta2=t.beta2,

@@ -18,7 +18,7 @@ import ml_collections
 from gemscope_jax import models
 from gemscope_jax.convert import hub
 from gemscope_jax.text import conversations, corpora
-from gemscope_jax.training import members, schema
+from gemscope_jax.training import init_from, members, schema
 
 def _need(ok: bool, field: str, message: str, value: Any) -> None:
   if not ok:
@@ -36,6 +36,44 @@ def _unknown_fields(c: Mapping, schema_: Mapping, prefix: str) -> list[str]:
     elif schema.is_dict(schema_[key]) and schema.is_dict(c[key]):
       bad += _unknown_fields(c[key], schema_[key], path + ".")
   return bad
+
+
+def _check_l0_decay(t, d) -> None:
+  """train.l0_target_decay_steps / l0_target_start."""
+  steps = t.get("l0_target_decay_steps", 0)
+  start = t.get("l0_target_start", 4.0)
+  _need(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+        "train.l0_target_decay_steps", "must be an int >= 0 (0: off)", steps)
+  _need(isinstance(start, (int, float)) and start >= 1,
+        "train.l0_target_start", "must be a number >= 1 (the multiple of "
+        "the L0 target it falls from)", start)
+  _need(not steps or (d.architecture.startswith("jumprelu")
+                      and d.sparsity_penalty == "quadratic"),
+        "train.l0_target_decay_steps", "decays the quadratic penalty's L0 "
+        "target: it needs a jumprelu architecture with "
+        "dictionary.sparsity_penalty 'quadratic' (not "
+        f"{d.architecture!r} / {d.sparsity_penalty!r}), or 0", steps)
+
+
+def _check_init_from(d, dictionaries: list) -> None:
+  """dictionary.init_from / init_prefix / init_dedup_cosine (the form
+  only: the files are read when a fresh run starts, `init_from.load`)."""
+  spec, prefix = d.get("init_from"), d.get("init_prefix")
+  cosine = d.get("init_dedup_cosine", 0.95)
+  _need(spec is None or d.architecture == "jumprelu_clt",
+        "dictionary.init_from", "starts a CLT from JumpReLU transcoders: it "
+        f"needs architecture 'jumprelu_clt' (not {d.architecture!r})", spec)
+  if spec is not None:
+    init_from.source_paths(spec, dictionaries[0][0])
+  _need(prefix is None or spec is not None, "dictionary.init_prefix",
+        "needs dictionary.init_from", prefix)
+  _need(prefix is None or (isinstance(prefix, int)
+                           and 1 <= prefix <= d.width),
+        "dictionary.init_prefix", f"must be None (all) or an int in [1, "
+        f"dictionary.width={d.width}]", prefix)
+  _need(isinstance(cosine, (int, float)) and cosine > 0,
+        "dictionary.init_dedup_cosine", "must be a number > 0 (>= 1 keeps "
+        "every latent)", cosine)
 
 
 def validate(c: ml_collections.ConfigDict
@@ -128,6 +166,8 @@ def validate(c: ml_collections.ConfigDict
                                     and t.step != "sparse"),
         "dictionary.freq_coeff", "needs a jumprelu architecture and "
         "train.step 'dense' or 'autodiff'", d.get("freq_coeff"))
+  _check_l0_decay(t, d)
+  _check_init_from(d, dictionaries)
   _need(t.step != "sparse" or (d.architecture in ("jumprelu", "topk",
                                                  "batchtopk")
                               and d.matryoshka_prefixes is None),

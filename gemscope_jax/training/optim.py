@@ -1,6 +1,7 @@
 """The optimiser and the schedules a step follows: Adam (beta1 = 0 by
-default, as published) with a linear warm-up and a linear decay to 0, and
-the sparsity coefficient's linear warm-up."""
+default, as published) with a linear warm-up and a linear decay to 0, the
+sparsity coefficient's linear warm-up, and the L0 target's optional linear
+decay from a multiple of its goal."""
 
 from __future__ import annotations
 
@@ -39,3 +40,36 @@ def sparsity_coeff(p: StepPlan, step: jax.Array) -> jax.Array:
   """The sparsity coefficient at `step`: a linear ramp to its value."""
   ramp = jnp.minimum(1.0, (step + 1) / max(p.sparsity_warmup_steps, 1))
   return p.sparsity_coeff * ramp
+
+
+def l0_target_scale(p: StepPlan, step: jax.Array) -> jax.Array:
+  """What the L0 target is multiplied by at `step` (steps taken before it).
+
+  `l0_target_start` at step 0, falling linearly to 1 at
+  `l0_target_decay_steps` and 1 after it (Gemma Scope 2's "L0 target that
+  decays", form unpublished: linear, as the other warm-ups here); 1
+  throughout with the decay off.
+  """
+  if not p.l0_target_decay_steps:
+    return jnp.ones((), jnp.float32)
+  done = jnp.minimum(1.0, step / p.l0_target_decay_steps)
+  return p.l0_target_start + (1.0 - p.l0_target_start) * done
+
+
+def with_l0_targets_scaled(module, scale: jax.Array):
+  """`module` with its L0 target (and a CLT's per-layer `l0_targets`) times
+  `scale`, a traced value: the penalty's L0* at this step.
+
+  The targets are module attributes, read by `penalty_terms` and by the
+  dense and sparse steps alike, so a clone carrying the step's values
+  reaches all three gradient methods without another argument through
+  them. A Matryoshka wrapper gets a clone of its inner dictionary.
+  """
+  inner = getattr(module, "dictionary", module)
+  if getattr(inner, "target_l0", None) is None:
+    return module
+  changes = {"target_l0": inner.target_l0 * scale}
+  if getattr(inner, "l0_targets", None) is not None:
+    changes["l0_targets"] = tuple(t * scale for t in inner.l0_targets)
+  scaled = inner.clone(**changes)
+  return module.clone(dictionary=scaled) if inner is not module else scaled

@@ -26,7 +26,7 @@ from gemscope_jax import dictionaries, models
 from gemscope_jax.dictionaries import layout as layout_lib
 from gemscope_jax.parallel.distributed import DistributedPlan
 from gemscope_jax.parallel.mesh import MeshPlan
-from gemscope_jax.training import checks, members, schema
+from gemscope_jax.training import checks, init_from, members, schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +84,20 @@ class DictionaryPlan:
     init_norm: initial norm of decoder rows / encoder columns.
     b_dec_init: 'mean' (the target's normalised mean) or 'zeros'.
     l0_per_token: JumpReLU's penalty per token (SAELens's form).
+    init_from: a CLT's trained transcoders, one source path per layer
+      (`training.init_from`); empty: its own random init.
+    init_prefix: latents taken from each (None: all).
+    init_dedup_cosine: the cosine above which a taken latent duplicates an
+      earlier one.
   """
   layout: layout_lib.Layout
   config: dictionaries.DictConfig
   init_norm: float = 1.0
   b_dec_init: str = "mean"
   l0_per_token: bool = False
+  init_from: tuple[str, ...] = ()
+  init_prefix: int | None = None
+  init_dedup_cosine: float = 0.95
 
   @property
   def architecture(self) -> str:
@@ -130,6 +138,9 @@ class StepPlan:
     dead_after_tokens: a latent silent this long counts as dead.
     batch_size: activations per step.
     num_steps: steps in the run.
+    l0_target_decay_steps: steps over which the L0 target falls from
+      l0_target_start times its goal to the goal (0: off).
+    l0_target_start: that starting multiple.
   """
   grads: str
   sparse_capacity: int
@@ -139,6 +150,8 @@ class StepPlan:
   dead_after_tokens: int
   batch_size: int
   num_steps: int
+  l0_target_decay_steps: int = 0
+  l0_target_start: float = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,13 +242,18 @@ def make(c: ml_collections.ConfigDict) -> Plan:
   """Validates `c` once and reads it into a `Plan`. Raises ValueError (or
   FileNotFoundError for missing text), naming the field."""
   mc, dicts = checks.validate(c)
-  t = c.train
+  t, d = c.train, c.dictionary
   num_steps = t.num_tokens // t.batch_size
   dicts = tuple(
       DictionaryPlan(layout=lay, config=dc,
                      init_norm=float(t.get("init_norm", 1.0)),
                      b_dec_init=t.b_dec_init,
-                     l0_per_token=bool(t.get("l0_per_token", False)))
+                     l0_per_token=bool(t.get("l0_per_token", False)),
+                     init_from=init_from.source_paths(d.get("init_from"),
+                                                      lay),
+                     init_prefix=d.get("init_prefix"),
+                     init_dedup_cosine=float(d.get("init_dedup_cosine",
+                                                   0.95)))
       for lay, dc in dicts)
   m = c.mesh
   return Plan(
@@ -262,7 +280,9 @@ def make(c: ml_collections.ConfigDict) -> Plan:
           sparsity_warmup_steps=t.sparsity_warmup_steps,
           unit_decoder=bool(t.get("unit_decoder", True)),
           dead_after_tokens=t.dead_after_tokens, batch_size=t.batch_size,
-          num_steps=num_steps),
+          num_steps=num_steps,
+          l0_target_decay_steps=int(t.get("l0_target_decay_steps", 0)),
+          l0_target_start=float(t.get("l0_target_start", 4.0))),
       loop=LoopPlan(num_tokens=t.num_tokens, batch_size=t.batch_size,
                     num_steps=num_steps,
                     checkpoint_every_steps=t.checkpoint_every_steps,

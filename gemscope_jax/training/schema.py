@@ -97,6 +97,16 @@ def default_config() -> ml_collections.ConfigDict:
       # penalty: 'even' (target_l0 split evenly) or one number per layer;
       # None: one penalty on the total target_l0 (layers share it freely).
       l0_targets=config_dict.placeholder(object),
+      # JumpReLU CLTs: start from trained JumpReLU transcoders, one per
+      # layer (training/init_from.py): a tuple of their workdirs or export
+      # folders in layer order, a pattern with '{layer}', or one group
+      # run's workdir (its export/transcoder/layer_L); None: random init.
+      init_from=config_dict.placeholder(object),
+      init_prefix=config_dict.placeholder(int),  # latents taken from each
+                                # (its Matryoshka prefix); None: all
+      # Drop a taken latent whose decoder and encoder cosines with an
+      # earlier kept one of its layer both exceed this (>= 1: keep all).
+      init_dedup_cosine=0.95,
   ))
   c.train = ml_collections.ConfigDict(dict(
       num_tokens=614_400,       # activations seen in training
@@ -108,6 +118,11 @@ def default_config() -> ml_collections.ConfigDict:
       beta2=0.999,
       sparsity_coeff=1.0,
       sparsity_warmup_steps=300,
+      # JumpReLU quadratic penalty: its L0* (dictionary.target_l0, a CLT's
+      # l0_targets) starts at l0_target_start times itself and falls
+      # linearly to it over this many steps (0: off, the goal throughout).
+      l0_target_decay_steps=0,
+      l0_target_start=4.0,      # that starting multiple of the goal (>= 1)
       b_dec_init="mean",        # 'mean' of the first bucket, or 'zeros'
       # Initial norm of every latent's decoder row and encoder column (W_enc
       # = W_dec^T at init); with unit_decoder the rows go back to unit norm

@@ -178,9 +178,13 @@ class Run:
     sp = self.plan.step
     x, target = self.normalised(state, batch)
     coeff = optim.sparsity_coeff(sp, state.step)
+    module = self.module
+    if sp.l0_target_decay_steps:  # this step's L0 target (a traced value)
+      module = optim.with_l0_targets_scaled(
+          module, optim.l0_target_scale(sp, state.step))
     # One device: the dense step's fused CPU kernel; partitioned: jnp ops.
     params, opt_state, lo, fired, grads = train_update(
-        self.module, self.tx, state.params, state.opt_state, x, coeff,
+        module, self.tx, state.params, state.opt_state, x, coeff,
         method=sp.grads, target=target, sparse_capacity=sp.sparse_capacity,
         use_kernel=self.mesh.size == 1, unit_decoder=sp.unit_decoder)
     step = state.step + 1
@@ -204,6 +208,8 @@ class Run:
             (silent_tokens >= sp.dead_after_tokens).astype(jnp.float32)),
         **{k: v for k, v in lo.aux.items() if jnp.ndim(v) == 0},
     }
+    if module is not self.module:
+      metrics["l0_target"] = getattr(module, "dictionary", module).target_l0
     for k, v in lo.aux.items():
       if k.endswith("_per_layer"):  # multi-layer: one entry per target
         for i, h in enumerate(self.layout.targets):

@@ -13,7 +13,8 @@ is the vmapped case of the one-dictionary step, `training.group`):
 4. Gemma's weights and the activation batches (`sources`: live Gemma, an
    on-disk cache, or lockstep data shards across processes).
 5. The newest checkpoint is restored (the stream moved to its position),
-   or a fresh state starts from the first bucket's scales and means.
+   or a fresh state starts from the first bucket's scales and means (a CLT
+   with `dictionary.init_from`: then from its transcoders, `init_from`).
 6. The loop (`loop.run_steps`): step, log, checkpoint every
    `checkpoint_every_steps`; a non-finite loss stops with
    `TrainingDiverged`, keeping the last good checkpoint.
@@ -24,19 +25,21 @@ is the vmapped case of the one-dictionary step, `training.group`):
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 from typing import Any
 
 import ml_collections
 
-from gemscope_jax import errors, safe_write
+from gemscope_jax import assets, errors, safe_write
 from gemscope_jax.parallel import distributed
 from gemscope_jax.text.tokenizer import default_tokenizer
 from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import export as export_lib
 from gemscope_jax.training import group as group_lib
-from gemscope_jax.training import heldout, loop, plans, schema, sources
+from gemscope_jax.training import heldout, init_from, loop, plans, schema
+from gemscope_jax.training import sources
 from gemscope_jax.training import workdir as workdir_lib
 from gemscope_jax.training.step import Run, TrainingDiverged
 from gemscope_jax.training.overrides import apply_overrides
@@ -65,6 +68,23 @@ def _evaluate(run, state, gemma_params, tokenizer, workdir: pathlib.Path, *,
               else heldout.evaluate_run)
   return evaluate(run, state, gemma_params, tokenizer, workdir,
                   progress=progress)
+
+
+def _start_from(run: Run, state, transcoders, workdir: pathlib.Path, *,
+                progress: bool):
+  """A fresh CLT's state started from its transcoders (`init_from`); the
+  per-layer report goes to workdir/init_from.json and, with progress, to
+  the terminal."""
+  state, report = init_from.apply(run, state, transcoders)
+  if distributed.is_main_process():
+    with assets.atomic_path(workdir / "init_from.json") as tmp:
+      tmp.write_text(json.dumps(report, indent=1))
+  if progress:
+    for r in report:
+      print(f"layer {r['layer']}: {r['kept']} of the first {r['taken']} "
+            f"latents of {r['source']} ({r['duplicates']} near-duplicates "
+            f"dropped), {r['fresh']} fresh", flush=True)
+  return state
 
 
 def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -101,6 +121,11 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   plan = plans.make(c)
   run = make_run(plan, devices)
   workdir, ckpts, latest = workdir_lib.open_workdir(plan, workdir)
+  # A CLT started from transcoders: they are read and checked before the
+  # harvest, so that a bad source fails at launch.
+  starts_from = plan.dictionaries[0].init_from
+  transcoders = (init_from.load(plan.dictionaries[0])
+                 if starts_from and latest is None else None)
 
   tokenizer = default_tokenizer()
   gemma_params = sources.load_gemma(plan, run.mesh)
@@ -119,6 +144,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       print(f"harvesting the first {plan.data.bucket_tokens:,} activations "
             f"of {what}...", flush=True)
     state = run.initial_state(batches.peek_bucket())
+    if starts_from:
+      state = _start_from(run, state, transcoders or init_from.load(
+          plan.dictionaries[0]), workdir, progress=progress)
 
   step, state, last = loop.run_steps(
       plan.loop, run, state, batches, ckpts, dict(plan.config_json),

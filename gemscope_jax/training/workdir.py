@@ -37,7 +37,7 @@ FROZEN_FIELDS = ("seed", "model.name", "model.checkpoint", "model.dtype",
 # holding a checkpoint or a run's config.json, is a gemscope workdir).
 WORKDIR_NAMES = frozenset({
     "checkpoints", "config.json", "metrics.jsonl", "tensorboard", "export",
-    "metrics.json", "latent_frequency.png", "corrupt"})
+    "metrics.json", "latent_frequency.png", "corrupt", "init_from.json"})
 
 
 def _is_run_config(path: pathlib.Path) -> bool:
