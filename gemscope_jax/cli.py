@@ -2,6 +2,9 @@
 
   gemscope train         train a sparse dictionary from a config file
                          (resumes when the workdir holds a checkpoint)
+  gemscope finetune      fine-tune a trained SAE end to end with a KL
+                         term (Gemma Scope 2), reporting held-out figures
+                         before and after (resumes like train)
   gemscope eval          evaluate a workdir's newest checkpoint on
                          held-out text (metrics.json), or a released
                          dictionary folder (--dictionary)
@@ -162,6 +165,33 @@ def _cmd_train(args) -> int:
     return 0  # process 0 reports the run
   print(f"trained {result['step']:,} steps; workdir {args.workdir}")
   _print_metrics(result)
+  return 0
+
+
+def _cmd_finetune(args) -> int:
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  from gemscope_jax.training import finetune  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
+  section = None
+  if args.config:
+    section = config_lib.load(args.config).finetune
+  source = args.source or (section.source if section is not None else "")
+  if not source:
+    raise errors.UsageError("--from: name the trained workdir to fine-tune "
+                            "(or give a --config whose finetune.source "
+                            "does)")
+  c = finetune.load_config(source, section, _config_overrides(args.set))
+  result = finetune.finetune(c, args.workdir, progress=not args.quiet,
+                             evaluate=not args.no_eval)
+  print(f"fine-tuned {result['step']:,} steps (beta "
+        f"{c.finetune.beta:g}) from {source}; workdir {args.workdir}")
+  if "before_l0" in result:
+    print(f"held-out evaluation ({result.get('eval_text', '')}, "
+          f"{result.get('num_tokens', 0):,} tokens):")
+    print(f"  {'':<20} {'before':>10} {'after':>10}")
+    for k in finetune.COMPARED:
+      before, after = result.get(f"before_{k}"), result.get(k)
+      if isinstance(before, float) and isinstance(after, float):
+        print(f"  {k:<20} {before:>10.4f} {after:>10.4f}")
   return 0
 
 
@@ -487,6 +517,26 @@ def build_parser() -> argparse.ArgumentParser:
                  "start again from step 0 (they stay in WORKDIR/corrupt/)")
   p.set_defaults(fn=_cmd_train)
 
+  p = sub.add_parser("finetune", help="fine-tune a trained SAE end to "
+                     "end with a KL term", parents=[common])
+  p.add_argument("--from", dest="source", default=None, metavar="WORKDIR",
+                 help="the trained workdir to start from (default: the "
+                 "--config's finetune.source)")
+  p.add_argument("--config", default=None,
+                 help="a config file whose finetune section is read, e.g. "
+                 "experiments/jumprelu_270m_kl.py[:control]; the model, "
+                 "dictionary, data and eval come from the source run")
+  p.add_argument("--workdir", required=True,
+                 help="checkpoints, logs, export and metrics.json (after; "
+                 "before/metrics.json: before) go here; rerunning resumes")
+  p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                 help="finetune.* or eval.* overrides, e.g. --set "
+                 "finetune.beta=0 (an MSE-only control)")
+  p.add_argument("--no-eval", action="store_true",
+                 help="skip the held-out evaluations before and after")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(fn=_cmd_finetune)
+
   p = sub.add_parser("eval", help="evaluate a trained dictionary",
                      parents=[common])
   which = p.add_mutually_exclusive_group(required=True)
@@ -705,7 +755,7 @@ def run(command: str, fn, args, *, debug: bool = False) -> int:
       if code == errors.INTERRUPTED:
         print(f"gemscope {command}: interrupted"
               + ("; rerun the same command to resume from the last "
-                 "checkpoint" if command == "train" else ""),
+                 "checkpoint" if command in ("train", "finetune") else ""),
               file=sys.stderr)
         return code
       print(f"gemscope {command}: error: {errors.one_line(e)}",

@@ -175,6 +175,26 @@ def default_config() -> ml_collections.ConfigDict:
       dense_threshold=0.1,
       at_end=True,
   ))
+  # End-to-end fine-tuning of a trained SAE (`gemscope finetune`,
+  # training/finetune.py): Gemma Scope 2's loss (MSE + alpha * beta * KL)
+  # / (1 + beta) + the usual sparsity penalty, alpha = MSE / KL held
+  # constant. Unused by `gemscope train`.
+  c.finetune = ml_collections.ConfigDict(dict(
+      source="",                # the trained workdir it starts from
+      beta=1.0,                 # the KL term's weight (0: MSE only)
+      num_tokens=20_320,        # ordinary tokens seen (40 steps of 4 x 127)
+      windows_per_step=4,       # token windows of data.seq_len per step
+      lr=5e-5,
+      beta1=0.0,                # Adam's first-moment decay (beta2: train's)
+      lr_warmup_steps=4,
+      lr_decay_fraction=0.2,    # linear decay to 0 over the last fraction
+      # Adam's moments: 'fresh', or 'source' (the trained run's, schedule
+      # restarted: its second moments fit the MSE's small gradients, so the
+      # KL's first steps come out up to 30x lr; measured harmful).
+      optimizer_state="fresh",
+      checkpoint_every_steps=10,
+      log_every_steps=2,
+  ))
   return c
 
 

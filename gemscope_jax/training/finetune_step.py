@@ -1,0 +1,200 @@
+"""The step of end-to-end (KL) fine-tuning: pure losses and one jitted update.
+
+Gemma Scope 2 fine-tunes some dictionaries end to end with
+
+  loss = (MSE + alpha * beta * KL) / (1 + beta) + sparsity,
+  alpha = MSE / (KL + 1e-8), held constant (`jax.lax.stop_gradient`),
+
+where MSE is the dictionary's usual reconstruction error (training units),
+KL = KL(clean next-token distribution || the one with the reconstruction
+spliced in at the dictionary's hookpoint), averaged over the ordinary
+tokens of the batch, and sparsity is the dictionary's own penalty (for
+JumpReLU the quadratic L0 penalty towards its target, so L0 stays put).
+alpha rescales the KL term to the MSE's size at every step, so beta is the
+ratio of the two terms' weights whatever their units. Differentiating alpha
+would cancel the KL term's gradient almost exactly (alpha * KL = MSE *
+KL / (KL + 1e-8) ~ MSE), which is why it is held constant.
+
+`FinetuneStep.step` runs Gemma twice on a batch of token windows: a clean
+pass (logits, and the hookpoint's activations for the MSE) and a pass with
+the dictionary spliced in (`surgery.splice`), whose logits are
+differentiated back through the later layers into the dictionary's
+parameters; Gemma's weights are inputs, never differentiated. The update
+is the trainer's (`update.apply_update`: decoder-row gradients projected,
+unit decoder rows and thresholds >= 0 after Adam). With beta = 0 the step
+skips the spliced pass and the logits (an MSE-only control costs one pass
+up to the hookpoint).
+
+Caveat (memory): both passes hold (windows, seq_len, vocab) float32 logits,
+about 134 MB per window of 128 tokens for Gemma 3's 262k vocabulary, and
+the spliced pass's backward holds as much again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from gemscope_jax import dictionaries, models
+from gemscope_jax.surgery import splice as splice_lib
+from gemscope_jax.training.state import TrainState
+from gemscope_jax.training.update import apply_update
+
+# Gemma Scope 2's guard against a zero KL in alpha = MSE / (KL + eps).
+KL_EPS = 1e-8
+
+
+def kl_divergence(clean_logits: jax.Array, spliced_logits: jax.Array,
+                  mask: jax.Array) -> jax.Array:
+  """KL(softmax(clean) || softmax(spliced)) in nats, averaged over `mask`.
+
+  Args:
+    clean_logits: (..., V) logits of the unmodified model.
+    spliced_logits: (..., V) logits with the dictionary spliced in.
+    mask: (...) bool, the positions that count (ordinary tokens).
+
+  Returns:
+    The mean over the True positions of sum_v p_v (log p_v - log q_v);
+    0 when none is True.
+  """
+  log_p = jax.nn.log_softmax(clean_logits.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(spliced_logits.astype(jnp.float32), axis=-1)
+  per_position = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  w = mask.astype(jnp.float32)
+  return jnp.sum(per_position * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def combined_loss(mse: jax.Array, kl: jax.Array, sparsity: jax.Array,
+                  beta: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Gemma Scope 2's fine-tuning loss and its parts.
+
+  Args:
+    mse: the dictionary's reconstruction error (training units).
+    kl: the spliced model's KL from the clean one (`kl_divergence`).
+    sparsity: the dictionary's penalty, already times its coefficient.
+    beta: the KL term's weight relative to the MSE's.
+
+  Returns:
+    (total, metrics): total = (mse + alpha * beta * kl) / (1 + beta) +
+    sparsity with alpha = mse / (kl + KL_EPS) outside the gradient;
+    metrics 'mse', 'kl', 'alpha', 'recon_loss' (the first term) and
+    'sparsity'.
+  """
+  alpha = jax.lax.stop_gradient(mse / (kl + KL_EPS))
+  recon = (mse + alpha * beta * kl) / (1.0 + beta)
+  return recon + sparsity, {"mse": mse, "kl": kl, "alpha": alpha,
+                            "recon_loss": recon, "sparsity": sparsity}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the compiled step depends on besides its array inputs.
+
+  Attributes:
+    hookpoint: where the dictionary reads and is spliced.
+    beta: the KL term's weight (0: MSE and sparsity only, no spliced pass).
+    sparsity_coeff: the sparsity penalty's coefficient (no warm-up: the
+      dictionary is trained already).
+    unit_decoder: keep decoder rows at unit norm (`update.apply_update`).
+    dtype: Gemma's compute dtype name.
+  """
+  hookpoint: str
+  beta: float
+  sparsity_coeff: float
+  unit_decoder: bool = True
+  dtype: str = "float32"
+
+
+class FinetuneStep:
+  """The jitted fine-tuning step of one SAE.
+
+  Attributes:
+    module: the dictionary module (as trained: training units, b_dec
+      subtracted before the encoder).
+    tx: the optimiser (`optim.make_optimizer` of the fine-tuning schedule).
+    model_config: Gemma's config.
+    settings: a `StepSettings`.
+    step: jitted, state-donating (state, gemma_params, batch) -> (state,
+      metrics); batch = {'tokens', 'mask', 'keep' (B, T), 'rows' (N,)
+      int32 flat indices of the keep positions}.
+    losses: jitted (params, norm_scale, gemma_params, batch) -> metrics,
+      the same losses without an update (to watch a fixed batch).
+  """
+
+  def __init__(self, module: nn.Module, tx: optax.GradientTransformation,
+               model_config: models.Gemma3Config, settings: StepSettings):
+    self.module = module
+    self.tx = tx
+    self.model_config = model_config
+    self.settings = settings
+    self.step = jax.jit(self.step_fn, donate_argnums=0)
+    self.losses = jax.jit(self.losses_fn)
+
+  def _clean(self, gemma_params, batch):
+    """The clean pass: (hookpoint activations (B, T, d), logits or None)."""
+    s = self.settings
+    out = models.forward(gemma_params, batch["tokens"], batch["mask"],
+                         config=self.model_config, hookpoints=[s.hookpoint],
+                         logits=s.beta > 0, loss=False,
+                         dtype=jnp.dtype(s.dtype))
+    return out.activations[s.hookpoint], out.logits
+
+  def _loss(self, params, norm_scale, gemma_params, batch, x, clean_logits):
+    """(total, (metrics, dictionary output on the kept rows))."""
+    s = self.settings
+    rows = x.reshape(-1, x.shape[-1])[batch["rows"]].astype(jnp.float32)
+    rows = rows / norm_scale
+    lo, out = dictionaries.compute_loss(self.module, params, rows,
+                                        sparsity_coeff=s.sparsity_coeff)
+    if s.beta > 0:
+      keep = batch["keep"]
+      spliced = models.forward(
+          gemma_params, batch["tokens"], batch["mask"],
+          config=self.model_config,
+          edits={s.hookpoint: splice_lib.splice_edit(self.module)},
+          edit_args={s.hookpoint: splice_lib.edit_args(
+              params, norm_scale, splice=keep, zero=jnp.zeros_like(keep))},
+          logits=True, loss=False, dtype=jnp.dtype(s.dtype))
+      kl = kl_divergence(clean_logits, spliced.logits, keep)
+    else:
+      kl = jnp.float32(math.nan)  # not computed: no spliced pass
+    total, metrics = combined_loss(lo.mse, kl, lo.sparsity, s.beta)
+    if s.beta == 0:
+      # MSE + sparsity exactly (alpha * 0 * NaN would poison the total).
+      total = lo.total
+      metrics["recon_loss"] = lo.mse
+    metrics.update({k: v for k, v in lo.aux.items() if jnp.ndim(v) == 0})
+    metrics["loss"] = total
+    return total, (metrics, out)
+
+  def losses_fn(self, params, norm_scale, gemma_params, batch):
+    """The step's losses and metrics at `params`, without an update."""
+    x, clean_logits = self._clean(gemma_params, batch)
+    _, (metrics, _) = self._loss(params, norm_scale, gemma_params, batch, x,
+                                 clean_logits)
+    return metrics
+
+  def step_fn(self, state: TrainState, gemma_params, batch):
+    """One update (unjitted; `step` is its jitted, donated form)."""
+    x, clean_logits = self._clean(gemma_params, batch)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    (_, (metrics, out)), grads = grad_fn(state.params, state.norm_scale,
+                                         gemma_params, batch, x,
+                                         clean_logits)
+    params, opt_state = apply_update(self.module, self.tx, state.params,
+                                     state.opt_state, grads,
+                                     unit_decoder=self.settings.unit_decoder)
+    step = state.step + 1
+    fired = jnp.any(out.latents > 0, axis=0)
+    grad_norm = optax.global_norm(grads)
+    metrics.update({
+        "grad_norm": grad_norm,
+        "finite": jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)})
+    new = state.replace(step=step, params=params, opt_state=opt_state,
+                        last_fired=jnp.where(fired, step, state.last_fired))
+    return new, metrics

@@ -1,0 +1,355 @@
+"""End-to-end (KL) fine-tuning: each loss term's value and gradient against a
+hand computation, and short real fine-tuning runs (a tiny random Gemma for
+the step, the real 270M for the job in a workdir)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from gemscope_jax import dictionaries, models
+from gemscope_jax.surgery import splice as splice_lib
+from gemscope_jax.training import finetune as finetune_lib
+from gemscope_jax.training import optim, plans
+from gemscope_jax.training.finetune_step import (KL_EPS, FinetuneStep,
+                                                 StepSettings, combined_loss,
+                                                 kl_divergence)
+from gemscope_jax.training.state import TrainState
+from gemscope_jax.training.update import apply_update
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+# --- The KL term. ---
+
+def test_kl_value_against_scipy_with_mask():
+  rng = np.random.default_rng(0)
+  clean = rng.normal(size=(3, 5, 11)) * 2
+  spliced = clean + rng.normal(size=clean.shape)
+  mask = rng.random((3, 5)) < 0.6
+  p, q = _softmax(clean), _softmax(spliced)
+  want = special.rel_entr(p, q).sum(-1)[mask].mean()
+  got = kl_divergence(jnp.asarray(clean, jnp.float32),
+                      jnp.asarray(spliced, jnp.float32), jnp.asarray(mask))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Masked positions do not count at all: changing them changes nothing.
+  wild = np.where(mask[..., None], spliced, 50 * rng.normal(size=clean.shape))
+  got2 = kl_divergence(jnp.asarray(clean, jnp.float32),
+                       jnp.asarray(wild, jnp.float32), jnp.asarray(mask))
+  np.testing.assert_allclose(float(got2), want, rtol=1e-5)
+  # Equal distributions: zero; an empty mask: zero, not NaN.
+  assert float(kl_divergence(jnp.asarray(clean), jnp.asarray(clean + 3.0),
+                             jnp.asarray(mask))) == pytest.approx(0, abs=1e-6)
+  assert float(kl_divergence(jnp.asarray(clean), jnp.asarray(spliced),
+                             jnp.zeros((3, 5), bool))) == 0.0
+
+
+def test_kl_gradient_by_hand():
+  # d KL / d spliced_logits = (q - p) / n at the n masked positions, 0 else;
+  # the clean logits get no gradient through the spliced side.
+  rng = np.random.default_rng(1)
+  clean = rng.normal(size=(2, 4, 7))
+  spliced = rng.normal(size=clean.shape)
+  mask = np.array([[1, 1, 0, 1], [0, 1, 1, 0]], bool)
+  grad = jax.grad(kl_divergence, argnums=1)(
+      jnp.asarray(clean, jnp.float32), jnp.asarray(spliced, jnp.float32),
+      jnp.asarray(mask))
+  want = (_softmax(spliced) - _softmax(clean)) * mask[..., None] / mask.sum()
+  np.testing.assert_allclose(np.asarray(grad), want, atol=1e-7)
+
+
+# --- The combined loss: value and gradient against a hand computation. ---
+
+class _Toy:
+  """mse(theta) = mean_n ||M_n theta - y_n||^2; spliced logits z_i(theta) =
+  B_i theta + c_i against fixed clean logits; sparsity s(theta) = c
+  ||theta||^2: each with a closed-form gradient."""
+
+  def __init__(self, seed=0):
+    rng = np.random.default_rng(seed)
+    self.theta = rng.normal(size=3)
+    self.m = rng.normal(size=(6, 4, 3))
+    self.y = rng.normal(size=(6, 4))
+    self.b = rng.normal(size=(5, 9, 3))
+    self.c = rng.normal(size=(5, 9))
+    self.clean = rng.normal(size=(5, 9)) * 2
+    self.mask = np.array([1, 0, 1, 1, 1], bool)
+    self.coeff = 0.3
+
+  def parts(self, theta):
+    """(mse, kl, sparsity) in jax, for autodiff."""
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    err = jnp.einsum("nij,j->ni", f32(self.m), theta) - f32(self.y)
+    mse = jnp.mean(jnp.sum(err ** 2, -1))
+    z = jnp.einsum("ivj,j->iv", f32(self.b), theta) + f32(self.c)
+    kl = kl_divergence(f32(self.clean), z, jnp.asarray(self.mask))
+    return mse, kl, self.coeff * jnp.sum(theta ** 2)
+
+  def by_hand(self, beta):
+    """(value, gradient) of the loss in numpy, alpha held constant."""
+    t = self.theta
+    err = np.einsum("nij,j->ni", self.m, t) - self.y
+    mse = np.mean(np.sum(err ** 2, -1))
+    d_mse = np.mean(2 * np.einsum("nij,ni->nj", self.m, err), 0)
+    p = _softmax(self.clean)
+    q = _softmax(np.einsum("ivj,j->iv", self.b, t) + self.c)
+    kl_i = special.rel_entr(p, q).sum(-1)
+    kl = kl_i[self.mask].mean()
+    d_kl = np.einsum("ivj,iv->j", self.b[self.mask],
+                     (q - p)[self.mask]) / self.mask.sum()
+    alpha = mse / (kl + KL_EPS)
+    value = (mse + alpha * beta * kl) / (1 + beta) + self.coeff * t @ t
+    grad = (d_mse + alpha * beta * d_kl) / (1 + beta) + 2 * self.coeff * t
+    return value, grad, dict(mse=mse, kl=kl, alpha=alpha, d_mse=d_mse)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 4.0])
+def test_combined_loss_value_and_gradient_by_hand(beta):
+  toy = _Toy()
+
+  def loss(theta):
+    return combined_loss(*toy.parts(theta), beta)
+
+  (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(
+      jnp.asarray(toy.theta, jnp.float32))
+  want_value, want_grad, parts = toy.by_hand(beta)
+  np.testing.assert_allclose(float(value), want_value, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4,
+                             atol=1e-5)
+  for k in ("mse", "kl", "alpha"):
+    np.testing.assert_allclose(float(metrics[k]), parts[k], rtol=1e-5)
+  # alpha * KL equals MSE in value: the loss's value is MSE + sparsity,
+  # whatever beta (only the gradient mixes in the KL).
+  np.testing.assert_allclose(float(metrics["recon_loss"]), parts["mse"],
+                             rtol=1e-5)
+
+
+def test_alpha_gets_no_gradient():
+  toy = _Toy(seed=3)
+  beta = 2.0
+
+  def ours(theta):
+    return combined_loss(*toy.parts(theta), beta)[0]
+
+  def alpha_differentiated(theta):
+    mse, kl, sparsity = toy.parts(theta)
+    alpha = mse / (kl + KL_EPS)  # no stop_gradient
+    return (mse + alpha * beta * kl) / (1 + beta) + sparsity
+
+  theta = jnp.asarray(toy.theta, jnp.float32)
+  g_ours = np.asarray(jax.grad(ours)(theta))
+  g_diff = np.asarray(jax.grad(alpha_differentiated)(theta))
+  _, want, parts = toy.by_hand(beta)
+  np.testing.assert_allclose(g_ours, want, rtol=1e-4, atol=1e-5)
+  assert np.abs(g_ours - g_diff).max() > 0.05 * np.abs(want).max()
+  # Differentiated, alpha * KL = MSE * KL / (KL + eps) ~ MSE: the KL term's
+  # gradient cancels and only the MSE's (and the penalty's) is left.
+  np.testing.assert_allclose(g_diff, parts["d_mse"] + 2 * toy.coeff
+                             * toy.theta, rtol=1e-3, atol=1e-5)
+
+
+# --- The step on a tiny random Gemma. ---
+
+TINY = models.Gemma3Config(
+    name="tiny", num_layers=4, d_model=32, mlp_dim=64, num_heads=2,
+    num_kv_heads=1, head_dim=16, vocab_size=97, sliding_window=8)
+HOOK = "layer_1/resid_post"
+LR, STEPS, COEFF = 3e-3, 30, 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+  """(gemma, batch, module, params, norm_scale, {beta: FinetuneStep})."""
+  rng = np.random.default_rng(0)
+  # Random weights in the abstract tree's shapes (`init_params` runs op by
+  # op: slow on a busy CPU), large enough that the next-token
+  # distributions are far from uniform.
+  gemma = jax.tree.map(
+      lambda a: np.asarray(rng.normal(size=a.shape) * 0.3, np.float32),
+      models.abstract_params(TINY))
+  tokens = rng.integers(3, TINY.vocab_size, size=(4, 12)).astype(np.int32)
+  tokens[:, 0] = 2  # BOS
+  mask = np.ones_like(tokens, bool)
+  keep = np.ones_like(mask)
+  keep[:, 0] = False
+  batch = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
+           "keep": jnp.asarray(keep),
+           "rows": jnp.asarray(np.flatnonzero(keep), jnp.int32)}
+  acts = models.forward(gemma, tokens, mask, config=TINY, hookpoints=[HOOK],
+                        logits=False).activations[HOOK]
+  x = np.asarray(acts).reshape(-1, TINY.d_model)[np.flatnonzero(keep)]
+  norm_scale = np.float32(np.sqrt(np.mean(np.sum(x * x, -1))))
+  module = dictionaries.make_dictionary(dictionaries.DictConfig(
+      architecture="jumprelu", d_in=TINY.d_model, d_sae=64, target_l0=8.0))
+  params = jax.jit(lambda k, b: nn.meta.unbox(dictionaries.init_params(
+      module, k, b_dec=b)))(jax.random.key(1), x.mean(0) / norm_scale)
+  steps = {beta: FinetuneStep(module, _tx(), TINY, StepSettings(
+      HOOK, beta=beta, sparsity_coeff=COEFF)) for beta in (0.0, 4.0)}
+  return gemma, batch, module, params, norm_scale, steps
+
+
+def _tx():
+  return optim.make_optimizer(plans.OptimizerPlan(
+      lr=LR, lr_warmup_steps=0, lr_decay_fraction=0.0, beta1=0.0,
+      beta2=0.999, grad_clip_norm=0.0, num_steps=STEPS))
+
+
+def _state(module, tx, params, norm_scale):
+  # A copy: the step donates its state, and `params` is the fixture's.
+  params = jax.tree.map(jnp.array, params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params),
+                    norm_scale=jnp.asarray(norm_scale),
+                    target_scale=jnp.asarray(norm_scale),
+                    last_fired=jnp.zeros((module.d_sae,), jnp.int32),
+                    min_kept_sum=jnp.zeros(()),
+                    min_kept_count=jnp.zeros((), jnp.int32))
+
+
+def _replace(x, new):
+  return new.astype(x.dtype)
+
+
+def test_step_kl_is_the_spliced_models_kl(tiny_setup):
+  gemma, batch, module, params, norm_scale, steps = tiny_setup
+  metrics = jax.device_get(steps[4.0].losses(
+      params, jnp.asarray(norm_scale), gemma, batch))
+  # The same two passes by hand: clean, and the SAE's reconstruction in
+  # raw units (recon * norm_scale) written over the ordinary positions.
+  clean = models.forward(gemma, batch["tokens"], batch["mask"], config=TINY,
+                         hookpoints=[HOOK])
+  x = np.asarray(clean.activations[HOOK])
+  out = module.apply({"params": params}, jnp.asarray(x / norm_scale))
+  recon = np.asarray(out.recon) * norm_scale
+  keep = np.asarray(batch["keep"])
+  replaced = np.where(keep[..., None], recon, x)
+  spliced = models.forward(
+      gemma, batch["tokens"], batch["mask"], config=TINY,
+      edits={HOOK: _replace}, edit_args={HOOK: jnp.asarray(replaced)})
+  p = _softmax(np.asarray(clean.logits, np.float64))
+  q = _softmax(np.asarray(spliced.logits, np.float64))
+  want_kl = special.rel_entr(p, q).sum(-1)[keep].mean()
+  assert want_kl > 1e-2
+  np.testing.assert_allclose(metrics["kl"], want_kl, rtol=1e-3)
+  rows = x.reshape(-1, TINY.d_model)[keep.reshape(-1)] / norm_scale
+  want_mse = np.mean(np.sum((np.asarray(module.apply(
+      {"params": params}, jnp.asarray(rows)).recon) - rows) ** 2, -1))
+  np.testing.assert_allclose(metrics["mse"], want_mse, rtol=1e-4)
+  np.testing.assert_allclose(metrics["alpha"],
+                             want_mse / (want_kl + KL_EPS), rtol=2e-3)
+
+
+def test_finetuning_lowers_kl_and_keeps_invariants(tiny_setup):
+  gemma, batch, module, params, norm_scale, steps = tiny_setup
+  step = steps[4.0]
+  ns = jnp.asarray(norm_scale)
+  before = jax.device_get(step.losses(params, ns, gemma, batch))
+  state = _state(module, step.tx, params, norm_scale)
+  kls = []
+  for _ in range(STEPS):
+    state, m = step.step(state, gemma, batch)
+    kls.append(float(m["kl"]))
+  after = jax.device_get(step.losses(state.params, ns, gemma, batch))
+  assert after["kl"] < 0.5 * before["kl"], (before["kl"], kls)
+  p = jax.device_get(state.params)
+  np.testing.assert_allclose(np.linalg.norm(p["w_dec"], axis=-1), 1.0,
+                             rtol=1e-5)
+  assert (p["threshold"] >= 0).all()
+  assert int(state.step) == STEPS
+  assert 0 < float(jnp.mean(state.last_fired > 0)) <= 1
+
+
+def test_beta_zero_is_the_mse_step(tiny_setup):
+  # beta = 0 runs no spliced pass: its update is the dictionary's own
+  # (MSE + sparsity, as the trainer's autodiff step), and a beta > 0
+  # update differs from it.
+  gemma, batch, module, params, norm_scale, steps = tiny_setup
+  x = models.forward(gemma, batch["tokens"], batch["mask"], config=TINY,
+                     hookpoints=[HOOK], logits=False).activations[HOOK]
+  rows = (np.asarray(x).reshape(-1, TINY.d_model)[np.asarray(batch["rows"])]
+          / norm_scale)
+  tx = steps[0.0].tx
+
+  @jax.jit
+  def reference(p):
+    grads = jax.grad(lambda q: dictionaries.compute_loss(
+        module, q, jnp.asarray(rows), sparsity_coeff=COEFF)[0].total)(p)
+    return apply_update(module, tx, p, tx.init(p), grads)[0]
+
+  want = jax.device_get(reference(params))
+  results = {}
+  for beta, step in steps.items():
+    state, _ = step.step(_state(module, tx, params, norm_scale), gemma,
+                         batch)
+    results[beta] = jax.device_get(state.params)
+  for k in want:
+    np.testing.assert_allclose(results[0.0][k], want[k], atol=1e-6)
+  assert np.abs(results[4.0]["w_enc"] - results[0.0]["w_enc"]).max() > 1e-4
+
+
+# --- The job on the real Gemma 3 270M: workdir, before/after, resume. ---
+
+# A source run of 8 steps of 256 layer-1 activations (as tests/test_training).
+SOURCE = ("runlocal,layer=1,width=256,tokens=2048,batch=256,"
+          "data.bucket_tokens=2048,data.seq_len=64,"
+          "train.sparsity_warmup_steps=4,train.lr_warmup_steps=2,"
+          "eval.num_tokens=1024,eval.loss_tokens=256,eval.seq_len=64")
+
+
+@pytest.mark.slow
+def test_finetune_job_writes_before_after_and_resumes(tmp_path):
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from gemscope_jax import errors  # pylint: disable=import-outside-toplevel
+  c = config_lib.load(f"{ROOT}/experiments/jumprelu_270m.py:{SOURCE}")
+  c.eval.at_end = False
+  trainer.train(c, tmp_path / "source", progress=False)
+  overrides = {"finetune.windows_per_step": 2, "finetune.num_tokens": 378,
+               "finetune.checkpoint_every_steps": 2,
+               "finetune.log_every_steps": 1, "finetune.lr_warmup_steps": 0}
+  fc = finetune_lib.load_config(tmp_path / "source", overrides=overrides)
+  assert fc.dictionary.width == 256 and fc.hookpoint == "layer_1/resid_post"
+  work = tmp_path / "kl"
+  result = finetune_lib.finetune(fc, work, progress=False)
+  assert result["step"] == 3 and result["finetune_tokens"] == 3 * 126
+  saved = json.loads((work / "metrics.json").read_text())
+  before = json.loads((work / "before" / "metrics.json").read_text())
+  assert before["step"] == 8  # the source, evaluated as the trainer does
+  for k in ("l0", "fvu", "delta_lm_loss", "loss_recovered"):
+    assert saved[f"before_{k}"] == before[k]
+    assert saved[k] is not None and saved[k] != before[k]
+  assert saved["clean_loss"] == before["clean_loss"]  # the same tokens
+  rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all(r["kl"] > 0 and r["alpha"] > 0 for r in rows)
+  assert (work / "export" / "params.safetensors").is_file()
+  # `gemscope eval` reads the fine-tuned workdir as any training workdir.
+  again = trainer.evaluate_workdir(work, progress=False)
+  assert again["fvu"] == pytest.approx(saved["fvu"], rel=1e-6)
+  # A rerun resumes at the last checkpoint (the end): no step is redone.
+  resumed = finetune_lib.finetune(fc, work, progress=False, evaluate=False)
+  assert resumed["step"] == 3 and not resumed.get("train_kl")
+  # Changing what the saved state means is refused, naming the field.
+  changed = finetune_lib.load_config(
+      tmp_path / "source", overrides={**overrides, "finetune.beta": 0.0})
+  with pytest.raises(errors.UsageError, match="finetune.beta"):
+    finetune_lib.finetune(changed, work, progress=False)
+  with pytest.raises(errors.UsageError, match="train.lr"):
+    finetune_lib.load_config(tmp_path / "source",
+                             overrides={"train.lr": 1e-4})
