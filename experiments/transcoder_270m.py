@@ -15,8 +15,13 @@ loss with the transcoder replacing layer 6's MLP (against the MLP's output
 zeroed); with `layers=...` also `replacement_*`: every layer's transcoder
 replacing its MLP at once.
 
-Expected: see the closing table in README ("Transcoders, crosscoders and
-CLTs"); `runlocal` is a 2-minute smoke run.
+Expected: see the tables in README ("Transcoders, crosscoders and CLTs").
+`layers=2+6+12+16` with `--set data.cache_dir=DIR --set
+train.num_tokens=327680` (640 steps, one cached Gemma pass) landed within
+12 % of L0 60 at all four layers, recovering 49 / 72 / 76 / 32 % of the
+loss on held-out text (an hour on 2 shared cores, most of it the harvest
+and the first evaluation's compiles); `runlocal` is a 2-minute smoke run
+(layer 6: L0 57, FVU 0.24, about 50 % recovered).
 """
 
 from gemscope_jax.training import config as config_lib
