@@ -353,3 +353,16 @@ def test_finetune_job_writes_before_after_and_resumes(tmp_path):
   with pytest.raises(errors.UsageError, match="train.lr"):
     finetune_lib.load_config(tmp_path / "source",
                              overrides={"train.lr": 1e-4})
+
+
+def test_cli_names_what_is_missing(tmp_path):
+  cmd = [sys.executable, "-m", "gemscope_jax.cli", "finetune",
+         f"--workdir={tmp_path / 'kl'}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2 and "--from" in proc.stderr, proc.stderr
+  proc = subprocess.run(cmd + [f"--from={tmp_path / 'nothing'}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 3 and "no such training workdir" in proc.stderr, (
+      proc.stderr)
+  assert not (tmp_path / "kl").exists()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -376,10 +377,14 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     return result
   after = heldout.evaluate_run(run, state, gemma_params, tokenizer, workdir,
                                progress=progress)
+  # Latents silent over the last dead_after_tokens of fine-tuning (NaN for
+  # a run shorter than that).
   silent = (step - np.asarray(state.last_fired)) * ft.tokens_per_step
+  dead = (float(np.mean(silent >= plan.step.dead_after_tokens))
+          if step * ft.tokens_per_step >= plan.step.dead_after_tokens
+          else math.nan)
   after.update({
-      "train_dead_fraction": float(np.mean(
-          silent >= plan.step.dead_after_tokens)),
+      "train_dead_fraction": dead,
       "trained_tokens": step * ft.tokens_per_step,
       "finetune_source": str(source), "finetune_source_step": source_step,
       "finetune_beta": ft.beta, "finetune_steps": step,
@@ -422,7 +427,8 @@ def _run_steps(ft: FinetunePlan, fstep: FinetuneStep, state, gemma_params,
         last["tokens_per_s"] = (step - start) * n / (time.perf_counter()
                                                      - t0)
         metrics_log.write(step, last)
-        bar.set_postfix(kl=f"{last['kl']:.3f}", mse=f"{last['mse']:.4f}",
+        bar.set_postfix(kl=f"{last.get('kl', math.nan):.3f}",
+                        mse=f"{last['mse']:.4f}",
                         l0=f"{last.get('l0', 0):.1f}")
       if save:
         ckpts.save(step, state, {"step": step}, config_json)

@@ -33,7 +33,6 @@ the spliced pass's backward holds as much again.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -161,13 +160,11 @@ class FinetuneStep:
               params, norm_scale, splice=keep, zero=jnp.zeros_like(keep))},
           logits=True, loss=False, dtype=jnp.dtype(s.dtype))
       kl = kl_divergence(clean_logits, spliced.logits, keep)
+      total, metrics = combined_loss(lo.mse, kl, lo.sparsity, s.beta)
     else:
-      kl = jnp.float32(math.nan)  # not computed: no spliced pass
-    total, metrics = combined_loss(lo.mse, kl, lo.sparsity, s.beta)
-    if s.beta == 0:
-      # MSE + sparsity exactly (alpha * 0 * NaN would poison the total).
-      total = lo.total
-      metrics["recon_loss"] = lo.mse
+      # No spliced pass, no KL: the dictionary's own loss.
+      total, metrics = lo.total, {"mse": lo.mse, "recon_loss": lo.mse,
+                                  "sparsity": lo.sparsity}
     metrics.update({k: v for k, v in lo.aux.items() if jnp.ndim(v) == 0})
     metrics["loss"] = total
     return total, (metrics, out)
