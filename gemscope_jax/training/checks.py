@@ -18,7 +18,7 @@ import ml_collections
 from gemscope_jax import models
 from gemscope_jax.convert import hub
 from gemscope_jax.text import conversations, corpora
-from gemscope_jax.training import init_from, members, schema
+from gemscope_jax.training import members, schema
 
 def _need(ok: bool, field: str, message: str, value: Any) -> None:
   if not ok:
@@ -64,7 +64,7 @@ def _check_init_from(d, dictionaries: list) -> None:
         "dictionary.init_from", "starts a CLT from JumpReLU transcoders: it "
         f"needs architecture 'jumprelu_clt' (not {d.architecture!r})", spec)
   if spec is not None:
-    init_from.source_paths(spec, dictionaries[0][0])
+    members.init_from_paths(spec, dictionaries[0][0])
   _need(prefix is None or spec is not None, "dictionary.init_prefix",
         "needs dictionary.init_from", prefix)
   _need(prefix is None or (isinstance(prefix, int)

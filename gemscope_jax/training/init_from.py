@@ -45,38 +45,12 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from gemscope_jax import errors, models
-from gemscope_jax.dictionaries import layout as layout_lib
+from gemscope_jax import errors, interop, models
+from gemscope_jax.parallel import distributed
+from gemscope_jax.training import export as export_lib
+from gemscope_jax.training import members
 
-FIELD = "config.dictionary.init_from"
-
-
-def source_paths(spec: Any, layout: layout_lib.Layout) -> tuple[str, ...]:
-  """One source path per layer of `layout` (a CLT's) from the config value.
-
-  Args:
-    spec: None (no init), a tuple or list of paths in layer order, a string
-      holding '{layer}' (filled with each layer number), or one path (a
-      group run's workdir or export, read at each layer's
-      transcoder/layer_L).
-    layout: the CLT's layout.
-
-  Raises:
-    ValueError: naming `config.dictionary.init_from`.
-  """
-  if spec is None:
-    return ()
-  layers = [models.hooks.parse(h).layer for h in layout.inputs]
-  if isinstance(spec, str) and spec:
-    return tuple(spec.replace("{layer}", str(layer)) for layer in layers)
-  if (isinstance(spec, (tuple, list)) and spec
-      and all(isinstance(p, str) and p for p in spec)):
-    if len(spec) != len(layers):
-      raise ValueError(f"{FIELD}: {len(spec)} path(s) for the CLT's "
-                       f"{len(layers)} layers {tuple(layers)}, got {spec!r}")
-    return tuple(spec)
-  raise ValueError(f"{FIELD}: one path per CLT layer, a pattern with "
-                   f"'{{layer}}' or one group run's workdir, got {spec!r}")
+FIELD = members.INIT_FROM_FIELD
 
 
 def _folder(path: str, layer: int) -> pathlib.Path:
@@ -108,9 +82,6 @@ def load(dictionary) -> list:
       latents than `init_prefix`; each names the field and the file.
     ValueError: `init_prefix` (or a transcoder's width) above the CLT's.
   """
-  # Lazily: training.export imports the step, which imports the plans.
-  from gemscope_jax import interop
-  from gemscope_jax.training import export as export_lib
   lay = dictionary.layout
   d_model, width = dictionary.config.d_in, dictionary.config.d_sae
   prefix = dictionary.init_prefix
@@ -257,7 +228,6 @@ def apply(run, state, transcoders: Sequence) -> tuple[Any, list[dict]]:
   """`state` (a fresh CLT's, from `run.initial_state`) with its parameters
   started from `transcoders` (`load`'s result), placed as the run's state
   sharding; and the per-layer report (`clt_params`), layers named."""
-  from gemscope_jax.parallel import distributed
   d = run.dictionary
   host = distributed.host_tree({"params": state.params,
                                 "norm_scale": state.norm_scale,

@@ -104,3 +104,34 @@ def layouts(c: ml_collections.ConfigDict, mc: models.Gemma3Config
   if is_group(c):
     return [layout(c, h, mc) for h in hookpoints(c, mc)]
   return [layout(c, None, mc)]
+
+
+INIT_FROM_FIELD = "config.dictionary.init_from"
+
+
+def init_from_paths(spec: Any, layout: layout_lib.Layout) -> tuple[str, ...]:
+  """One source path per layer of `layout` (a CLT's) from the config value.
+
+  Args:
+    spec: None (no init), a tuple or list of paths in layer order, a string
+      holding '{layer}' (filled with each layer number), or one path (a
+      group run's workdir or export, read at each layer's
+      transcoder/layer_L).
+    layout: the CLT's layout.
+
+  Raises:
+    ValueError: naming `config.dictionary.init_from`.
+  """
+  if spec is None:
+    return ()
+  layers = [models.hooks.parse(h).layer for h in layout.inputs]
+  if isinstance(spec, str) and spec:
+    return tuple(spec.replace("{layer}", str(layer)) for layer in layers)
+  if (isinstance(spec, (tuple, list)) and spec
+      and all(isinstance(p, str) and p for p in spec)):
+    if len(spec) != len(layers):
+      raise ValueError(f"{INIT_FROM_FIELD}: {len(spec)} path(s) for the CLT's "
+                       f"{len(layers)} layers {tuple(layers)}, got {spec!r}")
+    return tuple(spec)
+  raise ValueError(f"{INIT_FROM_FIELD}: one path per CLT layer, a pattern with "
+                   f"'{{layer}}' or one group run's workdir, got {spec!r}")

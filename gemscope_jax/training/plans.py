@@ -26,7 +26,7 @@ from gemscope_jax import dictionaries, models
 from gemscope_jax.dictionaries import layout as layout_lib
 from gemscope_jax.parallel.distributed import DistributedPlan
 from gemscope_jax.parallel.mesh import MeshPlan
-from gemscope_jax.training import checks, init_from, members, schema
+from gemscope_jax.training import checks, members, schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +249,7 @@ def make(c: ml_collections.ConfigDict) -> Plan:
                      init_norm=float(t.get("init_norm", 1.0)),
                      b_dec_init=t.b_dec_init,
                      l0_per_token=bool(t.get("l0_per_token", False)),
-                     init_from=init_from.source_paths(d.get("init_from"),
+                     init_from=members.init_from_paths(d.get("init_from"),
                                                       lay),
                      init_prefix=d.get("init_prefix"),
                      init_dedup_cosine=float(d.get("init_dedup_cosine",
