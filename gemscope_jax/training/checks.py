@@ -20,6 +20,11 @@ from gemscope_jax.convert import hub
 from gemscope_jax.text import conversations, corpora
 from gemscope_jax.training import members, schema
 
+# The architectures `training.grads.sparse` has a step for.
+SPARSE_ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "jumprelu_transcoder",
+                        "topk_transcoder", "jumprelu_clt", "topk_clt")
+
+
 def _need(ok: bool, field: str, message: str, value: Any) -> None:
   if not ok:
     raise ValueError(f"config.{field}: {message}, got {value!r}")
@@ -168,11 +173,12 @@ def validate(c: ml_collections.ConfigDict
         "train.step 'dense' or 'autodiff'", d.get("freq_coeff"))
   _check_l0_decay(t, d)
   _check_init_from(d, dictionaries)
-  _need(t.step != "sparse" or (d.architecture in ("jumprelu", "topk",
-                                                 "batchtopk")
+  _need(t.step != "sparse" or (d.architecture in SPARSE_ARCHITECTURES
                               and d.matryoshka_prefixes is None),
-        "train.step", "'sparse' supports jumprelu/topk/batchtopk without "
-        "matryoshka_prefixes", t.step)
+        "train.step", f"'sparse' supports {', '.join(SPARSE_ARCHITECTURES)} "
+        f"without matryoshka_prefixes (not dictionary.architecture="
+        f"{d.architecture!r}, matryoshka_prefixes={d.matryoshka_prefixes!r}):"
+        " use 'dense' or 'autodiff'", t.step)
   _need(c.data.seq_len >= 2, "data.seq_len", "must be at least 2",
         c.data.seq_len)
   _need(c.data.bucket_tokens >= t.batch_size, "data.bucket_tokens",

@@ -5,6 +5,8 @@
             other dictionaries fall back to autodiff
   sparse    the sparsity-aware step (`grads.sparse`): only the active
             (token, latent) pairs enter the decoder and its backward
+            (JumpReLU and TopK SAEs, transcoders and cross-layer
+            transcoders)
   autodiff  `jax.value_and_grad` of `dictionaries.compute_loss`: the
             reference the other two are tested against
 
@@ -47,11 +49,9 @@ def loss_and_grads(module, params: Any, x: jax.Array, *, method: str,
                      f"{method!r}")
   if method == "sparse":
     lo, out, grads = sparse_lib.sparse_loss_and_grads(
-        module, params, x, sparsity_coeff=sparsity_coeff,
+        module, params, x, sparsity_coeff=sparsity_coeff, target=target,
         capacity=sparse_capacity * x.shape[0])
-    fired = jnp.zeros((module.d_sae,), bool).at[out.latent_ids].max(
-        out.values > 0)
-    return lo, fired, grads
+    return lo, out.fired, grads
 
   if method == "dense" and dense_lib.supported(module):
     lo, _, grads, fired = dense_lib.loss_and_grads(
