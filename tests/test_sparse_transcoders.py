@@ -10,8 +10,9 @@ than the capacity triggers. Thresholds sit at per-latent quantiles of the
 pre-activations and the bandwidth is wide, so active, silent and in-window
 pairs all occur (asserted). A CLT's masked decoder blocks are given
 nonzero values: the step must ignore them and give them zero gradient.
-Then the trainer's `Run.step` with train.step='sparse' against 'autodiff'
-for a few steps, and the config check.
+The step vmapped over two dictionaries (as a group run does), the
+trainer's `Run.step` with train.step='sparse' against 'autodiff' for a few
+steps, and the config check.
 """
 
 from __future__ import annotations
@@ -185,6 +186,30 @@ def test_dispatcher_passes_the_target_and_shapes_the_fired_mask(name):
     scale = float(jnp.max(jnp.abs(want_g[k])))
     np.testing.assert_allclose(np.asarray(g[k]), np.asarray(want_g[k]),
                                rtol=1e-4, atol=2e-5 * scale, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["jumprelu_transcoder_skip_preact",
+                                  "topk_clt"])
+def test_vmapped_step_equals_each_member(name):
+  """A group run vmaps the step over stacked dictionaries: the per-layer
+  loops then run to the longest member's list; each member's loss and
+  gradients still equal its own autodiff."""
+  module = CASES[name]()
+  members = [_case(name, seed=s)[1:] for s in (0, 1)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+  n_latents = module.d_sae * getattr(module, "n_layers", 1)
+  lo, _, g = jax.jit(jax.vmap(lambda p, x, y: sparse.sparse_loss_and_grads(
+      module, p, x, sparsity_coeff=COEFF, target=y,
+      capacity=B * n_latents)))(*stacked)
+  assert not np.asarray(lo.aux["overflow"]).any()
+  for i, (params, x, y) in enumerate(members):
+    want, _, want_g = _reference(module, params, x, y)
+    np.testing.assert_allclose(float(lo.total[i]), float(want.total),
+                               rtol=2e-5)
+    for k in want_g:
+      scale = float(jnp.max(jnp.abs(want_g[k])))
+      np.testing.assert_allclose(np.asarray(g[k][i]), np.asarray(want_g[k]),
+                                 rtol=1e-4, atol=2e-5 * scale, err_msg=k)
 
 
 def test_unsupported_inputs_are_refused():
