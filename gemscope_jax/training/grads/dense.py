@@ -154,7 +154,7 @@ def loss_and_grads(module, params: Params, x: jax.Array, *, sparsity_coeff,
     # sparsity_coeff * freq_coeff * sum_i (relu(fired_i / n - m) / m)^2.
     m = module.max_freq
     over = jax.nn.relu(fired / n - m) / m
-    aux["high_freq_loss"] = jnp.sum(jnp.square(over))
+    aux["high_freq_loss"] = jumprelu_lib.frequency_penalty(fired / n, m)
     c_freq = sparsity_coeff * module.freq_coeff
     sparsity = sparsity + c_freq * aux["high_freq_loss"]
     g_th = g_th - (1.0 / eps) * (2.0 * c_freq * over / (m * n)) * window
