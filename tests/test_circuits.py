@@ -227,6 +227,46 @@ def test_prefix_buckets_give_the_same_graph(case, tiny, budget, monkeypatch):
   np.testing.assert_allclose(cut.bias, whole.bias, atol=1e-6)
 
 
+def test_small_batches_give_the_same_graph(case, tiny, monkeypatch):
+  """A batch padded to the smallest power of two that holds its rows (a
+  lone logit row, a round's last few rows) gives the edges a full padded
+  batch gives; the padding rule follows its cost model."""
+  from gemscope_jax.circuits import _attribute
+  pad = _attribute._padded_size
+  work = _attribute._COMPILE_WORK
+  # A lone row on 256 tokens through 18 layers saves more than a compile;
+  # on 6 tokens it does not, until that size has been compiled.
+  assert pad(1, 16, 256, 18, set()) == 1
+  assert pad(3, 16, 256, 18, set()) == 4
+  assert pad(1, 64, 6, 18, set()) == 64
+  assert pad(1, 64, 6, 18, {(1, 6)}) == 1
+  assert pad(9, 16, 256, 1, set()) == 16   # one layer: not worth it
+  assert pad(20, 16, 256, 18, set()) == 16
+  seen = set()
+  size = pad(5, 64, 64, 18, seen)
+  assert size == (8 if 56 * 64 * 18 >= work else 64) and (size, 64) in seen
+  kind, _, _, _ = case
+  params, x, _ = tiny
+  dicts = _dicts(kind, x)
+  kw = dict(batch_size=8, max_feature_nodes=30, update_interval=1)
+  monkeypatch.setattr(_attribute, "_COMPILE_WORK", 10**12)
+  monkeypatch.setattr(_attribute, "_COMPILED_SIZES", set())
+  full = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
+  monkeypatch.setattr(_attribute, "_COMPILE_WORK", 0)
+  sizes = []
+  real = _attribute._rows
+
+  def record(*args):
+    sizes.append(args[5].shape[0])
+    return real(*args)
+  monkeypatch.setattr(_attribute, "_rows", record)
+  small = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
+  assert min(sizes) < 8  # some batch ran unpadded
+  assert small.node_ids() == full.node_ids()
+  np.testing.assert_allclose(small.adjacency, full.adjacency, atol=1e-6)
+  np.testing.assert_allclose(small.bias, full.bias, atol=1e-6)
+
+
 # Prompts of one length; with blocks of 4 features, their feature blocks
 # number differently but fall in the same buckets (see the test).
 _SAME_LENGTH = ([2, 5, 17, 33, 8, 61, 40], [2, 5, 17, 9, 34, 61, 40],
@@ -261,9 +301,11 @@ def test_block_buckets_pad_without_changing_the_graph(tiny, kind,
   a, b = next((i, j) for i in range(len(prompts)) for j in range(i)
               if padded[i] == padded[j] and exact[i] != exact[j])
   graph = circuits.attribute(prompts[a], dicts, TINY, params, batch_size=4)
-  compiled = _attribute._rows._cache_size()
+  programs = lambda: (_attribute._backward_rows._cache_size(),  # noqa: E731
+                      _attribute._feature_rows._cache_size())
+  compiled = programs()
   circuits.attribute(prompts[b], dicts, TINY, params, batch_size=4)
-  assert _attribute._rows._cache_size() == compiled
+  assert programs() == compiled
   monkeypatch.setattr(_attribute, "block_bucket", lambda n: n)
   unpadded = circuits.attribute(prompts[a], dicts, TINY, params,
                                 batch_size=4)

@@ -27,7 +27,11 @@ Cost: a batch of R rows costs one backward pass through the layers up to
 its highest row (`_replacement.backward`), on the prompt's prefix up to
 its last row's position rounded up to 64, 128, 256, ... tokens
 (`prefix_bucket`: a row's gradient is zero after its own position, so the
-edges are the same); rows are sorted by prefix bucket, then layer. Feature
+edges are the same); rows are sorted by prefix bucket, then layer, and a
+batch short of its cap runs at the smallest power of two that holds it
+when that saves more than a compile costs (`_padded_size`: a lone logit
+row on a long prompt no longer carries 15 rows of padding through every
+layer). Feature
 edges are one (R, k * D) x (k * D, 32) product per block of 32 features
 that share a layer and a position (R x features x D work, no gather of
 gradients). Rows per batch shrink for long prefixes (`rows_per_batch`),
@@ -40,6 +44,7 @@ own dimensions (`_partial_influence`), one pass over the rows per ranking.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from typing import Any, Sequence
 
@@ -59,10 +64,15 @@ _BLOCK = 32
 # rows per batch are capped so that this stays under _BATCH_BYTES, which
 # keeps memory linear in prompt length.
 _BATCH_BYTES = 512 << 20
-# Batches smaller than batch_size are compiled only for prompts where a
-# full batch costs more than the compile (`_padded_size`): 64 rows x 64
-# tokens of backward pass take about as long as compiling one more size.
-_SMALL_WORK = 64 * 64
+# Batches smaller than their cap are padded to a power of two, and each
+# (size, prefix) compiles `_backward_rows` once (`_padded_size`). A compile
+# costs about as much as this much backward pass, in rows x tokens x
+# layers: on 2 CPU cores 0.6-0.9 s, against about 25 us a unit (a batch of
+# 21 rows on 256 tokens through 18 layers takes 2.4 s).
+_COMPILE_WORK = 28_000
+# The (rows, prefix) sizes `_backward_rows` has run at in this process:
+# reusing one costs no compile.
+_COMPILED_SIZES: set = set()
 # The shortest prompt prefix a batch of rows runs on (`prefix_bucket`).
 _MIN_PREFIX = 64
 
@@ -103,38 +113,77 @@ def _feature_edges(g, w_dec, block_layer, block_pos, lat, act):
 
 
 @jax.jit
-def _rows(frozen, embed, errors, b_dec, groups, layer, pos, read_vecs,
-          final_vecs):
-  """Edges of a batch of R target rows (`_replacement.backward`'s
-  arguments; best sorted by layer, which sets the batch's cost).
-
-  groups: the features in blocks, per group of layers whose decoders
-  share a shape (`_Blocks`), as `_feature_edges` takes them.
-  Returns (features (R, the groups' block slots), errors (R, L * T),
-  tokens (R, T), bias (R,)).
-  """
-  g_e, g_w = _replacement.backward(frozen, layer, pos, read_vecs,
-                                   final_vecs)         # g_w (L, R, T, D)
+def _backward_rows(frozen, embed, errors, b_dec, layer, pos, read, final):
+  """A batch of R target rows (`_replacement.backward`'s arguments; best
+  sorted by layer, which sets the batch's cost) through the transposed
+  model: (their gradients at every layer's write site (L, R, T, D), error
+  edges (R, L * T), token edges (R, T), bias (R,)). Its program depends
+  only on the prompt's length and R, so that it can compile while the
+  clean pass runs (`_compile_in_background`)."""
+  g_e, g_w = _replacement.backward(frozen, layer, pos, read, final)
   tok = jnp.einsum("rtd,td->rt", g_e, embed, precision=_HIGHEST)
   err = jnp.einsum("lrtd,ltd->rlt", g_w, errors, precision=_HIGHEST)
   bias = jnp.einsum("lrtd,ld->r", g_w, b_dec, precision=_HIGHEST)
+  return g_w, err.reshape(err.shape[0], -1), tok, bias
+
+
+@jax.jit
+def _feature_rows(g_w, groups):
+  """Feature edges (R, the groups' block slots) of the rows whose
+  gradients `_backward_rows` gave; groups: the features in blocks, per
+  group of layers whose decoders share a shape (`_Blocks`), as
+  `_feature_edges` takes them."""
   feats = [_feature_edges(g_w, *group) for group in groups]
-  feats = (jnp.concatenate(feats, axis=1) if feats
-           else jnp.zeros((layer.shape[0], 0), jnp.float32))
-  return feats, err.reshape(err.shape[0], -1), tok, bias
+  return (jnp.concatenate(feats, axis=1) if feats
+          else jnp.zeros((g_w.shape[1], 0), jnp.float32))
 
 
-def _padded_size(rows: int, batch_size: int, num_tokens: int) -> int:
-  """Rows a batch of `rows` is padded to: batch_size, halved while it
-  still holds them (at least 16), so that the few logit rows or a last
-  short batch do not pay for a full one. Each size compiles once (about
-  2 s on 2 CPU cores), more than a full batch of a short prompt costs:
-  below _SMALL_WORK (batch_size x tokens) every batch is full size."""
-  size = batch_size
-  if batch_size * num_tokens < _SMALL_WORK:
-    return size
-  while size // 2 >= max(rows, 16):
-    size //= 2
+def _rows(frozen, embed, errors, b_dec, groups, layer, pos, read, final):
+  """Edges of a batch of R target rows: (features, errors, tokens, bias)
+  as `_backward_rows` and `_feature_rows` give them (two programs; JAX
+  dispatches the second while the first runs)."""
+  g_w, err, tok, bias = _backward_rows(frozen, embed, errors, b_dec, layer,
+                                       pos, read, final)
+  return _feature_rows(g_w, groups), err, tok, bias
+
+
+def _compile_in_background(params, config, tokens, dicts, size: int):
+  """Starts compiling `_backward_rows` for `size` rows on the whole prompt
+  in a thread, from the shapes `freeze` will return (`jax.eval_shape`,
+  which also leaves freeze traced): XLA compiles without Python's lock, so
+  on a short prompt this overlaps the clean pass's compile instead of
+  following it (about half a second of a first call on 2 CPU cores).
+  Returns the thread; join it before the first batch."""
+  args = _replacement.freeze_args(params, config, tokens, dicts)
+  frozen, clean = jax.eval_shape(_replacement.freeze, *args)
+  L, T, D = frozen.g_pre_ffw.shape
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+  i32 = jax.ShapeDtypeStruct((size,), jnp.int32)
+  shapes = (frozen, clean["embed"], f32(L, T, D), f32(L, D), i32, i32,
+            f32(size, D), f32(size, D))
+  thread = threading.Thread(
+      target=lambda: _backward_rows.lower(*shapes).compile(), daemon=True)
+  thread.start()
+  return thread
+
+
+def _padded_size(rows: int, cap: int, num_tokens: int, layers: int,
+                 compiled: set) -> int:
+  """Rows a batch of `rows` is padded to: `cap`, or the smallest power of
+  two that holds them when that size is already compiled for this prefix
+  (`compiled`, a set of (size, num_tokens) that this records into) or when
+  the padding it saves, (cap - size) x num_tokens x `layers` (the layers
+  its backward pass runs), costs more than compiling it (_COMPILE_WORK).
+  A short prompt keeps one size; a long one pays one more compile to run a
+  lone logit row or the few rows one re-ranking round leaves on a long
+  prefix without 15 rows of padding through every layer."""
+  size = 1 << max(rows - 1, 0).bit_length()
+  if size >= cap:
+    size = cap
+  elif ((size, num_tokens) not in compiled
+        and (cap - size) * num_tokens * layers < _COMPILE_WORK):
+    size = cap
+  compiled.add((size, num_tokens))
   return size
 
 
@@ -305,8 +354,19 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
     tokens = np.asarray(tokens_or_prompt, np.int32).reshape(-1)
   if len(tokens) < 2:
     raise ValueError("attribute: needs at least 2 tokens (BOS and one more)")
-  rep = _replacement.build(params, config, tokens, dictionaries)
-  L, T = config.num_layers, len(tokens)
+  dicts = (dictionaries if isinstance(dictionaries, _replacement.Dictionaries)
+           else _replacement.Dictionaries.of(dictionaries, config))
+  L, T, D = config.num_layers, len(tokens), config.d_model
+  # Rows per batch on the whole prompt; batches on a shorter prefix hold
+  # more (`rows_per_batch` of their prefix), up to batch_size.
+  full_batch = rows_per_batch(batch_size, L, T, D)
+  # A short prompt runs every batch on the whole prompt at full_batch rows
+  # (`_padded_size`), and compiling is most of its first call.
+  warm = None
+  if T <= _MIN_PREFIX:
+    warm = _compile_in_background(params, config, tokens, dicts, full_batch)
+    _COMPILED_SIZES.add((full_batch, T))
+  rep = _replacement.build(params, config, tokens, dicts)
   logits = np.asarray(rep.clean["logits"], np.float64)
   if target_tokens is None:
     logit_ids, logit_p = salient_logits(logits, desired_prob=desired_logit_prob,
@@ -321,17 +381,14 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
                                                        n_act)
 
   # On the host: as eager jnp ops each of these compiles a program first
-  # (about half a second of a short prompt's first call).
+  # (about half a second of a short prompt's first call). The embedding
+  # mean is the model's, computed once (`_replacement.derived`).
   emb = np.asarray(rep.embedding)
-  demeaned = emb[logit_ids] - emb.mean(axis=0, dtype=np.float64).astype(
-      np.float32)
-  D = config.d_model
-  # Rows per batch on the whole prompt; batches on a shorter prefix hold
-  # more (`rows_per_batch` of their prefix), up to batch_size.
-  full_batch = rows_per_batch(batch_size, L, T, D)
+  demeaned = emb[logit_ids] - rep.embedding_mean
   blocks = _Blocks(rep)
   b_dec = jnp.asarray(rep.dicts.b_dec)
   prefixes = {}
+  compiled = _COMPILED_SIZES
 
   def on_prefix(prefix: int):
     """The linear model's inputs cut to the first `prefix` positions."""
@@ -374,7 +431,9 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
       end = min(s + cap, s + int(other[0]) if len(other) else len(rows))
       chunk = rows[s:end]
       r = len(chunk)
-      size = _padded_size(r, cap, p_len)
+      top = max(L - 1 if row < 0 else int(rep.features[row, 0])
+                for row in chunk)
+      size = _padded_size(r, cap, p_len, top + 1, compiled)
       layer = np.zeros(size, np.int32)
       pos = np.zeros(size, np.int32)
       read = np.zeros((size, D), np.float32)
@@ -401,6 +460,8 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
       buf_sums[at + s:at + end] = np.abs(block).sum(1, dtype=np.float64)
       s = end
 
+  if warm is not None:
+    warm.join()
   run(np.arange(-1, -1 - n_log, -1), 0)
   t1 = time.perf_counter()
   # The node (column) each filled row of buf stands for.

@@ -26,6 +26,7 @@ which is fine for tests and small batches but not for a hot loop (use
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -50,6 +51,26 @@ def check_shape(file: str, key: str, got: tuple[int, ...],
   if tuple(got) != tuple(expected):
     raise FormatError(f"{file}: {key} has shape {tuple(got)}, expected "
                       f"{tuple(expected)} ({why})")
+
+
+@functools.partial(jax.jit, static_argnames=("architecture", "k"))
+def _encode(x, w_enc, b_enc, shift, threshold, *, architecture, k):
+  """`InferenceDictionary.encode` as one program per input shape (run op by
+  op, its five operations compiled five programs on first use: a third of
+  a second of a short attribution's first call)."""
+  if shift is not None:
+    x = x - shift
+  pre = jnp.matmul(x, w_enc, precision=_HIGHEST) + b_enc
+  acts = jax.nn.relu(pre)
+  if architecture == "jumprelu":
+    return acts * (pre > threshold).astype(acts.dtype)
+  if architecture == "topk":
+    _, idx = jax.lax.top_k(acts, k)
+    mask = jnp.put_along_axis(jnp.zeros_like(acts), idx,
+                              jnp.ones(idx.shape, acts.dtype), axis=-1,
+                              inplace=False)
+    return acts * mask
+  return acts
 
 
 def check_finite(file: str, arrays: dict[str, np.ndarray]) -> None:
@@ -177,17 +198,9 @@ class InferenceDictionary:
 
   def encode(self, x) -> jax.Array:
     """(..., d_in) raw activations -> (..., d_sae) fp32 latents."""
-    pre = self.pre_acts(x)
-    acts = jax.nn.relu(pre)
-    if self.architecture == "jumprelu":
-      return acts * (pre > self.threshold).astype(acts.dtype)
-    if self.architecture == "topk":
-      _, idx = jax.lax.top_k(acts, self.k)
-      mask = jnp.put_along_axis(jnp.zeros_like(acts), idx,
-                                jnp.ones(idx.shape, acts.dtype), axis=-1,
-                                inplace=False)
-      return acts * mask
-    return acts
+    return _encode(jnp.asarray(x, jnp.float32), self.w_enc, self.b_enc,
+                   self.b_dec if self.pre_enc_bias else None, self.threshold,
+                   architecture=self.architecture, k=self.k)
 
   def decode(self, latents, x=None) -> jax.Array:
     """Latents -> (..., d_out) reconstruction; an affine transcoder also
