@@ -85,30 +85,32 @@ def rows_per_batch(batch_size: int, num_layers: int, num_tokens: int,
   return int(max(1, min(batch_size, _BATCH_BYTES // per_row)))
 
 
-def _feature_edges(g, w_dec, block_layer, block_pos, lat, act):
+def _feature_edges(g, w_dec, block_pos, rows, act):
   """Edges from a group of layers' features to R target rows.
 
   g: (L, R, T, D) the rows' gradients at every layer's write site;
-  w_dec: (G, S, k, D) the decoders of the group's G layers (a latent of
-  model layer l writes layers l .. l + k - 1); per block of _BLOCK
-  features: block_layer (B,) its layer's index in w_dec, block_pos (B, 2)
-  its (model layer, position), lat and act (B, _BLOCK) its latents and
+  w_dec: (G * S, k, D) the decoders of the group's G layers, one after
+  the other (a latent of model layer l writes layers l .. l + k - 1);
+  per block of _BLOCK features: block_pos (B, 2) its (model layer,
+  position), rows and act (B, _BLOCK) its latents' rows of w_dec and
   activations (padding has act 0). Returns (R, B * _BLOCK):
-  act * sum_{k, d} g[layer + k, r, pos, d] * w_dec[lat, k, d], one
+  act * sum_{k, d} g[layer + k, r, pos, d] * w_dec[row, k, d], one
   (R, k * D) x (k * D, _BLOCK) product per block (R x features x k x D).
+  w_dec comes flat, as the caller holds it: a reshape here made XLA copy
+  the whole stack into the loop's state on every call (47 MB for 18
+  width-1024 transcoders).
   """
   r, d = g.shape[1], g.shape[3]
-  n, s, k = w_dec.shape[:3]
-  flat = w_dec.reshape(n * s, k, d)  # one gather of a block's rows
+  k = w_dec.shape[1]
 
   def block(args):
-    i, at, f, a = args
-    rows = jax.lax.dynamic_slice(g, (at[0], 0, at[1], 0), (k, r, 1, d))
-    vecs = jnp.take(flat, i * s + f, axis=0) * a[:, None, None]  # (C, k, D)
-    return jnp.einsum("krd,ckd->rc", rows[:, :, 0], vecs,
+    at, f, a = args
+    grads = jax.lax.dynamic_slice(g, (at[0], 0, at[1], 0), (k, r, 1, d))
+    vecs = jnp.take(w_dec, f, axis=0) * a[:, None, None]  # (C, k, D)
+    return jnp.einsum("krd,ckd->rc", grads[:, :, 0], vecs,
                       precision=_HIGHEST)
 
-  out = jax.lax.map(block, (block_layer, block_pos, lat, act))  # (B, R, C)
+  out = jax.lax.map(block, (block_pos, rows, act))  # (B, R, C)
   return jnp.swapaxes(out, 0, 1).reshape(r, -1)
 
 
@@ -206,15 +208,16 @@ class _Blocks:
     for l, w in enumerate(rep.dicts.w_dec):
       if w is not None:
         shapes.setdefault(tuple(w.shape), []).append(l)
-    self.groups = []  # per group: (w_dec, block_layer, block_pos, lat, act)
+    self.groups = []  # per group: (w_dec, block_pos, rows, act)
     feature_slot = np.zeros(len(rep.features), np.int64)
     feature_group = np.zeros(len(rep.features), np.int64)
     by_layer = rep.features_by_layer()
     first_row = np.searchsorted(rep.features[:, 0],
                                 np.arange(len(by_layer)))
     for gi, layers in enumerate(shapes.values()):
-      lay, pos_all, lat_all, act_all = [], [], [], []
+      pos_all, lat_all, act_all = [], [], []
       size = 0
+      s = rep.dicts.w_dec[layers[0]].shape[0]  # decoder rows per layer
       for i, l in enumerate(layers):
         f_l, a_l = by_layer[l]
         if not len(f_l):
@@ -233,17 +236,16 @@ class _Blocks:
         feature_slot[rows] = size + slot
         feature_group[rows] = gi
         size += len(lat)
-        lay.append(np.full(blocks.sum(), i, np.int32))
         pos_all.append(np.stack([np.full(blocks.sum(), l),
                                  np.repeat(pos, blocks)], 1).astype(np.int32))
-        lat_all.append(lat.reshape(-1, _BLOCK))
+        lat_all.append((i * s + lat).reshape(-1, _BLOCK))
         act_all.append(act.reshape(-1, _BLOCK))
-      if not lay:
+      if not pos_all:
         continue
-      w_dec = jnp.asarray(np.stack([rep.dicts.w_dec[l] for l in layers]),
-                          jnp.float32)
+      w_dec = jnp.asarray(np.concatenate([rep.dicts.w_dec[l]
+                                          for l in layers]), jnp.float32)
       self.groups.append((w_dec, *(np.concatenate(x) for x in (
-          lay, pos_all, lat_all, act_all))))
+          pos_all, lat_all, act_all))))
     self.feature_slot, self.feature_group = feature_slot, feature_group
     self._cache = {}
 
@@ -253,7 +255,7 @@ class _Blocks:
     if prefix not in self._cache:
       groups, have, cols = [], [], []
       offset = 0
-      for gi, (w_dec, lay, pos, lat, act) in enumerate(self.groups):
+      for gi, (w_dec, pos, lat, act) in enumerate(self.groups):
         keep = pos[:, 1] < prefix
         if not keep.any():
           continue
@@ -269,10 +271,10 @@ class _Blocks:
         # prompt of this length usually reuses the compiled program. A
         # padding block reads the first block's (layer, position) with
         # activation 0, and its columns are never read.
-        kept = [x[keep] for x in (lay, pos, lat, act)]
+        kept = [x[keep] for x in (pos, lat, act)]
         extra = block_bucket(len(kept[0])) - len(kept[0])
-        fill = [np.zeros_like(kept[0][:1]), kept[1][:1],
-                np.zeros_like(kept[2][:1]), np.zeros_like(kept[3][:1])]
+        fill = [kept[0][:1], np.zeros_like(kept[1][:1]),
+                np.zeros_like(kept[2][:1])]
         kept = [np.concatenate([x, np.repeat(f, extra, axis=0)])
                 for x, f in zip(kept, fill)]
         offset += len(kept[0]) * _BLOCK
