@@ -156,8 +156,9 @@ def _compile_in_background(params, config, tokens, dicts, size: int):
   on a short prompt this overlaps the clean pass's compile instead of
   following it (about half a second of a first call on 2 CPU cores).
   Returns the thread; join it before the first batch."""
-  args = _replacement.freeze_args(params, config, tokens, dicts)
-  frozen, clean = jax.eval_shape(_replacement.freeze, *args)
+  frozen, clean = jax.eval_shape(
+      _replacement.freeze,
+      *_replacement.freeze_args(params, config, tokens, dicts, abstract=True))
   L, T, D = frozen.g_pre_ffw.shape
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
   i32 = jax.ShapeDtypeStruct((size,), jnp.int32)
@@ -384,7 +385,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
 
   # On the host: as eager jnp ops each of these compiles a program first
   # (about half a second of a short prompt's first call). The embedding
-  # mean is the model's, computed once (`_replacement.derived`).
+  # mean is the model's, computed once (`_replacement.embedding_mean`).
   emb = np.asarray(rep.embedding)
   demeaned = emb[logit_ids] - rep.embedding_mean
   blocks = _Blocks(rep)

@@ -140,36 +140,30 @@ def backward(frozen: Frozen, layer: jax.Array, pos: jax.Array,
   return ct, g_writes
 
 
-# What attribution derives from the newest model's weights: (that model's
-# leaves, {name: value}). One model at a time: a second copy of its layers
-# (400 MB for the 270M) beside the weights, instead of stacking them again
-# in every clean pass, and the embedding mean instead of a pass over the
-# 262k-row table per prompt (together about half a second of a short
-# prompt's call on 2 CPU cores).
-_DERIVED: list = []
+# The embedding mean of the newest model seen: (its embedding table, the
+# mean), instead of a pass over the 262k-row table per prompt (0.15-0.2 s
+# of a short prompt's call on 2 CPU cores).
+_EMBEDDING_MEAN: list = []
+
+
+def embedding_mean(params: Any) -> np.ndarray:
+  """(D,) float32 mean of the embedding rows (float64 sums), kept for the
+  newest `params` seen."""
+  table = params["embedder"]["input_embedding"]
+  if not (_EMBEDDING_MEAN and _EMBEDDING_MEAN[0] is table):
+    mean = np.asarray(table, np.float32).mean(axis=0, dtype=np.float64)
+    _EMBEDDING_MEAN[:] = [table, mean.astype(np.float32)]
+  return _EMBEDDING_MEAN[1]
 
 
 @jax.jit
 def _stack(trees):
-  """One program for the whole stack (op by op, a program per leaf shape)."""
+  """The layers' weights stacked on a leading axis, as the clean pass's
+  scan reads them: one optimised program (inside `freeze`, compiled at
+  -O0, the same copies took a third of a second at 6 tokens). Not kept
+  between prompts: a second copy of every layer is too much to hold for
+  the large models."""
   return jax.tree.map(lambda *w: jnp.stack(w), *trees)
-
-
-def derived(params: Any, num_layers: int) -> dict:
-  """{'layers': params' layer_0 .. layer_{L-1} stacked on a leading axis,
-  as the clean pass's scan reads them; 'embedding_mean': (D,) float32 mean
-  of the embedding rows (float64 sums)}, kept for the newest `params`."""
-  leaves = jax.tree.leaves([params["embedder"]] + [
-      params[f"layer_{l}"] for l in range(num_layers)])
-  if _DERIVED and len(_DERIVED[0]) == len(leaves) and all(
-      a is b for a, b in zip(_DERIVED[0], leaves)):
-    return _DERIVED[1]
-  emb = np.asarray(params["embedder"]["input_embedding"], np.float32)
-  out = {"layers": _stack([params[f"layer_{l}"] for l in range(num_layers)]),
-         "embedding_mean": emb.mean(axis=0, dtype=np.float64).astype(
-             np.float32)}
-  _DERIVED[:] = [leaves, out]
-  return out
 
 
 def _inv_rms(x, eps):
@@ -426,14 +420,21 @@ class LocalReplacement:
 
 
 def freeze_args(params, config: models.Gemma3Config, tokens,
-                dicts: Dictionaries) -> tuple:
+                dicts: Dictionaries, abstract: bool = False) -> tuple:
   """`freeze`'s arguments for a prompt (T,) through `dicts`: only the
   weights the clean pass reads outside its layers, and the layers stacked
-  (`derived`)."""
+  (`_stack`); with `abstract`, the stack's and the skips' shapes only (for
+  `jax.eval_shape`), without copying anything."""
   outer = {k: params[k] for k in ("embedder", "final_norm")}
-  skip = None if dicts.skip is None else jnp.asarray(dicts.skip)
-  return (outer, derived(params, config.num_layers)["layers"], config,
-          jnp.asarray(tokens, jnp.int32), skip)
+  per_layer = [params[f"layer_{l}"] for l in range(config.num_layers)]
+  if abstract:
+    layers = jax.eval_shape(_stack, per_layer)
+    skip = (None if dicts.skip is None
+            else jax.ShapeDtypeStruct(dicts.skip.shape, jnp.float32))
+  else:
+    layers = _stack(per_layer)
+    skip = None if dicts.skip is None else jnp.asarray(dicts.skip)
+  return (outer, layers, config, jnp.asarray(tokens, jnp.int32), skip)
 
 
 def build(params, config: models.Gemma3Config, tokens,
@@ -471,7 +472,7 @@ def build(params, config: models.Gemma3Config, tokens,
   embedding = jnp.asarray(params["embedder"]["input_embedding"], jnp.float32)
   return LocalReplacement(
       tokens, frozen, clean, dicts, features, values, errors, embedding,
-      derived(params, config.num_layers)["embedding_mean"])
+      embedding_mean(params))
 
 
 # The public name of `build` (the package face cannot export a name that
