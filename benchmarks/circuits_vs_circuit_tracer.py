@@ -33,8 +33,8 @@ per batch of 64 rows there, would need about 5 hours).
 
 Notes:
   - attr s is the attribute call alone (ours includes its JAX compiles and
-    tracing, as a user's single call does: about 5 of a first call's 7-10 s
-    at 6 tokens); wall s is the whole child (interpreter start, model load:
+    tracing, as a user's single call does: about 2.2 of a first call's
+    4.4 s at 6 tokens); wall s is the whole child (interpreter start, model load:
     5-15 s). time x and mem x = anchor / ours, of attr s and of peak GB.
   - the anchor's forward pass runs the prompt as batch-size rows and keeps
     the full logits, (batch, T, 262144) float32: 4.3 GB at 64 x 64, 17 GB
@@ -45,50 +45,42 @@ Notes:
     workdir and reused; pass --workdir to keep them (default: a fresh temp
     dir, not removed).
 
-Validated (2 cores shared with the test suite, 2026-11-29, commit
-c4300ea: prefix buckets, one feature-edge loop per decoder shape, partial
-influence in the computed rows' dimensions, freeze at -O0; --lengths 6,64
---workdir /tmp/cvct --repeat 2). call 1 is the first attribute call in a
-fresh process with an empty XLA compile cache (ours pays every compile
-there), call 2 the same prompt again in that process, "cached" a fresh
-process that finds its programs in the compile cache call 1 filled (as a
-second `gemscope attribute` run does); its time x is the anchor's call 1
-over it:
-    side       call tokens         features   attr s   wall s  peak GB  time x  mem x
-    ours          1      6     500/8658         10.2     17.7     1.88    1.00   1.00
-    ours          2      6     500/8658          2.4     17.7     1.96    1.00   1.00
-    ours     cached      6     500/8658          6.3      9.3     1.87    2.98   1.23
-    anchor        1      6     500/8658         18.7     49.8     2.29    1.84   1.22
-    anchor        2      6     500/8658         20.2     49.8     2.32    8.34   1.18
-    ours          1      6    8658/8658         44.1     82.7     2.34    1.00   1.00
-    ours          2      6    8658/8658         34.5     82.7     2.67    1.00   1.00
-    ours     cached      6    8658/8658         35.0     38.4     2.31    4.00   1.08
-    anchor        1      6    8658/8658        139.9    288.8     2.50    3.17   1.07
-    anchor        2      6    8658/8658        136.7    288.8     2.83    3.96   1.06
-    ours          1     64     500/86688        19.3     35.0     2.41    1.00   1.00
-    ours          2     64     500/86688        11.6     35.0     2.52    1.00   1.00
-    ours     cached     64     500/86688        16.7     20.7     2.40    4.99   3.18
-    anchor        1     64     500/86688        83.4    179.0     7.63    4.32   3.17
-    anchor        2     64     500/86688        82.7    179.0     7.88    7.16   3.13
-  Ours' first call at 6 tokens is mostly compiling and tracing (quiet
-  machine, in process: the clean pass traces in 1.0 s and compiles in
-  1.6 s, `_rows` compiles in 1.2 s, of a 6.9 s call whose second run
-  takes 1.4 s); under the suite's load it is 10.2 s, 1.8x the anchor's.
+Validated (a quiet 2-core machine, 2026-11-30): commit bb9580c,
+`--lengths 6,64 --all-features-up-to 0 --repeat 2 --workdir /tmp/cvct`;
+`--lengths 256 --all-features-up-to 0 --batch-size 16 --repeat 1` on the
+tree just before bb9580c (its last change, the background compile, is for
+prompts of 64 tokens or fewer); every feature at 6 tokens from the default run at commit af7ea60 (which
+still kept a second copy of the stacked layers, 0.4 GB). call 1 is the
+first attribute call in a fresh process with an empty XLA compile cache
+(ours pays every compile there), call 2 the same prompt again in that
+process, "cached" a fresh process that finds its programs in the compile
+cache call 1 filled (as a second `gemscope attribute` run does); time x
+is the anchor's call 1 over ours:
+    side       call tokens         features   attr s   wall s  peak GB  time x
+    ours          1      6     500/8658          4.4      9.1     2.09    2.48
+    ours          2      6     500/8658          1.8      9.1     2.19    6.06
+    ours     cached      6     500/8658          2.6      5.2     1.98    4.19
+    anchor        1      6     500/8658         10.9     30.7     2.30
+    ours          1      6    8658/8658         20.0     37.6     2.87    3.64
+    ours          2      6    8658/8658         14.6     37.6     3.18    4.98
+    ours     cached      6    8658/8658         16.8     19.3     2.69    4.33
+    anchor        1      6    8658/8658         72.7    152.1     2.52
+    ours          1     64     500/86688        10.2     20.6     2.35    4.43
+    ours          2     64     500/86688         7.5     20.6     2.35    6.03
+    ours     cached     64     500/86688         8.7     11.1     2.23    5.20
+    anchor        1     64     500/86688        45.2     97.9     8.02
+    ours          1    256     500/294525       26.6     29.1     3.11    2.79
+    ours     cached    256     500/294525       21.7     24.4     3.04    3.42
+    anchor        1    256     500/294527       74.3     83.4     9.78
+  (one feature more is active on the anchor's side at 256 tokens: a
+  pre-activation at its threshold rounds differently.) Short of 3x: the
+  first calls at 6 tokens with 500 nodes and at 256 tokens, where what is
+  left is compiling (README, "Circuit tracing").
 
-  256 tokens (--lengths 256 --all-features-up-to 0 --batch-size 16
-  --repeat 1, same commit, quiet machine: the anchor needs 9.6 GB):
-    side       call tokens         features   attr s   wall s  peak GB  time x  mem x
-    ours          1    256     500/294528       43.6     47.6     3.70    1.00   1.00
-    ours     cached    256     500/294528       41.9     44.5     3.67    2.44   2.62
-    anchor        1    256     500/294527      102.1    115.2     9.62    2.34   2.60
-  (one feature more is active on our side: a pre-activation at its
-  threshold rounds differently). In process, a second call takes 32 s:
-  20 s of backward passes (41 batches on prefixes of 64, 128 and 256
-  tokens), 6 s of re-ranking by partial influence, 3.5 s of clean pass.
-  Peak memory grows linearly with prompt length on our side (1.88, 2.41,
-  3.70 GB at 6, 64, 256 tokens), the anchor's with its batch x tokens x
-  vocabulary logits (2.29, 7.63 GB at batch 64; 9.62 GB at batch 16 and
-  256 tokens).
+  Earlier (commit c4300ea, 2 cores shared with the test suite): ours 10.2
+  / 2.4 / 6.3 s against 18.7 s at 6 tokens, 44.1 / 34.5 / 35.0 s against
+  139.9 s with every feature, 19.3 / 11.6 / 16.7 s against 83.4 s at 64
+  tokens; quiet, 256 tokens: 43.6 / - / 41.9 s against 102.1 s.
 
   The run before this one (commit b723856, same conditions): 6 tokens
   12.4 / 3.0 / 6.1 s against 19.5 s, every feature 54.4 / 34.1 / 39.8 s
