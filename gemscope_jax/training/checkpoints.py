@@ -146,6 +146,27 @@ def open_existing(workdir: str | pathlib.Path, verb: str) -> Checkpoints:
   return ckpts
 
 
+def restore_existing(workdir: str | pathlib.Path, abstract_state,
+                     verb: str) -> tuple[int, Any, dict, dict]:
+  """The newest readable checkpoint of an existing run (`open_existing`,
+  then `Checkpoints.restore_latest`): (step, state, data, config).
+
+  Raises:
+    errors.RunError: every checkpoint is unreadable (they are set aside in
+      workdir/corrupt).
+  """
+  workdir = pathlib.Path(workdir)
+  ckpts = open_existing(workdir, verb)
+  try:
+    restored = ckpts.restore_latest(abstract_state)
+  finally:
+    ckpts.close()
+  if restored is None:
+    raise errors.RunError(f"{workdir}: no readable checkpoint (the "
+                          f"unreadable ones are in {workdir / 'corrupt'})")
+  return restored
+
+
 def _reason(e: BaseException) -> str:
   """The first line of a restore error, short: tensorstore's messages run
   to several lines of paths and JSON."""

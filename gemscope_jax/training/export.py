@@ -126,14 +126,12 @@ def from_workdir(workdir: str | os.PathLike
           f"{workdir}: a group run ({names}); each member is exported to "
           f"{workdir / 'export'}/{{site}}/layer_{{L}}/ (Gemma Scope 2 "
           "layout): load or evaluate those folders with --dictionary")
-    run = Run(plan)
-    restored = ckpts.restore_latest(run.abstract_state)
   finally:
     ckpts.close()
-  if restored is None:
-    raise errors.RunError(f"{workdir}: no readable checkpoint (the "
-                          f"unreadable ones are in {workdir / 'corrupt'})")
-  return from_state(run, restored[1])
+  run = Run(plan)
+  _, state, _, _ = ckpt_lib.restore_existing(workdir, run.abstract_state,
+                                             "export")
+  return from_state(run, state)
 
 
 def export(run: Run, state, workdir: pathlib.Path) -> pathlib.Path:

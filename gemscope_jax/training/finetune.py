@@ -245,15 +245,8 @@ def _check_resumable(saved: dict, config_json: dict,
 
 
 def _source_state(run: Run, source: pathlib.Path):
-  ckpts = ckpt_lib.open_existing(source, "fine-tune")
-  try:
-    restored = ckpts.restore_latest(run.abstract_state)
-  finally:
-    ckpts.close()
-  if restored is None:
-    raise errors.RunError(f"{source}: no readable checkpoint (the "
-                          f"unreadable ones are in {source / 'corrupt'})")
-  step, state, _, saved = restored
+  step, state, _, saved = ckpt_lib.restore_existing(
+      source, run.abstract_state, "fine-tune")
   return step, state, saved
 
 
