@@ -138,9 +138,12 @@ def _print_metrics(metrics: dict) -> None:
           "dense_fraction", "clean_loss", "spliced_loss",
           "zero_ablation_loss")
   shown = {k: metrics[k] for k in keys if k in metrics}
+  # A group's metrics count tokens per member ("layer_2/transcoder/...").
+  tokens = metrics.get("num_tokens", next(
+      (v for k, v in metrics.items() if k.endswith("/num_tokens")), 0))
   if shown:
     print("held-out evaluation (" + str(metrics.get("eval_text", "")) + ", "
-          + f"{metrics.get('num_tokens', 0):,} tokens):")
+          + f"{tokens:,} tokens):")
     for k, v in shown.items():
       print(f"  {k:<20} {v:.4f}" if isinstance(v, float) else
             f"  {k:<20} {v}")

@@ -78,3 +78,15 @@ def test_activations_command_bad_input(tmp_path, capsys):
                  "layer_3/residual", "--out", str(out)])
   assert rc == 2 and "'residual'" in capsys.readouterr().err
   assert not out.exists()
+
+
+def test_metrics_header_counts_a_groups_tokens(capsys):
+  """A group run's metrics count tokens per member; the header shows
+  them rather than 0."""
+  from gemscope_jax import cli
+  cli._print_metrics({"eval_text": "english_heldout", "l0": 60.0,
+                      "layer_2/transcoder/num_tokens": 32512,
+                      "layer_6/transcoder/num_tokens": 32512})
+  assert "(english_heldout, 32,512 tokens)" in capsys.readouterr().out
+  cli._print_metrics({"eval_text": "t", "l0": 1.0, "num_tokens": 7})
+  assert "(t, 7 tokens)" in capsys.readouterr().out
