@@ -45,37 +45,43 @@ Notes:
     workdir and reused; pass --workdir to keep them (default: a fresh temp
     dir, not removed).
 
-Validated (a quiet 2-core machine, 2026-11-30): commit bb9580c,
-`--lengths 6,64 --all-features-up-to 0 --repeat 2 --workdir /tmp/cvct`;
-`--lengths 256 --all-features-up-to 0 --batch-size 16 --repeat 1` on the
-tree just before bb9580c (its last change, the background compile, is for
-prompts of 64 tokens or fewer); every feature at 6 tokens from the default run at commit af7ea60 (which
-still kept a second copy of the stacked layers, 0.4 GB). call 1 is the
-first attribute call in a fresh process with an empty XLA compile cache
-(ours pays every compile there), call 2 the same prompt again in that
-process, "cached" a fresh process that finds its programs in the compile
-cache call 1 filled (as a second `gemscope attribute` run does); time x
-is the anchor's call 1 over ours:
+Validated (a quiet 2-core machine, 2026-11-30), three runs: commit
+4d34e0f, `--lengths 6 --all-features-up-to 0 --repeat 2 --workdir
+/tmp/cvct` and `--lengths 256 --all-features-up-to 0 --batch-size 16
+--repeat 1`; commit bb9580c, `--lengths 6,64 --all-features-up-to 0
+--repeat 2`; every feature at 6 tokens from the default run at commit
+af7ea60 (which still kept a second copy of the stacked layers, 0.4 GB).
+call 1 is the first attribute call in a fresh process with an empty XLA
+compile cache (ours pays every compile there), call 2 the same prompt
+again in that process, "cached" a fresh process that finds its programs
+in the compile cache call 1 filled (as a second `gemscope attribute` run
+does); time x is the same run's anchor call 1 over ours:
     side       call tokens         features   attr s   wall s  peak GB  time x
+    ours          1      6     500/8658          4.0      8.4     2.14    2.20
+    ours          2      6     500/8658          1.7      8.4     2.30    5.18
+    ours     cached      6     500/8658          2.7      5.6     1.99    3.26
+    anchor        1      6     500/8658          8.8     25.4     2.29
+    ours          1    256     500/294525       25.2     27.9     3.21    3.15
+    ours     cached    256     500/294525       21.7     24.7     3.03    3.66
+    anchor        1    256     500/294527       79.5     87.5     9.65
+  bb9580c:
     ours          1      6     500/8658          4.4      9.1     2.09    2.48
     ours          2      6     500/8658          1.8      9.1     2.19    6.06
     ours     cached      6     500/8658          2.6      5.2     1.98    4.19
     anchor        1      6     500/8658         10.9     30.7     2.30
-    ours          1      6    8658/8658         20.0     37.6     2.87    3.64
-    ours          2      6    8658/8658         14.6     37.6     3.18    4.98
-    ours     cached      6    8658/8658         16.8     19.3     2.69    4.33
-    anchor        1      6    8658/8658         72.7    152.1     2.52
     ours          1     64     500/86688        10.2     20.6     2.35    4.43
     ours          2     64     500/86688         7.5     20.6     2.35    6.03
     ours     cached     64     500/86688         8.7     11.1     2.23    5.20
     anchor        1     64     500/86688        45.2     97.9     8.02
-    ours          1    256     500/294525       26.6     29.1     3.11    2.79
-    ours     cached    256     500/294525       21.7     24.4     3.04    3.42
-    anchor        1    256     500/294527       74.3     83.4     9.78
+  af7ea60:
+    ours          1      6    8658/8658         20.0     37.6     2.87    3.64
+    ours          2      6    8658/8658         14.6     37.6     3.18    4.98
+    ours     cached      6    8658/8658         16.8     19.3     2.69    4.33
+    anchor        1      6    8658/8658         72.7    152.1     2.52
   (one feature more is active on the anchor's side at 256 tokens: a
   pre-activation at its threshold rounds differently.) Short of 3x: the
-  first calls at 6 tokens with 500 nodes and at 256 tokens, where what is
-  left is compiling (README, "Circuit tracing").
+  first call at 6 tokens with 500 nodes, where what is left is compiling
+  (README, "Circuit tracing").
 
   Earlier (commit c4300ea, 2 cores shared with the test suite): ours 10.2
   / 2.4 / 6.3 s against 18.7 s at 6 tokens, 44.1 / 34.5 / 35.0 s against
