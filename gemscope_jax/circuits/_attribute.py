@@ -412,7 +412,6 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   blocks = _Blocks(rep)
   b_dec = jnp.asarray(rep.dicts.b_dec)
   prefixes = {}
-  compiled = _COMPILED_SIZES
 
   def on_prefix(prefix: int):
     """The linear model's inputs cut to the first `prefix` positions."""
@@ -450,7 +449,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
       r = len(chunk)
       top = max(L - 1 if row < 0 else int(rep.features[row, 0])
                 for row in chunk)
-      size = _padded_size(r, cap, p_len, top + 1, compiled)
+      size = _padded_size(r, cap, p_len, top + 1, _COMPILED_SIZES)
       layer = np.zeros(size, np.int32)
       pos = np.zeros(size, np.int32)
       read = np.zeros((size, D), np.float32)

@@ -53,14 +53,20 @@ def check_shape(file: str, key: str, got: tuple[int, ...],
                       f"{tuple(expected)} ({why})")
 
 
+def _pre_acts(x, w_enc, b_enc, shift):
+  """Pre-activations of fp32 x: (x - shift) @ w_enc + b_enc (no shift when
+  None: the SAELens input subtraction is folded away or absent)."""
+  if shift is not None:
+    x = x - shift
+  return jnp.matmul(x, w_enc, precision=_HIGHEST) + b_enc
+
+
 @functools.partial(jax.jit, static_argnames=("architecture", "k"))
 def _encode(x, w_enc, b_enc, shift, threshold, *, architecture, k):
   """`InferenceDictionary.encode` as one program per input shape (run op by
   op, its five operations compiled five programs on first use: a third of
   a second of a short attribution's first call)."""
-  if shift is not None:
-    x = x - shift
-  pre = jnp.matmul(x, w_enc, precision=_HIGHEST) + b_enc
+  pre = _pre_acts(x, w_enc, b_enc, shift)
   acts = jax.nn.relu(pre)
   if architecture == "jumprelu":
     return acts * (pre > threshold).astype(acts.dtype)
@@ -191,16 +197,20 @@ class InferenceDictionary:
 
   def pre_acts(self, x) -> jax.Array:
     """(..., d_in) raw activations -> (..., d_sae) fp32 pre-activations."""
-    x = jnp.asarray(x, jnp.float32)
-    if self.pre_enc_bias:
-      x = x - self.b_dec
-    return jnp.matmul(x, self.w_enc, precision=_HIGHEST) + self.b_enc
+    return _pre_acts(jnp.asarray(x, jnp.float32), self.w_enc, self.b_enc,
+                     self._shift)
 
   def encode(self, x) -> jax.Array:
     """(..., d_in) raw activations -> (..., d_sae) fp32 latents."""
     return _encode(jnp.asarray(x, jnp.float32), self.w_enc, self.b_enc,
-                   self.b_dec if self.pre_enc_bias else None, self.threshold,
+                   self._shift, self.threshold,
                    architecture=self.architecture, k=self.k)
+
+  @property
+  def _shift(self) -> np.ndarray | None:
+    """What the encoder subtracts from its input first (b_dec with
+    `pre_enc_bias`), or None."""
+    return self.b_dec if self.pre_enc_bias else None
 
   def decode(self, latents, x=None) -> jax.Array:
     """Latents -> (..., d_out) reconstruction; an affine transcoder also
