@@ -163,22 +163,46 @@ def _on_prefix(frozen, embed, errors, prefix: int):
 
 
 def _compile_in_background(params, config, tokens, dicts,
-                           sizes: Sequence[tuple[int, int]]):
-  """Starts compiling `_backward_rows` for each (rows, prefix) of `sizes`
-  in a thread, from the shapes `freeze` will return (`jax.eval_shape`,
-  which also leaves freeze traced): XLA compiles without Python's lock, so
-  this overlaps the clean pass's compile and run instead of following
-  them (a first call compiles one program per prefix bucket, 0.6-0.9 s
-  each on 2 CPU cores). Returns the thread; join it before the batches
-  that use these sizes."""
-  frozen, clean = jax.eval_shape(
-      _replacement.freeze,
-      *_replacement.freeze_args(params, config, tokens, dicts, abstract=True))
-  L, T, D = frozen.g_pre_ffw.shape
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-  errors = f32(L, T, D)
+                           sizes: Sequence[tuple[int, int]]
+                           ) -> tuple[threading.Event, threading.Thread]:
+  """Compiles, from shapes alone, the clean pass's programs
+  (`_replacement.lower_freeze`) in one thread and `_backward_rows` for
+  each (rows, prefix) of `sizes` in another, which starts once the clean
+  pass is lowered (its output shapes are the backward pass's inputs). XLA
+  compiles without Python's lock, so on a first call the two compile side
+  by side and the backward programs go on while the clean pass runs and
+  its features are encoded, instead of each after the other.
 
-  def compile_all():
+  Returns (clean pass ready, backward programs' thread): wait for the
+  first before calling `freeze`, join the second before the batches that
+  use these sizes. A compile that fails here is left to the call, which
+  then raises the error where it belongs."""
+  shapes = []  # freeze's output shapes (frozen, clean), once lowered
+  lowered, freeze_ready = threading.Event(), threading.Event()
+
+  def compile_freeze():
+    try:
+      programs, out = _replacement.lower_freeze(
+          params, config, len(tokens),
+          None if dicts.skip is None else dicts.skip.shape)
+      shapes.append(out)
+      lowered.set()
+      for program in programs:
+        program.compile()
+    except Exception:  # pylint: disable=broad-except
+      pass  # `build` calls freeze, which raises it
+    finally:
+      lowered.set()
+      freeze_ready.set()
+
+  def compile_rows():
+    lowered.wait()
+    if not shapes:
+      return
+    frozen, clean = shapes[0]
+    L, T, D = frozen.g_pre_ffw.shape
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    errors = f32(L, T, D)
     for size, prefix in sizes:
       cut = jax.eval_shape(functools.partial(_on_prefix, prefix=prefix),
                            frozen, clean["embed"], errors)
@@ -186,9 +210,11 @@ def _compile_in_background(params, config, tokens, dicts,
       _backward_rows.lower(*cut, f32(L, D), i32, i32, f32(size, D),
                            f32(size, D)).compile()
 
-  thread = threading.Thread(target=compile_all, daemon=True)
-  thread.start()
-  return thread
+  threads = [threading.Thread(target=f, daemon=True)
+             for f in (compile_freeze, compile_rows)]
+  for thread in threads:
+    thread.start()
+  return freeze_ready, threads[1]
 
 
 def _padded_size(rows: int, cap: int, num_tokens: int, layers: int,
@@ -264,8 +290,8 @@ class _Blocks:
         act_all.append(act.reshape(-1, _BLOCK))
       if not pos_all:
         continue
-      w_dec = jnp.asarray(np.concatenate([rep.dicts.w_dec[l]
-                                          for l in layers]), jnp.float32)
+      w_dec = jax.device_put(np.concatenate(
+          [rep.dicts.w_dec[l] for l in layers]).astype(np.float32))
       self.groups.append((w_dec, *(np.concatenate(x) for x in (
           pos_all, lat_all, act_all))))
     self.feature_slot, self.feature_group = feature_slot, feature_group
@@ -300,7 +326,7 @@ class _Blocks:
         kept = [np.concatenate([x, np.repeat(f, extra, axis=0)])
                 for x, f in zip(kept, fill)]
         offset += len(kept[0]) * _BLOCK
-        groups.append((w_dec, *map(jnp.asarray, kept)))
+        groups.append((w_dec, *jax.device_put(kept)))
       cat = lambda xs: (np.concatenate(xs) if xs  # noqa: E731
                         else np.zeros(0, np.int64))
       self._cache[prefix] = (tuple(groups), cat(have), cat(cols))
@@ -384,13 +410,17 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   # Rows per batch on the whole prompt; batches on a shorter prefix hold
   # more (`rows_per_batch` of their prefix), up to batch_size.
   full_batch = rows_per_batch(batch_size, L, T, D)
-  # The backward program of a full batch on each prefix bucket compiles
-  # while the clean pass runs (on a short prompt that is every batch).
+  # The clean pass's programs, and the backward program of a full batch on
+  # each prefix bucket, compile side by side in threads; the backward ones
+  # go on while the clean pass runs (on a short prompt they are every
+  # batch).
   buckets = sorted({prefix_bucket(n, T) for n in range(1, T + 1)})
   sizes = [(rows_per_batch(batch_size, L, p, D), p) for p in buckets]
-  warm = _compile_in_background(params, config, tokens, dicts, sizes)
+  freeze_ready, rows_ready = _compile_in_background(params, config, tokens,
+                                                    dicts, sizes)
   _COMPILED_SIZES.update(sizes)
-  rep = _replacement.build(params, config, tokens, dicts)
+  rep = _replacement.build(params, config, tokens, dicts,
+                           before_freeze=freeze_ready.wait)
   logits = np.asarray(rep.clean["logits"], np.float64)
   if target_tokens is None:
     logit_ids, logit_p = salient_logits(logits, desired_prob=desired_logit_prob,
@@ -410,7 +440,10 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   emb = np.asarray(rep.embedding)
   demeaned = emb[logit_ids] - rep.embedding_mean
   blocks = _Blocks(rep)
-  b_dec = jnp.asarray(rep.dicts.b_dec)
+  # Arrays go to the device with `jax.device_put` or as NumPy straight
+  # into the jitted functions: `jnp.asarray` outside a trace compiles a
+  # program per shape and dtype (0.1-0.2 s of a short prompt's first call).
+  b_dec = jax.device_put(np.asarray(rep.dicts.b_dec, np.float32))
   prefixes = {}
 
   def on_prefix(prefix: int):
@@ -464,8 +497,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
           read[i] = rep.dicts.w_enc[l][:, f]
       groups, have, fcols = blocks.for_prefix(p_len)
       feats, err, tok, bias = _rows(
-          *on_prefix(p_len), b_dec, groups, jnp.asarray(layer),
-          jnp.asarray(pos), jnp.asarray(read), jnp.asarray(final))
+          *on_prefix(p_len), b_dec, groups, layer, pos, read, final)
       block = buf[at + s:at + end]
       block[:, have] = np.asarray(feats)[:r, fcols]
       err = np.asarray(err)[:r].reshape(r, L, p_len)
@@ -476,7 +508,7 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
       buf_sums[at + s:at + end] = np.abs(block).sum(1, dtype=np.float64)
       s = end
 
-  warm.join()
+  rows_ready.join()
   run(np.arange(-1, -1 - n_log, -1), 0)
   t1 = time.perf_counter()
   # The node (column) each filled row of buf stands for.

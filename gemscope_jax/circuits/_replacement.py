@@ -156,16 +156,6 @@ def embedding_mean(params: Any) -> np.ndarray:
   return _EMBEDDING_MEAN[1]
 
 
-@jax.jit
-def _stack(trees):
-  """The layers' weights stacked on a leading axis, as the clean pass's
-  scan reads them: one optimised program (inside `freeze`, compiled at
-  -O0, the same copies took a third of a second at 6 tokens). Not kept
-  between prompts: a second copy of every layer is too much to hold for
-  the large models."""
-  return jax.tree.map(lambda *w: jnp.stack(w), *trees)
-
-
 def _inv_rms(x, eps):
   x = x.astype(jnp.float32)
   return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1) + eps)
@@ -175,106 +165,164 @@ def _rms_norm(x, scale, eps):
   return x * _inv_rms(x, eps)[..., None] * (1.0 + scale)
 
 
-# freeze runs once per prompt, and its time is mostly XLA's: LLVM's -O0
-# compiles it in 0.7 s instead of 1.2 s (270M, 6 tokens), and it runs
-# about as fast (0.40 against 0.37 s: its work is matmuls, which call the
-# same library either way).
-@functools.partial(jax.jit, static_argnums=(2,),
-                   compiler_options={"xla_backend_optimization_level": 0})
-def freeze(params: Any, layers: Any, config: models.Gemma3Config,
-           tokens: jax.Array, skip: jax.Array | None):
-  """The clean pass of one prompt (tokens (T,)) and its frozen coefficients,
-  one compiled program per prompt length (op by op, its dozens of small
-  kernels each compiled on first use cost several times as long).
+# The clean pass is three programs, the middle one called once per layer
+# from Python: it compiles one block and reads each layer's weights where
+# they are. One program with a scan over the layers needed them stacked
+# first, a copy of every layer (0.2 s a call on the 270M, and a compile of
+# its own), and at -O0 its scan's slicing ran twice as slow. All three
+# compile at LLVM's -O0, and run about as fast as optimised (their work is
+# matmuls): measured on the 270M at 6 tokens, 2 CPU cores, compiles 0.84
+# -> 0.54 s, runs 0.145 -> 0.16 s. Against the scan: first call
+# (compiles included) 1.6 -> 0.8 s, later calls 0.5 -> 0.15 s.
+_CLEAN_PASS = functools.partial(
+    jax.jit, static_argnums=(0,),
+    compiler_options={"xla_backend_optimization_level": 0})
+
+
+@_CLEAN_PASS
+def _clean_start(config: models.Gemma3Config, embedder: Any,
+                 tokens: jax.Array):
+  """The residual stream's start (1, T, D), the scaled embeddings (T, D)
+  float32, and per attention kind (in `_kinds` order) its RoPE table and
+  mask: (sin, cos) (T, 1, H/2) and allowed (T, S)."""
+  c = config
+  T = tokens.shape[0]
+  emb = _transformer.Embedder(c.vocab_size, c.d_model)
+  x = emb.apply({"params": embedder}, tokens[None], method="encode")
+  table = jnp.asarray(embedder["input_embedding"], jnp.float32)
+  embed = table[tokens] * jnp.float32(c.embed_scale)
+  masks = _transformer.attention_masks(c, jnp.ones((1, T), bool))
+  kinds = []
+  for layer, kind in _kinds(c):
+    sin, cos = _modules.rope_table(jnp.arange(T)[None], c.head_dim,
+                                   *c.rope(layer), T)
+    kinds.append((sin[0], cos[0], masks[kind][0]))
+  return x, embed, tuple(kinds)
+
+
+def _kinds(config: models.Gemma3Config) -> list:
+  """(first layer, kind) of each attention kind, in first-seen order."""
+  first = {}
+  for l in range(config.num_layers):
+    first.setdefault(config.attention_kind(l), l)
+  return [(l, k) for k, l in first.items()]
+
+
+@_CLEAN_PASS
+def _clean_layer(config: models.Gemma3Config, weights: Any, x: jax.Array,
+                 sin: jax.Array, cos: jax.Array, allowed: jax.Array):
+  """One layer of the clean pass (the model's own Block), and what it
+  freezes: (block output (1, T, D), (g_pre_attn, g_post_attn, g_pre_ffw
+  (T, D) gains, probs (K, G, T, S), w_v (K, D, H), w_o (N * H, D), mlp_in,
+  mlp_out (T, D))). The layers differ only in the mask and RoPE table
+  they are given."""
+  c = config
+  T = x.shape[1]
+  seen = {}
+
+  def record(site, value):
+    seen[site] = value
+    return value
+
+  out = _modules.Block(c, 0, jnp.float32).apply(
+      {"params": weights}, x, (sin[None], cos[None]), allowed[None], record)
+  rec = {site: seen[site][0].astype(jnp.float32) for site in _SITES}
+  f32 = lambda w: jnp.asarray(w, jnp.float32)  # noqa: E731
+  attn = weights["attn"]
+  w_o = f32(attn["attn_vec_einsum"]["w"]).reshape(-1, c.d_model)
+  kv = f32(attn["kv_einsum"]["w"])                       # (2, K, D, H)
+  eps = c.norm_eps
+  g = lambda x, name: (_inv_rms(x, eps)[..., None]  # noqa: E731
+                       * (1.0 + f32(weights[name]["scale"])))
+  g_pre_attn = g(rec["resid_pre"], "pre_attention_norm")
+  h = jnp.einsum("tn,nd->td", rec["attn_out"], w_o, precision=_HIGHEST)
+  g_post_attn = g(h, "post_attention_norm")
+  g_pre_ffw = g(rec["resid_mid"], "pre_ffw_norm")
+
+  # The attention pattern, recomputed from the frozen pre-attention input.
+  normed = rec["resid_pre"] * g_pre_attn
+  q = jnp.einsum("td,ndh->tnh", normed, f32(attn["q_einsum"]["w"]),
+                 precision=_HIGHEST)
+  k = jnp.einsum("td,kdh->tkh", normed, kv[0], precision=_HIGHEST)
+  q = _rms_norm(q, f32(attn["_query_norm"]["scale"]), eps)
+  k = _rms_norm(k, f32(attn["_key_norm"]["scale"]), eps)
+  q = _modules.apply_rope(q[None], (sin[None], cos[None]))[0] * c.query_scale
+  k = _modules.apply_rope(k[None], (sin[None], cos[None]))[0]
+  q = q.reshape(T, c.num_kv_heads, -1, c.head_dim)
+  logits = jnp.einsum("tkgh,skh->kgts", q, k, precision=_HIGHEST)
+  probs = jax.nn.softmax(
+      jnp.where(allowed, logits, _modules._MASK_VALUE), axis=-1)
+  return out, (g_pre_attn, g_post_attn, g_pre_ffw, probs, kv[1], w_o,
+               rec["mlp_in"], rec["mlp_out"])
+
+
+@_CLEAN_PASS
+def _clean_end(config: models.Gemma3Config, outer: Any, x: jax.Array,
+               embed: jax.Array, layers: tuple, skip: jax.Array | None):
+  """(Frozen, clean) from the last block's output and each layer's
+  `_clean_layer` coefficients, stacked on a leading layer axis."""
+  g_pre_attn, g_post_attn, g_pre_ffw, probs, w_v, w_o, mlp_in, mlp_out = (
+      jnp.stack(field) for field in zip(*layers))
+  final = _modules.RMSNorm(config.norm_eps).apply(
+      {"params": outer["final_norm"]}, x[:, -1:])
+  emb = _transformer.Embedder(config.vocab_size, config.d_model)
+  last_logits = emb.apply({"params": outer["embedder"]}, final,
+                          method="decode")[0, -1]
+  g_final = _inv_rms(x[0, -1], config.norm_eps) * (
+      1.0 + jnp.asarray(outer["final_norm"]["scale"], jnp.float32))
+  frozen = Frozen(g_pre_attn=g_pre_attn, g_post_attn=g_post_attn,
+                  g_pre_ffw=g_pre_ffw, g_final=g_final, probs=probs,
+                  w_v=w_v, w_o=w_o, skip=skip)
+  clean = {"embed": embed, "mlp_in": mlp_in, "mlp_out": mlp_out,
+           "logits": last_logits.astype(jnp.float32)}
+  return frozen, clean
+
+
+def freeze(params: Any, config: models.Gemma3Config, tokens,
+           skip: jax.Array | None, call=None):
+  """The clean pass of one prompt (tokens (T,)) and its frozen
+  coefficients: `_clean_start`, `_clean_layer` per layer, `_clean_end`.
+
+  `call(fn, *args)` runs each program (default `fn(*args)`); `lower_freeze`
+  passes one that lowers them from shapes instead.
 
   Returns:
     (frozen, clean) with clean = {"embed": (T, D) scaled embeddings,
     "mlp_in", "mlp_out": (L, T, D), "logits": (V,) at the last position}.
   """
+  call = call or (lambda fn, *args: fn(*args))
   c = config
-  L, T = c.num_layers, len(tokens)
-  tokens = jnp.asarray(tokens, jnp.int32)
-  positions = jnp.arange(T)[None]
-  masks = _transformer.attention_masks(c, jnp.ones((1, T), bool))
-  kinds = [c.attention_kind(l) for l in range(L)]
-  tables = {k: _modules.rope_table(positions, c.head_dim,
-                                   *c.rope(kinds.index(k)), T)
-            for k in dict.fromkeys(kinds)}  # first-seen order: a stable program
-  sin = jnp.stack([tables[k][0][0] for k in kinds])     # (L, T, 1, H/2)
-  cos = jnp.stack([tables[k][1][0] for k in kinds])
-  allowed = jnp.stack([masks[k][0] for k in kinds])     # (L, T, S)
+  outer = {k: params[k] for k in ("embedder", "final_norm")}
+  x, embed, tables = call(_clean_start, c, outer["embedder"], tokens)
+  kind_of = {k: i for i, (_, k) in enumerate(_kinds(c))}
+  layers = []
+  for l in range(c.num_layers):
+    x, coefficients = call(_clean_layer, c, params[f"layer_{l}"], x,
+                           *tables[kind_of[c.attention_kind(l)]])
+    layers.append(coefficients)
+  return call(_clean_end, c, outer, x, embed, tuple(layers), skip)
 
-  # The clean pass: the model's own Block, one layer at a time in a scan
-  # over the stacked layer weights (the layers differ only in the mask and
-  # RoPE table they are given), recording every site. Tracing and compiling
-  # one block instead of L unrolled ones is most of a short prompt's first
-  # call (measured on the 270M at 6 tokens, cores shared: tracing 1.1 ->
-  # 0.2 s, compiling 2.3 -> 1.0 s).
-  block = _modules.Block(c, 0, jnp.float32)
 
-  def one_layer(x, per_layer):
-    weights, sin_l, cos_l, allowed_l = per_layer
-    seen = {}
+def lower_freeze(params: Any, config: models.Gemma3Config, num_tokens: int,
+                 skip_shape: tuple | None) -> tuple[list, tuple]:
+  """`freeze`'s programs for a prompt of `num_tokens`, lowered from shapes
+  alone (nothing runs; each program once, as every layer has the same
+  shapes): (the `jax.stages.Lowered` to compile, `freeze`'s output shapes
+  (frozen, clean))."""
+  lowered = {}
 
-    def record(site, value):
-      seen[site] = value
-      return value
+  def call(fn, *args):
+    if fn not in lowered:
+      low = fn.lower(*args)
+      lowered[fn] = (low, jax.tree.map(
+          lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), low.out_info))
+    return lowered[fn][1]
 
-    x = block.apply({"params": weights}, x, (sin_l[None], cos_l[None]),
-                    allowed_l[None], record)
-    return x, tuple(seen[s][0].astype(jnp.float32) for s in _SITES)
-
-  embedder = _transformer.Embedder(c.vocab_size, c.d_model)
-  x = embedder.apply({"params": params["embedder"]}, tokens[None],
-                     method="encode")
-  x, sites = jax.lax.scan(one_layer, x, (layers, sin, cos, allowed))
-  rec = dict(zip(_SITES, sites))
-  final = _modules.RMSNorm(c.norm_eps).apply(
-      {"params": params["final_norm"]}, x[:, -1:])
-  last_logits = embedder.apply({"params": params["embedder"]}, final,
-                               method="decode")[0, -1]
-  # The coefficients below read the same stacked weights (leading layer
-  # axis), so that they are one vectorised program, not L unrolled copies.
-  stack = lambda get: jnp.asarray(get(layers), jnp.float32)  # noqa: E731
-  w_o = stack(lambda q: q["attn"]["attn_vec_einsum"]["w"]).reshape(
-      L, -1, c.d_model)
-  kv = stack(lambda q: q["attn"]["kv_einsum"]["w"])      # (L, 2, K, D, H)
-  eps = c.norm_eps
-  g = lambda x, name: (_inv_rms(x, eps)[..., None]  # noqa: E731
-                       * (1.0 + stack(lambda q: q[name]["scale"]))[:, None])
-  g_pre_attn = g(rec["resid_pre"], "pre_attention_norm")
-  h = jnp.einsum("ltn,lnd->ltd", rec["attn_out"], w_o, precision=_HIGHEST)
-  g_post_attn = g(h, "post_attention_norm")
-  g_pre_ffw = g(rec["resid_mid"], "pre_ffw_norm")
-  g_final = _inv_rms(x[0, -1], eps) * (
-      1.0 + jnp.asarray(params["final_norm"]["scale"], jnp.float32))
-
-  def pattern(x, w_q, w_k, q_scale, k_scale, sin, cos, allowed):
-    q = jnp.einsum("td,ndh->tnh", x, w_q, precision=_HIGHEST)
-    k = jnp.einsum("td,kdh->tkh", x, w_k, precision=_HIGHEST)
-    q = _rms_norm(q, q_scale, eps)
-    k = _rms_norm(k, k_scale, eps)
-    q = _modules.apply_rope(q[None], (sin[None], cos[None]))[0] * c.query_scale
-    k = _modules.apply_rope(k[None], (sin[None], cos[None]))[0]
-    q = q.reshape(T, c.num_kv_heads, -1, c.head_dim)
-    logits = jnp.einsum("tkgh,skh->kgts", q, k, precision=_HIGHEST)
-    return jax.nn.softmax(
-        jnp.where(allowed, logits, _modules._MASK_VALUE), axis=-1)
-
-  probs = jax.vmap(pattern)(
-      rec["resid_pre"] * g_pre_attn,
-      stack(lambda q: q["attn"]["q_einsum"]["w"]), kv[:, 0],
-      stack(lambda q: q["attn"]["_query_norm"]["scale"]),
-      stack(lambda q: q["attn"]["_key_norm"]["scale"]), sin, cos, allowed)
-  frozen = Frozen(g_pre_attn=g_pre_attn, g_post_attn=g_post_attn,
-                  g_pre_ffw=g_pre_ffw, g_final=g_final,
-                  probs=probs, w_v=kv[:, 1],
-                  w_o=w_o, skip=skip)
-  embed = jnp.asarray(params["embedder"]["input_embedding"], jnp.float32)
-  clean = {"embed": embed[tokens] * jnp.float32(c.embed_scale),
-           "mlp_in": rec["mlp_in"], "mlp_out": rec["mlp_out"],
-           "logits": last_logits.astype(jnp.float32)}
-  return frozen, clean
+  skip = (None if skip_shape is None
+          else jax.ShapeDtypeStruct(skip_shape, jnp.float32))
+  shapes = freeze(params, config,
+                  jax.ShapeDtypeStruct((num_tokens,), jnp.int32), skip, call)
+  return [low for low, _ in lowered.values()], shapes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -419,33 +467,19 @@ class LocalReplacement:
     return jnp.matmul(self.embedding, final, precision=_HIGHEST)
 
 
-def freeze_args(params, config: models.Gemma3Config, tokens,
-                dicts: Dictionaries, abstract: bool = False) -> tuple:
-  """`freeze`'s arguments for a prompt (T,) through `dicts`: only the
-  weights the clean pass reads outside its layers, and the layers stacked
-  (`_stack`); with `abstract`, the stack's and the skips' shapes only (for
-  `jax.eval_shape`), without copying anything."""
-  outer = {k: params[k] for k in ("embedder", "final_norm")}
-  per_layer = [params[f"layer_{l}"] for l in range(config.num_layers)]
-  if abstract:
-    layers = jax.eval_shape(_stack, per_layer)
-    skip = (None if dicts.skip is None
-            else jax.ShapeDtypeStruct(dicts.skip.shape, jnp.float32))
-  else:
-    layers = _stack(per_layer)
-    skip = None if dicts.skip is None else jnp.asarray(dicts.skip)
-  return (outer, layers, config, jnp.asarray(tokens, jnp.int32), skip)
-
-
 def build(params, config: models.Gemma3Config, tokens,
-          dictionaries) -> LocalReplacement:
-  """The local replacement model of `tokens` (T,) through `dictionaries`."""
+          dictionaries, before_freeze=None) -> LocalReplacement:
+  """The local replacement model of `tokens` (T,) through `dictionaries`;
+  `before_freeze`, if given, is called before the clean pass runs
+  (`attribute` waits there for the clean pass's programs, compiled in a
+  thread beside the backward pass's)."""
   tokens = np.asarray(tokens, np.int32)
   dicts = dictionaries if isinstance(dictionaries, Dictionaries) else (
       Dictionaries.of(dictionaries, config))
-  args = freeze_args(params, config, tokens, dicts)
-  skip = args[-1]
-  frozen, clean = freeze(*args)
+  skip = None if dicts.skip is None else jax.device_put(dicts.skip)
+  if before_freeze is not None:
+    before_freeze()
+  frozen, clean = freeze(params, config, tokens, skip)
   L = config.num_layers
   acts = dicts.encode(np.asarray(clean["mlp_in"]))
   features, values = [], []
@@ -464,7 +498,8 @@ def build(params, config: models.Gemma3Config, tokens,
   if skip is not None:
     recon += np.einsum("ltd,lde->lte", np.asarray(clean["mlp_in"]),
                        dicts.skip)
-  errors = jnp.asarray(np.asarray(clean["mlp_out"]) - recon, jnp.float32)
+  errors = jax.device_put(
+      (np.asarray(clean["mlp_out"]) - recon).astype(np.float32))
   features = (np.concatenate(features) if features
               else np.zeros((0, 3), np.int64)).astype(np.int32)
   values = (np.concatenate(values) if values

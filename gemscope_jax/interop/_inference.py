@@ -61,12 +61,21 @@ def _pre_acts(x, w_enc, b_enc, shift):
   return jnp.matmul(x, w_enc, precision=_HIGHEST) + b_enc
 
 
+def _as_input(x):
+  """x for a jitted function: a JAX array as it is, anything else as a
+  NumPy array (jit takes it without the per-shape program that
+  `jnp.asarray` compiles outside a trace)."""
+  return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
 @functools.partial(jax.jit, static_argnames=("architecture", "k"))
 def _encode(x, w_enc, b_enc, shift, threshold, *, architecture, k):
   """`InferenceDictionary.encode` as one program per input shape (run op by
   op, its five operations compiled five programs on first use: a third of
-  a second of a short attribution's first call)."""
-  pre = _pre_acts(x, w_enc, b_enc, shift)
+  a second of a short attribution's first call). x comes in any float
+  dtype and is cast here: `jnp.asarray` outside jit compiles a program
+  of its own per shape."""
+  pre = _pre_acts(x.astype(jnp.float32), w_enc, b_enc, shift)
   acts = jax.nn.relu(pre)
   if architecture == "jumprelu":
     return acts * (pre > threshold).astype(acts.dtype)
@@ -202,7 +211,7 @@ class InferenceDictionary:
 
   def encode(self, x) -> jax.Array:
     """(..., d_in) raw activations -> (..., d_sae) fp32 latents."""
-    return _encode(jnp.asarray(x, jnp.float32), self.w_enc, self.b_enc,
+    return _encode(_as_input(x), self.w_enc, self.b_enc,
                    self._shift, self.threshold,
                    architecture=self.architecture, k=self.k)
 
