@@ -108,6 +108,7 @@ import os
 import pathlib
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -306,6 +307,10 @@ def main() -> None:
   ap.add_argument("--repeat", type=int, default=2,
                   help="attribute calls per child on the same prompt: the "
                        "first pays our JAX compiles, later ones do not")
+  ap.add_argument("--trials", type=int, default=1,
+                  help="fresh children per side and case; the table gives "
+                       "each figure's median (and range): both sides vary "
+                       "by 20-30 %% from run to run")
   ap.add_argument("--workdir", default="",
                   help="keep inputs and outputs here (default: a temp dir)")
   ap.add_argument("--side", choices=["all", "ours"], default="all",
@@ -331,31 +336,47 @@ def main() -> None:
     if n <= args.all_features_up_to:
       cases.append(None)
     for nodes in cases:
-      for side in sides:
-        results.extend(run_case(args, work, python, side, ids, nodes))
+      for trial in range(args.trials):
+        for side in sides:
+          for r in run_case(args, work, python, side, ids, nodes):
+            r["trial"] = trial
+            results.append(r)
 
-  print(f"\nwidth {args.width}, batch {args.batch_size} (workdir {work})")
+  print(f"\nwidth {args.width}, batch {args.batch_size}, {args.trials} "
+        f"trial(s), medians (workdir {work})")
   print(f"{'side':<8}{'call':>7}{'tokens':>7}{'features':>17}{'attr s':>9}"
-        f"{'wall s':>9}{'peak GB':>9}{'time x':>8}{'mem x':>7}")
-  ours = {}
+        f"{'range':>13}{'wall s':>9}{'peak GB':>9}{'time x':>8}{'mem x':>7}")
+
   def case(r):
     return (r["tokens"], r["n_selected"] if r["n_selected"] < r["n_active"]
             else "all")
 
-  anchor_first = {case(r): r for r in results
-                  if r["side"] == "anchor" and r["call"] == 0}
+  groups = {}  # (side, call, case) -> its trials, in the order first run
   for r in results:
-    if r["side"] == "ours":
-      ours[case(r) + (r["call"],)] = r
-    if r["call"] == "cached":  # a fresh ours against the anchor's call 1
-      num, base = anchor_first.get(case(r), r), r
+    groups.setdefault((r["side"], r["call"], case(r)), []).append(r)
+  med = {k: {f: statistics.median([r[f] for r in rs])
+             for f in ("wall_s", "child_s", "peak_rss_gb")}
+         for k, rs in groups.items()}
+  for (side, call, c), rs in groups.items():
+    m = med[(side, call, c)]
+    # ours against the anchor's same call (a fresh "cached" process
+    # against its call 1), and the anchor row against ours the same way.
+    if call == "cached":
+      num = med.get(("anchor", 0, c), m)
+    elif side == "ours":
+      num = med.get(("anchor", call, c), m)
     else:
-      num, base = r, ours.get(case(r) + (r["call"],), r)
-    print(f"{r['side']:<8}{_call(r):>7}{r['tokens']:>7}"
-          f"{r['n_selected']:>8}/{r['n_active']:<8}{r['wall_s']:>9.1f}"
-          f"{r['child_s']:>9.1f}{r['peak_rss_gb']:>9.2f}"
-          f"{num['wall_s'] / base['wall_s']:>8.2f}"
-          f"{num['peak_rss_gb'] / base['peak_rss_gb']:>7.2f}")
+      num, m = m, med.get(("ours", call, c), m)
+    walls = [r["wall_s"] for r in rs]
+    spread = f"{min(walls):.1f}-{max(walls):.1f}" if len(rs) > 1 else "-"
+    r = rs[0]
+    print(f"{side:<8}{_call(r):>7}{c[0]:>7}"
+          f"{r['n_selected']:>8}/{r['n_active']:<8}"
+          f"{med[(side, call, c)]['wall_s']:>9.1f}{spread:>13}"
+          f"{med[(side, call, c)]['child_s']:>9.1f}"
+          f"{med[(side, call, c)]['peak_rss_gb']:>9.2f}"
+          f"{num['wall_s'] / m['wall_s']:>8.2f}"
+          f"{num['peak_rss_gb'] / m['peak_rss_gb']:>7.2f}")
   print(json.dumps(results, indent=1))
 
 
