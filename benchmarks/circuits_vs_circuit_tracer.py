@@ -3,7 +3,8 @@ inputs.
 
   .venv/bin/python benchmarks/circuits_vs_circuit_tracer.py
       [--lengths 6,64] [--all-features-up-to 6] [--max-feature-nodes 500]
-      [--batch-size 64] [--width 1024] [--sides ours,anchor] [--workdir DIR]
+      [--batch-size 64] [--width 1024] [--sides ours,anchor] [--repeat 2]
+      [--trials 1] [--workdir DIR]
 
 Both sides attribute the same token ids through the same 18 random skip
 transcoders on the real Gemma 3 270M (float32, CPU), each case in its own
@@ -33,9 +34,10 @@ per batch of 64 rows there, would need about 5 hours).
 
 Notes:
   - attr s is the attribute call alone (ours includes its JAX compiles and
-    tracing, as a user's single call does: about 2.2 of a first call's
-    4.4 s at 6 tokens); wall s is the whole child (interpreter start, model load:
-    5-15 s). time x and mem x = anchor / ours, of attr s and of peak GB.
+    tracing, as a user's single call does: about 1.5 of a first call's
+    2.9 s at 6 tokens); wall s is the whole child (interpreter start,
+    model load: 5-15 s). time x and mem x = anchor / ours, of attr s and
+    of peak GB, each the median over --trials fresh children.
   - the anchor's forward pass runs the prompt as batch-size rows and keeps
     the full logits, (batch, T, 262144) float32: 4.3 GB at 64 x 64, 17 GB
     at 64 x 256, past what a 24 GB machine has beside the rest: run the
@@ -45,59 +47,45 @@ Notes:
     workdir and reused; pass --workdir to keep them (default: a fresh temp
     dir, not removed).
 
-Validated (a quiet 2-core machine, 2026-11-30), three runs: commit
-4d34e0f, `--lengths 6 --all-features-up-to 0 --repeat 2 --workdir
-/tmp/cvct` and `--lengths 256 --all-features-up-to 0 --batch-size 16
---repeat 1`; commit bb9580c, `--lengths 6,64 --all-features-up-to 0
---repeat 2`; every feature at 6 tokens from the default run at commit
-af7ea60 (which still kept a second copy of the stacked layers, 0.4 GB).
-call 1 is the first attribute call in a fresh process with an empty XLA
-compile cache (ours pays every compile there), call 2 the same prompt
-again in that process, "cached" a fresh process that finds its programs
-in the compile cache call 1 filled (as a second `gemscope attribute` run
-does); time x is the same run's anchor call 1 over ours:
-    side       call tokens         features   attr s   wall s  peak GB  time x
-    ours          1      6     500/8658          4.0      8.4     2.14    2.20
-    ours          2      6     500/8658          1.7      8.4     2.30    5.18
-    ours     cached      6     500/8658          2.7      5.6     1.99    3.26
-    anchor        1      6     500/8658          8.8     25.4     2.29
-    ours          1    256     500/294525       25.2     27.9     3.21    3.15
-    ours     cached    256     500/294525       21.7     24.7     3.03    3.66
-    anchor        1    256     500/294527       79.5     87.5     9.65
-  bb9580c:
-    ours          1      6     500/8658          4.4      9.1     2.09    2.48
-    ours          2      6     500/8658          1.8      9.1     2.19    6.06
-    ours     cached      6     500/8658          2.6      5.2     1.98    4.19
-    anchor        1      6     500/8658         10.9     30.7     2.30
-    ours          1     64     500/86688        10.2     20.6     2.35    4.43
-    ours          2     64     500/86688         7.5     20.6     2.35    6.03
-    ours     cached     64     500/86688         8.7     11.1     2.23    5.20
-    anchor        1     64     500/86688        45.2     97.9     8.02
-  af7ea60:
-    ours          1      6    8658/8658         20.0     37.6     2.87    3.64
-    ours          2      6    8658/8658         14.6     37.6     3.18    4.98
-    ours     cached      6    8658/8658         16.8     19.3     2.69    4.33
-    anchor        1      6    8658/8658         72.7    152.1     2.52
-  (one feature more is active on the anchor's side at 256 tokens: a
-  pre-activation at its threshold rounds differently.) Short of 3x: the
-  first call at 6 tokens with 500 nodes, where what is left is compiling
-  (README, "Circuit tracing").
-
-  Earlier (commit c4300ea, 2 cores shared with the test suite): ours 10.2
-  / 2.4 / 6.3 s against 18.7 s at 6 tokens, 44.1 / 34.5 / 35.0 s against
-  139.9 s with every feature, 19.3 / 11.6 / 16.7 s against 83.4 s at 64
-  tokens; quiet, 256 tokens: 43.6 / - / 41.9 s against 102.1 s.
-
-  The run before this one (commit b723856, same conditions): 6 tokens
-  12.4 / 3.0 / 6.1 s against 19.5 s, every feature 54.4 / 34.1 / 39.8 s
-  against 134.8 s, 64 tokens 30.0 / 13.6 / 18.7 s against 70.9 s, 256
-  tokens 110.8 s against 162.1 s (1.5x).
-
-  Before the hand-written backward pass (commit 41aa2a7, `jax.vjp` of the
-  linear model `vmap`ped over rows, every layer for every row; 2 cores
-  shared with a training run): 6 tokens 12.3 / 3.9 s, every feature 50.7
-  / 77.7 s, 64 tokens 112.8 / 82.6 s against the anchor's 18.6 / 15.6,
-  264.0 / 282.7, 151.4 / 104.9 s.
+Validated (2 cores, 2026-11-30, commit 1b15b61), three runs:
+`--lengths 6 --all-features-up-to 0 --trials 5`, the default run
+(`--lengths 6,64`, every feature at 6 tokens) and `--lengths 256
+--all-features-up-to 0 --batch-size 16 --repeat 1`. Call 1 is the first
+attribute call in a fresh process with an empty XLA compile cache (ours
+pays every compile there), call 2 the same prompt again in that process,
+"cached" a fresh process that finds its programs in the compile cache
+call 1 filled (as a second `gemscope attribute` run does); time x is the
+anchor's same call over ours (its call 1 for "cached"); the --trials row
+gives medians and the range of attr s:
+    side       call tokens         features   attr s     range  peak GB  time x
+    ours          1      6     500/8658          3.8   3.1-4.2     1.80    2.42
+    ours          2      6     500/8658          1.7   1.3-1.8     1.81    5.22
+    ours     cached      6     500/8658          2.3   2.2-2.8     1.72    3.91
+    anchor        1      6     500/8658          9.2  8.5-10.0     2.30
+    anchor        2      6     500/8658          9.1   7.9-9.7     2.32
+  default run:
+    ours          1      6     500/8658          2.9         -     1.79    2.66
+    ours          2      6     500/8658          1.3         -     1.83    5.93
+    ours     cached      6     500/8658          1.9         -     1.75    4.00
+    anchor        1      6     500/8658          7.8         -     2.30
+    anchor        2      6     500/8658          7.8         -     2.34
+    ours          1      6    8658/8658         18.6         -     2.35    3.14
+    ours          2      6    8658/8658         17.7         -     2.67    3.51
+    ours     cached      6    8658/8658         15.7         -     2.35    3.73
+    anchor        1      6    8658/8658         58.3         -     2.48
+    anchor        2      6    8658/8658         62.1         -     2.80
+    ours          1     64     500/86688        10.1         -     2.30    5.25
+    ours          2     64     500/86688         7.8         -     2.32    5.58
+    ours     cached     64     500/86688         8.6         -     2.30    6.14
+    anchor        1     64     500/86688        52.8         -     7.97
+    anchor        2     64     500/86688        43.5         -     8.26
+  256 tokens, batch 16:
+    ours          1    256     500/294525       25.3         -     3.12    3.76
+    ours     cached    256     500/294525       23.9         -     3.07    3.98
+    anchor        1    256     500/294527       95.2         -     9.62
+Both sides vary by 20-30 % from run to run here: the first call at 6
+tokens with 500 nodes, compile-bound on our side, came out at 2.3-3.4x
+over this day's runs.
 """
 
 from __future__ import annotations

@@ -172,8 +172,8 @@ def _rms_norm(x, scale, eps):
 # its own), and at -O0 its scan's slicing ran twice as slow. All three
 # compile at LLVM's -O0, and run about as fast as optimised (their work is
 # matmuls): measured on the 270M at 6 tokens, 2 CPU cores, compiles 0.84
-# -> 0.54 s, runs 0.145 -> 0.16 s. Against the scan: first call
-# (compiles included) 1.6 -> 0.8 s, later calls 0.5 -> 0.15 s.
+# -> 0.54 s, runs 0.145 -> 0.16 s. Against the scan: a first call's clean
+# pass (tracing, compiles, runs) 1.8 -> 1.1 s, a later call's 0.5 -> 0.15 s.
 _CLEAN_PASS = functools.partial(
     jax.jit, static_argnums=(0,),
     compiler_options={"xla_backend_optimization_level": 0})
