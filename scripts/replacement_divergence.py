@@ -3,7 +3,7 @@ chosen sets of layers' MLPs replaced in-pass by their transcoders, and how
 far the residual stream has moved.
 
   .venv/bin/python scripts/replacement_divergence.py EXPORT_DIR \\
-      "3;0,1,2,3;4,5,6,7,8,9;10,11,12,13"
+      "3;0,1,2,3;4,5,6,7,8,9;10,11,12,13" [--fvu]
 
 EXPORT_DIR holds Gemma Scope 2 transcoder folders layer_{L} (a
 `layers=all` transcoder run's export/transcoder). Each ';'-separated set
@@ -13,6 +13,12 @@ output), on 8 windows of 128 tokens of the embedded held-out text. Prints
 the mean next-token loss and, at the set's highest layer and at the last
 layer, the mean norm of the residual stream's change over the mean norm
 of the clean residual (ordinary positions).
+
+With --fvu, also the FVU of each set's highest-layer transcoder (its
+error over the variance of the MLP output it predicts, ordinary
+positions) on clean inputs and on the inputs its pass gives with the
+rest of the set replaced: whether a transcoder that is good on clean
+inputs stays good on the shifted ones its predecessors hand it.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ def main() -> None:
   ap.add_argument("sets", help="';'-separated comma lists of layers")
   ap.add_argument("--windows", type=int, default=8)
   ap.add_argument("--seq-len", type=int, default=128)
+  ap.add_argument("--fvu", action="store_true",
+                  help="also the top transcoder's FVU, clean and in-pass")
   args = ap.parse_args()
   config, params = pretrained.load_model("default")
   tok = default_tokenizer()
@@ -61,13 +69,23 @@ def main() -> None:
   dicts = [interop.load_gemmascope2(f"{args.export_dir}/layer_{l}")
            for l in range(L)]
   names = [f"layer_{l}/resid_post" for l in range(L)]
+  mlp = [f"layer_{l}/{site}" for l in range(L) for site in ("mlp_in",
+                                                            "mlp_out")]
 
-  def run(edits=None):
+  def run(edits=None, hookpoints=names):
     return models.forward(params, tokens, mask, config=config,
-                          hookpoints=names, logits=False, loss=True,
+                          hookpoints=hookpoints, logits=False, loss=True,
                           edits=edits)
 
-  clean = run()
+  def fvu(layer: int, acts) -> float:
+    """The layer's transcoder's FVU on the MLP input and output `acts`
+    holds (BOS left out)."""
+    x = acts[f"layer_{layer}/mlp_in"][:, 1:]
+    y = np.asarray(acts[f"layer_{layer}/mlp_out"][:, 1:], np.float64)
+    err = np.asarray(dicts[layer].decode(dicts[layer].encode(x), x)) - y
+    return float((err ** 2).sum() / ((y - y.mean((0, 1))) ** 2).sum())
+
+  clean = run(hookpoints=names + mlp if args.fvu else names)
   norm = [float(jnp.linalg.norm(clean.activations[n][:, 1:], axis=-1).mean())
           for n in names]
   print(f"clean loss {float(jnp.mean(clean.loss)):.3f}")
@@ -83,6 +101,13 @@ def main() -> None:
     print(f"layers {spec}: loss {float(jnp.mean(out.loss)):.3f}, residual "
           f"moved {moved[top]:.3f} at layer {top}, {moved[-1]:.3f} at layer "
           f"{L - 1} ({time.perf_counter() - t:.0f} s)")
+    if args.fvu and len(layers) > 1:
+      rest = run({f"layer_{l}/mlp_out": _edit(dicts[l], l, keep)
+                  for l in layers if l != top},
+                 hookpoints=[f"layer_{top}/mlp_in", f"layer_{top}/mlp_out"])
+      print(f"  layer {top}'s transcoder: FVU {fvu(top, clean.activations):.3f} "
+            f"on clean inputs, {fvu(top, rest.activations):.3f} with the "
+            f"rest of the set replaced")
 
 
 if __name__ == "__main__":
