@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from gemscope_jax import circuits, interop, models
-from gemscope_jax.circuits import _graph, _prune, _replacement
+from gemscope_jax.circuits import _graph, _host_pass, _prune, _replacement
 
 TINY = models.Gemma3Config(
     name="tiny_circuits", num_layers=3, d_model=32, mlp_dim=64, num_heads=2,
@@ -120,6 +120,48 @@ def test_replacement_reproduces_logits(case):
   _, off = run_linear(rep.frozen, rep.clean["embed"],
                       rep.writes(error_scale=np.zeros((3, len(TOKENS)))))
   assert np.abs(np.asarray(rep.logits(off)) - logits).max() > 1e-2
+
+
+def _assert_same_pass(got, want, rtol: float):
+  """Two clean passes' (frozen, clean) agree field by field, each within
+  rtol of its largest value."""
+  (f_got, c_got), (f_want, c_want) = got, want
+  pairs = [(n, getattr(f_got, n), getattr(f_want, n)) for n in (
+      "g_pre_attn", "g_post_attn", "g_pre_ffw", "g_final", "probs", "w_v",
+      "w_o", "skip")]
+  pairs += [(n, c_got[n], c_want[n]) for n in c_want]
+  for name, a, b in pairs:
+    b = np.asarray(b)
+    assert np.asarray(a).shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=0, atol=rtol * np.abs(b).max(),
+                               err_msg=name)
+
+
+def test_host_pass_equals_the_jitted_pass(tiny):
+  """The clean pass in NumPy (`_host_pass`, no compile) computes what the
+  jitted programs do, to float32 rounding, local masks included (a window
+  of 3 on 7 tokens); its logits are the model's own; `freeze_shapes`
+  gives the jitted pass's shapes without tracing; a bfloat16 embedding
+  table is left to the jitted pass."""
+  params, _, logits = tiny
+  d = TINY.d_model
+  skip = jax.device_put(np.random.default_rng(3).normal(
+      size=(TINY.num_layers, d, d)).astype(np.float32))
+  assert _host_pass.usable(params)
+  host = _host_pass.freeze(params, TINY, TOKENS, skip)
+  jitted = _replacement.freeze(params, TINY, TOKENS, skip)
+  _assert_same_pass(host, jitted, 2e-6)
+  np.testing.assert_allclose(host[1]["logits"][TOKENS[-1]],
+                             logits[TOKENS[-1]], rtol=1e-5)
+  np.testing.assert_allclose(host[1]["logits"], logits,
+                             atol=1e-5 * np.abs(logits).max())
+  shape_of = lambda tree: jax.tree.map(  # noqa: E731
+      lambda s: (tuple(s.shape), np.dtype(s.dtype)), tree)
+  _, lowered = _replacement.lower_freeze(params, TINY, len(TOKENS), skip.shape)
+  assert shape_of(_replacement.freeze_shapes(
+      TINY, len(TOKENS), skip.shape)) == shape_of(lowered)
+  bf16 = jax.tree.map(lambda w: jnp.asarray(w, jnp.bfloat16), params)
+  assert not _host_pass.usable(bf16)
 
 
 def test_backward_is_the_vjp_of_the_linear_model(case):
@@ -480,7 +522,7 @@ def test_real_model_replacement(real_model):
   tokens = np.asarray(tok.encode("The capital of France is"), np.int32)
   L, d = config.num_layers, config.d_model
   out = models.forward(params, tokens[None], config=config, hookpoints=[
-      f"layer_{l}/mlp_in" for l in range(L)], logits=False)
+      f"layer_{l}/mlp_in" for l in range(L)])
   rng = np.random.default_rng(0)
   width = 256
   dicts = {}
@@ -495,7 +537,11 @@ def test_real_model_replacement(real_model):
         threshold=thr, affine_skip=rng.normal(size=(d, d)) * 0.01)
   rep = _replacement.build(params, config, tokens, dicts)
   _, final = run_linear(rep.frozen, rep.clean["embed"], rep.writes())
-  real = np.asarray(rep.clean["logits"])
+  real = np.asarray(out.logits[0, -1])
+  # The clean pass in NumPy (the one `build` takes here) is the jitted one.
+  skip = jax.device_put(rep.dicts.skip)
+  _assert_same_pass((rep.frozen, rep.clean),
+                    _replacement.freeze(params, config, tokens, skip), 2e-5)
   np.testing.assert_allclose(np.asarray(rep.logits(final)), real,
                              atol=1e-4 * np.abs(real).max())
   start = time.perf_counter()

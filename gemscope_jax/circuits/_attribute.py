@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemscope_jax import models
-from gemscope_jax.circuits import _graph, _prune, _replacement
+from gemscope_jax.circuits import _graph, _host_pass, _prune, _replacement
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Feature edges are computed in blocks of this many features of one layer
@@ -166,8 +166,9 @@ def _compile_in_background(params, config, tokens, dicts,
                            sizes: Sequence[tuple[int, int]]
                            ) -> tuple[threading.Event, threading.Thread]:
   """Compiles in a thread, from shapes alone, the clean pass's programs
-  (`_replacement.lower_freeze`) and then `_backward_rows` for each (rows,
-  prefix) of `sizes` (the clean pass's output shapes are its inputs). XLA
+  (`_replacement.lower_freeze`; none where the clean pass runs in NumPy,
+  `_host_pass`) and then `_backward_rows` for each (rows, prefix) of
+  `sizes` (the clean pass's output shapes are its inputs). XLA
   compiles without Python's lock: on a first call the caller does other
   work meanwhile, and the backward programs compile while the clean pass
   runs and its features are encoded. One after the other, not side by
@@ -181,13 +182,18 @@ def _compile_in_background(params, config, tokens, dicts,
   error where it belongs."""
   freeze_ready = threading.Event()
 
+  skip_shape = None if dicts.skip is None else dicts.skip.shape
+
   def compile_all():
     try:
-      programs, (frozen, clean) = _replacement.lower_freeze(
-          params, config, len(tokens),
-          None if dicts.skip is None else dicts.skip.shape)
-      for program in programs:
-        program.compile()
+      if _host_pass.usable(params):  # the clean pass needs no program
+        frozen, clean = _replacement.freeze_shapes(config, len(tokens),
+                                                   skip_shape)
+      else:
+        programs, (frozen, clean) = _replacement.lower_freeze(
+            params, config, len(tokens), skip_shape)
+        for program in programs:
+          program.compile()
     except Exception:  # pylint: disable=broad-except
       return  # `build` calls freeze, which raises it
     finally:

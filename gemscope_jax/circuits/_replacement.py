@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemscope_jax import models
+from gemscope_jax.circuits import _host_pass
 # The same RoPE and mask helpers the model uses, so the recomputed attention
 # patterns round exactly as the model's own.
 from gemscope_jax.models import _modules, _transformer
@@ -325,6 +326,24 @@ def lower_freeze(params: Any, config: models.Gemma3Config, num_tokens: int,
   return [low for low, _ in lowered.values()], shapes
 
 
+def freeze_shapes(config: models.Gemma3Config, num_tokens: int,
+                  skip_shape: tuple | None) -> tuple[Frozen, dict]:
+  """`freeze`'s output shapes (frozen, clean) for a prompt of `num_tokens`,
+  as `jax.ShapeDtypeStruct`s, without tracing anything."""
+  c, T = config, num_tokens
+  L, D, K = c.num_layers, c.d_model, c.num_kv_heads
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+  frozen = Frozen(
+      g_pre_attn=f32(L, T, D), g_post_attn=f32(L, T, D),
+      g_pre_ffw=f32(L, T, D), g_final=f32(D),
+      probs=f32(L, K, c.num_heads // K, T, T), w_v=f32(L, K, D, c.head_dim),
+      w_o=f32(L, c.num_heads * c.head_dim, D),
+      skip=None if skip_shape is None else f32(*skip_shape))
+  clean = {"embed": f32(T, D), "mlp_in": f32(L, T, D),
+           "mlp_out": f32(L, T, D), "logits": f32(c.vocab_size)}
+  return frozen, clean
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dictionaries:
   """Per-layer transcoders or one CLT, in the form attribution needs.
@@ -470,16 +489,20 @@ class LocalReplacement:
 def build(params, config: models.Gemma3Config, tokens,
           dictionaries, before_freeze=None) -> LocalReplacement:
   """The local replacement model of `tokens` (T,) through `dictionaries`;
-  `before_freeze`, if given, is called before the clean pass runs
-  (`attribute` waits there for the clean pass's programs, compiled in a
-  thread beside the backward pass's)."""
+  The clean pass runs in NumPy where the parameters allow
+  (`_host_pass.usable`: no compile), else as `freeze`'s jitted programs,
+  after `before_freeze()` if given (`attribute` waits there for those
+  programs, compiled in a thread beside the backward pass's)."""
   tokens = np.asarray(tokens, np.int32)
   dicts = dictionaries if isinstance(dictionaries, Dictionaries) else (
       Dictionaries.of(dictionaries, config))
   skip = None if dicts.skip is None else jax.device_put(dicts.skip)
-  if before_freeze is not None:
-    before_freeze()
-  frozen, clean = freeze(params, config, tokens, skip)
+  if _host_pass.usable(params):
+    frozen, clean = _host_pass.freeze(params, config, tokens, skip)
+  else:
+    if before_freeze is not None:
+      before_freeze()
+    frozen, clean = freeze(params, config, tokens, skip)
   L = config.num_layers
   acts = dicts.encode(np.asarray(clean["mlp_in"]))
   features, values = [], []

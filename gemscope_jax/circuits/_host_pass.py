@@ -1,0 +1,170 @@
+"""The clean pass of one prompt in NumPy, on the host: `freeze` without XLA.
+
+`_replacement.freeze` runs the clean pass as three jitted programs; on a
+first call in a fresh process compiling them is most of the clean pass's
+cost (on 2 CPU cores at 6 tokens: 0.35 s tracing and 0.6 s compiling
+against 0.16 s running), and the compile sits on the critical path of the
+whole attribution. On a CPU backend the same arithmetic in NumPy needs no
+compile, and its work is the same BLAS matmuls (reading the weights where
+they lie: float32 parameters are viewed, not copied). The backward
+programs then compile from t = 0, while this runs.
+
+It computes what `_replacement.freeze` does, in the same order and in
+float32 (the model's own pass, `_modules.Block`, with float32 compute): the
+tests hold the two to float32 rounding (`test_host_pass_equals_jit`).
+Used where the model's parameters live on the CPU with a float32 embedding
+table (`usable`); elsewhere (GPU, TPU, a bfloat16 table whose
+262k-row unembedding NumPy cannot multiply fast) the jitted pass serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from gemscope_jax import models
+from gemscope_jax.models import AttentionKind
+
+
+def usable(params: Any) -> bool:
+  """Whether the host pass serves these parameters: a float32 embedding
+  table on a CPU device."""
+  table = params["embedder"]["input_embedding"]
+  devices = getattr(table, "devices", lambda: set())()
+  on_cpu = all(d.platform == "cpu" for d in devices) if devices else True
+  return on_cpu and np.dtype(table.dtype) == np.float32
+
+
+def _f32(a) -> np.ndarray:
+  return np.asarray(a, np.float32)
+
+
+def _inv_rms(x: np.ndarray, eps: float) -> np.ndarray:
+  """1 / sqrt(mean(x^2) + eps) over the last axis, float32."""
+  return (1.0 / np.sqrt(np.mean(np.square(x), axis=-1, dtype=np.float32)
+                        + np.float32(eps))).astype(np.float32)
+
+
+def _gain(x: np.ndarray, scale, eps: float) -> np.ndarray:
+  """An RMSNorm as a per-(position, channel) multiplier (`Frozen`)."""
+  return _inv_rms(x, eps)[..., None] * (np.float32(1.0) + _f32(scale))
+
+
+def _rope(x: np.ndarray, sin: np.ndarray, cos: np.ndarray) -> np.ndarray:
+  """Half-split rotary embedding of x (T, heads, H); sin, cos (T, 1, H/2)."""
+  x1, x2 = np.split(x, 2, axis=-1)
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _rope_table(config: models.Gemma3Config, layer: int, T: int):
+  base, scale = config.rope(layer)
+  h = config.head_dim
+  fraction = np.float32(2.0) * np.arange(h // 2, dtype=np.float32) / np.float32(h)
+  inv_freq = (np.float32(1.0) / (np.float32(base) ** fraction)).astype(
+      np.float32)
+  angles = (np.arange(T, dtype=np.float32) / np.float32(scale))[:, None]
+  angles = (angles * inv_freq).astype(np.float32)
+  return np.sin(angles)[:, None], np.cos(angles)[:, None]
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+  c = np.float32(np.sqrt(2.0 / np.pi))
+  return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(
+      c * (x + np.float32(0.044715) * x * x * x)))
+
+
+def _layer(config: models.Gemma3Config, w: Any, x: np.ndarray,
+           sin: np.ndarray, cos: np.ndarray, allowed: np.ndarray):
+  """One block on x (T, D) and its frozen coefficients, as
+  `_replacement._clean_layer` returns them."""
+  c, eps = config, config.norm_eps
+  T = x.shape[0]
+  attn = w["attn"]
+  g_pre_attn = _gain(x, w["pre_attention_norm"]["scale"], eps)
+  normed = x * g_pre_attn
+  # Every product reads its weight in its stored, C-contiguous layout (a
+  # transposed view makes NumPy's matmul 40x slower at a few rows).
+  q = np.swapaxes(normed @ _f32(attn["q_einsum"]["w"]), 0, 1)   # (T, N, H)
+  kv = _f32(attn["kv_einsum"]["w"])                       # (2, K, D, H)
+  k = np.swapaxes(normed @ kv[0], 0, 1)
+  v = np.swapaxes(normed @ kv[1], 0, 1)
+  q = q * _gain(q, attn["_query_norm"]["scale"], eps)
+  k = k * _gain(k, attn["_key_norm"]["scale"], eps)
+  q = _rope(q, sin, cos) * np.float32(c.query_scale)
+  k = _rope(k, sin, cos)
+  q = q.reshape(T, c.num_kv_heads, -1, c.head_dim)
+  logits = np.einsum("tkgh,skh->kgts", q, k)
+  logits = np.where(allowed, logits, np.float32(-np.inf))
+  logits = logits - logits.max(axis=-1, keepdims=True)
+  probs = np.exp(logits)
+  probs /= probs.sum(axis=-1, keepdims=True)
+  heads = np.einsum("kgts,skh->tkgh", probs, v).reshape(T, -1)
+  w_o = _f32(attn["attn_vec_einsum"]["w"]).reshape(-1, c.d_model)
+  h = heads @ w_o
+  g_post_attn = _gain(h, w["post_attention_norm"]["scale"], eps)
+  mid = x + h * g_post_attn
+  g_pre_ffw = _gain(mid, w["pre_ffw_norm"]["scale"], eps)
+  mlp_in = mid * g_pre_ffw
+  gate_up = _f32(w["mlp"]["gating_einsum"])               # (2, F, D)
+  hidden = (_gelu_tanh(gate_up[0] @ mlp_in.T) * (gate_up[1] @ mlp_in.T)).T
+  down = hidden @ _f32(w["mlp"]["linear"])
+  mlp_out = down * _gain(down, w["post_ffw_norm"]["scale"], eps)
+  return mid + mlp_out, (g_pre_attn, g_post_attn, g_pre_ffw, probs, mlp_in,
+                         mlp_out)
+
+
+def freeze(params: Any, config: models.Gemma3Config, tokens,
+           skip: jax.Array | None):
+  """`_replacement.freeze`'s (frozen, clean), computed in NumPy; the
+  arrays go to the default device in one transfer at the end."""
+  # Imported here: _replacement imports this module.
+  from gemscope_jax.circuits import _replacement  # pylint: disable=g-import-not-at-top
+  c = config
+  tokens = np.asarray(tokens, np.int64)
+  T = len(tokens)
+  table = np.asarray(params["embedder"]["input_embedding"])
+  embed = table[tokens].astype(np.float32) * np.float32(c.d_model ** 0.5)
+  idx = np.arange(T)
+  causal = idx[:, None] >= idx[None, :]
+  allowed = {AttentionKind.GLOBAL: causal,
+             AttentionKind.LOCAL: causal & (
+                 (idx[:, None] - idx[None, :]) < c.sliding_window)}
+  tables = {}
+  x, layers = embed, []
+  for l in range(c.num_layers):
+    kind = c.attention_kind(l)
+    if kind not in tables:
+      tables[kind] = _rope_table(c, l, T)
+    x, coefficients = _layer(c, params[f"layer_{l}"], x, *tables[kind],
+                             allowed[kind])
+    layers.append(coefficients)
+  g_pre_attn, g_post_attn, g_pre_ffw, probs, mlp_in, mlp_out = (
+      np.stack(field) for field in zip(*layers))
+  g_final = _gain(x[-1], params["final_norm"]["scale"], c.norm_eps)
+  logits = table @ (x[-1] * g_final)
+  coefficients, clean = jax.device_put((
+      (g_pre_attn, g_post_attn, g_pre_ffw, g_final, probs),
+      {"embed": embed, "mlp_in": mlp_in, "mlp_out": mlp_out,
+       "logits": logits.astype(np.float32)}))
+  w_v, w_o = _attention_weights(params, config)
+  frozen = _replacement.Frozen(*coefficients, w_v=w_v, w_o=w_o, skip=skip)
+  return frozen, clean
+
+
+# The newest model's value and output weights stacked over the layers:
+# (its parameter tree, (w_v, w_o) on the device). They depend on the
+# weights alone; stacking them per prompt copied 60 MB (0.1-0.2 s).
+_ATTENTION_WEIGHTS: list = []
+
+
+def _attention_weights(params: Any, config: models.Gemma3Config):
+  """(w_v (L, K, D, H), w_o (L, N * H, D)) float32, on the device."""
+  if not (_ATTENTION_WEIGHTS and _ATTENTION_WEIGHTS[0] is params):
+    attn = [params[f"layer_{l}"]["attn"] for l in range(config.num_layers)]
+    w_v = np.stack([_f32(a["kv_einsum"]["w"])[1] for a in attn])
+    w_o = np.stack([_f32(a["attn_vec_einsum"]["w"]).reshape(
+        -1, config.d_model) for a in attn])
+    _ATTENTION_WEIGHTS[:] = [params, jax.device_put((w_v, w_o))]
+  return _ATTENTION_WEIGHTS[1]
