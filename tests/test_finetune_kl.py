@@ -366,3 +366,165 @@ def test_cli_names_what_is_missing(tmp_path):
   assert proc.returncode == 3 and "no such training workdir" in proc.stderr, (
       proc.stderr)
   assert not (tmp_path / "kl").exists()
+
+
+# --- A group of transcoders fine-tuned as one replacement model. ---
+
+GROUP = ("runlocal,arch=jumprelu_transcoder,layers=1-3,site=mlp_in,"
+         "width=64,tokens=2048,batch=256,data.bucket_tokens=2048,"
+         "data.seq_len=64,train.sparsity_warmup_steps=4,"
+         "train.lr_warmup_steps=2,eval.num_tokens=1024,"
+         "eval.loss_tokens=256,eval.seq_len=64")
+
+
+@pytest.fixture(scope="module")
+def group_setup(real_model):
+  """(gemma, batch, GroupRun, state, {beta: GroupFinetuneStep}) for three
+  fresh transcoders (layers 1-3) of the real 270M, their scales and b_dec
+  from the batch's own activations."""
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import group as group_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training.finetune_step import (  # pylint: disable=import-outside-toplevel
+      GroupFinetuneStep, GroupSettings)
+  config, gemma = real_model
+  c = config_lib.load(f"{ROOT}/experiments/transcoder_270m.py:{GROUP}")
+  plan = plans.make(c)
+  run = group_lib.GroupRun(plan)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(300, 20000, size=(2, 16)).astype(np.int32)
+  tokens[:, 0] = 2
+  mask = np.ones_like(tokens, bool)
+  keep = mask.copy()
+  keep[:, 0] = False
+  batch = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
+           "keep": jnp.asarray(keep),
+           "rows": jnp.asarray(np.flatnonzero(keep), jnp.int32)}
+  acts = models.forward(gemma, tokens, mask, config=config,
+                        hookpoints=run.harvest, logits=False).activations
+  bucket = {h: np.asarray(a)[keep] for h, a in acts.items()}
+  state = run.initial_state(bucket)
+  tx = optim.make_optimizer(plans.OptimizerPlan(
+      lr=1e-3, lr_warmup_steps=0, lr_decay_fraction=0.0, beta1=0.0,
+      beta2=0.999, grad_clip_norm=0.0, num_steps=STEPS))
+  steps = {beta: GroupFinetuneStep(run, tx, GroupSettings(
+      beta=beta, sparsity_coeff=plan.step.sparsity_coeff))
+           for beta in (0.0, 4.0)}
+  return gemma, batch, run, state, steps
+
+
+def test_group_step_kl_is_the_replacement_models_kl(group_setup, real_model):
+  """The group step's KL is that of the replacement model written by hand
+  (each transcoder reading the mlp_in its pass computed, BOS left alone),
+  its MSE the mean of the members' own MSEs on the clean pass."""
+  config, _ = real_model
+  gemma, batch, run, state, steps = group_setup
+  (key, stack), = run.stacks.items()
+  st = jax.device_get(state[key])
+  metrics = jax.device_get(steps[4.0].losses(
+      {key: st.params}, {key: (st.norm_scale, st.target_scale)}, gemma,
+      batch))
+  module = stack.template.module
+  layers = [int(h.split("/")[0][6:]) for h in stack.names]
+  assert layers == [1, 2, 3]
+  keep = np.asarray(batch["keep"])
+
+  def by_hand(i, layer):
+    p = jax.tree.map(lambda a: a[i], st.params)
+    source = f"layer_{layer}/mlp_in"
+
+    def fn(x, args, seen):
+      del args
+      out = module.apply({"params": p}, seen[source] / st.norm_scale[i])
+      y = out.recon * st.target_scale[i]
+      return jnp.where(keep[..., None], y, x)
+    return models.ReadingEdit(fn=fn, reads=(source,))
+  edits = {f"layer_{l}/mlp_out": by_hand(i, l) for i, l in enumerate(layers)}
+  clean = models.forward(gemma, batch["tokens"], batch["mask"],
+                         config=config, hookpoints=run.harvest)
+  spliced = models.forward(gemma, batch["tokens"], batch["mask"],
+                           config=config, edits=edits)
+  p = _softmax(np.asarray(clean.logits, np.float64))
+  q = _softmax(np.asarray(spliced.logits, np.float64))
+  want_kl = special.rel_entr(p, q).sum(-1)[keep].mean()
+  assert want_kl > 1e-2
+  np.testing.assert_allclose(metrics["kl"], want_kl, rtol=2e-3)
+  mses = []
+  for i, l in enumerate(layers):
+    x = np.asarray(clean.activations[f"layer_{l}/mlp_in"])[keep]
+    y = np.asarray(clean.activations[f"layer_{l}/mlp_out"])[keep]
+    p_i = jax.tree.map(lambda a: a[i], st.params)
+    recon = np.asarray(module.apply({"params": p_i},
+                                    x / st.norm_scale[i]).recon)
+    mses.append(np.mean(np.sum((recon - y / st.target_scale[i]) ** 2, -1)))
+  np.testing.assert_allclose(metrics["mse"], np.mean(mses), rtol=1e-4)
+  np.testing.assert_allclose(metrics["alpha"],
+                             np.sum(mses) / (want_kl + KL_EPS), rtol=3e-3)
+
+
+def test_group_finetuning_lowers_the_replacement_kl(group_setup):
+  """Steps of the group step lower the replacement model's KL, keep every
+  member's invariants (unit decoder rows, thresholds >= 0) and count each
+  member's steps; beta = 0 updates each member by its own MSE alone, which
+  does not lower the KL as the KL steps do."""
+  gemma, batch, run, state, steps = group_setup
+  (key, _), = run.stacks.items()
+
+  def metrics_of(st):
+    return jax.device_get(steps[4.0].losses(
+        {key: st.params}, {key: (st.norm_scale, st.target_scale)}, gemma,
+        batch))
+  before = metrics_of(state[key])
+  results = {}
+  for beta in (4.0, 0.0):
+    s = jax.tree.map(jnp.array, state)
+    s = {key: s[key].replace(opt_state=jax.vmap(steps[beta].tx.init)(
+        s[key].params))}
+    for _ in range(10):
+      s, m = steps[beta].step(s, gemma, batch)
+      assert bool(m["finite"])
+    results[beta] = metrics_of(s[key])
+    p = jax.device_get(s[key].params)
+    np.testing.assert_allclose(np.linalg.norm(p["w_dec"], axis=-1), 1.0,
+                               rtol=1e-5)
+    assert (p["threshold"] >= 0).all()
+    np.testing.assert_array_equal(np.asarray(s[key].step), [10, 10, 10])
+  assert results[4.0]["kl"] < 0.75 * before["kl"], (before["kl"], results)
+  assert results[4.0]["kl"] < results[0.0]["kl"]
+  assert results[0.0]["mse"] < before["mse"]
+
+
+@pytest.mark.slow
+def test_group_finetune_job_reports_the_replacement_before_and_after(
+    tmp_path):
+  """`finetune` on a group workdir of transcoders: every member exported,
+  the replacement model's held-out loss before and after, a resume that
+  redoes nothing."""
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  c = config_lib.load(f"{ROOT}/experiments/transcoder_270m.py:{GROUP}")
+  c.eval.at_end = False
+  trainer.train(c, tmp_path / "source", progress=False)
+  overrides = {"finetune.windows_per_step": 2, "finetune.num_tokens": 378,
+               "finetune.checkpoint_every_steps": 2,
+               "finetune.log_every_steps": 1, "finetune.lr_warmup_steps": 0,
+               "finetune.lr": 1e-3}
+  fc = finetune_lib.load_config(tmp_path / "source", overrides=overrides)
+  work = tmp_path / "kl"
+  result = finetune_lib.finetune(fc, work, progress=False)
+  assert result["step"] == 3
+  saved = json.loads((work / "metrics.json").read_text())
+  before = json.loads((work / "before" / "metrics.json").read_text())
+  for k in ("replacement_loss", "replacement_loss_recovered", "l0"):
+    assert saved[f"before_{k}"] == before[k]
+    assert saved[k] != before[k]
+  assert saved["replacement_loss"] < before["replacement_loss"]
+  for l in (1, 2, 3):
+    assert (work / "export" / "transcoder" / f"layer_{l}"
+            / "params.safetensors").is_file()
+    assert saved[f"layer_{l}/transcoder/l0"] > 0
+  rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text()
+          .splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all(r["kl"] > 0 and r["layer_2/transcoder/l0"] > 0 for r in rows)
+  resumed = finetune_lib.finetune(fc, work, progress=False, evaluate=False)
+  assert resumed["step"] == 3 and not resumed.get("train_kl")

@@ -57,7 +57,9 @@ from gemscope_jax.training import checkpoints as ckpt_lib
 from gemscope_jax.training import export as export_lib
 from gemscope_jax.training import heldout, optim, plans, schema, sources
 from gemscope_jax.training import workdir as workdir_lib
-from gemscope_jax.training.finetune_step import FinetuneStep, StepSettings
+from gemscope_jax.training import trainer
+from gemscope_jax.training.finetune_step import (
+    FinetuneStep, GroupFinetuneStep, GroupSettings, StepSettings)
 from gemscope_jax.training.loop import MetricsLog
 from gemscope_jax.training.overrides import apply_overrides
 from gemscope_jax.training.step import Run, TrainingDiverged
@@ -68,7 +70,8 @@ RESUMABLE_FIELDS = ("num_tokens", "checkpoint_every_steps", "log_every_steps")
 
 # The metrics a "before" and "after" comparison shows.
 COMPARED = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "dead_fraction",
-            "clean_loss", "spliced_loss")
+            "clean_loss", "spliced_loss", "replacement_loss",
+            "replacement_loss_recovered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,16 +273,19 @@ def _before(run: Run, state, source_step: int, source_config: dict,
               flush=True)
       eval_lib.write_metrics(metrics, path)
       return metrics
-  return heldout.evaluate_run(run, state, gemma_params, tokenizer, folder,
+  return trainer.evaluate_run(run, state, gemma_params, tokenizer, folder,
                               progress=progress)
 
 
-def _initial_state(source_state, tx, optimizer_state: str):
+def _initial_state(source_state, tx, optimizer_state: str, *,
+                   stacked: bool = False):
   """The source's parameters and scales at step 0, with the source's Adam
   moments and a restarted learning-rate schedule ('source'), or a fresh
-  optimiser state ('fresh')."""
+  optimiser state ('fresh'); `stacked`: a group's stack, every array with
+  a leading member axis (one optimiser state per member)."""
   if optimizer_state == "fresh":
-    opt_state = tx.init(source_state.params)
+    init = jax.vmap(tx.init) if stacked else tx.init
+    opt_state = init(source_state.params)
   else:
     is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
     opt_state = jax.tree.map(
@@ -287,7 +293,7 @@ def _initial_state(source_state, tx, optimizer_state: str):
                    if is_schedule(s) else s),
         source_state.opt_state, is_leaf=is_schedule)
   return source_state.replace(
-      step=jnp.zeros((), jnp.int32), opt_state=opt_state,
+      step=jnp.zeros_like(source_state.step), opt_state=opt_state,
       last_fired=jnp.zeros_like(source_state.last_fired))
 
 
@@ -317,16 +323,17 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   ft = finetune_plan(c)
   plan = plans.make(c)
   source = pathlib.Path(ft.source)
-  if plan.group or plan.kind != "sae":
+  if plan.kind not in (("sae", "transcoder") if plan.group else ("sae",)):
     raise errors.UsageError(
-        f"{source}: fine-tuning takes one SAE; this run trains "
-        + ("a group" if plan.group else f"a {plan.kind}"))
+        f"{source}: fine-tuning takes one SAE, or a group of SAEs or "
+        f"transcoders; this run trains {'a group of ' if plan.group else 'a '}"
+        f"{plan.kind}")
   workdir = pathlib.Path(workdir)
   if workdir.resolve() == source.resolve():
     raise errors.OutputError(f"--workdir {workdir}: the source run itself; "
                              "fine-tune into a new folder")
   workdir = workdir_lib.check_workdir(workdir)
-  run = Run(plan)
+  run = trainer.make_run(plan)
   tx = optim.make_optimizer(ft.optimizer)
   config_json = dict(plan.config_json)
 
@@ -348,31 +355,41 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   restored = (ckpts.restore_latest(run.abstract_state) if saved is not None
               else None)
   if restored is None:
-    start, state = 0, _initial_state(source_state, tx,
-                                     ft.optimizer_state)
+    start, state = 0, (
+        {k: _initial_state(st, tx, ft.optimizer_state, stacked=True)
+         for k, st in source_state.items()} if plan.group
+        else _initial_state(source_state, tx, ft.optimizer_state))
   else:
     start, state = restored[0], restored[1]
     if progress:
       print(f"resuming from step {start} in {ckpts.directory}", flush=True)
   batch = _batches(plan, ft, tokenizer, progress)
-  fstep = FinetuneStep(run.module, tx, plan.model.config, StepSettings(
-      hookpoint=plan.hookpoint, beta=ft.beta,
-      sparsity_coeff=plan.step.sparsity_coeff,
-      unit_decoder=plan.step.unit_decoder, dtype=plan.model.dtype))
+  if plan.group:
+    fstep = GroupFinetuneStep(run, tx, GroupSettings(
+        beta=ft.beta, sparsity_coeff=plan.step.sparsity_coeff,
+        unit_decoder=plan.step.unit_decoder, dtype=plan.model.dtype))
+  else:
+    fstep = FinetuneStep(run.module, tx, plan.model.config, StepSettings(
+        hookpoint=plan.hookpoint, beta=ft.beta,
+        sparsity_coeff=plan.step.sparsity_coeff,
+        unit_decoder=plan.step.unit_decoder, dtype=plan.model.dtype))
 
   step, state, last = _run_steps(ft, fstep, state, gemma_params, batch,
                                  ckpts, config_json, workdir, start=start,
                                  progress=progress)
   result = {"step": step, **{f"train_{k}": v for k, v in last.items()}}
   state = jax.device_get(state)
-  export_lib.export(run, state, workdir)
+  trainer.export_run(run, state, workdir)
   if not evaluate:
     return result
-  after = heldout.evaluate_run(run, state, gemma_params, tokenizer, workdir,
+  after = trainer.evaluate_run(run, state, gemma_params, tokenizer, workdir,
                                progress=progress)
   # Latents silent over the last dead_after_tokens of fine-tuning (NaN for
   # a run shorter than that).
-  silent = (step - np.asarray(state.last_fired)) * ft.tokens_per_step
+  last_fired = (np.concatenate([np.asarray(st.last_fired).reshape(-1)
+                                for st in state.values()]) if plan.group
+                else np.asarray(state.last_fired))
+  silent = (step - last_fired) * ft.tokens_per_step
   dead = (float(np.mean(silent >= plan.step.dead_after_tokens))
           if step * ft.tokens_per_step >= plan.step.dead_after_tokens
           else math.nan)
@@ -382,7 +399,7 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
       "finetune_source": str(source), "finetune_source_step": source_step,
       "finetune_beta": ft.beta, "finetune_steps": step,
       "finetune_tokens": step * ft.tokens_per_step,
-      **{f"before_{k}": before.get(k) for k in COMPARED}})
+      **{f"before_{k}": before.get(k) for k in COMPARED if k in before}})
   eval_lib.write_metrics(after, workdir / "metrics.json")
   result.update(after)
   return result

@@ -33,6 +33,7 @@ the spliced pass's backward holds as much again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -194,4 +195,166 @@ class FinetuneStep:
         "finite": jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)})
     new = state.replace(step=step, params=params, opt_state=opt_state,
                         last_fired=jnp.where(fired, step, state.last_fired))
+    return new, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSettings:
+  """`StepSettings` for a group: every member spliced at once.
+
+  Attributes:
+    beta, sparsity_coeff, unit_decoder, dtype: as `StepSettings`.
+  """
+  beta: float
+  sparsity_coeff: float
+  unit_decoder: bool = True
+  dtype: str = "float32"
+
+
+class GroupFinetuneStep:
+  """The jitted fine-tuning step of a group (`group.GroupRun`): a
+  transcoder per layer fine-tuned as one replacement model.
+
+  The KL pass splices every member at once, each in its own mode
+  (`splice.Member.mode`: a transcoder reads the `mlp_in` its pass computed,
+  so each one reads what the earlier ones wrote): the gradient of the KL
+  reaches every member through every later layer and every later member.
+  The loss is `combined_loss` of the members' summed MSE and sparsity
+  (each member's MSE on the clean pass's activations, in its own training
+  units), which is the single-dictionary loss of each member with the
+  shared KL term: sum_m (mse_m + alpha_m beta KL) / (1 + beta) with
+  alpha_m = mse_m / KL. Each stack of same-shaped members updates as the
+  trainer's stacks do (`update.apply_update` vmapped over the members).
+
+  Attributes:
+    group: the `GroupRun` (stacks, members, modules).
+    tx: the optimiser (one per member, vmapped).
+    step: jitted, state-donating (state {stack: stacked TrainState},
+      gemma_params, batch) -> (state, metrics); metrics: scalars, the
+      means over members under plain names ('mse', 'l0', 'fvu',
+      'sparsity'), 'kl', 'loss', 'grad_norm', 'finite', and each member's
+      '{name}/l0' and '{name}/fvu' (names: `Layout.name`, as the group's
+      training and evaluation metrics name them).
+    losses: jitted (params {stack: stacked params}, scales {stack:
+      (norm_scale, target_scale)}, gemma_params, batch) -> metrics.
+  """
+
+  def __init__(self, group, tx: optax.GradientTransformation,
+               settings: GroupSettings):
+    self.group = group
+    self.tx = tx
+    self.model_config = group.model_config
+    self.settings = settings
+    self.hookpoints = sorted({h for d in group.plan.dictionaries
+                              for h in (*d.layout.inputs,
+                                        *d.layout.targets)})
+    self.step = jax.jit(self.step_fn, donate_argnums=0)
+    self.losses = jax.jit(self.losses_fn)
+
+  def _clean(self, gemma_params, batch):
+    s = self.settings
+    out = models.forward(gemma_params, batch["tokens"], batch["mask"],
+                         config=self.model_config, hookpoints=self.hookpoints,
+                         logits=s.beta > 0, loss=False,
+                         dtype=jnp.dtype(s.dtype))
+    return out.activations, out.logits
+
+  def _members(self, params, scales):
+    """Every member as a `splice.Member` over (traced) parameters."""
+    out = []
+    for key, stack in self.group.stacks.items():
+      norm, target = scales[key]
+      for i, member in enumerate(stack.members):
+        out.append(splice_lib.Member(
+            name=member.layout.name, layout=member.layout,
+            module=stack.template.module,
+            params=jax.tree.map(lambda a, i=i: a[i], params[key]),
+            norm_scale=norm[i], target_scale=target[i]))
+    return out
+
+  def _loss(self, params, scales, gemma_params, batch, acts, clean_logits):
+    """(total, (metrics, {stack: latents (members, N, S)}))."""
+    s = self.settings
+    mse, sparsity, per, latents = 0.0, 0.0, {}, {}
+    for key, stack in self.group.stacks.items():
+      norm, target = scales[key]
+      rows = lambda h: acts[h].reshape(-1, acts[h].shape[-1])[  # noqa: E731
+          batch["rows"]].astype(jnp.float32)
+      x = jnp.stack([rows(m.layout.inputs[0]) for m in stack.members])
+      x = x / norm[:, None, None]
+      kw = {}
+      if stack.template.layout.kind == "transcoder":
+        y = jnp.stack([rows(m.layout.targets[0]) for m in stack.members])
+        kw["target"] = y / target[:, None, None]
+
+      def one(p, x, **kw):
+        return dictionaries.compute_loss(stack.template.module, p, x,
+                                         sparsity_coeff=s.sparsity_coeff,
+                                         **kw)
+      lo, out = jax.vmap(one)(params[key], x, **kw)
+      mse = mse + jnp.sum(lo.mse)
+      sparsity = sparsity + jnp.sum(lo.sparsity)
+      latents[key] = out.latents
+      for i, m in enumerate(stack.members):
+        per[m.layout.name] = {"mse": lo.mse[i], **{
+            k: v[i] for k, v in lo.aux.items() if jnp.ndim(v) == 1}}
+    if s.beta > 0:
+      members = self._members(params, scales)
+      keep = batch["keep"]
+      zero = jnp.zeros_like(keep)
+      edits, args = {}, {}
+      for m in members:
+        edits.update(splice_lib.member_edits(m))
+        args.update(splice_lib.member_args(m, splice=keep, zero=zero))
+      spliced = models.forward(
+          gemma_params, batch["tokens"], batch["mask"],
+          config=self.model_config, edits=edits, edit_args=args,
+          logits=True, loss=False, dtype=jnp.dtype(s.dtype))
+      kl = kl_divergence(clean_logits, spliced.logits, keep)
+      total, metrics = combined_loss(mse, kl, sparsity, s.beta)
+    else:
+      total, metrics = mse + sparsity, {"mse": mse, "recon_loss": mse,
+                                        "sparsity": sparsity}
+    n = len(per)
+    metrics["mse"] = mse / n
+    metrics["sparsity"] = sparsity / n
+    for k in ("l0", "fvu"):
+      if all(k in p for p in per.values()):
+        metrics[k] = sum(p[k] for p in per.values()) / n
+        metrics.update({f"{h}/{k}": p[k] for h, p in per.items()})
+    metrics["loss"] = total
+    return total, (metrics, latents)
+
+  def _scales(self, state):
+    return {k: (st.norm_scale, st.target_scale) for k, st in state.items()}
+
+  def losses_fn(self, params, scales, gemma_params, batch):
+    """The step's losses and metrics at `params`, without an update."""
+    acts, clean_logits = self._clean(gemma_params, batch)
+    _, (metrics, _) = self._loss(params, scales, gemma_params, batch, acts,
+                                 clean_logits)
+    return metrics
+
+  def step_fn(self, state: dict, gemma_params, batch):
+    """One update of every member (unjitted; `step` is the jitted form)."""
+    acts, clean_logits = self._clean(gemma_params, batch)
+    params = {k: st.params for k, st in state.items()}
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    (_, (metrics, latents)), grads = grad_fn(
+        params, self._scales(state), gemma_params, batch, acts, clean_logits)
+    new = {}
+    for key, st in state.items():
+      module = self.group.stacks[key].template.module
+      update = functools.partial(apply_update, module, self.tx,
+                                 unit_decoder=self.settings.unit_decoder)
+      p, opt = jax.vmap(update)(st.params, st.opt_state, grads[key])
+      step = st.step + 1
+      fired = jnp.any(latents[key] > 0, axis=1)       # (members, S)
+      new[key] = st.replace(
+          step=step, params=p, opt_state=opt,
+          last_fired=jnp.where(fired, step[:, None], st.last_fired))
+    grad_norm = optax.global_norm(grads)
+    metrics.update({
+        "grad_norm": grad_norm,
+        "finite": jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)})
     return new, metrics

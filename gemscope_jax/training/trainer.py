@@ -55,15 +55,17 @@ def make_run(plan: plans.Plan, devices=None) -> Run | group_lib.GroupRun:
   return Run(plan, devices=devices)
 
 
-def _export(run, state, workdir: pathlib.Path) -> None:
+def export_run(run, state, workdir: pathlib.Path) -> None:
+  """workdir/export/: one dictionary's, or each member's of a group."""
   if isinstance(run, group_lib.GroupRun):
     export_lib.export_group(run, state, workdir)
   else:
     export_lib.export(run, state, workdir)
 
 
-def _evaluate(run, state, gemma_params, tokenizer, workdir: pathlib.Path, *,
-              progress: bool) -> dict[str, Any]:
+def evaluate_run(run, state, gemma_params, tokenizer, workdir: pathlib.Path,
+                 *, progress: bool) -> dict[str, Any]:
+  """The held-out evaluation of a run or a group -> workdir/metrics.json."""
   evaluate = (heldout.evaluate_group if isinstance(run, group_lib.GroupRun)
               else heldout.evaluate_run)
   return evaluate(run, state, gemma_params, tokenizer, workdir,
@@ -162,9 +164,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     gemma_params = distributed.host_tree(gemma_params)
   if not distributed.is_main_process():
     return result  # process 0 exports and evaluates
-  _export(run, state, workdir)
+  export_run(run, state, workdir)
   if plan.eval.at_end:
-    result.update(_evaluate(run, state, gemma_params, tokenizer, workdir,
+    result.update(evaluate_run(run, state, gemma_params, tokenizer, workdir,
                             progress=progress))
   return result
 
@@ -198,5 +200,5 @@ def evaluate_workdir(workdir: str | pathlib.Path, *, progress: bool = True,
   _, state, _, _ = restored
   tokenizer = default_tokenizer()
   gemma_params = sources.load_gemma(plan, run.mesh)
-  return _evaluate(run, state, gemma_params, tokenizer, workdir,
+  return evaluate_run(run, state, gemma_params, tokenizer, workdir,
                    progress=progress)
