@@ -148,7 +148,8 @@ def test_host_pass_equals_the_jitted_pass(tiny):
   skip = jax.device_put(np.random.default_rng(3).normal(
       size=(TINY.num_layers, d, d)).astype(np.float32))
   assert _host_pass.usable(params)
-  host = _host_pass.freeze(params, TINY, TOKENS, skip)
+  fields, clean = _host_pass.freeze(params, TINY, TOKENS)
+  host = (_replacement.Frozen(**fields, skip=skip), clean)
   jitted = _replacement.freeze(params, TINY, TOKENS, skip)
   _assert_same_pass(host, jitted, 2e-6)
   np.testing.assert_allclose(host[1]["logits"][TOKENS[-1]],

@@ -115,12 +115,10 @@ def _layer(config: models.Gemma3Config, w: Any, x: np.ndarray,
                          mlp_out)
 
 
-def freeze(params: Any, config: models.Gemma3Config, tokens,
-           skip: jax.Array | None):
-  """`_replacement.freeze`'s (frozen, clean), computed in NumPy; the
-  arrays go to the default device in one transfer at the end."""
-  # Imported here: _replacement imports this module.
-  from gemscope_jax.circuits import _replacement  # pylint: disable=g-import-not-at-top
+def freeze(params: Any, config: models.Gemma3Config, tokens):
+  """The clean pass in NumPy: (the fields of `_replacement.Frozen` but the
+  skip, as a dict; clean) as `_replacement.freeze` gives them, on the
+  default device (one transfer at the end)."""
   c = config
   tokens = np.asarray(tokens, np.int64)
   T = len(tokens)
@@ -144,13 +142,13 @@ def freeze(params: Any, config: models.Gemma3Config, tokens,
       np.stack(field) for field in zip(*layers))
   g_final = _gain(x[-1], params["final_norm"]["scale"], c.norm_eps)
   logits = table @ (x[-1] * g_final)
-  coefficients, clean = jax.device_put((
-      (g_pre_attn, g_post_attn, g_pre_ffw, g_final, probs),
+  fields, clean = jax.device_put((
+      {"g_pre_attn": g_pre_attn, "g_post_attn": g_post_attn,
+       "g_pre_ffw": g_pre_ffw, "g_final": g_final, "probs": probs},
       {"embed": embed, "mlp_in": mlp_in, "mlp_out": mlp_out,
        "logits": logits.astype(np.float32)}))
-  w_v, w_o = _attention_weights(params, config)
-  frozen = _replacement.Frozen(*coefficients, w_v=w_v, w_o=w_o, skip=skip)
-  return frozen, clean
+  fields["w_v"], fields["w_o"] = _attention_weights(params, config)
+  return fields, clean
 
 
 # The newest model's value and output weights stacked over the layers:

@@ -498,7 +498,8 @@ def build(params, config: models.Gemma3Config, tokens,
       Dictionaries.of(dictionaries, config))
   skip = None if dicts.skip is None else jax.device_put(dicts.skip)
   if _host_pass.usable(params):
-    frozen, clean = _host_pass.freeze(params, config, tokens, skip)
+    fields, clean = _host_pass.freeze(params, config, tokens)
+    frozen = Frozen(**fields, skip=skip)
   else:
     if before_freeze is not None:
       before_freeze()

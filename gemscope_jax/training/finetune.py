@@ -1,7 +1,17 @@
-"""`finetune(c, workdir)`: end-to-end (KL) fine-tuning of a trained SAE.
+"""`finetune(c, workdir)`: end-to-end (KL) fine-tuning of a trained SAE,
+or of a group's dictionaries as one replacement model.
+
+A group (`group.layers`, e.g. a transcoder per layer) is fine-tuned with
+every member spliced in at once (`finetune_step.GroupFinetuneStep`): for
+transcoders the KL is that of the replacement model, each transcoder
+reading the `mlp_in` the earlier ones produced, which is what its
+held-out evaluation reports as `replacement_loss`. Transcoders trained on
+clean activations alone extrapolate badly to those inputs (README:
+18 layers diverge to 480 nats in-pass); this is the fix.
 
 The sequence (the `gemscope finetune` command, `experiments/
-jumprelu_270m_kl.py`):
+jumprelu_270m_kl.py` for the main job's SAE, `experiments/
+replacement_270m_kl.py` for 18 transcoders):
 1. The config: the source run's saved config (its newest checkpoint's) with
    this run's `finetune` section and any `eval` overrides
    (`load_config`); `finetune_plan` reads and checks the new section.
@@ -25,10 +35,12 @@ The workdir is an ordinary training workdir (the checkpoints hold a
 `TrainState` of the source's shape), so `gemscope eval`, `export`,
 `dashboard` and `--steer` read it as they read the source.
 
-Caveat: one SAE on one device (not groups, transcoders or meshes), on the
-plain-text corpora (`data.format` 'text'); about 15 s per step of 4 x 127
-tokens for the 270M on 2 CPU cores (two full passes with the 262k-token
-unembedding, and a backward pass through the later layers).
+Caveat: one device (no mesh), the plain-text corpora (`data.format`
+'text'); a single transcoder or CLT is not taken (as a group of one it
+is). About 15 s per step of 4 x 127 tokens for the 270M on 2 CPU cores
+(two full passes with the 262k-token unembedding, and a backward pass
+through the later layers; for 18 transcoders through all of them, 10-15
+s).
 """
 
 from __future__ import annotations
