@@ -162,13 +162,28 @@ def _on_prefix(frozen, embed, errors, prefix: int):
   return frozen, embed[cut], errors[:, cut]
 
 
+def _lower_backward(frozen, clean, sizes: Sequence[tuple[int, int]]) -> list:
+  """`_backward_rows` lowered (traced, not compiled) for each (rows,
+  prefix) of `sizes`, from the clean pass's output shapes."""
+  L, T, D = frozen.g_pre_ffw.shape
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+  errors = f32(L, T, D)
+  out = []
+  for size, prefix in sizes:
+    cut = jax.eval_shape(functools.partial(_on_prefix, prefix=prefix),
+                         frozen, clean["embed"], errors)
+    i32 = jax.ShapeDtypeStruct((size,), jnp.int32)
+    out.append(_backward_rows.lower(*cut, f32(L, D), i32, i32, f32(size, D),
+                                    f32(size, D)))
+  return out
+
+
 def _compile_in_background(params, config, tokens, dicts,
                            sizes: Sequence[tuple[int, int]]
                            ) -> tuple[threading.Event, threading.Thread]:
   """Compiles in a thread, from shapes alone, the clean pass's programs
-  (`_replacement.lower_freeze`; none where the clean pass runs in NumPy,
-  `_host_pass`) and then `_backward_rows` for each (rows, prefix) of
-  `sizes` (the clean pass's output shapes are its inputs). XLA
+  (`_replacement.lower_freeze`) and then `_backward_rows` for each (rows,
+  prefix) of `sizes` (the clean pass's output shapes are its inputs). XLA
   compiles without Python's lock: on a first call the caller does other
   work meanwhile, and the backward programs compile while the clean pass
   runs and its features are encoded. One after the other, not side by
@@ -176,37 +191,43 @@ def _compile_in_background(params, config, tokens, dicts,
   compiles in 0.6 s alone against 1.3 s beside the backward program (6
   tokens: first call 3.2 -> 2.8 s).
 
+  Where the clean pass runs in NumPy (`_host_pass`) it needs no program,
+  and the backward programs are traced here, before the thread starts:
+  tracing is Python, and beside it the NumPy pass's few hundred calls
+  each waited for Python's lock (the first call's clean pass took 2.4 s
+  instead of 0.2). The thread then only compiles.
+
   Returns (clean pass ready, thread): wait for the first before calling
   `freeze`, join the second before the batches that use these sizes. A
   compile that fails here is left to the call, which then raises the
   error where it belongs."""
   freeze_ready = threading.Event()
-
   skip_shape = None if dicts.skip is None else dicts.skip.shape
+  lowered = None
+  if _host_pass.usable(params):
+    _host_pass.prepare(params, config)
+    freeze_ready.set()
+    try:
+      lowered = _lower_backward(*_replacement.freeze_shapes(
+          config, len(tokens), skip_shape), sizes)
+    except Exception:  # pylint: disable=broad-except
+      lowered = []  # the batches call `_backward_rows`, which raises it
 
   def compile_all():
-    try:
-      if _host_pass.usable(params):  # the clean pass needs no program
-        frozen, clean = _replacement.freeze_shapes(config, len(tokens),
-                                                   skip_shape)
-      else:
-        programs, (frozen, clean) = _replacement.lower_freeze(
+    backward = lowered
+    if backward is None:
+      try:
+        programs, shapes = _replacement.lower_freeze(
             params, config, len(tokens), skip_shape)
         for program in programs:
           program.compile()
-    except Exception:  # pylint: disable=broad-except
-      return  # `build` calls freeze, which raises it
-    finally:
-      freeze_ready.set()
-    L, T, D = frozen.g_pre_ffw.shape
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-    errors = f32(L, T, D)
-    for size, prefix in sizes:
-      cut = jax.eval_shape(functools.partial(_on_prefix, prefix=prefix),
-                           frozen, clean["embed"], errors)
-      i32 = jax.ShapeDtypeStruct((size,), jnp.int32)
-      _backward_rows.lower(*cut, f32(L, D), i32, i32, f32(size, D),
-                           f32(size, D)).compile()
+      except Exception:  # pylint: disable=broad-except
+        return  # `build` calls freeze, which raises it
+      finally:
+        freeze_ready.set()
+      backward = _lower_backward(*shapes, sizes)
+    for program in backward:
+      program.compile()
 
   thread = threading.Thread(target=compile_all, daemon=True)
   thread.start()

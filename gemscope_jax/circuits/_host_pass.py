@@ -120,9 +120,10 @@ def freeze(params: Any, config: models.Gemma3Config, tokens):
   skip, as a dict; clean) as `_replacement.freeze` gives them, on the
   default device (one transfer at the end)."""
   c = config
+  weights, (w_v, w_o) = prepare(params, config)
   tokens = np.asarray(tokens, np.int64)
   T = len(tokens)
-  table = np.asarray(params["embedder"]["input_embedding"])
+  table = weights["embedder"]["input_embedding"]
   embed = table[tokens].astype(np.float32) * np.float32(c.d_model ** 0.5)
   idx = np.arange(T)
   causal = idx[:, None] >= idx[None, :]
@@ -135,34 +136,41 @@ def freeze(params: Any, config: models.Gemma3Config, tokens):
     kind = c.attention_kind(l)
     if kind not in tables:
       tables[kind] = _rope_table(c, l, T)
-    x, coefficients = _layer(c, params[f"layer_{l}"], x, *tables[kind],
+    x, coefficients = _layer(c, weights[f"layer_{l}"], x, *tables[kind],
                              allowed[kind])
     layers.append(coefficients)
   g_pre_attn, g_post_attn, g_pre_ffw, probs, mlp_in, mlp_out = (
       np.stack(field) for field in zip(*layers))
-  g_final = _gain(x[-1], params["final_norm"]["scale"], c.norm_eps)
+  g_final = _gain(x[-1], weights["final_norm"]["scale"], c.norm_eps)
   logits = table @ (x[-1] * g_final)
   fields, clean = jax.device_put((
       {"g_pre_attn": g_pre_attn, "g_post_attn": g_post_attn,
        "g_pre_ffw": g_pre_ffw, "g_final": g_final, "probs": probs},
       {"embed": embed, "mlp_in": mlp_in, "mlp_out": mlp_out,
        "logits": logits.astype(np.float32)}))
-  fields["w_v"], fields["w_o"] = _attention_weights(params, config)
+  fields["w_v"], fields["w_o"] = w_v, w_o
   return fields, clean
 
 
-# The newest model's value and output weights stacked over the layers:
-# (its parameter tree, (w_v, w_o) on the device). They depend on the
-# weights alone; stacking them per prompt copied 60 MB (0.1-0.2 s).
-_ATTENTION_WEIGHTS: list = []
+# The newest model's weights as the host pass reads them: (its parameter
+# tree, (NumPy float32 views of every weight, (w_v, w_o) stacked over the
+# layers on the device)). A view costs nothing, but turning a JAX array
+# into one waits for a lock that a compile in another thread holds: on a
+# first call, beside the backward programs' compile, the pass's few hundred
+# conversions took 1.1 s. The stacks depend on the weights alone (per
+# prompt they copied 60 MB, 0.1-0.2 s).
+_PREPARED: list = []
 
 
-def _attention_weights(params: Any, config: models.Gemma3Config):
-  """(w_v (L, K, D, H), w_o (L, N * H, D)) float32, on the device."""
-  if not (_ATTENTION_WEIGHTS and _ATTENTION_WEIGHTS[0] is params):
-    attn = [params[f"layer_{l}"]["attn"] for l in range(config.num_layers)]
-    w_v = np.stack([_f32(a["kv_einsum"]["w"])[1] for a in attn])
-    w_o = np.stack([_f32(a["attn_vec_einsum"]["w"]).reshape(
-        -1, config.d_model) for a in attn])
-    _ATTENTION_WEIGHTS[:] = [params, jax.device_put((w_v, w_o))]
-  return _ATTENTION_WEIGHTS[1]
+def prepare(params: Any, config: models.Gemma3Config):
+  """(NumPy float32 weights, (w_v (L, K, D, H), w_o (L, N * H, D)) on the
+  device) of `params`, kept for the newest `params` seen: `attribute`
+  calls this before it starts compiling in a thread."""
+  if not (_PREPARED and _PREPARED[0] is params):
+    weights = jax.tree.map(_f32, params)
+    attn = [weights[f"layer_{l}"]["attn"] for l in range(config.num_layers)]
+    w_v = np.stack([a["kv_einsum"]["w"][1] for a in attn])
+    w_o = np.stack([a["attn_vec_einsum"]["w"].reshape(-1, config.d_model)
+                    for a in attn])
+    _PREPARED[:] = [params, (weights, jax.device_put((w_v, w_o)))]
+  return _PREPARED[1]
