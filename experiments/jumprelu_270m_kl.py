@@ -43,25 +43,6 @@ Arguments after the colon:
 
 from gemscope_jax.training import config as config_lib
 
-# This experiment's shorthands: finetune fields (other keys: dotted paths,
-# e.g. finetune.beta1=0.9).
-SHORTHANDS = {"beta": "finetune.beta", "lr": "finetune.lr",
-              "tokens": "finetune.num_tokens",
-              "windows": "finetune.windows_per_step",
-              "source": "finetune.source"}
-
 
 def get_config(arg=None):
-  overrides = config_lib.parse_arg(arg)
-  c = config_lib.default_config()
-  f = c.finetune
-  f.source = "out/main"
-  if overrides.pop("control", False):
-    f.beta = 0.0
-  if overrides.pop("runlocal", False):
-    f.num_tokens, f.windows_per_step = 2 * 2 * 127, 2
-    f.checkpoint_every_steps = f.log_every_steps = 1
-  renamed = config_lib.Overrides()
-  for key, value in overrides.items():
-    renamed[SHORTHANDS.get(key, key)] = value
-  return config_lib.apply_overrides(c, renamed)
+  return config_lib.finetune_config(arg, source="out/main")

@@ -34,30 +34,9 @@ Arguments after the colon (the same shorthands as jumprelu_270m_kl.py):
 
 from gemscope_jax.training import config as config_lib
 
-# This experiment's shorthands: finetune fields (other keys: dotted paths).
-SHORTHANDS = {"beta": "finetune.beta", "lr": "finetune.lr",
-              "tokens": "finetune.num_tokens",
-              "windows": "finetune.windows_per_step",
-              "source": "finetune.source"}
-
 
 def get_config(arg=None):
-  overrides = config_lib.parse_arg(arg)
-  c = config_lib.default_config()
-  f = c.finetune
-  f.source = "out/tc_all"
-  f.beta = 4.0
-  f.lr = 2e-4
-  f.num_tokens = 240 * 4 * 127   # 240 steps of 4 windows of 128 tokens
-  f.windows_per_step = 4
-  f.log_every_steps = 5
-  f.checkpoint_every_steps = 40
-  if overrides.pop("control", False):
-    f.beta = 0.0
-  if overrides.pop("runlocal", False):
-    f.num_tokens, f.windows_per_step = 2 * 2 * 127, 2
-    f.checkpoint_every_steps = f.log_every_steps = 1
-  renamed = config_lib.Overrides()
-  for key, value in overrides.items():
-    renamed[SHORTHANDS.get(key, key)] = value
-  return config_lib.apply_overrides(c, renamed)
+  return config_lib.finetune_config(
+      arg, source="out/tc_all", beta=4.0, lr=2e-4,
+      num_tokens=240 * 4 * 127,   # 240 steps of 4 windows of 128 tokens
+      windows_per_step=4, log_every_steps=5, checkpoint_every_steps=40)

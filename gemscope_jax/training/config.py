@@ -37,9 +37,37 @@ __all__ = [
     "DTYPES", "Overrides", "PRESETS", "RUNLOCAL", "SHORTHANDS", "SIZES",
     "STEPS",
     "apply_overrides", "check", "default_config", "dict_config",
-    "from_json", "hookpoints", "is_group", "kind", "layout", "load",
+    "finetune_config", "from_json", "hookpoints", "is_group", "kind", "layout", "load",
     "parse_arg", "preset", "to_json",
 ]
+
+
+# The shorthands of fine-tuning experiments (experiments/*_kl.py):
+# finetune fields (other keys: dotted paths, e.g. finetune.beta1=0.9).
+FINETUNE_SHORTHANDS = {"beta": "finetune.beta", "lr": "finetune.lr",
+                       "tokens": "finetune.num_tokens",
+                       "windows": "finetune.windows_per_step",
+                       "source": "finetune.source"}
+
+
+def finetune_config(arg: str | None, **fields) -> ml_collections.ConfigDict:
+  """A fine-tuning experiment's config: the schema's defaults with
+  `fields` set in its finetune section, then the arguments after the
+  colon: `control` (beta = 0), `runlocal` (2 steps of 2 windows),
+  FINETUNE_SHORTHANDS and dotted paths."""
+  overrides = parse_arg(arg)
+  c = default_config()
+  f = c.finetune
+  f.update(fields)
+  if overrides.pop("control", False):
+    f.beta = 0.0
+  if overrides.pop("runlocal", False):
+    f.num_tokens, f.windows_per_step = 2 * 2 * 127, 2
+    f.checkpoint_every_steps = f.log_every_steps = 1
+  renamed = Overrides()
+  for key, value in overrides.items():
+    renamed[FINETUNE_SHORTHANDS.get(key, key)] = value
+  return apply_overrides(c, renamed)
 
 
 def check(c: ml_collections.ConfigDict):
