@@ -63,6 +63,13 @@ gives medians and the range of attr s:
     ours     cached      6     500/8658          2.3   2.2-2.8     1.72    3.91
     anchor        1      6     500/8658          9.2  8.5-10.0     2.30
     anchor        2      6     500/8658          9.1   7.9-9.7     2.32
+  the same at 6ef33e1 (clean pass in NumPy), a machine running both sides
+  about 1.5x slower (per-trial first-call ratios 2.0, 2.3, 3.0, 3.2, 3.6):
+    ours          1      6     500/8658          4.9   4.4-7.1     1.72    2.91
+    ours          2      6     500/8658          2.4   2.3-3.6     1.72    5.74
+    ours     cached      6     500/8658          3.8   3.4-4.6     1.64    3.75
+    anchor        1      6     500/8658         14.2 12.5-17.6     2.30
+    anchor        2      6     500/8658         13.7 12.3-14.9     2.30
   default run:
     ours          1      6     500/8658          2.9         -     1.79    2.66
     ours          2      6     500/8658          1.3         -     1.83    5.93
