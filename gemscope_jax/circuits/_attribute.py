@@ -192,10 +192,9 @@ def _compile_in_background(params, config, tokens, dicts,
   tokens: first call 3.2 -> 2.8 s).
 
   Where the clean pass runs in NumPy (`_host_pass`) it needs no program,
-  and the backward programs are traced here, before the thread starts:
-  tracing is Python, and beside it the NumPy pass's few hundred calls
-  each waited for Python's lock (the first call's clean pass took 2.4 s
-  instead of 0.2). The thread then only compiles.
+  and the backward programs are traced here, before the thread starts
+  (tracing is Python and holds Python's lock; XLA's compile does not), so
+  the thread only compiles beside the NumPy pass.
 
   Returns (clean pass ready, thread): wait for the first before calling
   `freeze`, join the second before the batches that use these sizes. A

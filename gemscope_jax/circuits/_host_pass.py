@@ -11,7 +11,7 @@ programs then compile from t = 0, while this runs.
 
 It computes what `_replacement.freeze` does, in the same order and in
 float32 (the model's own pass, `_modules.Block`, with float32 compute): the
-tests hold the two to float32 rounding (`test_host_pass_equals_jit`).
+tests hold the two to float32 rounding (`test_host_pass_equals_the_jitted_pass`).
 Used where the model's parameters live on the CPU with a float32 embedding
 table (`usable`); elsewhere (GPU, TPU, a bfloat16 table whose
 262k-row unembedding NumPy cannot multiply fast) the jitted pass serves.
@@ -154,11 +154,11 @@ def freeze(params: Any, config: models.Gemma3Config, tokens):
 
 # The newest model's weights as the host pass reads them: (its parameter
 # tree, (NumPy float32 views of every weight, (w_v, w_o) stacked over the
-# layers on the device)). A view costs nothing, but turning a JAX array
-# into one waits for a lock that a compile in another thread holds: on a
-# first call, beside the backward programs' compile, the pass's few hundred
-# conversions took 1.1 s. The stacks depend on the weights alone (per
-# prompt they copied 60 MB, 0.1-0.2 s).
+# layers on the device)). Taken once per model, before `attribute` starts
+# its compile thread, so the pass itself makes no JAX calls beside that
+# thread (whether they then waited was not settled: the slow first calls
+# measured with them were also on a loaded machine). The stacks depend on
+# the weights alone (per prompt they copied 60 MB, 0.1-0.2 s).
 _PREPARED: list = []
 
 

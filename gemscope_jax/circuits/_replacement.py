@@ -488,7 +488,7 @@ class LocalReplacement:
 
 def build(params, config: models.Gemma3Config, tokens,
           dictionaries, before_freeze=None) -> LocalReplacement:
-  """The local replacement model of `tokens` (T,) through `dictionaries`;
+  """The local replacement model of `tokens` (T,) through `dictionaries`.
   The clean pass runs in NumPy where the parameters allow
   (`_host_pass.usable`: no compile), else as `freeze`'s jitted programs,
   after `before_freeze()` if given (`attribute` waits there for those
