@@ -310,6 +310,36 @@ def test_small_batches_give_the_same_graph(case, tiny, monkeypatch):
   np.testing.assert_allclose(small.bias, full.bias, atol=1e-6)
 
 
+
+def test_rounds_keep_their_size_when_batches_shrink(tiny, monkeypatch):
+  """Features are re-ranked every update_interval * batch_size rows, as
+  circuit-tracer's queue does, also when a long prompt's batches hold
+  fewer rows (memory cap): the same features are chosen, with the same
+  edges, and the number of rankings does not grow with the prompt."""
+  from gemscope_jax.circuits import _attribute
+  params, x, _ = tiny
+  dicts = _transcoders(x, skip=True)
+  kw = dict(batch_size=8, max_feature_nodes=20, update_interval=1)
+  calls = []
+  real = _attribute._partial_influence
+
+  def counted(*args, **kwargs):
+    calls.append(len(args[1]))
+    return real(*args, **kwargs)
+  monkeypatch.setattr(_attribute, "_partial_influence", counted)
+  full = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
+  rankings = len(calls)
+  # logit rows, then rounds of 8, 8 and 4 features: three rankings
+  assert rankings == 3
+  monkeypatch.setattr(_attribute, "_BATCH_BYTES", 1)  # one row a batch
+  assert _attribute.rows_per_batch(8, TINY.num_layers, len(TOKENS),
+                                   TINY.d_model) == 1
+  calls.clear()
+  capped = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
+  assert len(calls) == rankings
+  assert capped.node_ids() == full.node_ids()
+  np.testing.assert_allclose(capped.adjacency, full.adjacency, atol=1e-6)
+
 # Prompts of one length; with blocks of 4 features, their feature blocks
 # number differently but fall in the same buckets (see the test).
 _SAME_LENGTH = ([2, 5, 17, 33, 8, 61, 40], [2, 5, 17, 9, 34, 61, 40],

@@ -38,7 +38,9 @@ gradients). Rows per batch shrink for long prefixes (`rows_per_batch`),
 so memory grows linearly with prompt length: (rows, L, T, D) gradients of
 one batch, plus the (rows, columns) edge matrix of the features kept.
 Feature selection re-ranks by partial influence in the computed rows'
-own dimensions (`_partial_influence`), one pass over the rows per ranking.
+own dimensions (`_partial_influence`), one pass over the rows per ranking,
+every `update_interval * batch_size` rows whatever the prompt's length, so
+that the number of rankings does not grow as long prompts' batches shrink.
 """
 
 from __future__ import annotations
@@ -414,7 +416,9 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
     target_tokens: logit targets; default the likeliest next tokens up to
       `desired_logit_prob` cumulative probability, at most `max_n_logits`.
     batch_size: target rows per backward pass.
-    update_interval: batches between re-rankings of the features.
+    update_interval: re-rank the features after this many times
+      `batch_size` rows (batches of a long prompt hold fewer rows; the
+      rounds keep their size).
     verbose: print timings.
 
   Returns:
@@ -558,7 +562,12 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
                                 buf_sums[:filled])
       rank = np.argsort(-part[:n_act], kind="stable")
       rank = rank[~visited[rank]]
-      pending = rank[:min(update_interval * full_batch,
+      # A round is update_interval * batch_size rows whatever the
+      # prompt's length (circuit-tracer's queue): counting it in the
+      # shrunken rows of a long prompt's batches would re-rank every few
+      # rows, and the rankings' host work (each a pass over the rows so
+      # far) would grow with the square of the prompt's length.
+      pending = rank[:min(update_interval * batch_size,
                           n_log + budget - filled)]
     # Rows of one prefix bucket, and in it of one layer, together: a
     # batch's backward pass runs on its bucket's prefix and stops at its
