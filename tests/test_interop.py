@@ -111,6 +111,28 @@ def test_saelens_loads_our_export_and_encodes_as_we_do(tmp_path, arch):
   assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
 
 
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pre_enc_bias", [True, False])
+def test_numpy_encode_is_the_jitted_encode(arch, pre_enc_bias):
+  """`encode_numpy` (attribution's host path) gives `encode`'s latents:
+  the same active set and values to fp32 rounding, for every architecture,
+  with the input subtraction kept or folded, against our training
+  module."""
+  d = _inference(arch)
+  d = d if pre_enc_bias else d.folded()
+  x = _x(256)
+  got = d.encode_numpy(x)
+  assert isinstance(got, np.ndarray) and got.dtype == np.float32
+  want = np.asarray(d.encode(x))
+  f_ref, _ = _reference(arch, x)
+  assert (got > 0).sum() > 0
+  np.testing.assert_array_equal(got > 0, want > 0)
+  np.testing.assert_array_equal(got > 0, f_ref > 0)
+  _close(got, want, scale=np.abs(want).max())
+  if arch == "topk":
+    assert ((got > 0).sum(axis=-1) <= K).all()
+
 def test_saelens_keeps_apply_b_dec_to_input(tmp_path):
   """An unfolded dictionary (b_dec subtracted from the input) stays so."""
   import torch

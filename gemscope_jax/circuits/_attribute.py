@@ -450,11 +450,12 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
   freeze_ready, rows_ready = _compile_in_background(params, config, tokens,
                                                     dicts, sizes)
   _COMPILED_SIZES.update(sizes)
-  # While the clean pass compiles: the decoders stacked, and the encoders'
-  # programs compiled by a run on zeros (whatever form `dicts.encode`
-  # takes; a few milliseconds of work).
+  # While the clean pass compiles: the decoders stacked, and (where the
+  # clean pass is not the NumPy one, whose features are encoded in NumPy)
+  # the encoders' programs compiled by a run on zeros.
   decoders = decoder_groups(dicts)
-  dicts.encode(np.zeros((L, T, D), np.float32))
+  if not _host_pass.usable(params):  # the host pass encodes in NumPy
+    dicts.encode(np.zeros((L, T, D), np.float32))
   rep = _replacement.build(params, config, tokens, dicts,
                            before_freeze=freeze_ready.wait)
   logits = np.asarray(rep.clean["logits"], np.float64)

@@ -356,7 +356,8 @@ class Dictionaries:
       l .. l + k_l - 1 (k_l = 1 for a transcoder, L - l for a CLT).
     b_dec: (L, D) decoder bias of each output layer.
     skip: (L, D, D) affine skips, or None when no layer has one.
-    encode: fn(mlp_in (L, T, D)) -> per layer (T, S_l) latents, or None.
+    encode: fn(mlp_in (L, T, D), on_host=False) -> per layer (T, S_l)
+      latents, or None; `on_host` encodes in NumPy (no compile).
   """
   kind: str
   w_enc: list
@@ -376,7 +377,8 @@ class Dictionaries:
       if d.kind != "clt" or d.n_layers != L or d.d_in != D:
         raise ValueError(f"attribute: needs a CLT with {L} layers of width "
                          f"{D}, got a {d.kind} of {d.n_layers} x {d.d_in}")
-      def encode(x):
+      def encode(x, on_host=True):  # pylint: disable=unused-argument
+        # MultiLayerInference encodes in NumPy (float64) either way.
         acts = d.encode(np.swapaxes(np.asarray(x), 0, 1))  # (T, L, S)
         return [np.asarray(acts[:, l], np.float32) for l in range(L)]
       return cls("clt", list(d.w_enc), [d.w_dec[l, :, l:] for l in range(L)],
@@ -409,7 +411,12 @@ class Dictionaries:
                        if d is None or d.affine_skip is None
                        else d.affine_skip for d in per_layer])
 
-    def encode(x):
+    def encode(x, on_host=False):
+      """Per layer (T, S) float32 latents of x (L, T, D): in NumPy with
+      `on_host` (the CPU's clean pass, `_host_pass`), else jitted."""
+      if on_host:
+        return [None if d is None else d.encode_numpy(x[l])
+                for l, d in enumerate(per_layer)]
       return [None if d is None else np.asarray(d.encode(x[l]), np.float32)
               for l, d in enumerate(per_layer)]
     return cls("transcoders",
@@ -497,7 +504,8 @@ def build(params, config: models.Gemma3Config, tokens,
   dicts = dictionaries if isinstance(dictionaries, Dictionaries) else (
       Dictionaries.of(dictionaries, config))
   skip = None if dicts.skip is None else jax.device_put(dicts.skip)
-  if _host_pass.usable(params):
+  on_host = _host_pass.usable(params)
+  if on_host:
     fields, clean = _host_pass.freeze(params, config, tokens)
     frozen = Frozen(**fields, skip=skip)
   else:
@@ -505,7 +513,7 @@ def build(params, config: models.Gemma3Config, tokens,
       before_freeze()
     frozen, clean = freeze(params, config, tokens, skip)
   L = config.num_layers
-  acts = dicts.encode(np.asarray(clean["mlp_in"]))
+  acts = dicts.encode(np.asarray(clean["mlp_in"]), on_host=on_host)
   features, values = [], []
   recon = np.broadcast_to(dicts.b_dec[:, None], clean["mlp_out"].shape).copy()
   for l in range(L):
