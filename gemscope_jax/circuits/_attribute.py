@@ -196,7 +196,8 @@ def _compile_in_background(params, config, tokens, dicts,
   Where the clean pass runs in NumPy (`_host_pass`) it needs no program,
   and the backward programs are traced here, before the thread starts
   (tracing is Python and holds Python's lock; XLA's compile does not), so
-  the thread only compiles beside the NumPy pass.
+  the thread only compiles beside the NumPy pass; the pass's weights are
+  prepared (`_host_pass.prepare`, once per model) after the thread starts.
 
   Returns (clean pass ready, thread): wait for the first before calling
   `freeze`, join the second before the batches that use these sizes. A
@@ -205,8 +206,8 @@ def _compile_in_background(params, config, tokens, dicts,
   freeze_ready = threading.Event()
   skip_shape = None if dicts.skip is None else dicts.skip.shape
   lowered = None
-  if _host_pass.usable(params):
-    _host_pass.prepare(params, config)
+  host = _host_pass.usable(params)
+  if host:
     freeze_ready.set()
     try:
       lowered = _lower_backward(*_replacement.freeze_shapes(
@@ -232,6 +233,8 @@ def _compile_in_background(params, config, tokens, dicts,
 
   thread = threading.Thread(target=compile_all, daemon=True)
   thread.start()
+  if host:
+    _host_pass.prepare(params, config)
   return freeze_ready, thread
 
 
