@@ -292,6 +292,8 @@ def test_small_batches_give_the_same_graph(case, tiny, monkeypatch):
   params, x, _ = tiny
   dicts = _dicts(kind, x)
   kw = dict(batch_size=8, max_feature_nodes=30, update_interval=1)
+  # The jitted rows (the NumPy rows on a CPU backend compile nothing).
+  monkeypatch.setattr(_attribute, "_host_rows", lambda params: False)
   monkeypatch.setattr(_attribute, "_COMPILE_WORK", 10**12)
   monkeypatch.setattr(_attribute, "_COMPILED_SIZES", set())
   full = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
@@ -340,6 +342,49 @@ def test_rounds_keep_their_size_when_batches_shrink(tiny, monkeypatch):
   assert capped.node_ids() == full.node_ids()
   np.testing.assert_allclose(capped.adjacency, full.adjacency, atol=1e-6)
 
+
+@pytest.mark.parametrize("budget", [None, 12])
+def test_host_rows_equal_the_jitted_rows(case, tiny, budget, monkeypatch):
+  """On a CPU backend the rows run in NumPy (`_host_pass.backward_rows`,
+  `feature_edges`); elsewhere, as the jitted programs. Both give the same
+  graph (the exactness tests above check the NumPy one) for transcoders
+  with and without skips and for a CLT, with a feature budget and with
+  prefix buckets shorter than the prompt; and the NumPy rows' gradients
+  are `_replacement.backward`'s, row by row."""
+  from gemscope_jax.circuits import _attribute
+  kind, rep, _, _ = case
+  params, x, _ = tiny
+  dicts = _dicts(kind, x)
+  monkeypatch.setattr(_attribute, "_MIN_PREFIX", 2)
+  kw = dict(batch_size=6, max_feature_nodes=budget, update_interval=1)
+  assert _attribute._host_rows(params)  # a CPU backend, float32 weights
+  host = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
+  monkeypatch.setattr(_attribute, "_host_rows", lambda params: False)
+  jitted = circuits.attribute(TOKENS, dicts, TINY, params, **kw)
+  assert host.node_ids() == jitted.node_ids()
+  scale = np.abs(jitted.adjacency).max()
+  np.testing.assert_allclose(host.adjacency, jitted.adjacency,
+                             atol=1e-6 * scale)
+  np.testing.assert_allclose(host.bias, jitted.bias, atol=1e-6 * scale)
+  # The gradients themselves, for feature rows and a logit row.
+  L, T, D = rep.errors.shape
+  rows = np.arange(0, len(rep.features), max(1, len(rep.features) // 5))
+  layer = np.append(rep.features[rows, 0], L - 1).astype(np.int32)
+  pos = np.append(rep.features[rows, 1], 0).astype(np.int32)
+  read = np.stack([rep.dicts.w_enc[l][:, f] for l, _, f in
+                   rep.features[rows]] + [np.zeros(D)]).astype(np.float32)
+  final = np.zeros_like(read)
+  final[-1] = np.asarray(rep.embedding)[3] - rep.embedding_mean
+  frozen, embed, errors = _attribute._host_prefix(rep, T)
+  g_w, err, tok, bias = _host_pass.backward_rows(
+      frozen, embed, errors, rep.dicts.b_dec, layer, pos, read, final)
+  want = _attribute._backward_rows(rep.frozen, rep.clean["embed"],
+                                   rep.errors, rep.dicts.b_dec, layer, pos,
+                                   read, final)
+  for got, ref in zip((g_w.transpose(0, 2, 1, 3), err, tok, bias), want):
+    ref = np.asarray(ref)
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+
 # Prompts of one length; with blocks of 4 features, their feature blocks
 # number differently but fall in the same buckets (see the test).
 _SAME_LENGTH = ([2, 5, 17, 33, 8, 61, 40], [2, 5, 17, 9, 34, 61, 40],
@@ -358,8 +403,10 @@ def test_block_buckets_pad_without_changing_the_graph(tiny, kind,
   assert all(n <= b <= max(16, 1.25 * n) for n, b in enumerate(sizes, 1))
   params, x, _ = tiny
   dicts = _dicts(kind, x)
-  # Blocks of 4 features, so that block counts vary between prompts.
+  # Blocks of 4 features, so that block counts vary between prompts; the
+  # jitted rows, whose blocks these are.
   monkeypatch.setattr(_attribute, "_BLOCK", 4)
+  monkeypatch.setattr(_attribute, "_host_rows", lambda params: False)
 
   def blocks(tokens):
     rep = _replacement.build(params, TINY, tokens, dicts)

@@ -174,3 +174,109 @@ def prepare(params: Any, config: models.Gemma3Config):
                     for a in attn])
     _PREPARED[:] = [params, (weights, jax.device_put((w_v, w_o)))]
   return _PREPARED[1]
+
+
+# The transposed linear model in NumPy: on a CPU backend, a short prompt's
+# first attribution call spent most of its time compiling the programs
+# below (`_attribute._backward_rows`, `_feature_rows`), whose work is a
+# few hundred milliseconds of matrix products that NumPy runs as fast.
+
+def backward_rows(frozen: dict, embed: np.ndarray, errors: np.ndarray,
+                  b_dec: np.ndarray, layer: np.ndarray, pos: np.ndarray,
+                  read: np.ndarray, final: np.ndarray):
+  """`_attribute._backward_rows` in NumPy: R target rows through the
+  transposed linear model (`_replacement.backward`), position-major.
+
+  Args:
+    frozen: `_replacement.Frozen`'s fields as float32 NumPy arrays (skip
+      None when no layer has one), cut to the batch's prefix of T tokens.
+    embed: (T, D) scaled embeddings; errors: (L, T, D); b_dec: (L, D).
+    layer, pos: (R,) each row's read site (a logit row: L - 1, any).
+    read: (R, D) encoder columns (0 for logit rows); final: (R, D)
+      demeaned unembedding rows (0 for feature rows).
+
+  Returns:
+    (gradients at every write site (L, T, R, D): position before row, so
+    that one (layer, position)'s rows are one contiguous block for
+    `feature_edges`; error edges (R, L * T), token edges (R, T), bias
+    (R,)), float32.
+  """
+  g_pre, g_post, g_ffw = (frozen[k] for k in ("g_pre_attn", "g_post_attn",
+                                              "g_pre_ffw"))
+  probs, w_v, w_o, skip = (frozen[k] for k in ("probs", "w_v", "w_o",
+                                                "skip"))
+  L, T, D = g_pre.shape
+  K, G = probs.shape[1:3]
+  H = w_v.shape[-1]
+  r = len(layer)
+  top = int(layer.max())
+  ct = np.zeros((T, r, D), np.float32)
+  ct[T - 1] = final * frozen["g_final"]
+  g_w = np.empty((L, T, r, D), np.float32)
+  at_pos = np.arange(T)[:, None] == pos[None, :]                  # (T, R)
+  for l in range(L - 1, -1, -1):
+    g_w[l] = ct  # the gradient at layer l's write site (after its MLP)
+    if l > top:  # nothing flows back from above the highest row
+      continue
+    reads = (at_pos & (layer == l)[None, :])[..., None] * read[None]
+    if skip is not None:  # mlp_in also feeds the skip's write
+      reads += (ct.reshape(-1, D) @ skip[l].T).reshape(T, r, D)
+    mid = ct + reads * g_ffw[l][:, None]
+    heads = ((mid * g_post[l][:, None]).reshape(-1, D) @ w_o[l].T)
+    # v[s, r, k, h] = sum_{t, g} probs[k, g, t, s] heads[t, r, k, g, h]:
+    # one (S, T) x (T, R * H) product per head.
+    heads = heads.reshape(T, r, K * G, H).transpose(2, 0, 1, 3).copy()
+    v = np.zeros((T, r, K, H), np.float32)
+    for k in range(K):
+      for g in range(G):
+        v[:, :, k] += (probs[l, k, g].T @ heads[k * G + g].reshape(T, -1)
+                       ).reshape(T, r, H)
+    x = v.reshape(-1, K * H) @ w_v[l].transpose(0, 2, 1).reshape(K * H, D)
+    ct = mid + x.reshape(T, r, D) * g_pre[l][:, None]
+  tok = np.matmul(ct, embed[:, :, None])[..., 0].T                # (R, T)
+  err = np.empty((r, L, T), np.float32)
+  bias = np.zeros(r, np.float64)
+  for l in range(L):
+    err[:, l] = np.matmul(g_w[l], errors[l][:, :, None])[..., 0].T
+    bias += (g_w[l].reshape(-1, D) @ b_dec[l]).reshape(T, r).sum(0)
+  return g_w, err.reshape(r, -1), tok, bias.astype(np.float32)
+
+
+def feature_edges(g_w: np.ndarray, features: np.ndarray,
+                  activations: np.ndarray, w_dec: list, prefix: int):
+  """Edges from the active features at positions < `prefix` into R rows,
+  from the rows' gradients g_w (L, T, R, D) (`backward_rows`): what
+  `_attribute._feature_rows` gives, per feature rather than per block
+  slot.
+
+  A feature (l, p, i) with activation a writes a * w_dec[l][i, j] into
+  layer l + j (j < k: 1 for a transcoder, L - l for a CLT), so its edge
+  into row r is a * sum_j g_w[l + j, p, r] . w_dec[l][i, j]: one product
+  (R, k * D) x (k * D, n) per (layer, position), whose features are
+  contiguous in `features` (sorted by layer, then position).
+
+  Args:
+    features: (n, 3) (layer, position, latent), sorted; activations (n,).
+    w_dec: per layer (S, k, D) decoders (`_replacement.Dictionaries`).
+
+  Returns:
+    (indices into `features` of those at positions < prefix (m,),
+    their edges (R, m)).
+  """
+  idx = np.flatnonzero(features[:, 1] < prefix)
+  r = g_w.shape[2]
+  out = np.empty((r, len(idx)), np.float32)
+  f, act = features[idx], activations[idx]
+  key = f[:, 0].astype(np.int64) * prefix + f[:, 1]
+  starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+  for a, b in zip(starts, np.r_[starts[1:], len(idx)]):
+    l, p = int(f[a, 0]), int(f[a, 1])
+    w = w_dec[l]
+    k = w.shape[1]
+    vecs = w[f[a:b, 2]].reshape(b - a, -1) * act[a:b, None]       # (n, k*D)
+    if k == 1:
+      grads = g_w[l, p]                                             # (R, D)
+    else:
+      grads = g_w[l:l + k, p].transpose(1, 0, 2).reshape(r, -1)
+    out[:, a:b] = grads @ vecs.T
+  return idx, out
