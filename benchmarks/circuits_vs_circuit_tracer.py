@@ -33,9 +33,9 @@ active feature as a node up to --all-features-up-to tokens (default 6: at
 per batch of 64 rows there, would need about 5 hours).
 
 Notes:
-  - attr s is the attribute call alone (ours includes its JAX compiles and
-    tracing, as a user's single call does: about 1.5 of a first call's
-    2.9 s at 6 tokens); wall s is the whole child (interpreter start,
+  - attr s is the attribute call alone (ours includes any JAX compiles
+    and tracing, as a user's single call does; on a CPU backend there are
+    none left); wall s is the whole child (interpreter start,
     model load: 5-15 s). time x and mem x = anchor / ours, of attr s and
     of peak GB, each the median over --trials fresh children.
   - the anchor's forward pass runs the prompt as batch-size rows and keeps
@@ -47,52 +47,46 @@ Notes:
     workdir and reused; pass --workdir to keep them (default: a fresh temp
     dir, not removed).
 
-Validated (2 cores, 2026-11-30, commit 1b15b61), three runs:
+Validated (2 cores, 2026-11-30, commit 9c08d96: on a CPU backend nothing
+of ours compiles, see circuits/_attribute.py), three runs:
 `--lengths 6 --all-features-up-to 0 --trials 5`, the default run
 (`--lengths 6,64`, every feature at 6 tokens) and `--lengths 256
 --all-features-up-to 0 --batch-size 16 --repeat 1`. Call 1 is the first
-attribute call in a fresh process with an empty XLA compile cache (ours
-pays every compile there), call 2 the same prompt again in that process,
-"cached" a fresh process that finds its programs in the compile cache
-call 1 filled (as a second `gemscope attribute` run does); time x is the
-anchor's same call over ours (its call 1 for "cached"); the --trials row
-gives medians and the range of attr s:
+attribute call in a fresh process with an empty XLA compile cache, call 2
+the same prompt again in that process, "cached" a fresh process that
+finds its programs in the compile cache call 1 filled (as a second
+`gemscope attribute` run does); time x is the anchor's same call over
+ours (its call 1 for "cached"); the --trials row gives medians and the
+range of attr s:
     side       call tokens         features   attr s     range  peak GB  time x
-    ours          1      6     500/8658          3.8   3.1-4.2     1.80    2.42
-    ours          2      6     500/8658          1.7   1.3-1.8     1.81    5.22
-    ours     cached      6     500/8658          2.3   2.2-2.8     1.72    3.91
-    anchor        1      6     500/8658          9.2  8.5-10.0     2.30
-    anchor        2      6     500/8658          9.1   7.9-9.7     2.32
-  the same at 6ef33e1 (clean pass in NumPy), a machine running both sides
-  about 1.5x slower (per-trial first-call ratios 2.0, 2.3, 3.0, 3.2, 3.6):
-    ours          1      6     500/8658          4.9   4.4-7.1     1.72    2.91
-    ours          2      6     500/8658          2.4   2.3-3.6     1.72    5.74
-    ours     cached      6     500/8658          3.8   3.4-4.6     1.64    3.75
-    anchor        1      6     500/8658         14.2 12.5-17.6     2.30
-    anchor        2      6     500/8658         13.7 12.3-14.9     2.30
+    ours          1      6     500/8658          1.4   1.3-2.3     1.51    5.74
+    ours          2      6     500/8658          0.9   0.9-1.2     1.51    9.12
+    ours     cached      6     500/8658          1.4   1.4-2.2     1.51    5.84
+    anchor        1      6     500/8658          8.2   8.2-9.3     2.27
+    anchor        2      6     500/8658          8.2   7.3-8.4     2.30
   default run:
-    ours          1      6     500/8658          2.9         -     1.79    2.66
-    ours          2      6     500/8658          1.3         -     1.83    5.93
-    ours     cached      6     500/8658          1.9         -     1.75    4.00
-    anchor        1      6     500/8658          7.8         -     2.30
-    anchor        2      6     500/8658          7.8         -     2.34
-    ours          1      6    8658/8658         18.6         -     2.35    3.14
-    ours          2      6    8658/8658         17.7         -     2.67    3.51
-    ours     cached      6    8658/8658         15.7         -     2.35    3.73
-    anchor        1      6    8658/8658         58.3         -     2.48
-    anchor        2      6    8658/8658         62.1         -     2.80
-    ours          1     64     500/86688        10.1         -     2.30    5.25
-    ours          2     64     500/86688         7.8         -     2.32    5.58
-    ours     cached     64     500/86688         8.6         -     2.30    6.14
-    anchor        1     64     500/86688        52.8         -     7.97
-    anchor        2     64     500/86688        43.5         -     8.26
+    ours          1      6     500/8658          1.4         -     1.51    6.15
+    ours          2      6     500/8658          0.9         -     1.51    8.85
+    ours     cached      6     500/8658          1.4         -     1.51    6.44
+    anchor        1      6     500/8658          8.7         -     2.30
+    anchor        2      6     500/8658          8.0         -     2.34
+    ours          1      6    8658/8658         14.2         -     2.07    4.68
+    ours          2      6    8658/8658         14.7         -     2.33    4.60
+    ours     cached      6    8658/8658         14.2         -     2.07    4.68
+    anchor        1      6    8658/8658         66.6         -     2.51
+    anchor        2      6    8658/8658         67.6         -     2.80
+    ours          1     64     500/86688         5.9         -     1.90    7.35
+    ours          2     64     500/86688         5.3         -     1.90    7.42
+    ours     cached     64     500/86688         7.2         -     1.90    6.03
+    anchor        1     64     500/86688        43.7         -     7.66
+    anchor        2     64     500/86688        39.6         -     7.79
   256 tokens, batch 16:
-    ours          1    256     500/294525       25.3         -     3.12    3.76
-    ours     cached    256     500/294525       23.9         -     3.07    3.98
-    anchor        1    256     500/294527       95.2         -     9.62
-Both sides vary by 20-30 % from run to run here: the first call at 6
-tokens with 500 nodes, compile-bound on our side, came out at 2.3-3.4x
-over this day's runs.
+    ours          1    256     500/294527       20.9         -     2.76    3.65
+    ours     cached    256     500/294527       18.6         -     2.76    4.10
+    anchor        1    256     500/294527       76.2         -     9.68
+Both sides vary by 20-30 % from run to run here. Before 9c08d96 (jitted
+rows, compiled on the first call) the first call at 6 tokens with 500
+nodes was 3.8-4.9 s, 2.4-2.9x the anchor's, as medians of 5 trials.
 """
 
 from __future__ import annotations
