@@ -492,10 +492,10 @@ def attribute(tokens_or_prompt: str | Sequence[int], dictionaries,
     freeze_ready, rows_ready = _compile_in_background(params, config, tokens,
                                                       dicts, sizes)
     _COMPILED_SIZES.update(sizes)
-  # While the clean pass compiles: the decoders stacked, and (where the
-  # clean pass is not the NumPy one, whose features are encoded in NumPy)
-  # the encoders' programs compiled by a run on zeros.
-  if not host:  # the host reads decoders per feature, encodes in NumPy
+  # For jitted rows, while the clean pass compiles: their decoders
+  # stacked, and the encoders' programs compiled by a run on zeros (the
+  # NumPy rows read each layer's decoder as it is, and encode in NumPy).
+  if not host:
     decoders = decoder_groups(dicts)
     dicts.encode(np.zeros((L, T, D), np.float32))
   rep = _replacement.build(
