@@ -225,8 +225,10 @@ def _compile_in_background(params, config, tokens, dicts,
   compiles in 0.6 s alone against 1.3 s beside the backward program (6
   tokens: first call 3.2 -> 2.8 s).
 
-  Where the clean pass runs in NumPy (`_host_pass`) it needs no program,
-  and the backward programs are traced here, before the thread starts
+  `attribute` calls this only for jitted rows. Where those run beside a
+  NumPy clean pass (`_host_pass`; on a CPU backend only when the jitted
+  rows are forced, as the tests do) the clean pass needs no program, and
+  the backward programs are traced here, before the thread starts
   (tracing is Python and holds Python's lock; XLA's compile does not), so
   the thread only compiles beside the NumPy pass; the pass's weights are
   prepared (`_host_pass.prepare`, once per model) after the thread starts.

@@ -154,18 +154,20 @@ def freeze(params: Any, config: models.Gemma3Config, tokens):
 
 # The newest model's weights as the host pass reads them: (its parameter
 # tree, (NumPy float32 views of every weight, (w_v, w_o) stacked over the
-# layers on the device)). Taken once per model, by `attribute` just after
-# it starts its compile thread: taken before the thread, as it first was,
-# it delayed the compile by its 0.2 s (first calls at 6 tokens, four
-# interleaved pairs: 3.2-4.3 s before, 2.7-3.2 s after). The stacks depend
-# on the weights alone (per prompt they copied 60 MB, 0.1-0.2 s).
+# layers on the device)). Taken once per model: by `attribute` first
+# thing when its rows run in NumPy too (nothing compiles then), and just
+# after it starts its compile thread when they are jitted (taken before
+# the thread, it had delayed the compile by its 0.2 s: first calls at 6
+# tokens, four interleaved pairs, 3.2-4.3 s before, 2.7-3.2 s after). The
+# stacks depend on the weights alone (per prompt they copied 60 MB,
+# 0.1-0.2 s).
 _PREPARED: list = []
 
 
 def prepare(params: Any, config: models.Gemma3Config):
   """(NumPy float32 weights, (w_v (L, K, D, H), w_o (L, N * H, D)) on the
-  device) of `params`, kept for the newest `params` seen: `attribute`
-  calls this while its thread compiles."""
+  device) of `params`, kept for the newest `params` seen (see above for
+  when `attribute` takes it)."""
   if not (_PREPARED and _PREPARED[0] is params):
     weights = jax.tree.map(_f32, params)
     attn = [weights[f"layer_{l}"]["attn"] for l in range(config.num_layers)]
