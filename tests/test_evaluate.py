@@ -228,7 +228,7 @@ def test_random_jumprelu_matches_numpy(env):
   threshold[:16] = 1e9           # dead by construction
   b_enc[16:32] = threshold[16:32] + 1e6   # fire on every token: dense
   params = _params(w_enc, w_dec, b_enc, b_dec, threshold)
-  m = _run(env, _module(d), params, dense_threshold=0.2)
+  m = _run(env, _module(d), params, dense_threshold=0.2, prefixes=(100, 700))
   pre = (x / s - b_dec) @ w_enc.astype(np.float64) + b_enc
   f = pre * (pre > threshold)
   recon = s * (f @ w_dec.astype(np.float64) + b_dec)
@@ -249,8 +249,14 @@ def test_random_jumprelu_matches_numpy(env):
                                                 abs=1 / d_sae)
   assert 16 / d_sae <= got["dead_fraction"] < 1
   assert 16 / d_sae <= got["dense_fraction"] < 1
-  fvu = err.sum() / ((x - x.mean(0)) ** 2).sum()
+  var = ((x - x.mean(0)) ** 2).sum()
+  fvu = err.sum() / var
   assert got["fvu"] == pytest.approx(fvu, rel=1e-4)
+  for size in (100, 700):      # the first `size` latents only
+    part = s * (f[:, :size] @ w_dec[:size].astype(np.float64) + b_dec)
+    assert got[f"prefix_fvu/{size}"] == pytest.approx(
+        ((x - part) ** 2).sum() / var, rel=1e-4)
+  assert got["prefix_fvu/100"] > got["prefix_fvu/700"] > got["fvu"]
   assert got["explained_variance"] == pytest.approx(1 - fvu, rel=1e-4,
                                                     abs=1e-6)
   assert got["mse"] == pytest.approx(err.mean(), rel=1e-4)
@@ -312,3 +318,64 @@ def test_loss_tokens_limits_only_the_loss_passes(env):
   assert part["loss_tokens"] == int(w.mask[:2].sum()) < full["loss_tokens"]
   for k in ("clean_loss", "spliced_loss", "zero_ablation_loss", "num_pairs"):
     assert part[k] == pytest.approx(first[k], rel=1e-6), k
+
+
+def test_prefix_fvu_of_transcoders():
+  """prefix_fvu/M is the FVU of the prediction from the first M latents
+  (bias and affine skip kept, raw units), on synthetic activations in two
+  batches: a Matryoshka transcoder reports its own prefixes, a transcoder
+  with the affine skip the ones asked for."""
+  from gemscope_jax import dictionaries
+  from gemscope_jax.dictionaries import JumpReLUTranscoder, Matryoshka
+  from gemscope_jax.evals.reconstruction import MemberStats
+  from gemscope_jax.surgery import splice as splice_lib
+  d, d_sae, s_in, s_out = 8, 24, 3.0, 0.5
+  rng = np.random.default_rng(1)
+  params = {"w_enc": rng.normal(size=(d, d_sae)), "b_enc": rng.normal(
+      size=d_sae) * 0.1, "threshold": rng.uniform(0, 0.5, d_sae),
+            "w_dec": rng.normal(size=(d_sae, d)) / 4,
+            "b_dec": rng.normal(size=d) * 0.1,
+            "w_skip": rng.normal(size=(d, d)) / 4}
+  params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  lay = dictionaries.Layout("transcoder", ("layer_2/mlp_in",),
+                            ("layer_2/mlp_out",))
+  x = rng.normal(size=(2, 3, 5, d)).astype(np.float32) * s_in
+  t = rng.normal(size=(2, 3, 5, d)).astype(np.float32) * s_out
+  keep = rng.random((2, 3, 5)) < 0.8
+  xs, ts = x[keep].astype(np.float64) / s_in, t[keep].astype(np.float64)
+  pre = xs @ params["w_enc"] + params["b_enc"]
+  f = pre * (pre > params["threshold"])
+  assert 0 < np.count_nonzero(f[:, :4]) < f[:, :4].size
+  var = ((ts - ts.mean(0)) ** 2).sum()
+
+  def stats(module, p, prefixes=None):
+    member = splice_lib.Member(name="tc", layout=lay, module=module,
+                               params=p, norm_scale=s_in, target_scale=s_out)
+    st = MemberStats(member, prefixes)
+    for b in range(2):
+      st.add({"layer_2/mlp_in": x[b], "layer_2/mlp_out": t[b]},
+             keep[b], int(keep[b].sum()))
+    got = st.metrics(0.1)[0]
+    return {k: v for k, v in got.items() if k.startswith("prefix")}, got
+
+  def fvu(m, skip):
+    pred = f[:, :m] @ params["w_dec"][:m] + params["b_dec"]
+    if skip:
+      pred = pred + xs @ params["w_skip"]
+    return ((ts - s_out * pred) ** 2).sum() / var
+
+  no_skip = {k: v for k, v in params.items() if k != "w_skip"}
+  inner = JumpReLUTranscoder(d_in=d, d_sae=d_sae, d_out=d, target_l0=3.0)
+  got, all_ = stats(Matryoshka(inner, (4, 12, d_sae)), no_skip)
+  assert sorted(got) == ["prefix_fvu/12", "prefix_fvu/4"]
+  for m in (4, 12):
+    assert got[f"prefix_fvu/{m}"] == pytest.approx(fvu(m, False), rel=1e-5)
+  assert all_["fvu"] == pytest.approx(fvu(d_sae, False), rel=1e-5)
+  assert stats(inner, no_skip)[0] == {}
+  skip = JumpReLUTranscoder(d_in=d, d_sae=d_sae, d_out=d, target_l0=3.0,
+                            affine_skip=True)
+  got, all_ = stats(skip, params, (6,))
+  assert got == {"prefix_fvu/6": pytest.approx(fvu(6, True), rel=1e-5)}
+  assert all_["fvu"] == pytest.approx(fvu(d_sae, True), rel=1e-5)
+  with pytest.raises(ValueError, match="increasing latent counts"):
+    stats(skip, params, (12, 4))

@@ -250,6 +250,7 @@ def test_bad_configs_name_the_field(tmp_path):
       "mesh.model=3": "mesh.model=3",
       "mesh.data=3": "config.mesh",
       "train.batch_size=0": "config.train.batch_size",
+      "eval.prefixes=(64,16)": "config.eval.prefixes",
   }
   for override, expected in cases.items():
     with pytest.raises((ValueError, FileNotFoundError)) as e:

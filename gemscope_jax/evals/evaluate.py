@@ -40,7 +40,7 @@ def evaluate(*, model_config: models.Gemma3Config, model_params, hookpoint,
              tokenizer, batch_size: int = 8, dtype=jnp.float32,
              dense_threshold: float = 0.1, progress: bool = True,
              loss_tokens: int | None = None, layout=None,
-             target_scale=None) -> EvalResult:
+             target_scale=None, prefixes=None) -> EvalResult:
   """Reconstruction, sparsity and spliced-loss metrics of one dictionary.
 
   Args:
@@ -65,6 +65,8 @@ def evaluate(*, model_config: models.Gemma3Config, model_params, hookpoint,
     layout: a `dictionaries.Layout` for transcoders, crosscoders and CLTs
       (what the dictionary reads and predicts); None: an SAE at `hookpoint`.
     target_scale: what the targets were divided by; None: norm_scale.
+    prefixes: latent counts M whose `prefix_fvu/M` is reported; None: a
+      Matryoshka dictionary's own prefixes (`evals.reconstruction`).
 
   Returns:
     An EvalResult: metrics (named in the docstrings of `evals.members` and
@@ -84,5 +86,5 @@ def evaluate(*, model_config: models.Gemma3Config, model_params, hookpoint,
       [member], model_config=model_config, model_params=model_params,
       windows=windows, tokenizer=tokenizer, batch_size=batch_size,
       dtype=dtype, dense_threshold=dense_threshold, progress=progress,
-      loss_tokens=loss_tokens)
+      loss_tokens=loss_tokens, prefixes=prefixes)
   return results[member.name]

@@ -80,7 +80,8 @@ def evaluate_members(members: list[splice_lib.Member], *,
                      windows: Windows, tokenizer, batch_size: int = 8,
                      dtype=jnp.float32, dense_threshold: float = 0.1,
                      progress: bool = True, loss_tokens: int | None = None,
-                     replacement: bool = False
+                     replacement: bool = False,
+                     prefixes: tuple[int, ...] | None = None
                      ) -> tuple[dict[str, EvalResult], dict[str, float]]:
   """Statistics and spliced losses of several dictionaries on one stream.
 
@@ -103,6 +104,8 @@ def evaluate_members(members: list[splice_lib.Member], *,
       this many window positions are covered; None: all windows.
     replacement: also run every member spliced at once and every target
       zeroed at once (the replacement model, e.g. a transcoder per layer).
+    prefixes: latent counts M whose `prefix_fvu/M` each one-layer member
+      reports (`MemberStats`); None: a Matryoshka member's own prefixes.
 
   Returns:
     ({member name: EvalResult}, shared metrics): each member's metrics as
@@ -121,7 +124,8 @@ def evaluate_members(members: list[splice_lib.Member], *,
                      f"{', '.join(dup)}")
   names = sorted({h for m in members for h in m.layout.hookpoints},
                  key=models.hooks.parse)
-  stats = [MemberStats(m) for m in members]
+  stats = [MemberStats(m, None if m.layout.multilayer else prefixes)
+           for m in members]
   # A CLT (or a replacement of several members) is also spliced with
   # predictions from the clean pass's inputs: the gap to the in-pass
   # replacement is what compounding errors cost.

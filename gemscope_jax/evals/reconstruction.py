@@ -17,6 +17,10 @@ kept (real, ordinary) tokens of each batch, what these metrics need:
   cosine_sim       mean over tokens of cos(t, pred)
   dead_fraction    latents that never fire on the eval tokens
   dense_fraction   latents firing on more than `dense_threshold` of them
+  prefix_fvu/M     fvu of the prediction from the first M latents only
+                   (the rest zeroed; a bias and an affine skip kept), for
+                   each requested prefix M of a one-layer dictionary: what
+                   a Matryoshka dictionary trains its prefixes for
 plus num_tokens, num_latents, dense_threshold, norm_scale (and a
 transcoder's target_scale). The dictionary sees x / norm_scale, as in
 training; its prediction is multiplied back by target_scale.
@@ -39,17 +43,41 @@ import numpy as np
 from gemscope_jax.surgery import splice as splice_lib
 
 
-@functools.partial(jax.jit, static_argnames=("module", "multilayer"))
+def _prefix_errors(recon, latents, w_dec, target_scale, t, w, prefixes):
+  """(len(prefixes),) kept sums of ||t - pred_M||^2, pred_M the raw
+  prediction from the first M latents: the full prediction minus what the
+  later latents decode (chunk by chunk, one decode in all)."""
+  bounds = (*prefixes, latents.shape[-1])
+  tails = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    tails.append(jnp.einsum("btl,ld->btd", latents[..., lo:hi],
+                            w_dec[lo:hi].astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST))
+  errs, tail = [], jnp.zeros_like(recon)
+  for chunk in reversed(tails):   # the longest prefix first
+    tail = tail + chunk
+    pred = recon - tail * target_scale
+    errs.append(jnp.sum(w * jnp.sum(jnp.square(t - pred), axis=-1)))
+  return jnp.stack(errs[::-1])
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("module", "multilayer", "prefixes"))
 def _batch_stats(module, params, norm_scale, target_scale, x, target, keep,
-                 counts, *, multilayer):
+                 counts, *, multilayer, prefixes=()):
   """Per-batch sums over the `keep` tokens, and updated firing counts.
 
   x, target: (B, T, d) or (B, T, n, d) raw. Errors and centred sums of
-  squares are per target layer (n,) ((1,) for one hookpoint).
+  squares are per target layer (n,) ((1,) for one hookpoint); `prefixes`
+  (one-layer only) adds the errors of each prefix's prediction.
   """
   recon, latents = splice_lib.predict(module, params, norm_scale,
                                       target_scale, x, multilayer=multilayer)
   t = target.astype(jnp.float32)
+  prefix_err = (_prefix_errors(recon, latents.astype(jnp.float32),
+                               params["w_dec"], target_scale, t,
+                               keep.astype(jnp.float32), prefixes)
+                if prefixes else jnp.zeros((0,), jnp.float32))
   if not multilayer:
     t, recon = t[..., None, :], recon[..., None, :]
   w = keep.astype(jnp.float32)
@@ -70,7 +98,7 @@ def _batch_stats(module, params, norm_scale, target_scale, x, target, keep,
       jnp.linalg.norm(tf, axis=-1) * jnp.linalg.norm(rf, axis=-1), tiny)
   sums = {"n": n, "l0": jnp.sum(w * l0), "l0_sq": jnp.sum(w * l0 * l0),
           "err": jnp.sum(w[..., None] * err, axis=(0, 1)),
-          "cos": jnp.sum(w * cos), "m2": m2}
+          "cos": jnp.sum(w * cos), "m2": m2, "prefix_err": prefix_err}
   return counts + jnp.sum(active, axis=(0, 1), dtype=jnp.int32), sums, mean
 
 
@@ -83,11 +111,19 @@ class MemberStats:
     n: kept tokens seen so far.
   """
 
-  def __init__(self, member: splice_lib.Member):
+  def __init__(self, member: splice_lib.Member,
+               prefixes: tuple[int, ...] | None = None):
     """Starts empty.
 
     Args:
       member: the dictionary whose predictions are scored.
+      prefixes: latent counts M whose prefix_fvu/M is reported (one-layer
+        dictionaries; increasing, each below the width); None: a
+        Matryoshka dictionary's own prefixes, else none.
+
+    Raises:
+      ValueError: prefixes for a multi-layer dictionary, or not increasing
+        counts below the width.
     """
     self.member = member
     inner = getattr(member.module, "dictionary", member.module)
@@ -100,6 +136,17 @@ class MemberStats:
     self.err = np.zeros((n_targets,), np.float64)
     self.m2 = np.zeros((n_targets,), np.float64)
     self.mean = np.zeros((), np.float64)
+    width = int(np.prod(shape))
+    if prefixes is None and not member.layout.multilayer:
+      prefixes = tuple(getattr(member.module, "prefixes", ()))[:-1]
+    prefixes = tuple(int(m) for m in prefixes or ())
+    if prefixes and (member.layout.multilayer or list(prefixes) != sorted(
+        set(prefixes)) or not 0 < prefixes[0] or prefixes[-1] >= width):
+      raise ValueError(
+          f"eval prefixes {prefixes} for {member.name}: need a one-layer "
+          f"dictionary and increasing latent counts in [1, {width})")
+    self.prefixes = prefixes
+    self.prefix_err = np.zeros((len(prefixes),), np.float64)
 
   def add(self, activations: dict, keep: jax.Array, nb: int) -> None:
     """Adds one batch.
@@ -115,7 +162,7 @@ class MemberStats:
     x, target = splice_lib.stacked_inputs(m, activations)
     self.counts, sums, batch_mean = _batch_stats(
         m.module, m.params, m.norm_scale, m.target_scale, x, target, keep,
-        self.counts, multilayer=m.layout.multilayer)
+        self.counts, multilayer=m.layout.multilayer, prefixes=self.prefixes)
     if not nb:
       return
     sums = jax.device_get(sums)
@@ -126,6 +173,7 @@ class MemberStats:
                 + np.sum(delta * delta, axis=-1) * self.n * nb / total)
     self.mean = self.mean + delta * (nb / total)
     self.err += np.asarray(sums["err"], np.float64)
+    self.prefix_err += np.asarray(sums["prefix_err"], np.float64)
     for k in ("l0", "l0_sq", "cos"):
       self.acc[k] += float(sums[k])
     self.n = total
@@ -162,6 +210,8 @@ class MemberStats:
         "dense_threshold": float(dense_threshold),
         "norm_scale": float(s_in) if s_in.ndim == 0 else s_in.tolist(),
     }
+    for size, e in zip(self.prefixes, self.prefix_err):
+      out[f"prefix_fvu/{size}"] = float(e) / m2 if m2 > 0 else math.nan
     if m.layout.kind == "transcoder":
       out["target_scale"] = float(s_out[0])
     if m.layout.multilayer:

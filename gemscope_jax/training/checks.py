@@ -198,6 +198,12 @@ def validate(c: ml_collections.ConfigDict
         c.eval.loss_tokens)
   _need(0 < c.eval.dense_threshold < 1, "eval.dense_threshold",
         "must be in (0, 1)", c.eval.dense_threshold)
+  prefixes = c.eval.get("prefixes")
+  _need(not prefixes or (
+      all(isinstance(m, int) and 0 < m < d.width for m in prefixes)
+      and list(prefixes) == sorted(set(prefixes))), "eval.prefixes",
+        f"must be increasing latent counts in [1, dictionary.width={d.width})",
+        prefixes)
   _need(c.mesh.model >= 1, "mesh.model", "must be >= 1", c.mesh.model)
   _need(c.mesh.data == -1 or c.mesh.data >= 1, "mesh.data",
         "must be >= 1 or -1 (all remaining devices)", c.mesh.data)

@@ -62,7 +62,7 @@ def evaluate_run(run: Run, state, gemma_params, tokenizer,
       windows=eval_windows(plan, tokenizer), tokenizer=tokenizer,
       batch_size=e.batch_size, dtype=jnp.dtype(plan.model.dtype),
       dense_threshold=e.dense_threshold, progress=progress,
-      loss_tokens=e.loss_tokens)
+      loss_tokens=e.loss_tokens, prefixes=e.prefixes)
   step = int(state.step)
   metrics = {**result.metrics, "step": step,
              "train_dead_fraction": _dead_fraction(plan, step,
@@ -110,7 +110,7 @@ def evaluate_group(run, state: dict, gemma_params, tokenizer,
       windows=eval_windows(plan, tokenizer), tokenizer=tokenizer,
       batch_size=e.batch_size, dtype=jnp.dtype(plan.model.dtype),
       dense_threshold=e.dense_threshold, progress=progress,
-      loss_tokens=e.loss_tokens,
+      loss_tokens=e.loss_tokens, prefixes=e.prefixes,
       replacement=plan.kind == "transcoder" and len(members) > 1)
   per = {}
   for name, r in results.items():

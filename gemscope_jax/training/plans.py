@@ -62,6 +62,8 @@ class DataPlan:
     num_shards: data shards of the stream (0: one per process).
     seed: the run's seed (window order, bucket permutations).
     format: how `text` reads: 'text' or 'chat_jsonl' (conversations).
+    prefixes: latent counts M whose prefix_fvu/M is reported; None: a
+      Matryoshka dictionary's own prefixes.
   """
   text: str
   seq_len: int
@@ -185,6 +187,8 @@ class EvalPlan:
     dense_threshold: a latent firing more often than this is dense.
     at_end: evaluate when training ends.
     format: how `text` reads: 'text' or 'chat_jsonl' (conversations).
+    prefixes: latent counts M whose prefix_fvu/M is reported; None: a
+      Matryoshka dictionary's own prefixes.
   """
   text: str
   num_tokens: int
@@ -194,6 +198,7 @@ class EvalPlan:
   dense_threshold: float
   at_end: bool
   format: str = "text"
+  prefixes: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +301,9 @@ def make(c: ml_collections.ConfigDict) -> Plan:
                     batch_size=c.eval.batch_size,
                     dense_threshold=c.eval.dense_threshold,
                     at_end=bool(c.eval.at_end),
-                    format=str(c.eval.get("format", "text"))),
+                    format=str(c.eval.get("format", "text")),
+                    prefixes=(tuple(int(m) for m in c.eval.prefixes)
+                              if c.eval.get("prefixes") else None)),
       config_json=schema.to_json(c))
 
 

@@ -174,6 +174,10 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=8,
       dense_threshold=0.1,
       at_end=True,
+      # prefix_fvu/M for these latent counts M (None: a Matryoshka
+      # dictionary's own prefixes), e.g. (256, 1024) on a plain SAE to
+      # compare it with a Matryoshka one.
+      prefixes=config_dict.placeholder(tuple),
   ))
   # End-to-end fine-tuning of a trained SAE (`gemscope finetune`,
   # training/finetune.py): Gemma Scope 2's loss (MSE + alpha * beta * KL)
