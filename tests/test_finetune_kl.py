@@ -409,6 +409,8 @@ def group_setup(real_model):
   steps = {beta: GroupFinetuneStep(run, tx, GroupSettings(
       beta=beta, sparsity_coeff=plan.step.sparsity_coeff))
            for beta in (0.0, 4.0)}
+  steps["alone"] = GroupFinetuneStep(run, tx, GroupSettings(
+      beta=4.0, sparsity_coeff=plan.step.sparsity_coeff, alone=True))
   return gemma, batch, run, state, steps
 
 
@@ -491,6 +493,66 @@ def test_group_finetuning_lowers_the_replacement_kl(group_setup):
   assert results[4.0]["kl"] < 0.75 * before["kl"], (before["kl"], results)
   assert results[4.0]["kl"] < results[0.0]["kl"]
   assert results[0.0]["mse"] < before["mse"]
+
+
+def test_group_step_alone_is_each_members_own_loss(group_setup,
+                                                    real_model):
+  """With `alone`, each member's KL is that of the clean model with that
+  member alone spliced in (by hand), the loss is the sum of the members'
+  own `combined_loss`es, and a member's gradient does not depend on the
+  other members' parameters."""
+  config, _ = real_model
+  gemma, batch, run, state, steps = group_setup
+  (key, stack), = run.stacks.items()
+  st = jax.device_get(state[key])
+  scales = {key: (st.norm_scale, st.target_scale)}
+  metrics = jax.device_get(steps["alone"].losses({key: st.params}, scales,
+                                                 gemma, batch))
+  module = stack.template.module
+  keep = np.asarray(batch["keep"])
+  clean = models.forward(gemma, batch["tokens"], batch["mask"],
+                         config=config, hookpoints=run.harvest)
+  p = _softmax(np.asarray(clean.logits, np.float64))
+  total = 0.0
+  names = [m.layout.name for m in stack.members]
+  for i, name in enumerate(names):
+    layer = stack.names[i].split("/")[0]
+    p_i = jax.tree.map(lambda a, i=i: a[i], st.params)
+    x = np.asarray(clean.activations[f"{layer}/mlp_in"])
+    y = np.asarray(module.apply({"params": p_i},
+                                x / st.norm_scale[i]).recon)
+    y = y * st.target_scale[i]
+    spliced = models.forward(
+        gemma, batch["tokens"], batch["mask"], config=config,
+        edits={f"{layer}/mlp_out": lambda h, a: jnp.where(
+            keep[..., None], a, h)},
+        edit_args={f"{layer}/mlp_out": jnp.asarray(y)})
+    q = _softmax(np.asarray(spliced.logits, np.float64))
+    kl = special.rel_entr(p, q).sum(-1)[keep].mean()
+    assert kl > 1e-3
+    np.testing.assert_allclose(metrics[f"{name}/kl"], kl, rtol=2e-3)
+    target = np.asarray(clean.activations[f"{layer}/mlp_out"])[keep]
+    mse = np.mean(np.sum((y[keep] - target) ** 2, -1)) / (
+        st.target_scale[i] ** 2)
+    total += mse * (1 + 4.0 * metrics[f"{name}/kl"] / (
+        metrics[f"{name}/kl"] + KL_EPS)) / 5.0
+  np.testing.assert_allclose(metrics["loss"] - metrics["sparsity"] * 3,
+                             total, rtol=1e-3)
+  np.testing.assert_allclose(
+      metrics["kl"], np.mean([metrics[f"{n}/kl"] for n in names]),
+      rtol=1e-6)
+
+  grads = jax.jit(jax.grad(
+      lambda pr: steps["alone"]._loss(  # pylint: disable=protected-access
+          pr, scales, gemma, batch, *steps["alone"]._clean(  # pylint: disable=protected-access
+              gemma, batch))[0]))
+  g = jax.device_get(grads({key: st.params})[key])
+  moved = jax.tree.map(lambda a: a.copy(), st.params)
+  moved["w_enc"][1:] *= 1.5          # members 2 and 3 change
+  g2 = jax.device_get(grads({key: moved})[key])
+  np.testing.assert_allclose(g2["w_enc"][0], g["w_enc"][0], rtol=1e-5,
+                             atol=1e-9)
+  assert not np.allclose(g2["w_enc"][1], g["w_enc"][1])
 
 
 @pytest.mark.slow

@@ -47,7 +47,8 @@ __all__ = [
 FINETUNE_SHORTHANDS = {"beta": "finetune.beta", "lr": "finetune.lr",
                        "tokens": "finetune.num_tokens",
                        "windows": "finetune.windows_per_step",
-                       "source": "finetune.source"}
+                       "source": "finetune.source",
+                       "splice": "finetune.splice"}
 
 
 def finetune_config(arg: str | None, **fields) -> ml_collections.ConfigDict:

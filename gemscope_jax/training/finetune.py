@@ -93,6 +93,8 @@ class FinetunePlan:
   Attributes:
     source: the trained workdir it starts from.
     beta: the KL term's weight (0: MSE and sparsity only).
+    splice: a group's members spliced 'together' (one KL, the
+      replacement model's) or each 'alone' (a KL each).
     windows_per_step: token windows per step.
     tokens_per_step: ordinary tokens per step (windows x (seq_len - 1)).
     num_steps: steps in the run.
@@ -104,6 +106,7 @@ class FinetunePlan:
   """
   source: str
   beta: float
+  splice: str
   windows_per_step: int
   tokens_per_step: int
   num_steps: int
@@ -126,6 +129,8 @@ def finetune_plan(c: ml_collections.ConfigDict) -> FinetunePlan:
   _need(bool(f.source), "source", "is required: the trained workdir to "
         "start from", f.source)
   _need(f.beta >= 0, "beta", "must be >= 0", f.beta)
+  _need(f.get("splice", "together") in ("together", "alone"), "splice",
+        "must be 'together' or 'alone'", f.get("splice"))
   for name in ("windows_per_step", "num_tokens", "checkpoint_every_steps",
                "log_every_steps"):
     _need(isinstance(f[name], int) and f[name] > 0, name,
@@ -142,6 +147,7 @@ def finetune_plan(c: ml_collections.ConfigDict) -> FinetunePlan:
         f"({tokens_per_step} tokens)", f.num_tokens)
   return FinetunePlan(
       source=str(f.source), beta=float(f.beta),
+      splice=str(f.get("splice", "together")),
       windows_per_step=f.windows_per_step, tokens_per_step=tokens_per_step,
       num_steps=num_steps,
       optimizer=plans.OptimizerPlan(
@@ -251,8 +257,10 @@ def _check_resumable(saved: dict, config_json: dict,
                      workdir: pathlib.Path) -> None:
   workdir_lib.check_resumable(saved, config_json, workdir)
   old, new = saved.get("finetune", {}), config_json["finetune"]
+  default = schema.default_config().finetune  # fields older runs lack
   for key in sorted(set(old) | set(new)):
-    if key not in RESUMABLE_FIELDS and old.get(key) != new.get(key):
+    if key not in RESUMABLE_FIELDS and (
+        old.get(key, default.get(key)) != new.get(key, default.get(key))):
       raise errors.UsageError(
           f"config.finetune.{key}: {workdir} holds a fine-tuning run with "
           f"{key}={old.get(key)!r}, this one has {new.get(key)!r}; resume "
@@ -379,7 +387,8 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   if plan.group:
     fstep = GroupFinetuneStep(run, tx, GroupSettings(
         beta=ft.beta, sparsity_coeff=plan.step.sparsity_coeff,
-        unit_decoder=plan.step.unit_decoder, dtype=plan.model.dtype))
+        unit_decoder=plan.step.unit_decoder, dtype=plan.model.dtype,
+        alone=ft.splice == "alone"))
   else:
     fstep = FinetuneStep(run.module, tx, plan.model.config, StepSettings(
         hookpoint=plan.hookpoint, beta=ft.beta,

@@ -200,20 +200,24 @@ class FinetuneStep:
 
 @dataclasses.dataclass(frozen=True)
 class GroupSettings:
-  """`StepSettings` for a group: every member spliced at once.
+  """`StepSettings` for a group.
 
   Attributes:
     beta, sparsity_coeff, unit_decoder, dtype: as `StepSettings`.
+    alone: each member spliced alone into the clean model, one KL each,
+      instead of every member at once (one KL of the replacement model).
   """
   beta: float
   sparsity_coeff: float
   unit_decoder: bool = True
   dtype: str = "float32"
+  alone: bool = False
 
 
 class GroupFinetuneStep:
   """The jitted fine-tuning step of a group (`group.GroupRun`): a
-  transcoder per layer fine-tuned as one replacement model.
+  transcoder per layer fine-tuned as one replacement model, or each on its
+  own (`GroupSettings.alone`).
 
   The KL pass splices every member at once, each in its own mode
   (`splice.Member.mode`: a transcoder reads the `mlp_in` its pass computed,
@@ -225,6 +229,15 @@ class GroupFinetuneStep:
   shared KL term: sum_m (mse_m + alpha_m beta KL) / (1 + beta) with
   alpha_m = mse_m / KL. Each stack of same-shaped members updates as the
   trainer's stacks do (`update.apply_update` vmapped over the members).
+
+  With `alone`, each member m is spliced alone into an otherwise clean
+  pass (one pass per member, reading the clean inputs), and the loss is
+  the sum of the members' own single-dictionary losses, sum_m (mse_m +
+  alpha_m beta KL_m) / (1 + beta) + sparsity: what the members' held-out
+  `spliced_loss` and circuit tracing's local replacement (each
+  transcoder on clean inputs) measure, without the co-adaptation that the
+  joint KL teaches. It costs one full pass (and a backward through the
+  layers after the member) per member.
 
   Attributes:
     group: the `GroupRun` (stacks, members, modules).
@@ -298,7 +311,23 @@ class GroupFinetuneStep:
       for i, m in enumerate(stack.members):
         per[m.layout.name] = {"mse": lo.mse[i], **{
             k: v[i] for k, v in lo.aux.items() if jnp.ndim(v) == 1}}
-    if s.beta > 0:
+    if s.beta > 0 and s.alone:
+      keep = batch["keep"]
+      zero = jnp.zeros_like(keep)
+      total, kls = sparsity, []
+      for m in self._members(params, scales):
+        spliced = models.forward(
+            gemma_params, batch["tokens"], batch["mask"],
+            config=self.model_config, edits=splice_lib.member_edits(m),
+            edit_args=splice_lib.member_args(m, splice=keep, zero=zero),
+            logits=True, loss=False, dtype=jnp.dtype(s.dtype))
+        kl = kl_divergence(clean_logits, spliced.logits, keep)
+        own, _ = combined_loss(per[m.name]["mse"], kl, 0.0, s.beta)
+        total = total + own
+        per[m.name]["kl"] = kl
+        kls.append(kl)
+      metrics = {"kl": sum(kls) / len(kls), "sparsity": sparsity}
+    elif s.beta > 0:
       members = self._members(params, scales)
       keep = batch["keep"]
       zero = jnp.zeros_like(keep)
@@ -318,7 +347,7 @@ class GroupFinetuneStep:
     n = len(per)
     metrics["mse"] = mse / n
     metrics["sparsity"] = sparsity / n
-    for k in ("l0", "fvu"):
+    for k in ("l0", "fvu", "kl"):
       if all(k in p for p in per.values()):
         metrics[k] = sum(p[k] for p in per.values()) / n
         metrics.update({f"{h}/{k}": p[k] for h, p in per.items()})

@@ -186,6 +186,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.finetune = ml_collections.ConfigDict(dict(
       source="",                # the trained workdir it starts from
       beta=1.0,                 # the KL term's weight (0: MSE only)
+      # A group's members: spliced 'together' (the KL of the replacement
+      # model) or each 'alone' into the clean model (a KL each).
+      splice="together",
       num_tokens=20_320,        # ordinary tokens seen (40 steps of 4 x 127)
       windows_per_step=4,       # token windows of data.seq_len per step
       lr=5e-5,
