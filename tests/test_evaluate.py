@@ -256,7 +256,6 @@ def test_random_jumprelu_matches_numpy(env):
     part = s * (f[:, :size] @ w_dec[:size].astype(np.float64) + b_dec)
     assert got[f"prefix_fvu/{size}"] == pytest.approx(
         ((x - part) ** 2).sum() / var, rel=1e-4)
-  assert got["prefix_fvu/100"] > got["prefix_fvu/700"] > got["fvu"]
   assert got["explained_variance"] == pytest.approx(1 - fvu, rel=1e-4,
                                                     abs=1e-6)
   assert got["mse"] == pytest.approx(err.mean(), rel=1e-4)
