@@ -135,14 +135,19 @@ def _config_overrides(items: Sequence[str] | None) -> dict:
   return out
 
 
+def _eval_tokens(metrics: dict) -> int:
+  """The held-out tokens a metrics dict was evaluated on (a group's count
+  per member: "layer_2/transcoder/num_tokens")."""
+  return metrics.get("num_tokens", next(
+      (v for k, v in metrics.items() if k.endswith("/num_tokens")), 0))
+
+
 def _print_metrics(metrics: dict) -> None:
   keys = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "dead_fraction",
           "dense_fraction", "clean_loss", "spliced_loss",
           "zero_ablation_loss")
   shown = {k: metrics[k] for k in keys if k in metrics}
-  # A group's metrics count tokens per member ("layer_2/transcoder/...").
-  tokens = metrics.get("num_tokens", next(
-      (v for k, v in metrics.items() if k.endswith("/num_tokens")), 0))
+  tokens = _eval_tokens(metrics)
   if shown:
     print("held-out evaluation (" + str(metrics.get("eval_text", "")) + ", "
           + f"{tokens:,} tokens):")
@@ -191,12 +196,12 @@ def _cmd_finetune(args) -> int:
         f"{c.finetune.beta:g}) from {source}; workdir {args.workdir}")
   if "before_l0" in result:
     print(f"held-out evaluation ({result.get('eval_text', '')}, "
-          f"{result.get('num_tokens', 0):,} tokens):")
-    print(f"  {'':<20} {'before':>10} {'after':>10}")
+          f"{_eval_tokens(result):,} tokens):")
+    print(f"  {'':<26} {'before':>10} {'after':>10}")
     for k in finetune.COMPARED:
       before, after = result.get(f"before_{k}"), result.get(k)
       if isinstance(before, float) and isinstance(after, float):
-        print(f"  {k:<20} {before:>10.4f} {after:>10.4f}")
+        print(f"  {k:<26} {before:>10.4f} {after:>10.4f}")
   return 0
 
 
