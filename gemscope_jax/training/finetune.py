@@ -8,6 +8,7 @@ reading the `mlp_in` the earlier ones produced, which is what its
 held-out evaluation reports as `replacement_loss`. Transcoders trained on
 clean activations alone extrapolate badly to those inputs (README:
 18 layers diverge to 480 nats in-pass); this is the fix.
+
 With `finetune.splice='alone'` each member is instead spliced alone into
 the clean model (a pass and a KL each, `GroupSettings.alone`): what each
 member's own `spliced_loss` and circuit tracing's local replacement
