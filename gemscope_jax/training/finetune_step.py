@@ -287,6 +287,21 @@ class GroupFinetuneStep:
             norm_scale=norm[i], target_scale=target[i]))
     return out
 
+  def _spliced_kl(self, members, gemma_params, batch, clean_logits):
+    """The KL from the clean pass of a pass with `members` spliced in at
+    every kept position, each in its own mode."""
+    keep = batch["keep"]
+    zero = jnp.zeros_like(keep)
+    edits, args = {}, {}
+    for m in members:
+      edits.update(splice_lib.member_edits(m))
+      args.update(splice_lib.member_args(m, splice=keep, zero=zero))
+    spliced = models.forward(
+        gemma_params, batch["tokens"], batch["mask"],
+        config=self.model_config, edits=edits, edit_args=args,
+        logits=True, loss=False, dtype=jnp.dtype(self.settings.dtype))
+    return kl_divergence(clean_logits, spliced.logits, keep)
+
   def _loss(self, params, scales, gemma_params, batch, acts, clean_logits):
     """(total, (metrics, {stack: latents (members, N, S)}))."""
     s = self.settings
@@ -314,34 +329,16 @@ class GroupFinetuneStep:
         per[m.layout.name] = {"mse": lo.mse[i], **{
             k: v[i] for k, v in lo.aux.items() if jnp.ndim(v) == 1}}
     if s.beta > 0 and s.alone:
-      keep = batch["keep"]
-      zero = jnp.zeros_like(keep)
-      total, kls = sparsity, []
+      total = sparsity
       for m in self._members(params, scales):
-        spliced = models.forward(
-            gemma_params, batch["tokens"], batch["mask"],
-            config=self.model_config, edits=splice_lib.member_edits(m),
-            edit_args=splice_lib.member_args(m, splice=keep, zero=zero),
-            logits=True, loss=False, dtype=jnp.dtype(s.dtype))
-        kl = kl_divergence(clean_logits, spliced.logits, keep)
-        own, _ = combined_loss(per[m.name]["mse"], kl, 0.0, s.beta)
-        total = total + own
-        per[m.name]["kl"] = kl
-        kls.append(kl)
-      metrics = {"kl": sum(kls) / len(kls), "sparsity": sparsity}
+        kl = self._spliced_kl([m], gemma_params, batch, clean_logits)
+        total = total + combined_loss(per[m.name]["mse"], kl, 0.0,
+                                      s.beta)[0]
+        per[m.name]["kl"] = kl          # their mean is metrics["kl"], below
+      metrics = {"sparsity": sparsity}
     elif s.beta > 0:
-      members = self._members(params, scales)
-      keep = batch["keep"]
-      zero = jnp.zeros_like(keep)
-      edits, args = {}, {}
-      for m in members:
-        edits.update(splice_lib.member_edits(m))
-        args.update(splice_lib.member_args(m, splice=keep, zero=zero))
-      spliced = models.forward(
-          gemma_params, batch["tokens"], batch["mask"],
-          config=self.model_config, edits=edits, edit_args=args,
-          logits=True, loss=False, dtype=jnp.dtype(s.dtype))
-      kl = kl_divergence(clean_logits, spliced.logits, keep)
+      kl = self._spliced_kl(self._members(params, scales), gemma_params,
+                            batch, clean_logits)
       total, metrics = combined_loss(mse, kl, sparsity, s.beta)
     else:
       total, metrics = mse + sparsity, {"mse": mse, "recon_loss": mse,
