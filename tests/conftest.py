@@ -3,6 +3,8 @@ tens of seconds, so every test that needs the real Gemma 3 270M shares one."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import pathlib
 
@@ -13,6 +15,20 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _return_freed_memory():
+  """After each test module, hand the memory its tests freed back to the
+  system (glibc keeps freed heap pages mapped otherwise): the suite runs
+  in one process next to tests that start Gemma in subprocesses, and on a
+  24 GB machine the parent's high-water mark is what they compete with."""
+  yield
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
 
 
 @pytest.fixture(scope="session")
