@@ -2,9 +2,10 @@
 
   gemscope train         train a sparse dictionary from a config file
                          (resumes when the workdir holds a checkpoint)
-  gemscope finetune      fine-tune a trained SAE (or a group of
-                         transcoders, as one replacement model) end to end
-                         with a KL term (Gemma Scope 2), reporting
+  gemscope finetune      fine-tune a trained SAE, transcoder or CLT (or
+                         a group of transcoders, as one replacement
+                         model) end to end with a KL term (Gemma Scope 2),
+                         reporting
                          held-out figures before and after (resumes like
                          train)
   gemscope eval          evaluate a workdir's newest checkpoint on
@@ -527,9 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "start again from step 0 (they stay in WORKDIR/corrupt/)")
   p.set_defaults(fn=_cmd_train)
 
-  p = sub.add_parser("finetune", help="fine-tune a trained SAE, or a "
-                     "group of transcoders as one replacement model, end to "
-                     "end with a KL term", parents=[common])
+  p = sub.add_parser("finetune", help="fine-tune a trained SAE, "
+                     "transcoder or CLT, or a group of transcoders as one "
+                     "replacement model, end to end with a KL term",
+                     parents=[common])
   p.add_argument("--from", dest="source", default=None, metavar="WORKDIR",
                  help="the trained workdir to start from (default: the "
                  "--config's finetune.source)")

@@ -1,5 +1,11 @@
 """`finetune(c, workdir)`: end-to-end (KL) fine-tuning of a trained SAE,
-or of a group's dictionaries as one replacement model.
+transcoder or JumpReLU CLT, or of a group's dictionaries as one
+replacement model.
+
+A CLT is fine-tuned as the replacement model it is: every layer's mlp_out
+replaced at once, each layer's latents read from the mlp_in its pass
+computed (`finetune_step.FinetuneStep`), so the KL's gradient reaches
+each layer through every later one.
 
 A group (`group.layers`, e.g. a transcoder per layer) is fine-tuned with
 every member spliced in at once (`finetune_step.GroupFinetuneStep`): for
@@ -42,8 +48,8 @@ The workdir is an ordinary training workdir (the checkpoints hold a
 `dashboard` and `--steer` read it as they read the source.
 
 Caveat: one device (no mesh), the plain-text corpora (`data.format`
-'text'); a single transcoder or CLT is not taken (as a group of one it
-is). About 15 s per step of 4 x 127 tokens for the 270M on 2 CPU cores
+'text'); crosscoders and TopK CLTs (spliced from the clean pass) are not
+taken. About 15 s per step of 4 x 127 tokens for the 270M on 2 CPU cores
 (two full passes with the 262k-token unembedding, and a backward pass
 through the later layers; for 18 transcoders through all of them, 10-15
 s).
@@ -89,7 +95,8 @@ RESUMABLE_FIELDS = ("num_tokens", "checkpoint_every_steps", "log_every_steps")
 # The metrics a "before" and "after" comparison shows.
 COMPARED = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "dead_fraction",
             "clean_loss", "spliced_loss", "replacement_loss",
-            "replacement_loss_recovered")
+            "replacement_loss_recovered", "clean_input_spliced_loss",
+            "clean_input_loss_recovered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,11 +356,16 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   ft = finetune_plan(c)
   plan = plans.make(c)
   source = pathlib.Path(ft.source)
-  if plan.kind not in (("sae", "transcoder") if plan.group else ("sae",)):
+  first = plan.dictionaries[0]
+  clean_mode = (not plan.group and first.layout.kind == "clt"
+                and first.architecture != "jumprelu_clt")
+  if plan.kind not in (("sae", "transcoder") if plan.group
+                       else ("sae", "transcoder", "clt")) or clean_mode:
     raise errors.UsageError(
-        f"{source}: fine-tuning takes one SAE, or a group of SAEs or "
-        f"transcoders; this run trains {'a group of ' if plan.group else 'a '}"
-        f"{plan.kind}")
+        f"{source}: fine-tuning takes one SAE, transcoder or JumpReLU CLT, "
+        f"or a group of SAEs or transcoders; this run trains "
+        f"{'a group of ' if plan.group else 'a '}"
+        f"{first.architecture if clean_mode else plan.kind}")
   workdir = pathlib.Path(workdir)
   if workdir.resolve() == source.resolve():
     raise errors.OutputError(f"--workdir {workdir}: the source run itself; "
@@ -399,7 +411,8 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     fstep = FinetuneStep(run.module, tx, plan.model.config, StepSettings(
         hookpoint=plan.hookpoint, beta=ft.beta,
         sparsity_coeff=plan.step.sparsity_coeff,
-        unit_decoder=plan.step.unit_decoder, dtype=plan.model.dtype))
+        unit_decoder=plan.step.unit_decoder, dtype=plan.model.dtype,
+        layout=run.layout))
 
   step, state, last = _run_steps(ft, fstep, state, gemma_params, batch,
                                  ckpts, config_json, workdir, start=start,

@@ -96,22 +96,42 @@ class StepSettings:
   """What the compiled step depends on besides its array inputs.
 
   Attributes:
-    hookpoint: where the dictionary reads and is spliced.
+    hookpoint: where an SAE reads and is spliced (with no `layout`).
     beta: the KL term's weight (0: MSE and sparsity only, no spliced pass).
     sparsity_coeff: the sparsity penalty's coefficient (no warm-up: the
       dictionary is trained already).
     unit_decoder: keep decoder rows at unit norm (`update.apply_update`).
     dtype: Gemma's compute dtype name.
+    layout: what the dictionary reads and predicts (`dictionaries.Layout`:
+      an SAE, a transcoder, or a JumpReLU CLT spliced in the pass); None:
+      an SAE at `hookpoint`.
   """
   hookpoint: str
   beta: float
   sparsity_coeff: float
   unit_decoder: bool = True
   dtype: str = "float32"
+  layout: dictionaries.Layout | None = None
+
+  @property
+  def dictionary_layout(self) -> dictionaries.Layout:
+    return self.layout or dictionaries.Layout("sae", (self.hookpoint,),
+                                              (self.hookpoint,))
 
 
 class FinetuneStep:
-  """The jitted fine-tuning step of one SAE.
+  """The jitted fine-tuning step of one dictionary: an SAE, a transcoder,
+  or a JumpReLU CLT (`StepSettings.layout`).
+
+  The spliced pass puts the dictionary in as `surgery.splice` does in its
+  own mode: an SAE reconstructs its hookpoint, a transcoder replaces its
+  mlp_out from the mlp_in its pass computed, and a CLT replaces every
+  layer's mlp_out from the mlp_in of that layer and the earlier ones as
+  its pass computed them (the replacement model: the KL's gradient
+  reaches each layer's encoder through every later layer). The MSE is the
+  dictionary's own on the clean pass's activations (summed over a CLT's
+  layers, as it trains). Dictionaries spliced from the clean pass
+  (crosscoders, TopK CLTs) are not taken.
 
   Attributes:
     module: the dictionary module (as trained: training units, b_dec
@@ -122,8 +142,9 @@ class FinetuneStep:
     step: jitted, state-donating (state, gemma_params, batch) -> (state,
       metrics); batch = {'tokens', 'mask', 'keep' (B, T), 'rows' (N,)
       int32 flat indices of the keep positions}.
-    losses: jitted (params, norm_scale, gemma_params, batch) -> metrics,
-      the same losses without an update (to watch a fixed batch).
+    losses: jitted (params, norm_scale, gemma_params, batch[,
+      target_scale]) -> metrics, the same losses without an update (to
+      watch a fixed batch); target_scale defaults to norm_scale.
   """
 
   def __init__(self, module: nn.Module, tx: optax.GradientTransformation,
@@ -132,33 +153,59 @@ class FinetuneStep:
     self.tx = tx
     self.model_config = model_config
     self.settings = settings
+    self.layout = settings.dictionary_layout
+    if self.layout.kind not in ("sae", "transcoder", "clt") or (
+        self._member(None, 1.0, 1.0).mode != "in_pass"):
+      raise ValueError(
+          f"fine-tuning splices a dictionary in the pass (an SAE, a "
+          f"transcoder or a JumpReLU CLT); {self.layout.name} is a "
+          f"{self.layout.kind} spliced from the clean pass")
     self.step = jax.jit(self.step_fn, donate_argnums=0)
     self.losses = jax.jit(self.losses_fn)
 
+  def _member(self, params, norm_scale, target_scale) -> splice_lib.Member:
+    return splice_lib.Member(
+        name=self.layout.name, layout=self.layout, module=self.module,
+        params=params, norm_scale=norm_scale, target_scale=target_scale)
+
   def _clean(self, gemma_params, batch):
-    """The clean pass: (hookpoint activations (B, T, d), logits or None)."""
+    """The clean pass: ({hookpoint: (B, T, d)}, logits or None)."""
     s = self.settings
     out = models.forward(gemma_params, batch["tokens"], batch["mask"],
-                         config=self.model_config, hookpoints=[s.hookpoint],
+                         config=self.model_config,
+                         hookpoints=self.layout.hookpoints,
                          logits=s.beta > 0, loss=False,
                          dtype=jnp.dtype(s.dtype))
-    return out.activations[s.hookpoint], out.logits
+    return out.activations, out.logits
 
-  def _loss(self, params, norm_scale, gemma_params, batch, x, clean_logits):
+  def _rows(self, acts, batch, names, scale):
+    """The kept rows of `names`' activations in training units: (N, d),
+    or (N, n, d) for a multi-layer layout (scale (n,))."""
+    rows = [acts[h].reshape(-1, acts[h].shape[-1])[batch["rows"]].astype(
+        jnp.float32) for h in names]
+    if self.layout.multilayer:
+      return jnp.stack(rows, axis=1) / scale[:, None]
+    return rows[0] / scale
+
+  def _loss(self, params, norm_scale, target_scale, gemma_params, batch,
+            acts, clean_logits):
     """(total, (metrics, dictionary output on the kept rows))."""
     s = self.settings
-    rows = x.reshape(-1, x.shape[-1])[batch["rows"]].astype(jnp.float32)
-    rows = rows / norm_scale
-    lo, out = dictionaries.compute_loss(self.module, params, rows,
-                                        sparsity_coeff=s.sparsity_coeff)
+    lay = self.layout
+    kw = {}
+    if not lay.reconstructs_input:
+      kw["target"] = self._rows(acts, batch, lay.targets, target_scale)
+    lo, out = dictionaries.compute_loss(
+        self.module, params, self._rows(acts, batch, lay.inputs, norm_scale),
+        sparsity_coeff=s.sparsity_coeff, **kw)
     if s.beta > 0:
       keep = batch["keep"]
+      member = self._member(params, norm_scale, target_scale)
       spliced = models.forward(
           gemma_params, batch["tokens"], batch["mask"],
-          config=self.model_config,
-          edits={s.hookpoint: splice_lib.splice_edit(self.module)},
-          edit_args={s.hookpoint: splice_lib.edit_args(
-              params, norm_scale, splice=keep, zero=jnp.zeros_like(keep))},
+          config=self.model_config, edits=splice_lib.member_edits(member),
+          edit_args=splice_lib.member_args(member, splice=keep,
+                                           zero=jnp.zeros_like(keep)),
           logits=True, loss=False, dtype=jnp.dtype(s.dtype))
       kl = kl_divergence(clean_logits, spliced.logits, keep)
       total, metrics = combined_loss(lo.mse, kl, lo.sparsity, s.beta)
@@ -170,20 +217,22 @@ class FinetuneStep:
     metrics["loss"] = total
     return total, (metrics, out)
 
-  def losses_fn(self, params, norm_scale, gemma_params, batch):
+  def losses_fn(self, params, norm_scale, gemma_params, batch,
+                target_scale=None):
     """The step's losses and metrics at `params`, without an update."""
-    x, clean_logits = self._clean(gemma_params, batch)
-    _, (metrics, _) = self._loss(params, norm_scale, gemma_params, batch, x,
-                                 clean_logits)
+    acts, clean_logits = self._clean(gemma_params, batch)
+    target_scale = norm_scale if target_scale is None else target_scale
+    _, (metrics, _) = self._loss(params, norm_scale, target_scale,
+                                 gemma_params, batch, acts, clean_logits)
     return metrics
 
   def step_fn(self, state: TrainState, gemma_params, batch):
     """One update (unjitted; `step` is its jitted, donated form)."""
-    x, clean_logits = self._clean(gemma_params, batch)
+    acts, clean_logits = self._clean(gemma_params, batch)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     (_, (metrics, out)), grads = grad_fn(state.params, state.norm_scale,
-                                         gemma_params, batch, x,
-                                         clean_logits)
+                                         state.target_scale, gemma_params,
+                                         batch, acts, clean_logits)
     params, opt_state = apply_update(self.module, self.tx, state.params,
                                      state.opt_state, grads,
                                      unit_decoder=self.settings.unit_decoder)
