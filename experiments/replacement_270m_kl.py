@@ -31,6 +31,13 @@ clean 3.24) to 5.72, 64.2 % of the loss recovered; mean L0 59.0, FVU
 do worse than before (they co-adapt: README). About 45 minutes of steps
 and 10-15 of evaluation on 2 shared CPU cores.
 
+The same file fine-tunes a JumpReLU CLT's replacement model (every
+layer's mlp_out from the CLT, each layer's latents read from the mlp_in
+its pass computed; `finetune_step.FinetuneStep`):
+
+  gemscope finetune --config=experiments/replacement_270m_kl.py:source=out/clt_all \
+      --workdir=out/clt_all_kl
+
 Arguments after the colon (the same shorthands as jumprelu_270m_kl.py):
   :control     beta = 0 (the members' own MSE and L0 penalty only)
   :runlocal    2 steps of 2 windows (a smoke run)
