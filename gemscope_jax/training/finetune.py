@@ -401,6 +401,9 @@ def finetune(c: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     start, state = restored[0], restored[1]
     if progress:
       print(f"resuming from step {start} in {ckpts.directory}", flush=True)
+  # The source's state (with its Adam moments: 4x the parameters, 7.6 GB
+  # for an 18-layer CLT of width 2048) is not needed past this point.
+  del source_state, restored
   batch = _batches(plan, ft, tokenizer, progress)
   if plan.group:
     fstep = GroupFinetuneStep(run, tx, GroupSettings(
