@@ -91,6 +91,23 @@ def combined_loss(mse: jax.Array, kl: jax.Array, sparsity: jax.Array,
                             "recon_loss": recon, "sparsity": sparsity}
 
 
+def spliced_kl(members, gemma_params, batch, clean_logits, *, model_config,
+               dtype: str) -> jax.Array:
+  """The KL from the clean pass of a pass with `members` (`splice.Member`s)
+  spliced in at every kept position of `batch`, each in its own mode."""
+  keep = batch["keep"]
+  zero = jnp.zeros_like(keep)
+  edits, args = {}, {}
+  for m in members:
+    edits.update(splice_lib.member_edits(m))
+    args.update(splice_lib.member_args(m, splice=keep, zero=zero))
+  spliced = models.forward(
+      gemma_params, batch["tokens"], batch["mask"], config=model_config,
+      edits=edits, edit_args=args, logits=True, loss=False,
+      dtype=jnp.dtype(dtype))
+  return kl_divergence(clean_logits, spliced.logits, keep)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
   """What the compiled step depends on besides its array inputs.
@@ -141,9 +158,8 @@ class FinetuneStep:
     settings: a `StepSettings`.
     step: (state, gemma_params, batch) -> (state, metrics), two jitted
       programs (gradients, then the update, which donates the state);
-      batch =
-      {'tokens', 'mask', 'keep' (B, T), 'rows' (N,) int32 flat indices of
-      the keep positions}.
+      batch = {'tokens', 'mask', 'keep' (B, T), 'rows' (N,) int32 flat
+      indices of the keep positions}.
     losses: jitted (params, norm_scale, gemma_params, batch[,
       target_scale]) -> metrics, the same losses without an update (to
       watch a fixed batch); target_scale defaults to norm_scale.
@@ -202,15 +218,9 @@ class FinetuneStep:
         self.module, params, self._rows(acts, batch, lay.inputs, norm_scale),
         sparsity_coeff=s.sparsity_coeff, **kw)
     if s.beta > 0:
-      keep = batch["keep"]
-      member = self._member(params, norm_scale, target_scale)
-      spliced = models.forward(
-          gemma_params, batch["tokens"], batch["mask"],
-          config=self.model_config, edits=splice_lib.member_edits(member),
-          edit_args=splice_lib.member_args(member, splice=keep,
-                                           zero=jnp.zeros_like(keep)),
-          logits=True, loss=False, dtype=jnp.dtype(s.dtype))
-      kl = kl_divergence(clean_logits, spliced.logits, keep)
+      kl = spliced_kl([self._member(params, norm_scale, target_scale)],
+                      gemma_params, batch, clean_logits,
+                      model_config=self.model_config, dtype=s.dtype)
       total, metrics = combined_loss(lo.mse, kl, lo.sparsity, s.beta)
     else:
       # No spliced pass, no KL: the dictionary's own loss.
@@ -355,19 +365,9 @@ class GroupFinetuneStep:
     return out
 
   def _spliced_kl(self, members, gemma_params, batch, clean_logits):
-    """The KL from the clean pass of a pass with `members` spliced in at
-    every kept position, each in its own mode."""
-    keep = batch["keep"]
-    zero = jnp.zeros_like(keep)
-    edits, args = {}, {}
-    for m in members:
-      edits.update(splice_lib.member_edits(m))
-      args.update(splice_lib.member_args(m, splice=keep, zero=zero))
-    spliced = models.forward(
-        gemma_params, batch["tokens"], batch["mask"],
-        config=self.model_config, edits=edits, edit_args=args,
-        logits=True, loss=False, dtype=jnp.dtype(self.settings.dtype))
-    return kl_divergence(clean_logits, spliced.logits, keep)
+    return spliced_kl(members, gemma_params, batch, clean_logits,
+                      model_config=self.model_config,
+                      dtype=self.settings.dtype)
 
   def _loss(self, params, scales, gemma_params, batch, acts, clean_logits):
     """(total, (metrics, {stack: latents (members, N, S)}))."""
