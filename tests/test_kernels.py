@@ -27,9 +27,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 F32_EPS = 2.0**-24
 BF16_EPS = 2.0**-8  # relative rounding error bound of bfloat16
 
-# (M, K, N, Bw): odd sizes, a single row, one and several weight batches.
+# (M, K, N, Bw): odd sizes, a single row (the few-row kernel, with tails
+# after its 64- and 16-wide steps), one and several weight batches.
 SHAPES = [(7, 33, 5, 1), (7, 33, 5, 3), (1, 16, 8, 2), (64, 128, 96, 4),
-          (130, 70, 257, 1)]
+          (130, 70, 257, 1), (1, 201, 131, 3), (1, 640, 1024, 1)]
 
 
 def _inputs(m, k, n, bw, w_transposed, dtype, seed=0):
@@ -79,6 +80,22 @@ def test_kernel_is_used_on_cpu_only():
     text = fn.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
     assert "gemscope_onednn_matmul" not in text
     assert "dot_general" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_which_kernel_takes_a_few_rows(dtype):
+  """One row: the few-row kernel; 2-8 rows against one float32 weight:
+  XLA's dot; otherwise oneDNN (what the decode benchmark measured)."""
+  def lowered(m, bw):
+    x, w = _inputs(m, 64, 32, bw, True, dtype)
+    fn = jax.jit(lambda x, w: kernels.matmul(x, w, w_transposed=True))
+    return fn.trace(x, w).lower(lowering_platforms=("cpu",)).as_text()
+  assert "gemscope_few_rows" in lowered(1, 3)
+  assert "gemscope_onednn_matmul" not in lowered(1, 3)
+  assert "gemscope_onednn_matmul" in lowered(4, 3)
+  few = lowered(4, 1)
+  assert ("gemscope_onednn_matmul" in few) == (dtype == jnp.bfloat16)
+  assert "gemscope_few_rows" not in lowered(9, 1)
 
 
 @pytest.mark.parametrize("w_transposed", [False, True])

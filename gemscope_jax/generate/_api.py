@@ -23,6 +23,7 @@ import numpy as np
 from gemscope_jax import models
 from gemscope_jax.generate import _loop
 from gemscope_jax.generate.sampling import GREEDY, Sampling
+from gemscope_jax.kernels import greedy_head
 
 # Which tokens the edits act on: the prompt, the generated tokens, or both.
 SCOPES = ("all", "prompt", "generated")
@@ -203,7 +204,11 @@ def generate(params: Any,
         edit_args, config=config, dtype=dtype, sampling=sampling,
         num_slots=length - t0, edits=new_edits, hookpoints=hps,
         keep_logits=return_logits, stream=on_token is not None,
-        cache_sharding=layout)
+        cache_sharding=layout,
+        screen=(greedy_head.cached_screen(
+            params["embedder"]["input_embedding"], dtype)
+                if _loop.screens_greedy(sampling, return_logits, layout)
+                else None))
     del cache  # donated to decode, which returns it updated
     out = jax.device_get({k: v for k, v in out.items() if k != "cache"})
   finally:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from gemscope_jax import models
 from gemscope_jax.generate.sampling import Sampling, sample
+from gemscope_jax.kernels import greedy_head
 
 
 # The host function that `decode(stream=True)` calls with (step, tokens,
@@ -81,8 +82,11 @@ def _constrain(cache, cache_sharding):
 
 
 def decode_step(params, cache, tokens, edit_args, *, config, dtype,
-                edits=(), hookpoints=()):
+                edits=(), hookpoints=(), unembed: bool = True):
   """One token per row through the model: (logits (B, V), cache, records).
+
+  With `unembed=False`, the final norm's output (B, D) in the compute
+  dtype takes the logits' place (what `greedy_head` reads).
 
   Not jitted on its own: it is the body of `decode`'s loop (and is what a
   memory plan compiles for one step).
@@ -92,10 +96,24 @@ def decode_step(params, cache, tokens, edit_args, *, config, dtype,
   ones = jnp.ones((b, 1), bool)
   intervene, recorded = _intervene(edits, hookpoints, edit_args, positions,
                                    ones, ones)
-  logits, cache = models.Gemma3(config, dtype).apply(
+  model = models.Gemma3(config, dtype)
+  out, cache = model.apply(
       {"params": params}, tokens[:, None], cache=cache, decode=True,
-      intervene=intervene)
-  return logits[:, 0].astype(jnp.float32), cache, recorded
+      intervene=intervene, unembed=unembed)
+  if not unembed:
+    normed = model.apply({"params": params}, out[:, 0],
+                         method=lambda m, x: m.final_norm(x))
+    return normed, cache, recorded
+  return out[:, 0].astype(jnp.float32), cache, recorded
+
+
+def screens_greedy(sampling: Sampling, keep_logits: bool,
+                   cache_sharding) -> bool:
+  """Whether `decode` takes greedy tokens through `greedy_head`'s int8
+  screen: greedy, no logits kept, one unpartitioned CPU program, and the
+  kernel built (elsewhere the full logits are as fast to take)."""
+  return (sampling.greedy and not keep_logits and cache_sharding is None
+          and jax.default_backend() == "cpu" and greedy_head.available())
 
 
 @functools.partial(
@@ -106,7 +124,8 @@ def decode_step(params, cache, tokens, edit_args, *, config, dtype,
 def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
            config, dtype, sampling: Sampling, num_slots: int,
            edits=(), hookpoints=(), keep_logits: bool = False,
-           stream: bool = False, pad_id: int = 0, cache_sharding=None):
+           stream: bool = False, pad_id: int = 0, cache_sharding=None,
+           screen: greedy_head.Screen | None = None):
   """Samples up to `max_new` (<= num_slots) tokens per row, starting from
   the prompt's next-token `logits` (B, V).
 
@@ -119,12 +138,22 @@ def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
     last token taken is never fed back, so its slot stays zero), and the
     final "cache": the input `cache` is donated and returned, so that the
     loop updates it in place rather than in a copy of it.
+
+  With `screen` (`greedy_head.cached_screen` of the embedding table in
+  `dtype`; greedy only, see `screens_greedy`), each token after the first
+  is `greedy_head.greedy_tokens` of the step's final-norm output: the same
+  argmax without reading the whole table in full precision.
   """
   b = logits.shape[0]
+  if screen is not None and not sampling.greedy:
+    raise ValueError("the int8 screen takes greedy tokens only")
+  table = params["embedder"]["input_embedding"].astype(dtype)
 
-  def take(i, logits, key, out, done):
+  def take(i, logits, key, out, done, chosen=None):
     key, sub = jax.random.split(key)
-    tok = jnp.where(done, pad_id, sample(logits, sub, sampling))
+    if chosen is None:
+      chosen = sample(logits, sub, sampling)
+    tok = jnp.where(done, pad_id, chosen)
     out = dict(out, tokens=out["tokens"].at[:, i].set(tok))
     if keep_logits:
       out["logits"] = out["logits"].at[:, i].set(logits)
@@ -153,12 +182,15 @@ def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
     i, cache, tok, key, out, done = state
     logits, cache, recorded = decode_step(
         params, cache, tok, edit_args, config=config, dtype=dtype,
-        edits=edits, hookpoints=hookpoints)
+        edits=edits, hookpoints=hookpoints, unembed=screen is None)
+    chosen = None
+    if screen is not None:
+      chosen, _ = greedy_head.greedy_tokens(logits, table, screen)
     cache = _constrain(cache, cache_sharding)
     out = dict(out, activations={
         k: out["activations"][k].at[:, i - 1].set(v[:, 0])
         for k, v in recorded.items()})
-    tok, key, out, done = take(i, logits, key, out, done)
+    tok, key, out, done = take(i, logits, key, out, done, chosen)
     return i + 1, cache, tok, key, out, done
 
   count, cache, _, _, out, done = jax.lax.while_loop(

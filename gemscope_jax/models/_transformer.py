@@ -79,6 +79,8 @@ class Gemma3(nn.Module):
       decode: See `cache`.
       last_only: With a cache, unembed only the last position (a prompt's
         next-token logits, without a (B, T, V) array).
+      (With a cache, `unembed=False` returns the residual after the last
+      block in place of the logits; `num_blocks` is not taken.)
 
     Returns:
       Logits (B, T, V) in the compute dtype, or the residual (B, T, D); with
@@ -87,7 +89,7 @@ class Gemma3(nn.Module):
     c = self.config
     if cache is not None:
       return self._with_cache(tokens, mask, cache, decode, intervene,
-                              last_only)
+                              last_only, unembed)
     if mask is None:
       mask = tokens != 0
     mask = mask.astype(bool)
@@ -115,7 +117,8 @@ class Gemma3(nn.Module):
     return self.embedder.decode(self.final_norm(x))
 
 
-  def _with_cache(self, tokens, mask, cache, decode, intervene, last_only):
+  def _with_cache(self, tokens, mask, cache, decode, intervene, last_only,
+                  unembed=True):
     c = self.config
     b, t = tokens.shape
     if decode:
@@ -157,6 +160,8 @@ class Gemma3(nn.Module):
                                start=start)
     if last_only:
       x = x[:, -1:]
+    if not unembed:
+      return x, new_cache
     return self.embedder.decode(self.final_norm(x)), new_cache
 
 
