@@ -7,7 +7,9 @@ tokens off so every run takes all 128), in float32 and bfloat16.
             (ours: `generate._loop.prefill`; transformers: one forward
             with `use_cache=True`)
   decode    new tokens/s over the whole generation, prefill excluded
-            (ours: `generate.generate`, one compiled while-loop;
+            (ours: `generate.generate`, one compiled while-loop, greedy
+            tokens through the exact int8 screen of the unembedding where
+            `generate._loop.screens_greedy` takes it;
             transformers: `model.generate` with its dynamic cache, a
             Python loop that dispatches every op of every token)
 Each (framework, precision, batch) runs in its own subprocess so peak RSS is

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from gemscope_jax import generate, models
-from gemscope_jax.generate import sampling
+from gemscope_jax.generate import _loop, sampling
 from gemscope_jax.kernels import greedy_head
 
 
@@ -172,9 +172,13 @@ def test_generation_with_the_screen_equals_generation_without(real_model,
              "import numpy as np\n"]
   kw = dict(config=config, tokenizer=default_tokenizer(), max_new_tokens=24,
             stop_tokens=(), dtype=dtype)
-  screened = generate.generate(params, prompts, **kw)
-  full = generate.generate(params, prompts, return_logits=True, **kw)
-  for a, b in zip(screened.tokens, full.tokens):
-    np.testing.assert_array_equal(a, b)
-  one = generate.generate(params, prompts[:1], **kw)  # batch 1
-  np.testing.assert_array_equal(one.tokens[0], full.tokens[0])
+  batches = [prompts[:1], prompts[1:2], prompts[2:]]
+  if dtype == jnp.float32:  # float32 screens batches up to 8, bf16 just 1
+    batches.append(prompts)
+  for batch in batches:
+    assert _loop.screens_greedy(
+        sampling.GREEDY, False, None, len(batch), dtype)
+    screened = generate.generate(params, batch, **kw)
+    full = generate.generate(params, batch, return_logits=True, **kw)
+    for a, b in zip(screened.tokens, full.tokens):
+      np.testing.assert_array_equal(a, b)

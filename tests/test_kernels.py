@@ -364,3 +364,19 @@ def test_missing_toolchain_warns_and_falls_back(tmp_path, compiler):
   assert want in proc.stdout
   warnings = [l for l in proc.stderr.splitlines() if "oneDNN CPU matmul" in l]
   assert len(warnings) == 1 and "apt-get install" in warnings[0], proc.stderr
+
+
+def test_a_changed_header_is_a_new_build(tmp_path):
+  """The cache key covers the local headers a source includes: a kernel
+  whose shared header changed is rebuilt, not loaded stale."""
+  from gemscope_jax.kernels import _build
+  src, header = tmp_path / "k.cc", tmp_path / "k.h"
+  src.write_text('#include "k.h"\nint f() { return K; }\n')
+  header.write_text("#define K 1\n")
+  lib = _build.Library(stem="k", source=src, cxxflags=("-O1",),
+                       headers=(header,))
+  before = lib.path()
+  header.write_text("#define K 2\n")
+  assert lib.path() != before
+  assert _build.Library(stem="k", source=src, cxxflags=("-O1",)).path() != (
+      lib.path())

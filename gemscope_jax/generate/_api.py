@@ -207,7 +207,8 @@ def generate(params: Any,
         cache_sharding=layout,
         screen=(greedy_head.cached_screen(
             params["embedder"]["input_embedding"], dtype)
-                if _loop.screens_greedy(sampling, return_logits, layout)
+                if _loop.screens_greedy(sampling, return_logits, layout,
+                                        len(rows), dtype)
                 else None))
     del cache  # donated to decode, which returns it updated
     out = jax.device_get({k: v for k, v in out.items() if k != "cache"})

@@ -2,8 +2,12 @@
 
 Each kernel falls back to plain XLA ops on other platforms, and on the CPU
 when it cannot be built (see `matmul.available()`,
+`matmul.few_rows_available()`, `greedy_head.available()`,
 `jumprelu.available()`), so importing this package never requires a
-compiler. `available()` and `unavailable_reason()` here are the matmul
+compiler. `matmul` runs the model's products (oneDNN, or for one row
+`few_rows.cc`); `greedy_head` takes decoding's greedy token through an
+exact int8 screen of the unembedding; `jumprelu_grad` fuses the JumpReLU
+backward pass. `available()` and `unavailable_reason()` here are the matmul
 kernel's.
 
 This face imports its modules eagerly (they are small and `models` needs

@@ -87,6 +87,7 @@ class Library:
     how_to_enable: the sentence that ends that warning.
     explain: optional map of compiler stderr -> a short reason, or None to
       keep the compiler's own message.
+    headers: local headers the source includes (part of the cache key).
   """
   stem: str
   source: pathlib.Path
@@ -96,6 +97,7 @@ class Library:
   warning: str = "a CPU kernel is unavailable"
   how_to_enable: str = ""
   explain: Callable[[str], str | None] | None = None
+  headers: tuple[pathlib.Path, ...] = ()
 
   def __post_init__(self):
     self._lock = threading.Lock()
@@ -105,7 +107,8 @@ class Library:
   def path(self) -> pathlib.Path:
     """Cache path of the compiled library for this source and toolchain."""
     digest = hashlib.sha256()
-    parts = [self.source.read_bytes(), jax.__version__.encode(),
+    parts = [self.source.read_bytes(),
+             *(h.read_bytes() for h in self.headers), jax.__version__.encode(),
              jaxlib.__version__.encode(), " ".join(self.cxxflags).encode(),
              " ".join(self.libs).encode(), _compiler_version().encode(),
              platform.machine().encode()]

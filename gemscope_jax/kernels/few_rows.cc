@@ -33,42 +33,18 @@
 #include <immintrin.h>
 #endif
 
+#include "simd_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using gemscope::Bf16Row;
+using gemscope::Bf16ToF32;
+using gemscope::Dot;
+using gemscope::F32Row;
 
 namespace {
 
 constexpr int64_t kMaxRows = 8;
-
-inline float Bf16ToF32(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// Element i of a weight row as f32: 16 at a time and one at a time.
-struct F32W {
-  const float* p;
-  float One(int64_t i) const { return p[i]; }
-#if defined(__AVX512F__)
-  __m512 Sixteen(int64_t i) const { return _mm512_loadu_ps(p + i); }
-#endif
-};
-
-struct Bf16W {
-  const uint16_t* p;
-  float One(int64_t i) const { return Bf16ToF32(p[i]); }
-#if defined(__AVX512F__)
-  __m512 Sixteen(int64_t i) const {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))),
-        16));
-  }
-#endif
-};
 
 // acc[0:n] += a * row[0:n].
 template <typename W>
@@ -82,30 +58,6 @@ inline void Axpy(float a, W row, float* acc, int64_t n) {
   }
 #endif
   for (; i < n; ++i) acc[i] += a * row.One(i);
-}
-
-// row . x in f32 (four 16-lane accumulators, then the tail).
-template <typename W>
-inline float Dot(W row, const float* x, int64_t k) {
-  int64_t i = 0;
-  float s = 0.f;
-#if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(),
-         a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; i + 64 <= k; i += 64) {
-    a0 = _mm512_fmadd_ps(row.Sixteen(i), _mm512_loadu_ps(x + i), a0);
-    a1 = _mm512_fmadd_ps(row.Sixteen(i + 16), _mm512_loadu_ps(x + i + 16), a1);
-    a2 = _mm512_fmadd_ps(row.Sixteen(i + 32), _mm512_loadu_ps(x + i + 32), a2);
-    a3 = _mm512_fmadd_ps(row.Sixteen(i + 48), _mm512_loadu_ps(x + i + 48), a3);
-  }
-  for (; i + 16 <= k; i += 16) {
-    a0 = _mm512_fmadd_ps(row.Sixteen(i), _mm512_loadu_ps(x + i), a0);
-  }
-  s = _mm512_reduce_add_ps(
-      _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#endif
-  for (; i < k; ++i) s += row.One(i) * x[i];
-  return s;
 }
 
 template <typename W, typename T>
@@ -171,12 +123,12 @@ ffi::Error FewRowsImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, bool w_transposed,
   std::vector<float> xf(static_cast<size_t>(m * k));
   if (x.element_type() == ffi::DataType::F32) {
     std::memcpy(xf.data(), x.untyped_data(), sizeof(float) * m * k);
-    Run<F32W>(xf.data(), static_cast<const float*>(w.untyped_data()), m, bw,
+    Run<F32Row>(xf.data(), static_cast<const float*>(w.untyped_data()), m, bw,
               k, n, w_transposed, out->typed_data());
   } else if (x.element_type() == ffi::DataType::BF16) {
     const uint16_t* xp = static_cast<const uint16_t*>(x.untyped_data());
     for (int64_t i = 0; i < m * k; ++i) xf[i] = Bf16ToF32(xp[i]);
-    Run<Bf16W>(xf.data(), static_cast<const uint16_t*>(w.untyped_data()), m,
+    Run<Bf16Row>(xf.data(), static_cast<const uint16_t*>(w.untyped_data()), m,
                bw, k, n, w_transposed, out->typed_data());
   } else {
     return ffi::Error::InvalidArgument(

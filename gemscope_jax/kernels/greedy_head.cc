@@ -11,15 +11,17 @@
 // the first index winning ties, as `sampling.argmax` does; NaN counts as
 // +inf there and here.
 //
-// Why it is exact: h is rounded to int16 steps t_h (15 bits: the sums stay
-// in int32), so the screen s_v (q_v . round(h / t_h)) t_h is an exact
-// integer dot scaled; for table row E_v with int8 row q_v and scale s_v,
-//   |E_v . h - screen_v| <= ||h|| ||E_v - s_v q_v||              (Cauchy-Schwarz)
-//                          + s_v ||q_v|| ||h - t_h round(h / t_h)||
-// and this kernel's f32 sums are within gamma_D sqrt(D) max|E_v| ||h|| of
-// the real-number dot. `radius` holds the first and last terms divided by
-// ||h||, `qnorm` holds s_v ||q_v|| (both built in greedy_head.py with a
-// margin for their own rounding), so every logit lies within bound_v of
+// Why it is exact: h is rounded to int16 steps t_h (15 bits), so the
+// screen s_v (q_v . round(h / t_h)) t_h is an exact integer dot, scaled.
+// For table row E_v with int8 row q_v and scale s_v,
+//   |E_v . h - screen_v| <= ||h|| ||E_v - s_v q_v||          (Cauchy-Schwarz)
+//                          + s_v ||q_v|| ||h - t_h round(h / t_h)||,
+// and this kernel's f32 sum of E_v . h (and the screen's f32 rounding) is
+// within (2 gamma_D + 2u) sqrt(D) max|E_v| ||h|| of the real-number dot.
+// `radius` holds ||E_v - s_v q_v|| plus that rounding term (per unit
+// ||h||) and `qnorm` holds s_v ||q_v||, both built in greedy_head.py with a
+// margin for their own rounding, so every logit lies within
+// bound_v = ||h|| radius_v + ||h - t_h round(h / t_h)|| qnorm_v of
 // screen_v. With L the largest screen_v - bound_v, a token with
 // screen_v + bound_v below L (less a bfloat16 rounding step when rounding)
 // is smaller than some other token's logit and cannot be the argmax; the
@@ -28,12 +30,13 @@
 // falls back to every exact logit.
 //
 // Shapes: h (B, D) f32; table (V, D) f32 or bf16, row-major; q (V, D) s8;
-// scale, qnorm, radius (V) f32; outputs tokens
-// (B) s32 and candidates (B) s32 (how many tokens were computed exactly: V
-// on the fallback).
+// scale, qnorm, radius (V) f32; outputs tokens (B) s32 and candidates (B)
+// s32 (how many tokens were computed exactly: V on the fallback).
 //
 // Caveat: parallelised with OpenMP over blocks of table rows, every row of
-// h per block, so the int8 table is read once per call whatever B is.
+// h per block, so the int8 table is read once per call whatever B is; its
+// integer products are recomputed per row of h, so at 8 rows the screen is
+// slower than bfloat16's full unembedding on oneDNN (callers choose).
 
 #include <algorithm>
 #include <cmath>
@@ -46,26 +49,22 @@
 #include <immintrin.h>
 #endif
 
+#include "simd_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using gemscope::Bf16Row;
+using gemscope::Dot;
+using gemscope::F32Row;
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 1024;
-constexpr int kLanes = 16;
 constexpr double kHalfRange = 16383.0;  // h's int16 steps
 
 // |logit_v - screen_v| <= this (module comment).
 inline double Bound(double norm, double err, float radius, float qnorm) {
   return norm * radius + err * qnorm;
-}
-
-inline float Bf16ToF32(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
 }
 
 // Round-to-nearest-even to bfloat16, returned as the f32 it stands for
@@ -80,28 +79,6 @@ inline float RoundBf16(float x) {
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
-
-// How to read a row's elements as f32: 16 at a time and one at a time.
-struct F32Row {
-  const float* p;
-  float One(int64_t i) const { return p[i]; }
-#if defined(__AVX512F__)
-  __m512 Sixteen(int64_t i) const { return _mm512_loadu_ps(p + i); }
-#endif
-};
-
-struct Bf16Row {
-  const uint16_t* p;
-  float One(int64_t i) const { return Bf16ToF32(p[i]); }
-#if defined(__AVX512F__)
-  __m512 Sixteen(int64_t i) const {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))),
-        16));
-  }
-#endif
-};
 
 // q_v . hq exactly: int32 lanes (each sums at most D / 32 products of
 // |q| <= 127 and |hq| <= 16383: exact for D < 32,000), summed in int64.
@@ -126,37 +103,6 @@ inline int64_t DotS8S16(const int8_t* q, const int16_t* hq, int64_t d) {
           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(lanes, 1)));
 #endif
   for (; i < d; ++i) s += int64_t(q[i]) * int64_t(hq[i]);
-  return s;
-}
-
-// row . h in f32: four 16-lane accumulators (FMA latency), their tree sum,
-// then the tail; the same order for every row.
-template <typename Row>
-inline float Dot(Row row, const float* h, int64_t d) {
-  int64_t i = 0;
-  float s = 0.f;
-#if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(),
-         a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; i + 64 <= d; i += 64) {
-    a0 = _mm512_fmadd_ps(row.Sixteen(i), _mm512_loadu_ps(h + i), a0);
-    a1 = _mm512_fmadd_ps(row.Sixteen(i + 16), _mm512_loadu_ps(h + i + 16), a1);
-    a2 = _mm512_fmadd_ps(row.Sixteen(i + 32), _mm512_loadu_ps(h + i + 32), a2);
-    a3 = _mm512_fmadd_ps(row.Sixteen(i + 48), _mm512_loadu_ps(h + i + 48), a3);
-  }
-  for (; i + 16 <= d; i += 16) {
-    a0 = _mm512_fmadd_ps(row.Sixteen(i), _mm512_loadu_ps(h + i), a0);
-  }
-  s = _mm512_reduce_add_ps(
-      _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#else
-  float acc[kLanes] = {0};
-  for (; i + kLanes <= d; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += row.One(i + j) * h[i + j];
-  }
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-#endif
-  for (; i < d; ++i) s += row.One(i) * h[i];
   return s;
 }
 

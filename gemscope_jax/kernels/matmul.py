@@ -65,6 +65,7 @@ FEW_ROWS_TARGET = "gemscope_few_rows"
 _FEW_ROWS_LIBRARY = _build.Library(
     stem="few_rows",
     source=pathlib.Path(__file__).with_name("few_rows.cc"),
+    headers=(pathlib.Path(__file__).with_name("simd_rows.h"),),
     cxxflags=("-O3", "-march=native", "-fopenmp", "-std=c++17"),
     targets={FEW_ROWS_TARGET: "GemscopeFewRows"},
     warning="the few-row CPU matmul kernel is unavailable",
