@@ -203,3 +203,25 @@ class Library:
     if self.load() is not None:
       return None
     return str(self._reason)
+
+
+def openmp_library(source: pathlib.Path, target: str, symbol: str, *,
+                   what: str, fallback: str,
+                   headers: tuple[str, ...] = ()) -> Library:
+  """A handler library that needs only g++ with OpenMP, built for this CPU.
+
+  Args:
+    source: the C++ file; its stem names the cached build.
+    target: the FFI target name; symbol: the handler it exports.
+    what: the kernel in a few words ("the fused JumpReLU CPU kernel").
+    fallback: the sentence saying what runs without it.
+    headers: names of local headers beside `source` that it includes.
+  """
+  return Library(
+      stem=source.stem, source=source,
+      cxxflags=("-O3", "-march=native", "-fopenmp", "-std=c++17"),
+      targets={target: symbol}, warning=f"{what} is unavailable",
+      how_to_enable=(f"{fallback} Install g++ to enable it; set "
+                     f"{ENV_SWITCH}=0 to turn it off without this warning."),
+      headers=tuple(source.with_name(h) for h in headers))
+

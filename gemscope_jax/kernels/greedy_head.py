@@ -38,17 +38,12 @@ from gemscope_jax.kernels import _build
 FFI_TARGET = "gemscope_greedy_head"
 MAX_CANDIDATES = 4096
 
-_LIBRARY = _build.Library(
-    stem="greedy_head",
-    source=pathlib.Path(__file__).with_name("greedy_head.cc"),
-    headers=(pathlib.Path(__file__).with_name("simd_rows.h"),),
-    cxxflags=("-O3", "-march=native", "-fopenmp", "-std=c++17"),
-    targets={FFI_TARGET: "GemscopeGreedyHead"},
-    warning="the screened greedy-token CPU kernel is unavailable",
-    how_to_enable=(
-        "Greedy decoding then reads the whole unembedding each token (the "
-        "same tokens, slower on the CPU). Install g++ to enable it; set "
-        "GEMSCOPE_CPU_KERNELS=0 to turn it off without this warning."))
+_LIBRARY = _build.openmp_library(
+    pathlib.Path(__file__).with_name("greedy_head.cc"), FFI_TARGET,
+    "GemscopeGreedyHead", what="the screened greedy-token CPU kernel",
+    fallback=("Greedy decoding then reads the whole unembedding each token "
+              "(the same tokens, slower on the CPU)."),
+    headers=("simd_rows.h",))
 
 
 def available() -> bool:

@@ -30,16 +30,11 @@ from gemscope_jax.kernels import _build
 FFI_TARGET = "gemscope_jumprelu_grad"
 N_SUMS = 6
 
-_LIBRARY = _build.Library(
-    stem="jumprelu_grad",
-    source=pathlib.Path(__file__).with_name("jumprelu_grad.cc"),
-    cxxflags=("-O3", "-march=native", "-fopenmp", "-std=c++17"),
-    targets={FFI_TARGET: "GemscopeJumpReluGrad"},
-    warning="the fused JumpReLU CPU kernel is unavailable",
-    how_to_enable=(
-        "JumpReLU training steps fall back to XLA ops (the same values, "
-        "slower on the CPU). Install g++ to enable it; set "
-        "GEMSCOPE_CPU_KERNELS=0 to turn it off without this warning."))
+_LIBRARY = _build.openmp_library(
+    pathlib.Path(__file__).with_name("jumprelu_grad.cc"), FFI_TARGET,
+    "GemscopeJumpReluGrad", what="the fused JumpReLU CPU kernel",
+    fallback=("JumpReLU training steps fall back to XLA ops (the same "
+              "values, slower on the CPU)."))
 
 
 def available() -> bool:

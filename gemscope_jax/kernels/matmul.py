@@ -62,18 +62,12 @@ _LIBRARY = _build.Library(
 _load = _LIBRARY.load
 
 FEW_ROWS_TARGET = "gemscope_few_rows"
-_FEW_ROWS_LIBRARY = _build.Library(
-    stem="few_rows",
-    source=pathlib.Path(__file__).with_name("few_rows.cc"),
-    headers=(pathlib.Path(__file__).with_name("simd_rows.h"),),
-    cxxflags=("-O3", "-march=native", "-fopenmp", "-std=c++17"),
-    targets={FEW_ROWS_TARGET: "GemscopeFewRows"},
-    warning="the few-row CPU matmul kernel is unavailable",
-    how_to_enable=(
-        "Decoding then multiplies its few rows on oneDNN or XLA's dot (the "
-        "same values up to summation order, slower). Install g++ to enable "
-        "it; set GEMSCOPE_CPU_KERNELS=0 to turn it off without this "
-        "warning."))
+_FEW_ROWS_LIBRARY = _build.openmp_library(
+    pathlib.Path(__file__).with_name("few_rows.cc"), FEW_ROWS_TARGET,
+    "GemscopeFewRows", what="the few-row CPU matmul kernel",
+    fallback=("Decoding then multiplies its few rows on oneDNN or XLA's dot "
+              "(the same values up to summation order, slower)."),
+    headers=("simd_rows.h",))
 
 
 def few_rows_available() -> bool:
