@@ -10,13 +10,13 @@ itself only the tokens that can still be the largest (2 to 40 of 262,144
 on real text), falling back to every logit when more than `max_candidates`
 remain. The result is the argmax of the table's logits (rounded to
 bfloat16 first for a bfloat16 table, as that model's logits are), first
-index on ties, NaN as +inf: `sampling.argmax` of the full logits, up to the
-order of the f32 sums (see `greedy_head.cc` for the bound and why it is
-exact).
+index on ties, NaN as +inf: what `generate.sampling.argmax` takes from the
+full logits, up to the order of the f32 sums (see `greedy_head.cc` for the
+bound and why it is exact).
 
 On the CPU backend, when the handler builds (g++ with OpenMP), it runs as
-one C++ call; elsewhere the full logits and `sampling.argmax` give the same
-tokens (`reference`). The choice is made at lowering time.
+one C++ call; elsewhere the full logits' argmax gives the same tokens
+(`reference`). The choice is made at lowering time.
 
 Caveat: the custom call has no sharding rule; callers use it only in
 programs that are not partitioned over several devices.
@@ -137,11 +137,12 @@ def cached_screen(table: jax.Array, dtype) -> Screen:
 def reference(h: jax.Array, table: jax.Array) -> jax.Array:
   """(B,) int32 greedy tokens from the full logits `table @ h` (each row's
   first largest, NaN as +inf), rounded to the table's dtype first."""
-  from gemscope_jax.generate.sampling import argmax
   logits = jax.lax.dot_general(table, h.astype(table.dtype),
                                (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
-  return argmax(logits.T.astype(table.dtype).astype(jnp.float32))
+  logits = logits.T.astype(table.dtype).astype(jnp.float32)
+  logits = jnp.where(jnp.isnan(logits), jnp.inf, logits)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def _ffi(h, table, scr: Screen, *, max_candidates: int):
