@@ -154,7 +154,8 @@ def decode(params, cache, logits, key, max_new, stop_ids, edit_args, *,
   b = logits.shape[0]
   if screen is not None and not sampling.greedy:
     raise ValueError("the int8 screen takes greedy tokens only")
-  table = params["embedder"]["input_embedding"].astype(dtype)
+  table = (None if screen is None
+           else params["embedder"]["input_embedding"].astype(dtype))
 
   def take(i, logits, key, out, done, chosen=None):
     key, sub = jax.random.split(key)

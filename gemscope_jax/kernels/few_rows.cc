@@ -1,12 +1,14 @@
 // XLA FFI handler: a few rows of activations against weight matrices, at
 // the speed of reading the weights.
 //
-// Purpose: a decode step multiplies one to eight rows by every weight of
-// the model, so it is bound by reading the weights from memory. On 2 CPU
-// cores oneDNN reads them at about 11 GB/s in these shapes and XLA's dot at
-// about 17 GB/s inside the decode loop, against about 25 GB/s that a plain
-// read reaches; this kernel streams each weight once, in order, split
-// between the threads by contiguous ranges of its rows.
+// Purpose: decoding at batch 1 multiplies one row by every weight of the
+// model, so it is bound by reading the weights from memory. On 2 CPU cores
+// oneDNN reads them at about 11 GB/s in these shapes and XLA's dot at about
+// 17 GB/s inside the decode loop, against about 25 GB/s that a plain read
+// reaches; this kernel streams each weight once, in order, split between
+// the threads by contiguous ranges of its rows: 20.6 GB/s over the 270M's
+// layer weights back to back, about 14.5 GB/s inside the decode loop.
+// Callers use it for one row (at 8 rows it is slower than oneDNN).
 //
 //   out[m, b, n] = sum_k x[m, k] w[b, k, n]     (w_transposed = false)
 //   out[m, b, n] = sum_k x[m, k] w[b, n, k]     (w_transposed = true)

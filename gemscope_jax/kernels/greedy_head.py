@@ -186,7 +186,8 @@ def greedy_tokens(h: jax.Array, table: jax.Array, scr: Screen, *,
     raise ValueError(
         f"greedy_tokens expects h (B, D), table (V, D) and its screen; got "
         f"h {h.shape}, table {table.shape}, q {scr.q.shape}, scale "
-        f"{scr.scale.shape}, radius {scr.radius.shape}")
+        f"{scr.scale.shape}, qnorm {scr.qnorm.shape}, radius "
+        f"{scr.radius.shape}")
   if table.dtype not in (jnp.float32, jnp.bfloat16):
     raise ValueError(f"greedy_tokens: the table must be float32 or bfloat16,"
                      f" got {table.dtype}")
