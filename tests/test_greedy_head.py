@@ -180,5 +180,19 @@ def test_generation_with_the_screen_equals_generation_without(real_model,
         sampling.GREEDY, False, None, len(batch), dtype)
     screened = generate.generate(params, batch, **kw)
     full = generate.generate(params, batch, return_logits=True, **kw)
-    for a, b in zip(screened.tokens, full.tokens):
-      np.testing.assert_array_equal(a, b)
+    for row, (a, b) in enumerate(zip(screened.tokens, full.tokens)):
+      if dtype == jnp.float32:
+        np.testing.assert_array_equal(a, b)
+        continue
+      # bfloat16 logits tie often (8 bits: steps of 1/16 near 14), and
+      # which of two tokens rounds up can depend on the order of the f32
+      # sums (the screen's own dot against oneDNN's): the sequences may
+      # part only where the full logits of the two tokens are one bfloat16
+      # step apart or tie.
+      parted = np.flatnonzero(a != b)
+      if parted.size:
+        i = parted[0]
+        logits = np.asarray(full.logits[row][i], np.float64)
+        step = 2.0 ** (np.floor(np.log2(abs(logits[b[i]]))) - 7)
+        assert logits[b[i]] == logits.max()
+        assert logits[b[i]] - logits[a[i]] <= step, (row, i, a[i], b[i])

@@ -236,7 +236,9 @@ def test_ffi_rejects_bad_calls_with_an_error():
 
 
 def test_concurrent_calls_from_threads():
-  shapes = [(7, 33, 5, 3), (64, 128, 96, 4), (130, 70, 257, 1)]
+  # Several rows (oneDNN) and one row (the few-row kernel on XLA's pool).
+  shapes = [(7, 33, 5, 3), (64, 128, 96, 4), (130, 70, 257, 1),
+            (1, 640, 257, 3)]
   problems = []
   for i, (m, k, n, bw) in enumerate(shapes * 2):
     x, w = _inputs(m, k, n, bw, i % 2 == 1, jnp.float32, seed=i)
@@ -258,6 +260,27 @@ def test_concurrent_calls_from_threads():
   for (x, w, t), out in zip(problems, results):
     ref, scale = _reference(x, w, t)
     _check(out, ref, scale, x.shape[1], rounded_to_bf16=False)
+
+
+@pytest.mark.parametrize("w_transposed", [False, True])
+def test_one_row_products_side_by_side_in_one_program(w_transposed):
+  """Independent one-row products in one program, which XLA may run at
+  once on its thread pool (each then splitting its work over the same
+  pool), equal each product run alone, bit for bit, and the float64 sum
+  within its bound: parts go to whichever thread is free, but each part
+  sums the same range and the parts are added in a fixed order."""
+  problems = [_inputs(1, 640, 1024, 3, w_transposed, jnp.float32, seed=s)
+              for s in range(6)]
+  one = jax.jit(lambda x, w: kernels.matmul(x, w, w_transposed=w_transposed))
+  together = jax.jit(lambda ps: [kernels.matmul(x, w, w_transposed=w_transposed)
+                                 for x, w in ps])
+  lowered = together.trace(problems).lower(lowering_platforms=("cpu",))
+  assert lowered.as_text().count("gemscope_few_rows") == len(problems)
+  for _ in range(3):
+    for (x, w), out in zip(problems, together(problems)):
+      np.testing.assert_array_equal(np.asarray(out), np.asarray(one(x, w)))
+      ref, scale = _reference(x, w, w_transposed)
+      _check(out, ref, scale, x.shape[1], rounded_to_bf16=False)
 
 
 def test_impl_name_is_not_the_reference_kernel():

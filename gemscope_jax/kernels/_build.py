@@ -205,10 +205,11 @@ class Library:
     return str(self._reason)
 
 
-def openmp_library(source: pathlib.Path, target: str, symbol: str, *,
-                   what: str, fallback: str,
-                   headers: tuple[str, ...] = ()) -> Library:
-  """A handler library that needs only g++ with OpenMP, built for this CPU.
+def gxx_library(source: pathlib.Path, target: str, symbol: str, *,
+                what: str, fallback: str,
+                headers: tuple[str, ...] = ()) -> Library:
+  """A handler library that needs only g++ (and its OpenMP, for the kernels
+  that use it), built for this CPU.
 
   Args:
     source: the C++ file; its stem names the cached build.

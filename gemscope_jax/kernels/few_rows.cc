@@ -4,27 +4,27 @@
 // Purpose: decoding at batch 1 multiplies one row by every weight of the
 // model, so it is bound by reading the weights from memory. On 2 CPU cores
 // oneDNN reads them at about 11 GB/s in these shapes and XLA's dot at about
-// 17 GB/s inside the decode loop, against about 25 GB/s that a plain read
-// reaches; this kernel streams each weight once, in order, split between
-// the threads by contiguous ranges of its rows: 20.6 GB/s over the 270M's
-// layer weights back to back, about 14.5 GB/s inside the decode loop.
+// 17 GB/s inside the decode loop, against about 28 GB/s that a plain read
+// reaches; this kernel streams each weight once, in order, split into
+// contiguous ranges of its rows run on XLA's own threads (xla_pool.h):
+// 25 GB/s over the 270M's layer weights back to back, about 20 GB/s inside
+// the decode loop (with an OpenMP team instead: 20.6 and 14.5 GB/s).
 // Callers use it for one row (at 8 rows it is slower than oneDNN).
 //
 //   out[m, b, n] = sum_k x[m, k] w[b, k, n]     (w_transposed = false)
 //   out[m, b, n] = sum_k x[m, k] w[b, n, k]     (w_transposed = true)
 //
-// Layout (Bw, K, N): each thread takes a contiguous range of k (rows of
-// w[b]) and accumulates all N outputs of its range in its own buffer; the
-// buffers are then summed in thread order. Layout (Bw, N, K): each thread
-// takes a contiguous range of n and computes those dot products.
-// Accumulation is f32 (bf16 weights and x are widened exactly); the sum's
-// order depends on the thread count, so results may differ from a
-// one-thread run in the last bits.
+// The work is cut into kPartsPerThread parts per pool thread. Layout
+// (Bw, K, N): each part is a contiguous range of k (rows of w[b]) and
+// accumulates all N outputs of its range in its own buffer; the buffers
+// are then summed in part order. Layout (Bw, N, K): each part is a
+// contiguous range of n, those dot products. Accumulation is f32 (bf16
+// weights and x are widened exactly); the sum's order depends on the pool's
+// size (not on which thread ran a part), so results may differ from
+// another machine's in the last bits.
 //
 // Shapes: x (M, K) f32 or bf16; w (Bw, K, N) or (Bw, N, K), the same dtype
 // as x; out (M, Bw, N) f32; M <= kMaxRows.
-
-#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -36,6 +36,7 @@
 #endif
 
 #include "simd_rows.h"
+#include "xla_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -62,30 +63,33 @@ inline void Axpy(float a, W row, float* acc, int64_t n) {
   for (; i < n; ++i) acc[i] += a * row.One(i);
 }
 
+// Parts a thread's share is cut into: helpers that start late still get work.
+constexpr int64_t kPartsPerThread = 2;
+
 template <typename W, typename T>
-void Run(const float* x, const T* w, int64_t m, int64_t bw, int64_t k,
-         int64_t n, bool transposed, float* out) {
-  const int threads = std::max(1, omp_get_max_threads());
+void Run(ffi::ThreadPool& pool, const float* x, const T* w, int64_t m,
+         int64_t bw, int64_t k, int64_t n, bool transposed, float* out) {
+  const int64_t parts = kPartsPerThread * gemscope::PoolThreads(pool);
   if (transposed) {
     // Rows (b, n) of w, split into contiguous ranges.
     const int64_t rows = bw * n;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; ++r) {
-      const W row{w + r * k};
-      const int64_t b = r / n, j = r % n;
-      for (int64_t i = 0; i < m; ++i) {
-        out[(i * bw + b) * n + j] = Dot(row, x + i * k, k);
+    gemscope::ParallelFor(pool, parts, [&](int64_t p) {
+      for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+        const W row{w + r * k};
+        const int64_t b = r / n, j = r % n;
+        for (int64_t i = 0; i < m; ++i) {
+          out[(i * bw + b) * n + j] = Dot(row, x + i * k, k);
+        }
       }
-    }
+    });
     return;
   }
-  // Each thread: a contiguous range of k for every b, into its own buffer.
-  std::vector<float> partial(static_cast<size_t>(threads) * m * bw * n, 0.f);
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num();
-    const int64_t k0 = k * t / threads, k1 = k * (t + 1) / threads;
-    float* mine = partial.data() + static_cast<size_t>(t) * m * bw * n;
+  // Each part: a contiguous range of k for every b, into its own buffer.
+  const int64_t size = m * bw * n;
+  std::vector<float> partial(static_cast<size_t>(parts * size), 0.f);
+  gemscope::ParallelFor(pool, parts, [&](int64_t p) {
+    const int64_t k0 = k * p / parts, k1 = k * (p + 1) / parts;
+    float* mine = partial.data() + p * size;
     for (int64_t b = 0; b < bw; ++b) {
       for (int64_t kk = k0; kk < k1; ++kk) {
         const W row{w + (b * k + kk) * n};
@@ -94,16 +98,15 @@ void Run(const float* x, const T* w, int64_t m, int64_t bw, int64_t k,
         }
       }
     }
-  }
-  const int64_t size = m * bw * n;
+  });
   std::memcpy(out, partial.data(), sizeof(float) * size);
-  for (int t = 1; t < threads; ++t) {
-    const float* p = partial.data() + static_cast<size_t>(t) * size;
-    for (int64_t i = 0; i < size; ++i) out[i] += p[i];
+  for (int64_t p = 1; p < parts; ++p) {
+    const float* q = partial.data() + p * size;
+    for (int64_t i = 0; i < size; ++i) out[i] += q[i];
   }
 }
 
-ffi::Error FewRowsImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, bool w_transposed,
+ffi::Error FewRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, bool w_transposed,
                        ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -125,12 +128,12 @@ ffi::Error FewRowsImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, bool w_transposed,
   std::vector<float> xf(static_cast<size_t>(m * k));
   if (x.element_type() == ffi::DataType::F32) {
     std::memcpy(xf.data(), x.untyped_data(), sizeof(float) * m * k);
-    Run<F32Row>(xf.data(), static_cast<const float*>(w.untyped_data()), m, bw,
+    Run<F32Row>(pool, xf.data(), static_cast<const float*>(w.untyped_data()), m, bw,
               k, n, w_transposed, out->typed_data());
   } else if (x.element_type() == ffi::DataType::BF16) {
     const uint16_t* xp = static_cast<const uint16_t*>(x.untyped_data());
     for (int64_t i = 0; i < m * k; ++i) xf[i] = Bf16ToF32(xp[i]);
-    Run<Bf16Row>(xf.data(), static_cast<const uint16_t*>(w.untyped_data()), m,
+    Run<Bf16Row>(pool, xf.data(), static_cast<const uint16_t*>(w.untyped_data()), m,
                bw, k, n, w_transposed, out->typed_data());
   } else {
     return ffi::Error::InvalidArgument(
@@ -143,6 +146,7 @@ ffi::Error FewRowsImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, bool w_transposed,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemscopeFewRows, FewRowsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // w
                                   .Attr<bool>("w_transposed")

@@ -33,8 +33,8 @@
 // scale, qnorm, radius (V) f32; outputs tokens (B) s32 and candidates (B)
 // s32 (how many tokens were computed exactly: V on the fallback).
 //
-// Caveat: parallelised with OpenMP over blocks of table rows, every row of
-// h per block, so the int8 table is read once per call whatever B is; its
+// Caveat: parallelised over blocks of table rows on XLA's thread pool
+// (xla_pool.h), every row of h per block, so the int8 table is read once per call whatever B is; its
 // integer products are recomputed per row of h, so at 8 rows the screen is
 // slower than bfloat16's full unembedding on oneDNN (callers choose).
 
@@ -50,6 +50,7 @@
 #endif
 
 #include "simd_rows.h"
+#include "xla_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -61,6 +62,9 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 1024;
 constexpr double kHalfRange = 16383.0;  // h's int16 steps
+// Up to this many dims, a row's whole screen sum fits in int32:
+// 127 * 16383 * 1032 < 2^31.
+constexpr int64_t kInt32SumDims = 1032;
 
 // |logit_v - screen_v| <= this (module comment).
 inline double Bound(double norm, double err, float radius, float qnorm) {
@@ -81,7 +85,8 @@ inline float RoundBf16(float x) {
 }
 
 // q_v . hq exactly: int32 lanes (each sums at most D / 32 products of
-// |q| <= 127 and |hq| <= 16383: exact for D < 32,000), summed in int64.
+// |q| <= 127 and |hq| <= 16383: exact for D < 32,000), summed in int32
+// where the whole sum fits (D <= kInt32SumDims), else in int64.
 inline int64_t DotS8S16(const int8_t* q, const int16_t* hq, int64_t d) {
   int64_t i = 0;
   int64_t s = 0;
@@ -92,15 +97,24 @@ inline int64_t DotS8S16(const int8_t* q, const int16_t* hq, int64_t d) {
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i)));
     __m512i q1 = _mm512_cvtepi8_epi16(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i + 32)));
+#if defined(__AVX512VNNI__)
+    a0 = _mm512_dpwssd_epi32(a0, q0, _mm512_loadu_si512(hq + i));
+    a1 = _mm512_dpwssd_epi32(a1, q1, _mm512_loadu_si512(hq + i + 32));
+#else
     a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(q0, _mm512_loadu_si512(hq + i)));
     a1 = _mm512_add_epi32(a1,
                           _mm512_madd_epi16(q1, _mm512_loadu_si512(hq + i + 32)));
+#endif
   }
   const __m512i lanes = _mm512_add_epi32(a0, a1);
-  s = _mm512_reduce_add_epi64(
-          _mm512_cvtepi32_epi64(_mm512_castsi512_si256(lanes))) +
-      _mm512_reduce_add_epi64(
-          _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(lanes, 1)));
+  if (d <= kInt32SumDims) {
+    s = _mm512_reduce_add_epi32(lanes);  // |sum| < 127 * 16383 * d < 2^31
+  } else {
+    s = _mm512_reduce_add_epi64(
+            _mm512_cvtepi32_epi64(_mm512_castsi512_si256(lanes))) +
+        _mm512_reduce_add_epi64(
+            _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(lanes, 1)));
+  }
 #endif
   for (; i < d; ++i) s += int64_t(q[i]) * int64_t(hq[i]);
   return s;
@@ -133,13 +147,13 @@ int32_t ArgmaxOf(const std::vector<int32_t>& rows, const void* table,
 }
 
 // First index of the largest exact logit over all V rows (the fallback).
-int32_t FullArgmax(const void* table, bool bf16_table, bool round_bf16,
-                   const float* h, int64_t d, int64_t v_count) {
+int32_t FullArgmax(ffi::ThreadPool& pool, const void* table,
+                   bool bf16_table, bool round_bf16, const float* h,
+                   int64_t d, int64_t v_count) {
   const int64_t tasks = (v_count + kRowsPerTask - 1) / kRowsPerTask;
   std::vector<float> task_value(tasks);
   std::vector<int32_t> task_index(tasks);
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
+  gemscope::ParallelFor(pool, tasks, [&](int64_t t) {
     const int64_t lo = t * kRowsPerTask;
     const int64_t hi = std::min(v_count, lo + kRowsPerTask);
     float best_value = -std::numeric_limits<float>::infinity();
@@ -150,7 +164,7 @@ int32_t FullArgmax(const void* table, bool bf16_table, bool round_bf16,
     }
     task_value[t] = best_value;
     task_index[t] = best;
-  }
+  });
   int32_t best = task_index[0];
   float best_value = task_value[0];
   for (int64_t t = 1; t < tasks; ++t) {
@@ -159,7 +173,7 @@ int32_t FullArgmax(const void* table, bool bf16_table, bool round_bf16,
   return best;
 }
 
-ffi::Error GreedyHeadImpl(ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
+ffi::Error GreedyHeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
                           ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
                           ffi::Buffer<ffi::F32> qnorm,
                           ffi::Buffer<ffi::F32> radius, bool round_bf16,
@@ -230,8 +244,7 @@ ffi::Error GreedyHeadImpl(ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
   std::vector<float> screen(static_cast<size_t>(b_count * v_count));
   const int64_t tasks = (v_count + kRowsPerTask - 1) / kRowsPerTask;
   std::vector<double> task_lower(static_cast<size_t>(tasks * b_count));
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
+  gemscope::ParallelFor(pool, tasks, [&](int64_t t) {
     const int64_t lo = t * kRowsPerTask;
     const int64_t hi = std::min(v_count, lo + kRowsPerTask);
     for (int64_t b = 0; b < b_count; ++b) {
@@ -245,7 +258,7 @@ ffi::Error GreedyHeadImpl(ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
       }
       task_lower[t * b_count + b] = lower;
     }
-  }
+  });
 
   std::vector<int32_t> rows;
   for (int64_t b = 0; b < b_count; ++b) {
@@ -274,7 +287,7 @@ ffi::Error GreedyHeadImpl(ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
       full = full || rows.empty();
     }
     if (full) {
-      out[b] = FullArgmax(tp, bf16_table, round_bf16, hb, d, v_count);
+      out[b] = FullArgmax(pool, tp, bf16_table, round_bf16, hb, d, v_count);
       counts[b] = static_cast<int32_t>(v_count);
     } else {
       out[b] = ArgmaxOf(rows, tp, bf16_table, round_bf16, hb, d);
@@ -288,6 +301,7 @@ ffi::Error GreedyHeadImpl(ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemscopeGreedyHead, GreedyHeadImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h
                                   .Arg<ffi::AnyBuffer>()         // table
                                   .Arg<ffi::Buffer<ffi::S8>>()   // q

@@ -14,7 +14,7 @@ index on ties, NaN as +inf: what `generate.sampling.argmax` takes from the
 full logits, up to the order of the f32 sums (see `greedy_head.cc` for the
 bound and why it is exact).
 
-On the CPU backend, when the handler builds (g++ with OpenMP), it runs as
+On the CPU backend, when the handler builds (g++), it runs as
 one C++ call; elsewhere the full logits' argmax gives the same tokens
 (`reference`). The choice is made at lowering time.
 
@@ -38,12 +38,12 @@ from gemscope_jax.kernels import _build
 FFI_TARGET = "gemscope_greedy_head"
 MAX_CANDIDATES = 4096
 
-_LIBRARY = _build.openmp_library(
+_LIBRARY = _build.gxx_library(
     pathlib.Path(__file__).with_name("greedy_head.cc"), FFI_TARGET,
     "GemscopeGreedyHead", what="the screened greedy-token CPU kernel",
     fallback=("Greedy decoding then reads the whole unembedding each token "
               "(the same tokens, slower on the CPU)."),
-    headers=("simd_rows.h",))
+    headers=("simd_rows.h", "xla_pool.h"))
 
 
 def available() -> bool:

@@ -30,7 +30,7 @@ from gemscope_jax.kernels import _build
 FFI_TARGET = "gemscope_jumprelu_grad"
 N_SUMS = 6
 
-_LIBRARY = _build.openmp_library(
+_LIBRARY = _build.gxx_library(
     pathlib.Path(__file__).with_name("jumprelu_grad.cc"), FFI_TARGET,
     "GemscopeJumpReluGrad", what="the fused JumpReLU CPU kernel",
     fallback=("JumpReLU training steps fall back to XLA ops (the same "

@@ -62,12 +62,12 @@ _LIBRARY = _build.Library(
 _load = _LIBRARY.load
 
 FEW_ROWS_TARGET = "gemscope_few_rows"
-_FEW_ROWS_LIBRARY = _build.openmp_library(
+_FEW_ROWS_LIBRARY = _build.gxx_library(
     pathlib.Path(__file__).with_name("few_rows.cc"), FEW_ROWS_TARGET,
     "GemscopeFewRows", what="the few-row CPU matmul kernel",
     fallback=("Decoding then multiplies its few rows on oneDNN or XLA's dot "
               "(the same values up to summation order, slower)."),
-    headers=("simd_rows.h",))
+    headers=("simd_rows.h", "xla_pool.h"))
 
 
 def few_rows_available() -> bool:
