@@ -63,6 +63,35 @@ inline void Axpy(float a, W row, float* acc, int64_t n) {
   for (; i < n; ++i) acc[i] += a * row.One(i);
 }
 
+// acc[0:n] += a[0] r0[0:n] + a[1] r1[0:n] + a[2] r2[0:n] + a[3] r3[0:n],
+// added in that order: four weight rows per pass over acc, so that acc's
+// loads and stores do not bound the reading of the weights.
+template <typename W>
+inline void Axpy4(const float* a, W r0, W r1, W r2, W r3, float* acc,
+                  int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]),
+               a2 = _mm512_set1_ps(a[2]), a3 = _mm512_set1_ps(a[3]);
+  for (; i + 16 <= n; i += 16) {
+    __m512 s = _mm512_loadu_ps(acc + i);
+    s = _mm512_fmadd_ps(a0, r0.Sixteen(i), s);
+    s = _mm512_fmadd_ps(a1, r1.Sixteen(i), s);
+    s = _mm512_fmadd_ps(a2, r2.Sixteen(i), s);
+    s = _mm512_fmadd_ps(a3, r3.Sixteen(i), s);
+    _mm512_storeu_ps(acc + i, s);
+  }
+#endif
+  for (; i < n; ++i) {
+    float s = acc[i];
+    s += a[0] * r0.One(i);
+    s += a[1] * r1.One(i);
+    s += a[2] * r2.One(i);
+    s += a[3] * r3.One(i);
+    acc[i] = s;
+  }
+}
+
 // Parts a thread's share is cut into: helpers that start late still get work.
 constexpr int64_t kPartsPerThread = 2;
 
@@ -91,8 +120,17 @@ void Run(ffi::ThreadPool& pool, const float* x, const T* w, int64_t m,
     const int64_t k0 = k * p / parts, k1 = k * (p + 1) / parts;
     float* mine = partial.data() + p * size;
     for (int64_t b = 0; b < bw; ++b) {
-      for (int64_t kk = k0; kk < k1; ++kk) {
-        const W row{w + (b * k + kk) * n};
+      const T* wb = w + b * k * n;
+      int64_t kk = k0;
+      for (; kk + 4 <= k1; kk += 4) {
+        const W r0{wb + kk * n}, r1{wb + (kk + 1) * n}, r2{wb + (kk + 2) * n},
+            r3{wb + (kk + 3) * n};
+        for (int64_t i = 0; i < m; ++i) {
+          Axpy4(x + i * k + kk, r0, r1, r2, r3, mine + (i * bw + b) * n, n);
+        }
+      }
+      for (; kk < k1; ++kk) {
+        const W row{wb + kk * n};
         for (int64_t i = 0; i < m; ++i) {
           Axpy(x[i * k + kk], row, mine + (i * bw + b) * n, n);
         }

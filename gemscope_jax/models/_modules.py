@@ -44,11 +44,15 @@ class LayerKV:
     write: fn(buffer, new (B, T, K, H)) -> buffer with the new tokens in.
     attend_buffers: attend over the buffers (decode) rather than over this
       pass's own keys (prefill).
+    slot: where `write` puts a single decoded token (int32 scalar), which
+      lets that step write and attend in one call
+      (`kernels.decode_attention`); None otherwise.
   """
   keys: jax.Array
   values: jax.Array
   write: Callable[[jax.Array, jax.Array], jax.Array]
   attend_buffers: bool
+  slot: jax.Array | None = None
 
 
 def project(x: jax.Array, w: jax.Array, *, w_transposed: bool,
@@ -161,25 +165,34 @@ class Attention(nn.Module):
     k = self._key_norm(k)
     q = apply_rope(q, rope) * jnp.asarray(c.query_scale, self.dtype)
     k = apply_rope(k, rope)
-    new_kv = None
-    if layer_kv is not None:
-      new_kv = (layer_kv.write(layer_kv.keys, k),
-                layer_kv.write(layer_kv.values, v))
-      if layer_kv.attend_buffers:
-        k, v = new_kv
-
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
-                        preferred_element_type=jnp.float32)
-    logits = jnp.where(allowed[:, None, None], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    # A float32 result is faster than a bf16 one on CPU (XLA converts a bf16
-    # dot's output in a separate pass) and costs nothing elsewhere.
-    heads = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v,
-                       preferred_element_type=jnp.float32).astype(self.dtype)
+    if (layer_kv is not None and layer_kv.attend_buffers
+        and layer_kv.slot is not None and t == 1):
+      # One decoded token: the write and the attention in one call, which
+      # on the CPU spares XLA's copies of the updated cache.
+      heads, *new_kv = kernels.decode_attention.attend(
+          q[:, 0], k[:, 0], v[:, 0], layer_kv.keys, layer_kv.values,
+          layer_kv.slot, allowed[:, 0], mask_value=_MASK_VALUE)
+      heads = heads.reshape(b, t, c.num_heads * c.head_dim)
+      new_kv = tuple(new_kv)
+    else:
+      new_kv = None
+      if layer_kv is not None:
+        new_kv = (layer_kv.write(layer_kv.keys, k),
+                  layer_kv.write(layer_kv.values, v))
+        if layer_kv.attend_buffers:
+          k, v = new_kv
+      logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
+                          preferred_element_type=jnp.float32)
+      logits = jnp.where(allowed[:, None, None], logits, _MASK_VALUE)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      # A float32 result is faster than a bf16 one on CPU (XLA converts a
+      # bf16 dot's output in a separate pass) and costs nothing elsewhere.
+      heads = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v,
+                         preferred_element_type=jnp.float32).astype(self.dtype)
+      heads = heads.reshape(b, t, c.num_heads * c.head_dim)
 
-    heads = heads.reshape(b, t, c.num_heads * c.head_dim)
     heads = intervene("attn_out", heads)
     out = self.attn_vec_einsum(heads, lambda x, w: project(
         x, w.reshape(1, c.num_heads * c.head_dim, c.d_model),

@@ -149,7 +149,8 @@ class Gemma3(nn.Module):
         write = _cache.decode_writer(time, size)
       else:
         allowed, write = masks[kind], _cache.prefill_writer(t, size)
-      kv = LayerKV(cache.keys[i], cache.values[i], write, decode)
+      kv = LayerKV(cache.keys[i], cache.values[i], write, decode,
+                   slot=(time % size).astype(jnp.int32) if decode else None)
       prefix = f"layer_{i}/"
       hook = lambda site, v, prefix=prefix: intervene(prefix + site, v)
       x, (k_buf, v_buf) = self.blocks[i](x, ropes[key], allowed, hook, kv)
