@@ -22,8 +22,9 @@
 // pred. Results: out (B, K, G, H) of that dtype; k_buf and v_buf (aliased
 // with the inputs).
 //
-// Caveat: one part per (b, k) pair on XLA's pool (xla_pool.h); at batch 1
-// with one KV head the call runs on one thread (512 KB read: tens of us).
+// Parallel over (b, k) pairs on XLA's pool (xla_pool.h); a single pair (batch
+// 1, one KV head) is split between two ranges of its query heads, each
+// reading the layer's cache rows (512 KB for the 270M, tens of us).
 
 #include <algorithm>
 #include <cmath>
@@ -77,28 +78,41 @@ void Run(ffi::ThreadPool& pool, const typename D::T* q,
          int64_t s_count, int64_t k_count, int64_t g_count, int64_t h_count,
          typename D::T* out) {
   using T = typename D::T;
-  gemscope::ParallelFor(pool, b_count * k_count, [&](int64_t part) {
-    const int64_t b = part / k_count, k = part % k_count;
-    // The new key and value into the slot (each part owns its (b, k) row).
-    const int64_t at = ((b * s_count + slot) * k_count + k) * h_count;
-    std::memcpy(k_buf + at, k_new + (b * k_count + k) * h_count,
-                sizeof(T) * h_count);
-    std::memcpy(v_buf + at, v_new + (b * k_count + k) * h_count,
-                sizeof(T) * h_count);
+  // The new key and value into their slot, before any part reads it.
+  for (int64_t b = 0; b < b_count; ++b) {
+    for (int64_t k = 0; k < k_count; ++k) {
+      const int64_t at = ((b * s_count + slot) * k_count + k) * h_count;
+      const int64_t from = (b * k_count + k) * h_count;
+      std::memcpy(k_buf + at, k_new + from, sizeof(T) * h_count);
+      std::memcpy(v_buf + at, v_new + from, sizeof(T) * h_count);
+    }
+  }
+  // Parts: (b, k, a range of query heads); at least two, when there are
+  // two heads, so that both threads work (and stay awake for the next
+  // call) even at batch 1 with one KV head.
+  const int64_t splits =
+      b_count * k_count >= 2 ? 1 : std::min<int64_t>(g_count, 2);
+  gemscope::ParallelFor(pool, b_count * k_count * splits, [&](int64_t part) {
+    const int64_t pair = part / splits, piece = part % splits;
+    const int64_t b = pair / k_count, k = pair % k_count;
+    const int64_t g0 = g_count * piece / splits;
+    const int64_t g1 = g_count * (piece + 1) / splits;
     std::vector<float> qf(g_count * h_count), p(g_count * s_count),
         acc(g_count * h_count, 0.f);
     const T* qb = q + (b * k_count + k) * g_count * h_count;
-    for (int64_t i = 0; i < g_count * h_count; ++i) qf[i] = D::Load(qb[i]);
+    for (int64_t i = g0 * h_count; i < g1 * h_count; ++i) {
+      qf[i] = D::Load(qb[i]);
+    }
     const bool* ok = allowed + b * s_count;
     for (int64_t s = 0; s < s_count; ++s) {
       const typename D::Row row{k_buf + ((b * s_count + s) * k_count + k) *
                                             h_count};
-      for (int64_t g = 0; g < g_count; ++g) {
+      for (int64_t g = g0; g < g1; ++g) {
         p[g * s_count + s] =
             ok[s] ? Dot(row, qf.data() + g * h_count, h_count) : mask_value;
       }
     }
-    for (int64_t g = 0; g < g_count; ++g) {
+    for (int64_t g = g0; g < g1; ++g) {
       float* pg = p.data() + g * s_count;
       const float top = *std::max_element(pg, pg + s_count);
       float sum = 0.f;
@@ -110,7 +124,7 @@ void Run(ffi::ThreadPool& pool, const typename D::T* q,
     }
     for (int64_t s = 0; s < s_count; ++s) {
       const T* row = v_buf + ((b * s_count + s) * k_count + k) * h_count;
-      for (int64_t g = 0; g < g_count; ++g) {
+      for (int64_t g = g0; g < g1; ++g) {
         const float w = p[g * s_count + s];
         if (w == 0.f) continue;
         float* a = acc.data() + g * h_count;
@@ -118,7 +132,9 @@ void Run(ffi::ThreadPool& pool, const typename D::T* q,
       }
     }
     T* ob = out + (b * k_count + k) * g_count * h_count;
-    for (int64_t i = 0; i < g_count * h_count; ++i) ob[i] = D::Store(acc[i]);
+    for (int64_t i = g0 * h_count; i < g1 * h_count; ++i) {
+      ob[i] = D::Store(acc[i]);
+    }
   });
 }
 
