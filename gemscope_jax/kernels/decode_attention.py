@@ -48,19 +48,31 @@ def unavailable_reason() -> str | None:
   return _LIBRARY.unavailable_reason()
 
 
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      allowed: jax.Array, *, mask_value: float) -> jax.Array:
+  """Grouped-query attention as XLA ops (the model's path everywhere but a
+  CPU decode step): q (B, T, K, G, H) against k, v (B, S, K, H) where
+  `allowed` (B, T, S); f32 logits and softmax, the probabilities rounded
+  to q's dtype, f32 sums. Returns (B, T, K, G, H) in q's dtype."""
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
+                      preferred_element_type=jnp.float32)
+  logits = jnp.where(allowed[:, None, None], logits, mask_value)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  # A float32 result is faster than a bf16 one on CPU (XLA converts a bf16
+  # dot's output in a separate pass) and costs nothing elsewhere.
+  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v,
+                    preferred_element_type=jnp.float32).astype(q.dtype)
+
+
 def reference(q, k_new, v_new, k_buf, v_buf, slot, allowed, mask_value):
-  """`attend` as XLA ops: the model's einsum path (models/_modules.py)."""
+  """`attend` as XLA ops: the write, then `softmax_attention`."""
   k_buf = jax.lax.dynamic_update_slice_in_dim(
       k_buf, k_new[:, None].astype(k_buf.dtype), slot, axis=1)
   v_buf = jax.lax.dynamic_update_slice_in_dim(
       v_buf, v_new[:, None].astype(v_buf.dtype), slot, axis=1)
-  logits = jnp.einsum("BKGH,BSKH->BKGS", q, k_buf,
-                      preferred_element_type=jnp.float32)
-  logits = jnp.where(allowed[:, None, None], logits, mask_value)
-  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  out = jnp.einsum("BKGS,BSKH->BKGH", probs, v_buf,
-                   preferred_element_type=jnp.float32).astype(q.dtype)
-  return out, k_buf, v_buf
+  out = softmax_attention(q[:, None], k_buf, v_buf, allowed[:, None],
+                          mask_value=mask_value)
+  return out[:, 0], k_buf, v_buf
 
 
 def _ffi(q, k_new, v_new, k_buf, v_buf, slot, allowed, mask_value):

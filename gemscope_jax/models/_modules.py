@@ -183,14 +183,8 @@ class Attention(nn.Module):
                   layer_kv.write(layer_kv.values, v))
         if layer_kv.attend_buffers:
           k, v = new_kv
-      logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
-                          preferred_element_type=jnp.float32)
-      logits = jnp.where(allowed[:, None, None], logits, _MASK_VALUE)
-      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      # A float32 result is faster than a bf16 one on CPU (XLA converts a
-      # bf16 dot's output in a separate pass) and costs nothing elsewhere.
-      heads = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v,
-                         preferred_element_type=jnp.float32).astype(self.dtype)
+      heads = kernels.decode_attention.softmax_attention(
+          q, k, v, allowed, mask_value=_MASK_VALUE)
       heads = heads.reshape(b, t, c.num_heads * c.head_dim)
 
     heads = intervene("attn_out", heads)
