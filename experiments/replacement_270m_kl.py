@@ -38,6 +38,11 @@ its pass computed; `finetune_step.FinetuneStep`):
   gemscope finetune --config=experiments/replacement_270m_kl.py:source=out/clt_all \
       --workdir=out/clt_all_kl
 
+Measured on the 18-layer CLT of width 2048 a layer at the transcoders'
+total L0 (README): the in-pass replacement model from 446.4 nats to 5.66
+(65.0 %) after 80 steps (`--set finetune.num_tokens=40640`), where the
+transcoders were at 57.8 %; about 55-60 s a step, peak 15.6 GB.
+
 Arguments after the colon (the same shorthands as jumprelu_270m_kl.py):
   :control     beta = 0 (the members' own MSE and L0 penalty only)
   :runlocal    2 steps of 2 windows (a smoke run)
