@@ -7,9 +7,10 @@
 // 17 GB/s inside the decode loop, against about 28 GB/s that a plain read
 // reaches; this kernel streams each weight once, in order, split into
 // contiguous ranges of its rows run on XLA's own threads (xla_pool.h):
-// 25 GB/s over the 270M's layer weights back to back, about 20 GB/s inside
-// the decode loop (with an OpenMP team instead: 20.6 and 14.5 GB/s).
-// Callers use it for one row (at 8 rows it is slower than oneDNN).
+// about 27 GB/s inside the decode loop (the 270M's 22 MB of layer weights
+// in about 830 us a layer, its attention call included; with an OpenMP
+// team instead, 14.5 GB/s). Callers use it for one row (at 8 rows it is
+// slower than oneDNN).
 //
 //   out[m, b, n] = sum_k x[m, k] w[b, k, n]     (w_transposed = false)
 //   out[m, b, n] = sum_k x[m, k] w[b, n, k]     (w_transposed = true)
@@ -144,7 +145,8 @@ void Run(ffi::ThreadPool& pool, const float* x, const T* w, int64_t m,
   }
 }
 
-ffi::Error FewRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, bool w_transposed,
+ffi::Error FewRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                       ffi::AnyBuffer w, bool w_transposed,
                        ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -166,13 +168,14 @@ ffi::Error FewRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   std::vector<float> xf(static_cast<size_t>(m * k));
   if (x.element_type() == ffi::DataType::F32) {
     std::memcpy(xf.data(), x.untyped_data(), sizeof(float) * m * k);
-    Run<F32Row>(pool, xf.data(), static_cast<const float*>(w.untyped_data()), m, bw,
-              k, n, w_transposed, out->typed_data());
+    Run<F32Row>(pool, xf.data(), static_cast<const float*>(w.untyped_data()),
+                m, bw, k, n, w_transposed, out->typed_data());
   } else if (x.element_type() == ffi::DataType::BF16) {
     const uint16_t* xp = static_cast<const uint16_t*>(x.untyped_data());
     for (int64_t i = 0; i < m * k; ++i) xf[i] = Bf16ToF32(xp[i]);
-    Run<Bf16Row>(pool, xf.data(), static_cast<const uint16_t*>(w.untyped_data()), m,
-               bw, k, n, w_transposed, out->typed_data());
+    Run<Bf16Row>(pool, xf.data(),
+                 static_cast<const uint16_t*>(w.untyped_data()), m, bw, k, n,
+                 w_transposed, out->typed_data());
   } else {
     return ffi::Error::InvalidArgument(
         "few_rows: x and w must be float32 or bfloat16");

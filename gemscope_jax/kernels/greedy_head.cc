@@ -34,9 +34,10 @@
 // s32 (how many tokens were computed exactly: V on the fallback).
 //
 // Caveat: parallelised over blocks of table rows on XLA's thread pool
-// (xla_pool.h), every row of h per block, so the int8 table is read once per call whatever B is; its
-// integer products are recomputed per row of h, so at 8 rows the screen is
-// slower than bfloat16's full unembedding on oneDNN (callers choose).
+// (xla_pool.h), every row of h per block, so the int8 table is read once
+// per call whatever B is; its integer products are recomputed per row of
+// h, so at 8 rows the screen is slower than bfloat16's full unembedding on
+// oneDNN (callers choose).
 
 #include <algorithm>
 #include <cmath>
@@ -173,8 +174,9 @@ int32_t FullArgmax(ffi::ThreadPool& pool, const void* table,
   return best;
 }
 
-ffi::Error GreedyHeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::AnyBuffer table,
-                          ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+ffi::Error GreedyHeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
+                          ffi::AnyBuffer table, ffi::Buffer<ffi::S8> q,
+                          ffi::Buffer<ffi::F32> scale,
                           ffi::Buffer<ffi::F32> qnorm,
                           ffi::Buffer<ffi::F32> radius, bool round_bf16,
                           int64_t max_candidates,
