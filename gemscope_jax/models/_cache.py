@@ -102,12 +102,10 @@ def prefill_writer(num_tokens: int, size: int) -> Writer:
   return write
 
 
-def decode_writer(time: jax.Array, size: int) -> Writer:
-  """Writes one token (time `time`) at slot time % S."""
-  def write(buf, new):
-    return jax.lax.dynamic_update_slice_in_dim(
-        buf, new.astype(buf.dtype), time % size, axis=1)
-  return write
+def decode_slot(time: jax.Array, size: int) -> jax.Array:
+  """The slot (int32) one decoded token at time `time` goes to: time % S
+  (written by `kernels.decode_attention.attend`)."""
+  return (time % size).astype(jnp.int32)
 
 
 def decode_allowed(config: Gemma3Config, kind: AttentionKind, size: int,

@@ -41,17 +41,16 @@ class LayerKV:
 
   Attributes:
     keys, values: (B, S, K, H) buffers.
-    write: fn(buffer, new (B, T, K, H)) -> buffer with the new tokens in.
-    attend_buffers: attend over the buffers (decode) rather than over this
-      pass's own keys (prefill).
-    slot: where `write` puts a single decoded token (int32 scalar), which
-      lets that step write and attend in one call
-      (`kernels.decode_attention`); None otherwise.
+    write: prefill: fn(buffer, new (B, T, K, H)) -> buffer with the new
+      tokens in; queries attend over the pass's own keys. None when
+      decoding.
+    slot: decoding: where the single decoded token goes (int32 scalar); it
+      is written and attended over the buffers in one call
+      (`kernels.decode_attention`). None in prefill.
   """
   keys: jax.Array
   values: jax.Array
-  write: Callable[[jax.Array, jax.Array], jax.Array]
-  attend_buffers: bool
+  write: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   slot: jax.Array | None = None
 
 
@@ -148,8 +147,8 @@ class Attention(nn.Module):
     """x (B, T, D), rope (sin, cos) of this layer's kind, allowed (B, T, S).
 
     With `layer_kv`, the new keys and values are written into its buffers
-    and (out, (keys, values)) is returned; if `attend_buffers`, queries attend
-    over the buffers (decoding; `allowed` is then (B, T, S_buffer)),
+    and (out, (keys, values)) is returned; with its `slot` (decoding, T = 1)
+    the query attends over the buffers (`allowed` is then (B, 1, S_buffer)),
     otherwise over this pass's own keys (prefill, exactly as without a
     cache).
     """
@@ -167,25 +166,21 @@ class Attention(nn.Module):
     k = apply_rope(k, rope)
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-    if (layer_kv is not None and layer_kv.attend_buffers
-        and layer_kv.slot is not None and t == 1):
+    new_kv = None
+    if layer_kv is not None and layer_kv.slot is not None:
       # One decoded token: the write and the attention in one call, which
       # on the CPU spares XLA's copies of the updated cache.
       heads, *new_kv = kernels.decode_attention.attend(
           q[:, 0], k[:, 0], v[:, 0], layer_kv.keys, layer_kv.values,
           layer_kv.slot, allowed[:, 0], mask_value=_MASK_VALUE)
-      heads = heads.reshape(b, t, c.num_heads * c.head_dim)
-      new_kv = tuple(new_kv)
+      heads, new_kv = heads[:, None], tuple(new_kv)
     else:
-      new_kv = None
       if layer_kv is not None:
         new_kv = (layer_kv.write(layer_kv.keys, k),
                   layer_kv.write(layer_kv.values, v))
-        if layer_kv.attend_buffers:
-          k, v = new_kv
       heads = kernels.decode_attention.softmax_attention(
           q, k, v, allowed, mask_value=_MASK_VALUE)
-      heads = heads.reshape(b, t, c.num_heads * c.head_dim)
+    heads = heads.reshape(b, t, c.num_heads * c.head_dim)
 
     heads = intervene("attn_out", heads)
     out = self.attn_vec_einsum(heads, lambda x, w: project(

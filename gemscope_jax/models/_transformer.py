@@ -146,11 +146,12 @@ class Gemma3(nn.Module):
                                 None if decode else t)
       if decode:
         allowed = _cache.decode_allowed(c, kind, size, time, start)
-        write = _cache.decode_writer(time, size)
+        kv = LayerKV(cache.keys[i], cache.values[i],
+                     slot=_cache.decode_slot(time, size))
       else:
-        allowed, write = masks[kind], _cache.prefill_writer(t, size)
-      kv = LayerKV(cache.keys[i], cache.values[i], write, decode,
-                   slot=(time % size).astype(jnp.int32) if decode else None)
+        allowed = masks[kind]
+        kv = LayerKV(cache.keys[i], cache.values[i],
+                     write=_cache.prefill_writer(t, size))
       prefix = f"layer_{i}/"
       hook = lambda site, v, prefix=prefix: intervene(prefix + site, v)
       x, (k_buf, v_buf) = self.blocks[i](x, ropes[key], allowed, hook, kv)
