@@ -70,14 +70,20 @@ struct Bf16 {
   static float Round(float v) { return Bf16ToF32(F32ToBf16(v)); }
 };
 
+// The buffers are read as D's storage type T.
 template <typename D>
-void Run(ffi::ThreadPool& pool, const typename D::T* q,
-         const typename D::T* k_new, const typename D::T* v_new,
-         typename D::T* k_buf, typename D::T* v_buf, int64_t slot,
-         const bool* allowed, float mask_value, int64_t b_count,
+void Run(ffi::ThreadPool& pool, const void* q_data, const void* k_new_data,
+         const void* v_new_data, void* k_buf_data, void* v_buf_data,
+         int64_t slot, const bool* allowed, float mask_value, int64_t b_count,
          int64_t s_count, int64_t k_count, int64_t g_count, int64_t h_count,
-         typename D::T* out) {
+         void* out_data) {
   using T = typename D::T;
+  const T* q = static_cast<const T*>(q_data);
+  const T* k_new = static_cast<const T*>(k_new_data);
+  const T* v_new = static_cast<const T*>(v_new_data);
+  T* k_buf = static_cast<T*>(k_buf_data);
+  T* v_buf = static_cast<T*>(v_buf_data);
+  T* out = static_cast<T*>(out_data);
   // The new key and value into their slot, before any part reads it.
   for (int64_t b = 0; b < b_count; ++b) {
     for (int64_t k = 0; k < k_count; ++k) {
@@ -173,6 +179,10 @@ ffi::Error DecodeAttentionImpl(
           "share one dtype");
     }
   }
+  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: float32 or bfloat16 only");
+  }
   const int64_t at = slot.typed_data()[0];
   if (at < 0 || at >= s) {
     return ffi::Error::InvalidArgument("decode_attention: slot outside [0, S)");
@@ -185,25 +195,10 @@ ffi::Error DecodeAttentionImpl(
     }
   }
   const bool* ok = allowed.typed_data();
-  if (dtype == ffi::DataType::F32) {
-    Run<F32>(pool, static_cast<const float*>(q.untyped_data()),
-             static_cast<const float*>(k_new.untyped_data()),
-             static_cast<const float*>(v_new.untyped_data()),
-             static_cast<float*>(k_buf->untyped_data()),
-             static_cast<float*>(v_buf->untyped_data()), at, ok, mask_value,
-             b, s, k, g, h, static_cast<float*>(out->untyped_data()));
-  } else if (dtype == ffi::DataType::BF16) {
-    Run<Bf16>(pool, static_cast<const uint16_t*>(q.untyped_data()),
-              static_cast<const uint16_t*>(k_new.untyped_data()),
-              static_cast<const uint16_t*>(v_new.untyped_data()),
-              static_cast<uint16_t*>(k_buf->untyped_data()),
-              static_cast<uint16_t*>(v_buf->untyped_data()), at, ok,
-              mask_value, b, s, k, g, h,
-              static_cast<uint16_t*>(out->untyped_data()));
-  } else {
-    return ffi::Error::InvalidArgument(
-        "decode_attention: float32 or bfloat16 only");
-  }
+  const auto run = dtype == ffi::DataType::F32 ? Run<F32> : Run<Bf16>;
+  run(pool, q.untyped_data(), k_new.untyped_data(), v_new.untyped_data(),
+      k_buf->untyped_data(), v_buf->untyped_data(), at, ok, mask_value, b, s,
+      k, g, h, out->untyped_data());
   return ffi::Error::Success();
 }
 
