@@ -85,7 +85,7 @@ def test_the_bound_holds_in_float64():
   table[np.arange(4096), rng.integers(0, 96, 4096)] *= 20
   table = jnp.asarray(table, jnp.float32)
   scr = greedy_head.screen(table)
-  q = np.asarray(scr.q, np.float64)
+  q = np.asarray(greedy_head.unpack(scr.packed, table.shape), np.float64)
   scale = np.asarray(scr.scale, np.float64)
   t64 = np.asarray(table, np.float64)
   for h in rng.normal(size=(16, 96)) * rng.uniform(0.1, 100, (16, 1)):
@@ -95,6 +95,42 @@ def test_the_bound_holds_in_float64():
     assert np.all(np.abs(exact - screened) <= bound)
     # ... and it is not vacuous: within 3x of the worst error.
     assert np.max(np.abs(exact - screened) / bound) > 1 / 3 / np.sqrt(96)
+
+
+@pytest.mark.parametrize("shape", [(4096, 96), (3000, 37), (70, 5), (1, 1)])
+def test_the_packed_screen_holds_every_int8_row(shape):
+  """The kernel's tiled layout keeps q = round(row / scale) (checked in
+  numpy), and padding rows and dimensions past the table are zero."""
+  rng = np.random.default_rng(5)
+  table = rng.normal(size=shape).astype(np.float32)
+  scr = greedy_head.screen(jnp.asarray(table))
+  scale = np.abs(table).max(axis=1) / 127
+  q = np.clip(np.round(table / np.where(scale > 0, scale, 1)[:, None]),
+              -127, 127)
+  np.testing.assert_array_equal(
+      np.asarray(greedy_head.unpack(scr.packed, shape), np.int64), q)
+  v, d = shape
+  packed = np.asarray(scr.packed)
+  assert packed.shape == (-(-v // 64), -(-d // 4), 256)
+  full = np.asarray(greedy_head.unpack(
+      scr.packed, (packed.shape[0] * 64, packed.shape[1] * 4)))
+  assert not full[v:].any() and not full[:, d:].any()
+  # Row 64 t + 16 k + r, dimension 4 g + j sits at [t, g, 64 k + 4 r + j].
+  t, k, r, g, j = 0, min(3, (v - 1) // 16), 0, 0, 0
+  row = 16 * k + r
+  if row < v:
+    assert int(packed[t, g, 64 * k + 4 * r + j]) - 128 == q[row, 4 * g + j]
+
+
+def test_odd_shapes_give_the_full_argmax():
+  """Rows and dimensions that fill no whole tile or group (padding)."""
+  rng = np.random.default_rng(6)
+  for v, d in ((70, 5), (129, 37), (1, 3), (5000, 61)):
+    table = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(3, d)) * 4, jnp.float32)
+    got, cand = _tokens(h, table)
+    np.testing.assert_array_equal(got, _argmax(h, table))
+    assert np.all(cand >= 1)
 
 
 def test_exact_ties_take_the_first_index():

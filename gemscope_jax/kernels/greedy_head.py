@@ -62,7 +62,9 @@ class Screen:
   """An int8 copy of a (V, D) table and the bound on what it misses.
 
   Attributes:
-    q: (V, D) int8, round(table / scale) per row.
+    packed: (ceil(V / 64), ceil(D / 4), 256) uint8: the int8 rows
+      q = round(table / scale) plus 128, laid out for the kernel's byte
+      dots (`pack`; `unpack` gives q back).
     scale: (V,) float32, max |row| / 127.
     qnorm: (V,) float32, at least scale ||q_v||: bounds what rounding h
       to int16 steps changes (`greedy_head.cc`).
@@ -70,7 +72,7 @@ class Screen:
       radius_v for every h, including the rounding of the kernel's f32
       sums.
   """
-  q: jax.Array
+  packed: jax.Array
   scale: jax.Array
   qnorm: jax.Array
   radius: jax.Array
@@ -88,9 +90,9 @@ def screen(table: jax.Array, block: int = 8192) -> Screen:
   about 1.3 GB above the weights).
   """
   v, d = table.shape
-  if v > block and v % block == 0:
+  if v > block and v % block == 0 and block % TILE_ROWS == 0:
     parts = jax.lax.map(_screen_rows, table.reshape(v // block, block, d))
-    return jax.tree.map(lambda a: a.reshape(v, *a.shape[2:]), parts)
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), parts)
   return _screen_rows(table)
 
 
@@ -107,7 +109,34 @@ def _screen_rows(table: jax.Array) -> Screen:
   rounding = (2 * gamma + 2 * u) * np.sqrt(d) * amax
   radius = (resid + rounding) * (1 + 1e-3)
   qnorm = scale * jnp.sqrt(jnp.sum(jnp.square(q), axis=1)) * (1 + 1e-3)
-  return Screen(q.astype(jnp.int8), scale, qnorm, radius)
+  return Screen(pack(q.astype(jnp.int8)), scale, qnorm, radius)
+
+
+TILE_ROWS = 64   # table rows per tile: 4 blocks of 16
+GROUP = 4        # dimensions per byte dot
+
+
+def pack(q: jax.Array) -> jax.Array:
+  """(V, D) int8 -> (ceil(V / 64), ceil(D / 4), 256) uint8, the kernel's
+  layout: in tile t, for dimension group g, block k's 16 rows r each give
+  their 4 bytes q[64 t + 16 k + r, 4 g:4 g + 4] + 128 (rows and dimensions
+  past the table's are q = 0)."""
+  v, d = q.shape
+  tiles, groups = -(-v // TILE_ROWS), -(-d // GROUP)
+  q = jnp.pad(q, ((0, tiles * TILE_ROWS - v), (0, groups * GROUP - d)))
+  u = jax.lax.bitcast_convert_type(q, jnp.uint8) ^ jnp.uint8(0x80)
+  u = u.reshape(tiles, TILE_ROWS // 16, 16, groups, GROUP)
+  return u.transpose(0, 3, 1, 2, 4).reshape(tiles, groups, TILE_ROWS * GROUP)
+
+
+def unpack(packed: jax.Array, shape: tuple[int, int]) -> jax.Array:
+  """The (V, D) int8 rows `pack` laid out (`shape` = the table's)."""
+  v, d = shape
+  tiles, groups, _ = packed.shape
+  u = packed.reshape(tiles, groups, TILE_ROWS // 16, 16, GROUP)
+  u = u.transpose(0, 2, 3, 1, 4).reshape(tiles * TILE_ROWS, groups * GROUP)
+  q = jax.lax.bitcast_convert_type(u ^ jnp.uint8(0x80), jnp.int8)
+  return q[:v, :d]
 
 
 _screen_jit = jax.jit(lambda table, dtype: screen(table.astype(dtype)),
@@ -151,7 +180,7 @@ def _ffi(h, table, scr: Screen, *, max_candidates: int):
       FFI_TARGET, (jax.ShapeDtypeStruct((b,), jnp.int32),
                    jax.ShapeDtypeStruct((b,), jnp.int32)),
       vmap_method="sequential")
-  return call(h.astype(jnp.float32), table, scr.q, scr.scale, scr.qnorm,
+  return call(h.astype(jnp.float32), table, scr.packed, scr.scale, scr.qnorm,
               scr.radius,
               round_bf16=bool(table.dtype == jnp.bfloat16),
               max_candidates=np.int64(max_candidates))
@@ -179,13 +208,16 @@ def greedy_tokens(h: jax.Array, table: jax.Array, scr: Screen, *,
   Raises:
     ValueError: on shapes that do not match.
   """
+  packed_shape = (-(-table.shape[0] // TILE_ROWS), -(-table.shape[1] // GROUP),
+                  TILE_ROWS * GROUP) if table.ndim == 2 else None
   if (h.ndim != 2 or table.ndim != 2 or h.shape[1] != table.shape[1]
-      or scr.q.shape != table.shape or scr.scale.shape != table.shape[:1]
+      or scr.packed.shape != packed_shape
+      or scr.scale.shape != table.shape[:1]
       or scr.radius.shape != table.shape[:1]
       or scr.qnorm.shape != table.shape[:1]):
     raise ValueError(
         f"greedy_tokens expects h (B, D), table (V, D) and its screen; got "
-        f"h {h.shape}, table {table.shape}, q {scr.q.shape}, scale "
+        f"h {h.shape}, table {table.shape}, packed {scr.packed.shape}, scale "
         f"{scr.scale.shape}, qnorm {scr.qnorm.shape}, radius "
         f"{scr.radius.shape}")
   if table.dtype not in (jnp.float32, jnp.bfloat16):
