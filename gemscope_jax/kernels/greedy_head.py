@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemscope_jax.kernels import _build
+from gemscope_jax.kernels import huge_pages
 
 FFI_TARGET = "gemscope_greedy_head"
 MAX_CANDIDATES = 4096
@@ -159,6 +160,7 @@ def cached_screen(table: jax.Array, dtype) -> Screen:
       del _SCREENS[key]
 
   scr = _screen_jit(table, dtype=jnp.dtype(dtype))
+  huge_pages.advise(scr)
   _SCREENS[key] = (weakref.ref(table, forget), name, scr)
   return scr
 
