@@ -141,7 +141,7 @@ void Run(ffi::ThreadPool& pool, const void* q_data, const void* k_new_data,
     for (int64_t i = g0 * h_count; i < g1 * h_count; ++i) {
       ob[i] = D::Store(acc[i]);
     }
-  });
+  }, /*linger=*/b_count == 1);
 }
 
 ffi::Error DecodeAttentionImpl(

@@ -111,7 +111,7 @@ void Run(ffi::ThreadPool& pool, const float* x, const T* w, int64_t m,
           out[(i * bw + b) * n + j] = Dot(row, x + i * k, k);
         }
       }
-    });
+    }, /*linger=*/m == 1);
     return;
   }
   // Each part: a contiguous range of k for every b, into its own buffer.
@@ -137,7 +137,7 @@ void Run(ffi::ThreadPool& pool, const float* x, const T* w, int64_t m,
         }
       }
     }
-  });
+  }, /*linger=*/m == 1);
   std::memcpy(out, partial.data(), sizeof(float) * size);
   for (int64_t p = 1; p < parts; ++p) {
     const float* q = partial.data() + p * size;

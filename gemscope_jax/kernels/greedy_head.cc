@@ -411,7 +411,7 @@ ffi::Error GreedyHeadImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
       }
     }
     for (int64_t b = 0; b < b_count; ++b) task_lower[t * b_count + b] = lower[b];
-  });
+  }, /*linger=*/b_count == 1);
 
   std::vector<int32_t> rows;
   for (int64_t b = 0; b < b_count; ++b) {
