@@ -32,7 +32,12 @@ layers 7-17) plus the 4-minute evaluation; measured with the cores shared
 stop at layer 6). Short of halving the delta LM loss, and more steps
 give less each: `:tokens=101600` (200 steps, the same settings, 53
 minutes with the cores shared) ends at L0 59.50, FVU 0.0460, delta LM
-loss 0.217 (-32 %), 98.51 % recovered.
+loss 0.217 (-32 %), 98.51 % recovered. Halved with `:beta=16,lr=2e-4,
+tokens=243840` (480 steps, 69 minutes, -48.8 %) resumed to
+`:beta=16,lr=2e-4,tokens=284480` (560 steps, 8.5 more minutes on quiet
+cores, then 3 of evaluation): L0 59.76 -> 59.63, FVU 0.0451 -> 0.0601,
+delta LM loss 0.321 -> 0.153 (-52.2 %), 98.94 % recovered, dead latents
+0.85 % -> 18 % (a fresh main job on an AMD Zen 4).
 
 Arguments after the colon:
   :control    the same run with beta = 0 (MSE and L0 penalty only)
