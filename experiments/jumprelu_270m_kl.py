@@ -29,7 +29,7 @@ Time: about 10 minutes of steps on a quiet 2-core CPU (15 s a step: two
 full passes with the 262k-token unembedding and a backward pass through
 layers 7-17) plus the 4-minute evaluation; measured with the cores shared
 (load 5-9): 13.3 + 8.7 minutes, and 1.2 + 8.8 for the control (its steps
-stop at layer 6). Short of halving the delta LM loss, and more steps
+stop at layer 6). These settings fall short of halving the delta LM loss; more steps
 give less each: `:tokens=101600` (200 steps, the same settings, 53
 minutes with the cores shared) ends at L0 59.50, FVU 0.0460, delta LM
 loss 0.217 (-32 %), 98.51 % recovered. Halved with `:beta=16,lr=2e-4,
