@@ -91,9 +91,9 @@ def advise(tree, min_bytes: int = MIN_BYTES) -> int:
     0 where `enabled()` is False. Failures of the system calls are not
     errors: the memory stays as it was.
   """
-  madvise = _madvise() if enabled() else None
-  if madvise is None:
+  if not enabled():
     return 0
+  madvise = _madvise()
   marked = 0
   for address, size in _buffers(tree):
     if size < min_bytes:

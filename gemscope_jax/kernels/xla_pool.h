@@ -84,25 +84,30 @@ struct Board {
   std::atomic<uint64_t> last_id{0};
   std::atomic<int> awake{0};            // helpers in Linger
 
+  // Holds `lock` for its scope.
+  struct Hold {
+    explicit Hold(std::atomic_flag& f) : flag(f) {
+      while (flag.test_and_set(std::memory_order_acquire)) Pause();
+    }
+    ~Hold() { flag.clear(std::memory_order_release); }
+    std::atomic_flag& flag;
+  };
+
   std::shared_ptr<Job> Take() {
-    while (lock.test_and_set(std::memory_order_acquire)) Pause();
-    std::shared_ptr<Job> out = job;
-    lock.clear(std::memory_order_release);
-    return out;
+    Hold hold(lock);
+    return job;
   }
   void Put(std::shared_ptr<Job> j) {
-    while (lock.test_and_set(std::memory_order_acquire)) Pause();
+    Hold hold(lock);
     published.store(j ? j->id : 0, std::memory_order_release);
     job = std::move(j);
-    lock.clear(std::memory_order_release);
   }
   void Retract(const Job* j) {
-    while (lock.test_and_set(std::memory_order_acquire)) Pause();
+    Hold hold(lock);
     if (job.get() == j) {
       job.reset();
       published.store(0, std::memory_order_release);
     }
-    lock.clear(std::memory_order_release);
   }
   static void Pause() {
 #if defined(__x86_64__)
