@@ -222,7 +222,9 @@ def _cmd_eval(args) -> int:
                              ("--num-tokens", "eval.num_tokens",
                               args.num_tokens),
                              ("--loss-tokens", "eval.loss_tokens",
-                              args.loss_tokens)):
+                              args.loss_tokens),
+                             ("--loss-windows", "eval.loss_windows",
+                              args.loss_windows)):
     if value is not None:
       overrides.merge({field: value})
   metrics = trainer.evaluate_workdir(args.workdir, progress=not args.quiet,
@@ -237,7 +239,7 @@ def _eval_dictionary(args) -> int:
   if args.set:
     raise errors.UsageError("--set applies to --workdir; with --dictionary "
                             "use --model, --text, --num-tokens, "
-                            "--loss-tokens")
+                            "--loss-tokens, --loss-windows")
   from gemscope_jax.interop import releases  # pylint: disable=import-outside-toplevel  (start-up: `gemscope` loads only what the command runs)
   if (not os.path.exists(args.dictionary)
       and not releases.is_name(args.dictionary)):
@@ -248,6 +250,7 @@ def _eval_dictionary(args) -> int:
       text=args.text or "english_heldout",
       num_tokens=args.num_tokens or 131_072,
       loss_tokens=args.loss_tokens or 8_192,
+      loss_windows=args.loss_windows or "leading",
       hookpoint=args.hookpoint, progress=not args.quiet)
   _print_metrics(metrics)
   return 0
@@ -572,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--loss-tokens", type=_positive_int, default=None,
                  help="positions in the LM-loss passes (default 8192; "
                  "with --workdir: eval.loss_tokens)")
+  p.add_argument("--loss-windows", choices=("leading", "spread"),
+                 default=None,
+                 help="which windows the LM-loss passes read: the text's "
+                 "first (default) or spread evenly over all --num-tokens, "
+                 "so they hold its mixture of sources (with --workdir: "
+                 "eval.loss_windows)")
   p.add_argument("--hookpoint", default=None,
                  help="with --dictionary: override its hookpoint, e.g. "
                  "layer_6/resid_post")

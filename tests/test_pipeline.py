@@ -11,7 +11,7 @@ import pytest
 
 from gemscope_jax import text
 from gemscope_jax.data import pipeline
-from gemscope_jax.text.windows import windows_from_ids
+from gemscope_jax.text.windows import Windows, for_loss, windows_from_ids
 from gemscope_jax.text.tokenizer import default_tokenizer
 
 SEQ_LEN = 16
@@ -273,3 +273,32 @@ def test_english_corpus_split_is_by_file_and_disjoint():
   # About one file in ten, decided by name alone (the same on any machine).
   assert 0.03 < len(heldout) / len(everything) < 0.2
   assert text_lib.is_heldout(pathlib.Path("/elsewhere") / heldout[0].name)
+
+
+def test_spread_first_moves_evenly_spaced_windows_to_the_front():
+  """Window w of a stream 0, 1, 2, ... starts with token w * (T - 1), so the
+  order of the result says which windows went where."""
+  body = SEQ_LEN - 1
+  w = windows_from_ids(np.arange(40 * body - 5), SEQ_LEN, 2)
+  w = Windows(w.tokens, w.mask, exclude=w.tokens % 3 == 0)
+  origin = lambda v: v.tokens[:, 1] // body
+  moved = w.spread_first(5)
+  np.testing.assert_array_equal(origin(moved)[:5], [0, 10, 20, 29, 39])
+  rest = [i for i in range(40) if i not in (0, 10, 20, 29, 39)]
+  np.testing.assert_array_equal(origin(moved)[5:], rest)
+  # The same windows, each with its own mask and exclude.
+  order = origin(moved)
+  np.testing.assert_array_equal(moved.mask, w.mask[order])
+  np.testing.assert_array_equal(moved.exclude, w.exclude[order])
+  assert moved.num_tokens == w.num_tokens
+  assert w.spread_first(40) is w and w.spread_first(100) is w
+  # for_loss: 'leading' leaves the windows alone; 'spread' moves as many
+  # windows as loss_tokens positions need (ceil(33 / 16) = 3), rounded up
+  # to whole batches.
+  assert for_loss(w, 33, "leading") is w and for_loss(w, None, "spread") is w
+  np.testing.assert_array_equal(origin(for_loss(w, 33, "spread"))[:3],
+                                [0, 20, 39])
+  np.testing.assert_array_equal(
+      origin(for_loss(w, 33, "spread", batch_size=2))[:4], [0, 13, 26, 39])
+  with pytest.raises(ValueError, match=r"loss_windows.*'leading', 'spread'"):
+    for_loss(w, 33, "first")

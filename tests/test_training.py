@@ -251,6 +251,7 @@ def test_bad_configs_name_the_field(tmp_path):
       "mesh.data=3": "config.mesh",
       "train.batch_size=0": "config.train.batch_size",
       "eval.prefixes=(64,16)": "config.eval.prefixes",
+      "eval.loss_windows=first": "config.eval.loss_windows",
   }
   for override, expected in cases.items():
     with pytest.raises((ValueError, FileNotFoundError)) as e:
@@ -376,6 +377,47 @@ def test_cli_export_and_eval_of_released_folders_match_the_workdir(
                 "loss_recovered"):
       np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=2e-5,
                                  err_msg=f"{fmt} {key}")
+
+
+def test_spread_loss_windows_measure_the_loss_of_those_windows(
+    reference_run):
+  """eval loss_windows='spread': the statistics still read every window,
+  and the LM-loss figures are those of the windows spread evenly over the
+  sample (the clean loss recomputed from exactly those windows), not of
+  its first ones."""
+  from gemscope_jax import models
+  from gemscope_jax.convert import pretrained
+  from gemscope_jax.evals import dictionary as eval_dictionary
+  from gemscope_jax.text import corpora
+  from gemscope_jax.text.tokenizer import default_tokenizer
+  from gemscope_jax.text.windows import windows_from_files
+  seq_len = want_seq_len(reference_run)
+  kw = dict(text="english_heldout", num_tokens=4096, loss_tokens=512,
+            seq_len=seq_len, progress=False)
+  lead = eval_dictionary.evaluate_dictionary(reference_run / "export", **kw)
+  spread = eval_dictionary.evaluate_dictionary(
+      reference_run / "export", loss_windows="spread", **kw)
+  for key in ("l0", "fvu", "dead_fraction", "dense_fraction"):
+    np.testing.assert_allclose(spread[key], lead[key], rtol=1e-5, err_msg=key)
+  windows = windows_from_files(default_tokenizer(),
+                               corpora.text_files("english_heldout", "text"),
+                               seq_len, 4096)
+  n = -(-512 // (seq_len * 8)) * 8  # whole batches of 8 windows
+  picked = np.round(np.linspace(0, len(windows.tokens) - 1, n)).astype(int)
+  config, params = pretrained.load_model("default")
+
+  def clean_loss(rows):
+    out = models.forward(params, windows.tokens[rows], windows.mask[rows],
+                         config=config, logits=False, loss=True)
+    pairs = (windows.mask[rows][:, 1:] & windows.mask[rows][:, :-1]).sum()
+    return float(np.asarray(out.token_loss, np.float64).sum()) / pairs
+
+  assert picked[-1] == len(windows.tokens) - 1 and len(set(picked)) == n
+  np.testing.assert_allclose(spread["clean_loss"], clean_loss(picked),
+                             rtol=1e-5)
+  np.testing.assert_allclose(lead["clean_loss"], clean_loss(np.arange(n)),
+                             rtol=1e-5)
+  assert abs(spread["clean_loss"] - lead["clean_loss"]) > 1e-3
 
 
 def want_seq_len(workdir) -> int:

@@ -28,7 +28,7 @@ from gemscope_jax.interop import as_module
 from gemscope_jax.interop import load_dictionary
 from gemscope_jax.text.corpora import text_files
 from gemscope_jax.text.tokenizer import default_tokenizer
-from gemscope_jax.text.windows import windows_from_files
+from gemscope_jax.text.windows import for_loss, windows_from_files
 
 
 def _check_fits(source, d: InferenceDictionary, hp: str, model_config
@@ -59,6 +59,7 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
                         batch_size: int = 8, dtype: str = "float32",
                         hookpoint: str | None = None,
                         dense_threshold: float = 0.1,
+                        loss_windows: str = "leading",
                         progress: bool = True) -> dict[str, Any]:
   """Held-out metrics (L0, FVU, delta LM loss, ...) of a dictionary folder.
 
@@ -76,6 +77,8 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
     dtype: the model's compute dtype name.
     hookpoint: overrides the folder's own ("layer_6/resid_post").
     dense_threshold: firing frequency counted as dense.
+    loss_windows: which windows the loss passes read: 'leading' (the
+      first loss_tokens of the text) or 'spread' (evenly over the sample).
     progress: show progress bars.
 
   Returns:
@@ -107,7 +110,9 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
                                                      dtype=jnp.dtype(dtype))
   _check_fits(source, d, hp, model_config)
   tokenizer = default_tokenizer()
-  windows = windows_from_files(tokenizer, files, seq_len, num_tokens)
+  windows = for_loss(windows_from_files(tokenizer, files, seq_len,
+                                        num_tokens), loss_tokens, loss_windows,
+                     batch_size)
   result = eval_lib.evaluate(
       model_config=model_config, model_params=model_params, hookpoint=hp,
       module=module, params=params, norm_scale=norm_scale, windows=windows,

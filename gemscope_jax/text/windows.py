@@ -42,6 +42,25 @@ class Windows:
   def num_tokens(self) -> int:
     return int(self.mask.sum())
 
+  def spread_first(self, n: int) -> Windows:
+    """The same windows with `n` of them, evenly spaced over the whole
+    sample, moved to the front (the others keep their order after them).
+
+    A consumer that treats the leading windows apart (an evaluation's
+    LM-loss passes, `eval.loss_windows='spread'`) then sees the mixture of
+    the whole sample rather than its first files: the held-out stream is
+    read file by file, so its first 32k tokens can all come from one
+    corpus. Statistics summed over every window are unchanged.
+    """
+    total = len(self.tokens)
+    if n >= total:
+      return self
+    picked = np.unique(np.round(np.linspace(0, total - 1, max(n, 1)))
+                       .astype(np.int64))
+    order = np.concatenate([picked, np.setdiff1d(np.arange(total), picked)])
+    return Windows(self.tokens[order], self.mask[order],
+                   None if self.exclude is None else self.exclude[order])
+
   def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tokens, mask) of batch_size windows; the last batch is padded with
     empty windows, so a jitted consumer compiles one program only."""
@@ -67,6 +86,25 @@ class Windows:
         part = self.exclude[start:start + batch_size]
         exclude[:len(part)] = part
       yield tokens, mask, ordinary_mask(tokenizer, tokens, mask, exclude)
+
+
+LOSS_WINDOWS = ("leading", "spread")
+
+
+def for_loss(windows: Windows, loss_tokens: int | None, how: str,
+             batch_size: int = 1) -> Windows:
+  """`windows` as an evaluation whose LM-loss passes cover `loss_tokens`
+  positions of its leading batches of `batch_size` windows should read
+  them: as they are ('leading'), or with that many whole batches' worth
+  of windows spread evenly over the whole sample moved to the front
+  ('spread', `Windows.spread_first`)."""
+  if how not in LOSS_WINDOWS:
+    raise ValueError(f"loss_windows must be one of {LOSS_WINDOWS}, got "
+                     f"{how!r}")
+  if how == "leading" or loss_tokens is None:
+    return windows
+  n_batches = -(-loss_tokens // (windows.tokens.shape[1] * batch_size))
+  return windows.spread_first(n_batches * batch_size)
 
 
 def windows_from_ids(ids: np.ndarray, seq_len: int, bos_id: int,

@@ -17,7 +17,7 @@ import ml_collections
 
 from gemscope_jax import models
 from gemscope_jax.convert import hub
-from gemscope_jax.text import conversations, corpora
+from gemscope_jax.text import conversations, corpora, windows
 from gemscope_jax.training import members, schema
 
 # The architectures `training.grads.sparse` has a step for.
@@ -196,6 +196,9 @@ def validate(c: ml_collections.ConfigDict
         c.eval.num_tokens)
   _need(c.eval.loss_tokens > 0, "eval.loss_tokens", "must be positive",
         c.eval.loss_tokens)
+  _need(c.eval.get("loss_windows", "leading") in windows.LOSS_WINDOWS,
+        "eval.loss_windows", f"must be one of {windows.LOSS_WINDOWS}",
+        c.eval.get("loss_windows"))
   _need(0 < c.eval.dense_threshold < 1, "eval.dense_threshold",
         "must be in (0, 1)", c.eval.dense_threshold)
   prefixes = c.eval.get("prefixes")

@@ -25,7 +25,7 @@ from gemscope_jax import models
 from gemscope_jax.evals import evaluate as eval_lib
 from gemscope_jax.surgery import splice as splice_lib
 from gemscope_jax.text import conversations, corpora
-from gemscope_jax.text.windows import Windows, windows_from_files
+from gemscope_jax.text.windows import Windows, for_loss, windows_from_files
 from gemscope_jax.training import export as export_lib
 from gemscope_jax.training.plans import Plan
 from gemscope_jax.training.step import Run
@@ -36,9 +36,11 @@ def eval_windows(plan: Plan, tokenizer) -> Windows:
   e = plan.eval
   files = corpora.text_files(e.text, "config.eval.text")
   if e.format == "chat_jsonl":
-    return conversations.windows_from_conversations(
+    windows = conversations.windows_from_conversations(
         tokenizer, files, e.seq_len, e.num_tokens)
-  return windows_from_files(tokenizer, files, e.seq_len, e.num_tokens)
+  else:
+    windows = windows_from_files(tokenizer, files, e.seq_len, e.num_tokens)
+  return for_loss(windows, e.loss_tokens, e.loss_windows, e.batch_size)
 
 
 def _dead_fraction(plan: Plan, step: int, last_fired) -> float:

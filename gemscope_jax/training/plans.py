@@ -62,8 +62,6 @@ class DataPlan:
     num_shards: data shards of the stream (0: one per process).
     seed: the run's seed (window order, bucket permutations).
     format: how `text` reads: 'text' or 'chat_jsonl' (conversations).
-    prefixes: latent counts M whose prefix_fvu/M is reported; None: a
-      Matryoshka dictionary's own prefixes.
   """
   text: str
   seq_len: int
@@ -189,6 +187,8 @@ class EvalPlan:
     format: how `text` reads: 'text' or 'chat_jsonl' (conversations).
     prefixes: latent counts M whose prefix_fvu/M is reported; None: a
       Matryoshka dictionary's own prefixes.
+    loss_windows: which windows the loss passes read, 'leading' or
+      'spread' (`text.windows.for_loss`).
   """
   text: str
   num_tokens: int
@@ -199,6 +199,7 @@ class EvalPlan:
   at_end: bool
   format: str = "text"
   prefixes: tuple[int, ...] | None = None
+  loss_windows: str = "leading"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +304,8 @@ def make(c: ml_collections.ConfigDict) -> Plan:
                     at_end=bool(c.eval.at_end),
                     format=str(c.eval.get("format", "text")),
                     prefixes=(tuple(int(m) for m in c.eval.prefixes)
-                              if c.eval.get("prefixes") else None)),
+                              if c.eval.get("prefixes") else None),
+                    loss_windows=str(c.eval.get("loss_windows", "leading"))),
       config_json=schema.to_json(c))
 
 

@@ -170,6 +170,10 @@ def default_config() -> ml_collections.ConfigDict:
       format="text",            # how eval.text reads, as data.format
       num_tokens=131_072,       # L0, FVU, dead/dense latents
       loss_tokens=8_192,        # delta LM loss (3 full passes: the cost)
+      # Which windows the loss passes read: 'leading' (the sample's first
+      # loss_tokens, i.e. its first files) or 'spread' (that many spread
+      # evenly over all num_tokens, so they hold the sample's mixture).
+      loss_windows="leading",
       seq_len=128,
       batch_size=8,
       dense_threshold=0.1,
