@@ -150,8 +150,10 @@ def _print_metrics(metrics: dict) -> None:
   shown = {k: metrics[k] for k in keys if k in metrics}
   tokens = _eval_tokens(metrics)
   if shown:
+    spread = (", LM loss on spread windows"
+              if metrics.get("loss_windows") == "spread" else "")
     print("held-out evaluation (" + str(metrics.get("eval_text", "")) + ", "
-          + f"{tokens:,} tokens):")
+          + f"{tokens:,} tokens{spread}):")
     for k, v in shown.items():
       print(f"  {k:<20} {v:.4f}" if isinstance(v, float) else
             f"  {k:<20} {v}")

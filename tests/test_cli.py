@@ -90,3 +90,6 @@ def test_metrics_header_counts_a_groups_tokens(capsys):
   assert "(english_heldout, 32,512 tokens)" in capsys.readouterr().out
   cli._print_metrics({"eval_text": "t", "l0": 1.0, "num_tokens": 7})
   assert "(t, 7 tokens)" in capsys.readouterr().out
+  cli._print_metrics({"eval_text": "t", "l0": 1.0, "num_tokens": 7,
+                      "loss_windows": "spread"})
+  assert "(t, 7 tokens, LM loss on spread windows)" in capsys.readouterr().out

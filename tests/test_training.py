@@ -399,6 +399,8 @@ def test_spread_loss_windows_measure_the_loss_of_those_windows(
       reference_run / "export", loss_windows="spread", **kw)
   for key in ("l0", "fvu", "dead_fraction", "dense_fraction"):
     np.testing.assert_allclose(spread[key], lead[key], rtol=1e-5, err_msg=key)
+  assert (lead["loss_windows"], spread["loss_windows"]) == ("leading",
+                                                            "spread")
   windows = windows_from_files(default_tokenizer(),
                                corpora.text_files("english_heldout", "text"),
                                seq_len, 4096)

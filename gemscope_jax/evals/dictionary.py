@@ -83,7 +83,7 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
 
   Returns:
     The metrics of `evals.evaluate.evaluate`, plus `hookpoint`,
-    `hookpoint_out`, `eval_text` and `source`.
+    `hookpoint_out`, `eval_text`, `loss_windows` and `source`.
 
   Raises:
     FileNotFoundError: no such folder or text.
@@ -121,5 +121,6 @@ def evaluate_dictionary(source: str | os.PathLike | InferenceDictionary, *,
       loss_tokens=loss_tokens, layout=layout)
   return {**result.metrics, "hookpoint": hp,
           "hookpoint_out": d.hookpoint_out, "eval_text": text,
+          "loss_windows": loss_windows,
           "source": str(source) if not isinstance(
               source, InferenceDictionary) else None}

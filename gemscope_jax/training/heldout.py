@@ -71,6 +71,7 @@ def evaluate_run(run: Run, state, gemma_params, tokenizer,
                                                    state.last_fired),
              "trained_tokens": step * plan.step.batch_size,
              "target_l0": d.config.target_l0, "eval_text": e.text,
+             "loss_windows": e.loss_windows,
              "hookpoint": plan.hookpoint, "kind": run.layout.kind,
              "inputs": ",".join(run.layout.inputs),
              "targets": ",".join(run.layout.targets)}
@@ -139,6 +140,7 @@ def evaluate_group(run, state: dict, gemma_params, tokenizer,
   metrics.update({
       "step": step, "trained_tokens": step * plan.step.batch_size,
       "target_l0": first.config.target_l0, "eval_text": e.text,
+      "loss_windows": e.loss_windows,
       "hookpoints": ",".join(run.hookpoints),
       "members": ",".join(m.name for m in members)})
   eval_lib.write_metrics(metrics, workdir / "metrics.json")
