@@ -766,3 +766,15 @@ def test_clt_finetune_job_reports_its_replacement_before_and_after(
   assert all(r["kl"] > 0 for r in rows)
   assert sorted(p.name for p in (work / "export").glob("params_*")) == [
       f"params_layer_{i}.safetensors" for i in range(3)]
+
+
+def test_same_eval_fills_fields_added_since_the_source_ran():
+  """The source's metrics are reused as 'before' only for the same
+  evaluation; a source written before eval.loss_windows existed ran
+  'leading' windows."""
+  from gemscope_jax.training import schema
+  ours = schema.to_json(schema.default_config())["eval"]
+  old = {k: v for k, v in ours.items() if k != "loss_windows"}
+  assert finetune_lib.same_eval(old, ours)
+  assert not finetune_lib.same_eval(old, {**ours, "loss_windows": "spread"})
+  assert not finetune_lib.same_eval({**old, "num_tokens": 32768}, ours)

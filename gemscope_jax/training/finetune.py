@@ -286,6 +286,15 @@ def _source_state(run: Run, source: pathlib.Path):
   return step, state, saved
 
 
+def same_eval(theirs: dict, ours: dict) -> bool:
+  """Whether two configs' `eval` blocks (JSON) describe one evaluation;
+  a field added to eval.* since one of them was written counts as its
+  default (`eval.loss_windows`: 'leading', what every earlier run did)."""
+  defaults = schema.to_json(schema.default_config())["eval"]
+  canonical = lambda e: json.dumps({**defaults, **e}, sort_keys=True)
+  return canonical(theirs) == canonical(ours)
+
+
 def _before(run: Run, state, source_step: int, source_config: dict,
             source: pathlib.Path, gemma_params, tokenizer,
             workdir: pathlib.Path, progress: bool) -> dict[str, Any]:
@@ -298,9 +307,9 @@ def _before(run: Run, state, source_step: int, source_config: dict,
   theirs = source / "metrics.json"
   if theirs.is_file():
     metrics = json.loads(theirs.read_text())
-    same_eval = (json.dumps(source_config.get("eval"), sort_keys=True)
-                 == json.dumps(run.plan.config_json["eval"], sort_keys=True))
-    if metrics.get("step") == source_step and same_eval:
+    if (metrics.get("step") == source_step
+        and same_eval(source_config.get("eval", {}),
+                      run.plan.config_json["eval"])):
       if progress:
         print(f"before: {theirs} (the same checkpoint, the same evaluation)",
               flush=True)
