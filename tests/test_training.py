@@ -252,6 +252,7 @@ def test_bad_configs_name_the_field(tmp_path):
       "train.batch_size=0": "config.train.batch_size",
       "eval.prefixes=(64,16)": "config.eval.prefixes",
       "eval.loss_windows=first": "config.eval.loss_windows",
+      "train.freq_start_step=5": "config.train.freq_start_step",
   }
   for override, expected in cases.items():
     with pytest.raises((ValueError, FileNotFoundError)) as e:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from gemscope_jax import dictionaries as D
 from gemscope_jax.dictionaries import jumprelu
@@ -234,3 +235,46 @@ def test_high_frequency_penalty_removes_a_known_dense_latent():
   freq, cos = results[10.0]
   assert freq.max() <= 0.105, freq.max()
   assert abs(freq.sum() - 1.5) < 0.2
+
+
+def test_freq_scale_is_off_then_a_linear_ramp():
+  """train.freq_start_step: 0 for the steps before the start (`step`
+  counts the steps taken), then (step + 1 - start) / sparsity_warmup_steps
+  up to 1."""
+  sp = plans.make(_config(
+      "dictionary.freq_coeff=0.1,train.freq_start_step=40,"
+      "train.sparsity_warmup_steps=20")).step
+  got = [float(optim.freq_scale(sp, jnp.int32(s))) for s in
+         (0, 38, 39, 40, 49, 58, 59, 500)]
+  assert got == pytest.approx([0, 0, 0, 1 / 20, 10 / 20, 19 / 20, 1, 1])
+
+
+def test_late_frequency_term_leaves_earlier_steps_exactly_alone():
+  """With freq_start_step = S, the steps before S are bit for bit those of
+  a run without the term (its coefficient is 0 there, not merely small),
+  and the steps after it differ; with the term from step 0 the first
+  steps already differ."""
+  rng = np.random.default_rng(0)
+  offset = rng.normal(size=640).astype(np.float32) * 3
+  xs = [rng.normal(size=(512, 640)).astype(np.float32) * 2 + offset
+        for _ in range(6)]
+
+  def params_after(extra, steps):
+    c = _config("width=64,train.sparsity_warmup_steps=2" + extra)
+    run = Run.from_config(c, devices=jax.devices()[:1])
+    state = run.init(jax.random.key(0), jnp.asarray(offset / 8),
+                     jnp.float32(8.0), jnp.float32(8.0))
+    out = []
+    for i in range(steps):
+      state, _ = run.step(state, {"x": xs[i]})
+      out.append(jax.device_get(state.params))
+    return out
+
+  plain = params_after("", 6)
+  late = params_after(",dictionary.freq_coeff=5.0,train.freq_start_step=3", 6)
+  early = params_after(",dictionary.freq_coeff=5.0", 1)
+  for i in range(3):  # steps 0-2: the term is off
+    for k in plain[i]:
+      np.testing.assert_array_equal(late[i][k], plain[i][k], err_msg=(i, k))
+  assert not np.array_equal(late[5]["threshold"], plain[5]["threshold"])
+  assert not np.array_equal(early[0]["threshold"], plain[0]["threshold"])

@@ -115,6 +115,13 @@ def sparsity_penalty(l0: jax.Array, kind: str, sparsity_coeff,
   raise ValueError(f"sparsity_penalty must be one of {PENALTIES}, got {kind!r}")
 
 
+def term_on(coeff) -> bool:
+  """Whether a loss term with this coefficient is computed: a Python
+  number only when non-zero; a traced value (a coefficient scheduled per
+  step, `training.optim.with_freq_scaled`) always."""
+  return not isinstance(coeff, (int, float)) or coeff != 0
+
+
 def frequency_penalty(freq: jax.Array, max_freq: float) -> jax.Array:
   """The high-frequency term: sum_i (relu(freq_i - max_freq) / max_freq)^2.
 
@@ -183,7 +190,7 @@ def penalty_terms(pre: jax.Array, threshold: jax.Array, *, bandwidth: float,
     gap = jax.nn.relu(threshold - pre)
     aux["preact_loss"] = jnp.mean(jnp.sum(gap, axis=latent_axes))
     sparsity = sparsity + preact_coeff * aux["preact_loss"]
-  if freq_coeff:
+  if term_on(freq_coeff):
     freq = jnp.mean(counts, axis=token_axes)
     aux["high_freq_loss"] = frequency_penalty(freq, max_freq)
     sparsity = sparsity + sparsity_coeff * freq_coeff * aux["high_freq_loss"]

@@ -60,6 +60,17 @@ def _check_l0_decay(t, d) -> None:
         f"{d.architecture!r} / {d.sparsity_penalty!r}), or 0", steps)
 
 
+def _check_freq_start(t, d) -> None:
+  """train.freq_start_step."""
+  start = t.get("freq_start_step", 0)
+  _need(isinstance(start, int) and not isinstance(start, bool) and start >= 0,
+        "train.freq_start_step", "must be an int >= 0 (0: from the start)",
+        start)
+  _need(not start or d.get("freq_coeff"), "train.freq_start_step",
+        "delays the high-frequency term: set dictionary.freq_coeff > 0 too, "
+        "or leave it at 0", start)
+
+
 def _check_init_from(d, dictionaries: list) -> None:
   """dictionary.init_from / init_prefix / init_dedup_cosine (the form
   only: the files are read when a fresh run starts, `init_from.load`)."""
@@ -172,6 +183,7 @@ def validate(c: ml_collections.ConfigDict
         "dictionary.freq_coeff", "needs a jumprelu architecture and "
         "train.step 'dense' or 'autodiff'", d.get("freq_coeff"))
   _check_l0_decay(t, d)
+  _check_freq_start(t, d)
   _check_init_from(d, dictionaries)
   _need(t.step != "sparse" or (d.architecture in SPARSE_ARCHITECTURES
                               and d.matryoshka_prefixes is None),

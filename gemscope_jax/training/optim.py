@@ -56,6 +56,23 @@ def l0_target_scale(p: StepPlan, step: jax.Array) -> jax.Array:
   return p.l0_target_start + (1.0 - p.l0_target_start) * done
 
 
+def freq_scale(p: StepPlan, step: jax.Array) -> jax.Array:
+  """What the high-frequency term's coefficient is multiplied by at `step`
+  (steps taken before it): 0 before `freq_start_step`, then a linear ramp
+  to 1 over `sparsity_warmup_steps` (on top of the sparsity coefficient,
+  whose own warm-up is over by then when the start is after it)."""
+  ramp = (step + 1 - p.freq_start_step) / max(p.sparsity_warmup_steps, 1)
+  return jnp.clip(ramp, 0.0, 1.0).astype(jnp.float32)
+
+
+def with_freq_scaled(module, scale: jax.Array):
+  """`module` with its `freq_coeff` times `scale` (a traced value), as
+  `with_l0_targets_scaled` does for the L0 target."""
+  inner = getattr(module, "dictionary", module)
+  scaled = inner.clone(freq_coeff=inner.freq_coeff * scale)
+  return module.clone(dictionary=scaled) if inner is not module else scaled
+
+
 def with_l0_targets_scaled(module, scale: jax.Array):
   """`module` with its L0 target (and a CLT's per-layer `l0_targets`) times
   `scale`, a traced value: the penalty's L0* at this step.

@@ -141,6 +141,8 @@ class StepPlan:
     l0_target_decay_steps: steps over which the L0 target falls from
       l0_target_start times its goal to the goal (0: off).
     l0_target_start: that starting multiple.
+    freq_start_step: > 0: the high-frequency term is off before this step
+      and ramps in over sparsity_warmup_steps (`optim.freq_scale`).
   """
   grads: str
   sparse_capacity: int
@@ -152,6 +154,7 @@ class StepPlan:
   num_steps: int
   l0_target_decay_steps: int = 0
   l0_target_start: float = 4.0
+  freq_start_step: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +291,8 @@ def make(c: ml_collections.ConfigDict) -> Plan:
           dead_after_tokens=t.dead_after_tokens, batch_size=t.batch_size,
           num_steps=num_steps,
           l0_target_decay_steps=int(t.get("l0_target_decay_steps", 0)),
-          l0_target_start=float(t.get("l0_target_start", 4.0))),
+          l0_target_start=float(t.get("l0_target_start", 4.0)),
+          freq_start_step=int(t.get("freq_start_step", 0))),
       loop=LoopPlan(num_tokens=t.num_tokens, batch_size=t.batch_size,
                     num_steps=num_steps,
                     checkpoint_every_steps=t.checkpoint_every_steps,

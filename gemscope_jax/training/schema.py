@@ -123,6 +123,12 @@ def default_config() -> ml_collections.ConfigDict:
       # linearly to it over this many steps (0: off, the goal throughout).
       l0_target_decay_steps=0,
       l0_target_start=4.0,      # that starting multiple of the goal (>= 1)
+      # > 0: the high-frequency term (dictionary.freq_coeff) is off before
+      # this step, then ramps in linearly over sparsity_warmup_steps; 0: it
+      # warms up with the L0 penalty from step 0. Early in training almost
+      # every latent fires on most tokens, so a term on from step 0 acts on
+      # all of them at once.
+      freq_start_step=0,
       b_dec_init="mean",        # 'mean' of the first bucket, or 'zeros'
       # Initial norm of every latent's decoder row and encoder column (W_enc
       # = W_dec^T at init); with unit_decoder the rows go back to unit norm

@@ -182,6 +182,9 @@ class Run:
     if sp.l0_target_decay_steps:  # this step's L0 target (a traced value)
       module = optim.with_l0_targets_scaled(
           module, optim.l0_target_scale(sp, state.step))
+    if sp.freq_start_step:  # the high-frequency term's late start
+      module = optim.with_freq_scaled(module,
+                                      optim.freq_scale(sp, state.step))
     # One device: the dense step's fused CPU kernel; partitioned: jnp ops.
     params, opt_state, lo, fired, grads = train_update(
         module, self.tx, state.params, state.opt_state, x, coeff,
@@ -208,8 +211,10 @@ class Run:
             (silent_tokens >= sp.dead_after_tokens).astype(jnp.float32)),
         **{k: v for k, v in lo.aux.items() if jnp.ndim(v) == 0},
     }
-    if module is not self.module:
+    if sp.l0_target_decay_steps:
       metrics["l0_target"] = getattr(module, "dictionary", module).target_l0
+    if sp.freq_start_step:
+      metrics["freq_coeff"] = getattr(module, "dictionary", module).freq_coeff
     for k, v in lo.aux.items():
       if k.endswith("_per_layer"):  # multi-layer: one entry per target
         for i, h in enumerate(self.layout.targets):

@@ -150,7 +150,7 @@ def loss_and_grads(module, params: Params, x: jax.Array, *, sparsity_coeff,
   sparsity, d_pen = jax.value_and_grad(penalty)(l0)
   aux = {"fvu": _base.fvu(y, recon), "l0": l0}
   g_th = -(1.0 / eps) * (th * window_g + (d_pen / n) * window)
-  if module.freq_coeff:
+  if jumprelu_lib.term_on(module.freq_coeff):
     # sparsity_coeff * freq_coeff * sum_i (relu(fired_i / n - m) / m)^2.
     m = module.max_freq
     over = jax.nn.relu(fired / n - m) / m
