@@ -53,9 +53,9 @@ class Windows:
     corpus. Statistics summed over every window are unchanged.
     """
     total = len(self.tokens)
-    if n >= total:
+    if n <= 0 or n >= total:
       return self
-    picked = np.unique(np.round(np.linspace(0, total - 1, max(n, 1)))
+    picked = np.unique(np.round(np.linspace(0, total - 1, n))
                        .astype(np.int64))
     order = np.concatenate([picked, np.setdiff1d(np.arange(total), picked)])
     return Windows(self.tokens[order], self.mask[order],

@@ -43,12 +43,17 @@ def _unknown_fields(c: Mapping, schema_: Mapping, prefix: str) -> list[str]:
   return bad
 
 
+def _is_count(x) -> bool:
+  """An int >= 0 (not a bool)."""
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _check_l0_decay(t, d) -> None:
   """train.l0_target_decay_steps / l0_target_start."""
   steps = t.get("l0_target_decay_steps", 0)
   start = t.get("l0_target_start", 4.0)
-  _need(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
-        "train.l0_target_decay_steps", "must be an int >= 0 (0: off)", steps)
+  _need(_is_count(steps), "train.l0_target_decay_steps",
+        "must be an int >= 0 (0: off)", steps)
   _need(isinstance(start, (int, float)) and start >= 1,
         "train.l0_target_start", "must be a number >= 1 (the multiple of "
         "the L0 target it falls from)", start)
@@ -63,9 +68,8 @@ def _check_l0_decay(t, d) -> None:
 def _check_freq_start(t, d) -> None:
   """train.freq_start_step."""
   start = t.get("freq_start_step", 0)
-  _need(isinstance(start, int) and not isinstance(start, bool) and start >= 0,
-        "train.freq_start_step", "must be an int >= 0 (0: from the start)",
-        start)
+  _need(_is_count(start), "train.freq_start_step",
+        "must be an int >= 0 (0: from the start)", start)
   _need(not start or d.get("freq_coeff"), "train.freq_start_step",
         "delays the high-frequency term: set dictionary.freq_coeff > 0 too, "
         "or leave it at 0", start)

@@ -65,12 +65,23 @@ def freq_scale(p: StepPlan, step: jax.Array) -> jax.Array:
   return jnp.clip(ramp, 0.0, 1.0).astype(jnp.float32)
 
 
+def _inner(module):
+  """The dictionary whose attributes the penalty reads: a Matryoshka
+  wrapper's inner one, else `module` itself."""
+  return getattr(module, "dictionary", module)
+
+
+def _with_inner(module, **changes):
+  """`module` with those attributes of `_inner(module)` replaced."""
+  inner = _inner(module)
+  scaled = inner.clone(**changes)
+  return module.clone(dictionary=scaled) if inner is not module else scaled
+
+
 def with_freq_scaled(module, scale: jax.Array):
   """`module` with its `freq_coeff` times `scale` (a traced value), as
   `with_l0_targets_scaled` does for the L0 target."""
-  inner = getattr(module, "dictionary", module)
-  scaled = inner.clone(freq_coeff=inner.freq_coeff * scale)
-  return module.clone(dictionary=scaled) if inner is not module else scaled
+  return _with_inner(module, freq_coeff=_inner(module).freq_coeff * scale)
 
 
 def with_l0_targets_scaled(module, scale: jax.Array):
@@ -82,11 +93,10 @@ def with_l0_targets_scaled(module, scale: jax.Array):
   reaches all three gradient methods without another argument through
   them. A Matryoshka wrapper gets a clone of its inner dictionary.
   """
-  inner = getattr(module, "dictionary", module)
+  inner = _inner(module)
   if getattr(inner, "target_l0", None) is None:
     return module
   changes = {"target_l0": inner.target_l0 * scale}
   if getattr(inner, "l0_targets", None) is not None:
     changes["l0_targets"] = tuple(t * scale for t in inner.l0_targets)
-  scaled = inner.clone(**changes)
-  return module.clone(dictionary=scaled) if inner is not module else scaled
+  return _with_inner(module, **changes)

@@ -211,10 +211,11 @@ class Run:
             (silent_tokens >= sp.dead_after_tokens).astype(jnp.float32)),
         **{k: v for k, v in lo.aux.items() if jnp.ndim(v) == 0},
     }
+    inner = getattr(module, "dictionary", module)  # this step's values
     if sp.l0_target_decay_steps:
-      metrics["l0_target"] = getattr(module, "dictionary", module).target_l0
+      metrics["l0_target"] = inner.target_l0
     if sp.freq_start_step:
-      metrics["freq_coeff"] = getattr(module, "dictionary", module).freq_coeff
+      metrics["freq_coeff"] = inner.freq_coeff
     for k, v in lo.aux.items():
       if k.endswith("_per_layer"):  # multi-layer: one entry per target
         for i, h in enumerate(self.layout.targets):
