@@ -169,21 +169,24 @@ def test_export_reproduces_training_reconstruction(reference_run):
   assert meta["hf_hook_point_in"] == "model.layers.1.output"
 
 
-def test_stream_position_restores_exactly(real_model):
-  """ActivationBatches resumed from a saved position yields the same
-  batches as the original stream, including across a bucket boundary."""
+def _batch_maker(c, real_model):
+  """A function making a new `ActivationBatches` over config `c`'s
+  source (live Gemma, or its activation cache) at each call."""
   from gemscope_jax.data import stream
   from gemscope_jax.text.tokenizer import default_tokenizer
-  c = tiny_config()
   _, params = real_model
   run = Run.from_config(c)
   tok = default_tokenizer()
+  return lambda: stream.ActivationBatches(
+      sources.make_source(run.plan, run.mesh, params, tok, progress=False,
+                          hookpoints=run.harvest),
+      batch_size=c.train.batch_size, seed=c.seed)
 
-  def make():
-    return stream.ActivationBatches(
-        sources.make_source(run.plan, run.mesh, params, tok, progress=False,
-                            hookpoints=run.harvest),
-        batch_size=c.train.batch_size, seed=c.seed)
+
+def test_stream_position_restores_exactly(real_model):
+  """ActivationBatches resumed from a saved position yields the same
+  batches as the original stream, including across a bucket boundary."""
+  make = _batch_maker(tiny_config(), real_model)
 
   a = make()
   first = [next(a)["layer_1/resid_post"] for _ in range(5)]
@@ -198,6 +201,40 @@ def test_stream_position_restores_exactly(real_model):
   # every activation is an ordinary token's (no BOS outlier norms).
   norms = np.linalg.norm(np.concatenate(first + rest), axis=-1)
   assert norms.max() < 20 * np.median(norms)
+
+
+def test_cache_tokens_reads_the_cache_in_epochs(real_model, tmp_path):
+  """data.cache_tokens=N harvests N rows once; a run reading 3N then reads
+  every cached row exactly three times (a reshuffled order each epoch),
+  and a second source over the same folder harvests nothing new."""
+  from gemscope_jax.data import activation_cache
+  rows = 2048
+  c = tiny_config(f"data.cache_dir={tmp_path / 'cache'},"
+                  f"data.cache_tokens={rows}")
+  make = _batch_maker(c, real_model)
+  hook = "layer_1/resid_post"
+
+  a = make()
+  cache = activation_cache.ActivationCache(tmp_path / "cache")
+  assert cache.num_tokens == rows
+  cached = np.concatenate([cache.shard(i)[hook] for i in
+                           range(cache.num_shards)])
+  steps = c.train.num_tokens // c.train.batch_size
+  assert steps * c.train.batch_size == 3 * rows
+  seen = np.concatenate([np.asarray(next(a)[hook]) for _ in range(steps)])
+  # Each epoch is a permutation of the cache's rows; the epochs' orders
+  # differ.
+  key = lambda x: np.lexsort(x.T[::-1])
+  epochs = seen.reshape(3, rows, -1)
+  for e in epochs:
+    np.testing.assert_array_equal(e[key(e)], cached[key(cached)])
+  assert not np.array_equal(epochs[0], epochs[1])
+  def mtimes():
+    return [f.stat().st_mtime_ns
+            for f in sorted((tmp_path / "cache").iterdir())]
+  before = mtimes()
+  make()
+  assert mtimes() == before
 
 
 def test_eight_devices_match_one(tmp_path):
@@ -253,6 +290,8 @@ def test_bad_configs_name_the_field(tmp_path):
       "eval.prefixes=(64,16)": "config.eval.prefixes",
       "eval.loss_windows=first": "config.eval.loss_windows",
       "train.freq_start_step=5": "config.train.freq_start_step",
+      "data.cache_tokens=4096": "set data.cache_dir too",
+      "data.cache_tokens=-1": "config.data.cache_tokens",
   }
   for override, expected in cases.items():
     with pytest.raises((ValueError, FileNotFoundError)) as e:

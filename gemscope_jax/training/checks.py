@@ -203,6 +203,14 @@ def validate(c: ml_collections.ConfigDict
   _need(isinstance(c.data.num_shards, int) and c.data.num_shards >= 0,
         "data.num_shards", "must be an int >= 0 (0: one per process)",
         c.data.num_shards)
+  cache_tokens = c.data.get("cache_tokens", 0)
+  _need(_is_count(cache_tokens), "data.cache_tokens",
+        "must be an int >= 0 (0: train.num_tokens)", cache_tokens)
+  _need(not cache_tokens or c.data.cache_dir, "data.cache_tokens",
+        "sizes an activation cache: set data.cache_dir too", cache_tokens)
+  _need(not cache_tokens or cache_tokens >= t.batch_size,
+        "data.cache_tokens",
+        f"must be at least train.batch_size={t.batch_size}", cache_tokens)
   _need(c.data.num_shards == 0 or t.batch_size % c.data.num_shards == 0,
         "data.num_shards", f"must divide train.batch_size={t.batch_size}",
         c.data.num_shards)

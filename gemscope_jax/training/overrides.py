@@ -39,6 +39,7 @@ SHORTHANDS = {
     "step": "train.step",
     "text": "data.text",
     "cache_dir": "data.cache_dir",
+    "cache_tokens": "data.cache_tokens",
     "model": "model.name",
     "checkpoint": "model.checkpoint",
     "dtype": "model.dtype",

@@ -58,6 +58,8 @@ class DataPlan:
     model_batch_size: windows per Gemma forward.
     bucket_tokens: activations shuffled together.
     cache_dir: '' streams live; a path harvests there once.
+    cache_tokens: rows harvested into `cache_dir` (0: the run's num_tokens;
+      fewer: the run reads the cache in epochs).
     shuffle_windows: shuffle the window order.
     num_shards: data shards of the stream (0: one per process).
     seed: the run's seed (window order, bucket permutations).
@@ -72,6 +74,7 @@ class DataPlan:
   num_shards: int
   seed: int
   format: str = "text"
+  cache_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +280,8 @@ def make(c: ml_collections.ConfigDict) -> Plan:
                     shuffle_windows=bool(c.data.shuffle_windows),
                     num_shards=int(c.data.get("num_shards", 0) or 0),
                     seed=int(c.seed),
-                    format=str(c.data.get("format", "text"))),
+                    format=str(c.data.get("format", "text")),
+                    cache_tokens=int(c.data.get("cache_tokens", 0) or 0)),
       optimizer=OptimizerPlan(
           lr=t.lr, lr_warmup_steps=t.lr_warmup_steps,
           lr_decay_fraction=t.lr_decay_fraction, beta1=t.beta1,

@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
       model_batch_size=8,       # windows per Gemma forward pass
       bucket_tokens=65536,      # activations shuffled together
       cache_dir="",             # '' streams; a path harvests there once
+      # Rows the cache holds: 0, train.num_tokens (one epoch); fewer, and
+      # training reads the cache in epochs (a reshuffled shard order each).
+      cache_tokens=0,
       shuffle_windows=True,
       # Data shards the activation stream is split into (each its own
       # windows or cache files, batch_size / num_shards rows of every global
@@ -82,7 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
       l0_preact_bandwidth=0.0,
       # JumpReLU: the high-frequency penalty freq_coeff * sum_i (relu(f_i -
       # max_freq) / max_freq)^2 over each latent's batch firing frequency
-      # f_i (times the warmed-up sparsity coefficient); 0: off.
+      # f_i (times the warmed-up sparsity coefficient); 0: off. Its
+      # gradients spike: with it, long runs want train.grad_clip_norm
+      # (README: 0.1 blew up at step 1,250 of 3,600 on the main job
+      # unclipped, and was stable clipped at 300).
       freq_coeff=0.0,
       max_freq=0.1,
       dtype="float32",

@@ -133,7 +133,8 @@ def make_source(plan: Plan, mesh: Mesh, gemma_params, tokenizer, *,
     meta["format"] = d.format  # only then, so older caches still resume
   if distributed.is_main_process():
     activation_cache.write_cache(d.cache_dir, live(0, 1),
-                                 num_tokens=plan.loop.num_tokens,
+                                 num_tokens=(d.cache_tokens
+                                             or plan.loop.num_tokens),
                                  metadata=meta, progress=progress)
   # Every process passes here once per local shard: number the barriers.
   per_process = max(1, shard_count // jax.process_count())
