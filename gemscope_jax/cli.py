@@ -145,7 +145,7 @@ def _eval_tokens(metrics: dict) -> int:
 
 def _print_metrics(metrics: dict) -> None:
   keys = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "dead_fraction",
-          "dense_fraction", "clean_loss", "spliced_loss",
+          "dense_fraction", "dense_l0", "clean_loss", "spliced_loss",
           "zero_ablation_loss")
   shown = {k: metrics[k] for k in keys if k in metrics}
   tokens = _eval_tokens(metrics)

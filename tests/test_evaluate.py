@@ -144,6 +144,10 @@ def test_exact_dictionary_latent_counts_match_numpy(env, exact):
   np.testing.assert_allclose(exact.frequency, freq, atol=1e-12)
   assert m["dead_fraction"] == pytest.approx((freq == 0).mean(), abs=1e-12)
   assert m["dense_fraction"] == pytest.approx((freq > 0.1).mean(), abs=1e-12)
+  # The dense latents' share of L0, counted token by token.
+  dense = np.concatenate([x > 0, x < 0], axis=-1)[:, freq > 0.1]
+  assert m["dense_l0"] == pytest.approx(dense.sum(-1).mean(), abs=1e-9)
+  assert 0 < m["dense_l0"] < m["l0"]
   # A coordinate of constant sign makes one of its two latents dead.
   assert m["dead_fraction"] > 0
 
@@ -159,7 +163,8 @@ def test_zero_dictionary_equals_zero_ablation(env, zero_dict):
   assert m["fvu"] == pytest.approx(want_fvu, rel=1e-5)
   assert m["mse"] == pytest.approx((x ** 2).sum(-1).mean(), rel=1e-5)
   assert (m["l0"], m["cosine_sim"]) == (0.0, 0.0)
-  assert (m["dead_fraction"], m["dense_fraction"]) == (1.0, 0.0)
+  assert (m["dead_fraction"], m["dense_fraction"], m["dense_l0"]) == (
+      1.0, 0.0, 0.0)
 
 
 @pytest.mark.slow

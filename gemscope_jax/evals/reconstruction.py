@@ -17,6 +17,9 @@ kept (real, ordinary) tokens of each batch, what these metrics need:
   cosine_sim       mean over tokens of cos(t, pred)
   dead_fraction    latents that never fire on the eval tokens
   dense_fraction   latents firing on more than `dense_threshold` of them
+  dense_l0         the part of l0 those dense latents make (their summed
+                   frequencies): how much of the sparsity budget goes to
+                   latents that fire on most tokens
   prefix_fvu/M     fvu of the prediction from the first M latents only
                    (the rest zeroed; a bias and an affine skip kept), for
                    each requested prefix M of a one-layer dictionary: what
@@ -206,6 +209,7 @@ class MemberStats:
         "cosine_sim": a["cos"] / n,
         "dead_fraction": float(np.mean(freq == 0)),
         "dense_fraction": float(np.mean(freq > dense_threshold)),
+        "dense_l0": float(np.sum(freq[freq > dense_threshold])),
         "num_tokens": self.n, "num_latents": int(freq.size),
         "dense_threshold": float(dense_threshold),
         "norm_scale": float(s_in) if s_in.ndim == 0 else s_in.tolist(),

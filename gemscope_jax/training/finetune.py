@@ -94,9 +94,9 @@ RESUMABLE_FIELDS = ("num_tokens", "checkpoint_every_steps", "log_every_steps")
 
 # The metrics a "before" and "after" comparison shows.
 COMPARED = ("l0", "fvu", "delta_lm_loss", "loss_recovered", "dead_fraction",
-            "clean_loss", "spliced_loss", "replacement_loss",
-            "replacement_loss_recovered", "clean_input_spliced_loss",
-            "clean_input_loss_recovered")
+            "dense_fraction", "dense_l0", "clean_loss", "spliced_loss",
+            "replacement_loss", "replacement_loss_recovered",
+            "clean_input_spliced_loss", "clean_input_loss_recovered")
 
 
 @dataclasses.dataclass(frozen=True)
