@@ -235,6 +235,13 @@ def test_cache_tokens_reads_the_cache_in_epochs(real_model, tmp_path):
   before = mtimes()
   make()
   assert mtimes() == before
+  # Another size over the same folder is refused by its config name.
+  other = tiny_config(f"data.cache_dir={tmp_path / 'cache'},"
+                      f"data.cache_tokens={2 * rows}")
+  with pytest.raises(ValueError, match=r"data\.cache_tokens differs.*"
+                     f"has {rows} rows, asked for {2 * rows}"):
+    _batch_maker(other, real_model)()
+  assert mtimes() == before
 
 
 def test_eight_devices_match_one(tmp_path):
@@ -300,6 +307,15 @@ def test_bad_configs_name_the_field(tmp_path):
     assert expected in str(e.value), (override, str(e.value))
   # Nothing was written for a config rejected at start.
   assert not (tmp_path / "never" / "checkpoints").exists()
+
+
+def test_bool_count_in_file_is_rejected():
+  """A config file may set True where a count belongs (ml_collections takes
+  it, bool being an int); the check refuses it by name."""
+  c = tiny_config()
+  c.data.num_shards = True
+  with pytest.raises(ValueError, match=r"config\.data\.num_shards.*got True"):
+    config_lib.check(c)
 
 
 def test_unknown_config_field_in_file_is_rejected():

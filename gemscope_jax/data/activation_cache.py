@@ -107,7 +107,7 @@ def _clean_strays(directory: pathlib.Path, listed: set[str]) -> None:
 
 
 def _check_metadata(directory: pathlib.Path, manifest: dict, metadata: dict,
-                    num_tokens: int | None) -> None:
+                    num_tokens: int | None, size_name: str) -> None:
   old, new = manifest["metadata"], _jsonable(metadata)
   differing = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   if differing:
@@ -117,8 +117,9 @@ def _check_metadata(directory: pathlib.Path, manifest: dict, metadata: dict,
                      f"differ from the existing cache ({details})")
   if manifest["num_tokens"] != num_tokens:
     raise ValueError(
-        f"{directory}: num_tokens differs from the existing cache: cache has "
-        f"{manifest['num_tokens']!r}, got {num_tokens!r}")
+        f"{directory}: {size_name} differs from the existing cache: cache "
+        f"has {manifest['num_tokens']!r} rows, asked for {num_tokens!r} "
+        "(use the cache's size or another directory)")
 
 
 def _validate_bucket(bucket: dict, widths: dict | None) -> dict[str, np.ndarray]:
@@ -151,7 +152,7 @@ def _bucket_stats(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def write_cache(directory: str | os.PathLike, source, *,
                 num_tokens: int | None, metadata: dict,
-                progress: bool = True) -> dict:
+                progress: bool = True, size_name: str = "num_tokens") -> dict:
   """Harvests buckets from `source` into a cache directory (resumable).
 
   An existing manifest is resumed (its metadata and num_tokens must match);
@@ -166,6 +167,8 @@ def write_cache(directory: str | os.PathLike, source, *,
     metadata: JSON-serialisable description of what is cached (model,
       hookpoints, seq_len, text files...). Resuming requires an equal dict.
     progress: show a tqdm bar (rows/s and ETA).
+    size_name: what the caller calls `num_tokens` (a config field), named
+      when it differs from an existing cache's.
 
   Returns:
     The final manifest (a dict, as in `manifest.json`).
@@ -181,7 +184,7 @@ def write_cache(directory: str | os.PathLike, source, *,
   directory.mkdir(parents=True, exist_ok=True)
   manifest = _read_manifest(directory)
   if manifest is not None:
-    _check_metadata(directory, manifest, metadata, num_tokens)
+    _check_metadata(directory, manifest, metadata, num_tokens, size_name)
     for entry in manifest["shards"]:
       _check_shard_file(directory, entry)
     _clean_strays(directory, {e["file"] for e in manifest["shards"]})

@@ -26,6 +26,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(__name__, {
     "mse_loss": "gemscope_jax.dictionaries._base",
     "normalize_decoder": "gemscope_jax.dictionaries._base",
     "project_decoder_grads": "gemscope_jax.dictionaries._base",
+    "unwrapped": "gemscope_jax.dictionaries._base",
     "ARCHITECTURES": "gemscope_jax.dictionaries._config",
     "CLTS": "gemscope_jax.dictionaries._config",
     "CROSSCODERS": "gemscope_jax.dictionaries._config",

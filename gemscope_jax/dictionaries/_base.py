@@ -334,6 +334,12 @@ def project_decoder_grads(params: Params, grads: Params) -> Params:
   return _replace(grads, "w_dec", project)
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+  """The dictionary a wrapper holds (a `Matryoshka`'s `dictionary`), whose
+  parameters and attributes are the trained ones; else `module` itself."""
+  return getattr(module, "dictionary", module)
+
+
 def constrain(module: nn.Module, params: Params, *, unit_decoder: bool
               ) -> Params:
   """params with the dictionary's invariants restored after an update.
@@ -346,7 +352,7 @@ def constrain(module: nn.Module, params: Params, *, unit_decoder: bool
   rows are unit over their allowed blocks); a JumpReLU threshold is kept
   >= 0.
   """
-  inner = getattr(module, "dictionary", module)  # through a Matryoshka
+  inner = unwrapped(module)
   masks = getattr(inner, "masks", None)
   if masks is not None:
     for name, mask in masks().items():
@@ -364,7 +370,7 @@ def has_unit_decoder(module: nn.Module, unit_decoder: bool | None = None
                      ) -> bool:
   """Whether `module`'s decoder rows are kept at unit norm: its class says
   so and `unit_decoder` (None: follow the class) does not turn it off."""
-  inner = getattr(module, "dictionary", module)  # through a Matryoshka
+  inner = unwrapped(module)
   unit = type(inner).unit_decoder
   return unit and (unit_decoder is None or unit_decoder)
 

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemscope_jax import dictionaries
 from gemscope_jax.surgery import splice as splice_lib
 
 
@@ -129,7 +130,7 @@ class MemberStats:
         counts below the width.
     """
     self.member = member
-    inner = getattr(member.module, "dictionary", member.module)
+    inner = dictionaries.unwrapped(member.module)
     shape = getattr(inner, "latent_shape",
                     (int(np.shape(member.params["w_enc"])[-1]),))
     self.counts = jnp.zeros(shape, jnp.int32)

@@ -72,7 +72,7 @@ class Member:
   @property
   def mode(self) -> str:
     """'in_pass' or 'clean' (see the module docstring)."""
-    inner = getattr(self.module, "dictionary", self.module)
+    inner = dictionaries.unwrapped(self.module)
     if self.layout.kind == "crosscoder" or (
         self.layout.kind == "clt" and inner.activation != "jumprelu"):
       return "clean"

@@ -200,7 +200,7 @@ def validate(c: ml_collections.ConfigDict
   _need(c.data.bucket_tokens >= t.batch_size, "data.bucket_tokens",
         f"must be at least train.batch_size={t.batch_size}",
         c.data.bucket_tokens)
-  _need(isinstance(c.data.num_shards, int) and c.data.num_shards >= 0,
+  _need(_is_count(c.data.num_shards),
         "data.num_shards", "must be an int >= 0 (0: one per process)",
         c.data.num_shards)
   cache_tokens = c.data.get("cache_tokens", 0)

@@ -66,7 +66,7 @@ def from_state(run: Run, state, dictionary: plans.DictionaryPlan | None = None
   group member (default: the run's own dictionary).
   """
   d = dictionary or run.dictionary
-  module = getattr(run.module, "dictionary", run.module)
+  module = dictionaries.unwrapped(run.module)
   params = jax.device_get(state.params)
   scale = np.asarray(jax.device_get(state.norm_scale), np.float32)
   target_scale = np.asarray(jax.device_get(state.target_scale), np.float32)

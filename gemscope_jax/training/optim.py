@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gemscope_jax import dictionaries
 from gemscope_jax.training.plans import OptimizerPlan, StepPlan
 
 
@@ -65,15 +66,10 @@ def freq_scale(p: StepPlan, step: jax.Array) -> jax.Array:
   return jnp.clip(ramp, 0.0, 1.0).astype(jnp.float32)
 
 
-def _inner(module):
-  """The dictionary whose attributes the penalty reads: a Matryoshka
-  wrapper's inner one, else `module` itself."""
-  return getattr(module, "dictionary", module)
-
-
 def _with_inner(module, **changes):
-  """`module` with those attributes of `_inner(module)` replaced."""
-  inner = _inner(module)
+  """`module` with those attributes of its unwrapped dictionary (a
+  Matryoshka wrapper's inner one, else `module`) replaced."""
+  inner = dictionaries.unwrapped(module)
   scaled = inner.clone(**changes)
   return module.clone(dictionary=scaled) if inner is not module else scaled
 
@@ -81,7 +77,8 @@ def _with_inner(module, **changes):
 def with_freq_scaled(module, scale: jax.Array):
   """`module` with its `freq_coeff` times `scale` (a traced value), as
   `with_l0_targets_scaled` does for the L0 target."""
-  return _with_inner(module, freq_coeff=_inner(module).freq_coeff * scale)
+  inner = dictionaries.unwrapped(module)
+  return _with_inner(module, freq_coeff=inner.freq_coeff * scale)
 
 
 def with_l0_targets_scaled(module, scale: jax.Array):
@@ -93,7 +90,7 @@ def with_l0_targets_scaled(module, scale: jax.Array):
   reaches all three gradient methods without another argument through
   them. A Matryoshka wrapper gets a clone of its inner dictionary.
   """
-  inner = _inner(module)
+  inner = dictionaries.unwrapped(module)
   if getattr(inner, "target_l0", None) is None:
     return module
   changes = {"target_l0": inner.target_l0 * scale}

@@ -132,10 +132,11 @@ def make_source(plan: Plan, mesh: Mesh, gemma_params, tokenizer, *,
   if d.format != "text":
     meta["format"] = d.format  # only then, so older caches still resume
   if distributed.is_main_process():
-    activation_cache.write_cache(d.cache_dir, live(0, 1),
-                                 num_tokens=(d.cache_tokens
-                                             or plan.loop.num_tokens),
-                                 metadata=meta, progress=progress)
+    activation_cache.write_cache(
+        d.cache_dir, live(0, 1),
+        num_tokens=d.cache_tokens or plan.loop.num_tokens, metadata=meta,
+        progress=progress, size_name=("data.cache_tokens" if d.cache_tokens
+                                      else "train.num_tokens"))
   # Every process passes here once per local shard: number the barriers.
   per_process = max(1, shard_count // jax.process_count())
   distributed.barrier(f"gemscope_cache_{shard_index % per_process}")

@@ -93,7 +93,7 @@ def boxed_state(module: nn.Module, tx: optax.GradientTransformation,
     params = {k: (v.replace_boxed(v.unbox() * d.init_norm)
                   if k in ("w_enc", "w_dec") else v)
               for k, v in params.items()}
-  inner = getattr(module, "dictionary", module)
+  inner = dictionaries.unwrapped(module)
   shape = getattr(inner, "latent_shape", (d.config.d_sae,))
   names = getattr(inner, "latent_axes_names", ("latent",))
   return TrainState(

@@ -211,7 +211,7 @@ class Run:
             (silent_tokens >= sp.dead_after_tokens).astype(jnp.float32)),
         **{k: v for k, v in lo.aux.items() if jnp.ndim(v) == 0},
     }
-    inner = getattr(module, "dictionary", module)  # this step's values
+    inner = dictionaries.unwrapped(module)  # this step's values
     if sp.l0_target_decay_steps:
       metrics["l0_target"] = inner.target_l0
     if sp.freq_start_step:
