@@ -3,8 +3,9 @@
 `kernels.jumprelu_grad` (C++) against its jnp form and against float64
 numpy; `dense.loss_and_grads` against `jax.value_and_grad(compute_loss)` for
 JumpReLU SAEs (both penalties, with and without the pre-activation loss),
-JumpReLU transcoders (with and without the affine skip) and TopK SAEs and
-transcoders, with the kernel and without.
+JumpReLU transcoders (with and without the affine skip), both with the
+rank-k dense path, and TopK SAEs and transcoders, with the kernel and
+without.
 Thresholds are put at per-latent quantiles of the pre-activations and the
 bandwidth is wide, so every case has active pairs, inactive pairs and pairs
 inside the straight-through window (asserted), i.e. every gradient term is
@@ -108,6 +109,12 @@ CASES = {
         d_out=16, target_l0=40.0)),
     "transcoder_skip_preact": dict(cls=jumprelu_lib.JumpReLUTranscoder, kw=dict(
         d_out=16, target_l0=40.0, affine_skip=True, preact_coeff=1e-3)),
+    # The rank-k dense path (`Dictionary.dense`), with the high-frequency
+    # term it is meant to go with.
+    "sae_dense_path_high_freq": dict(cls=jumprelu_lib.JumpReLU, kw=dict(
+        target_l0=40.0, dense_rank=3, freq_coeff=3.0, max_freq=0.05)),
+    "transcoder_dense_path": dict(cls=jumprelu_lib.JumpReLUTranscoder, kw=dict(
+        d_out=16, target_l0=40.0, dense_rank=2, preact_coeff=1e-3)),
     "topk": dict(cls=topk_lib.TopK, kw=dict(k=30)),
     "topk_transcoder_skip": dict(cls=topk_lib.TopKTranscoder, kw=dict(
         k=30, d_out=16, affine_skip=True)),
@@ -135,6 +142,10 @@ def _case(name, seed=0):
   if module.affine_skip:
     params["w_skip"] = jnp.asarray(
         rng.normal(size=(D_IN, module.out_dim)) * 0.1, jnp.float32)
+  if module.dense_rank:  # zero at init, which would hide w_dense_in's grad
+    params["w_dense_out"] = jnp.asarray(
+        rng.normal(size=(module.dense_rank, module.out_dim)) * 0.1,
+        jnp.float32)
   if "threshold" in params:
     params["threshold"] = _quantile_thresholds(module, params, x, 0.1)
   return module, params, x, target

@@ -41,6 +41,10 @@ AXES = {
     # Affine skip of a transcoder; its output axis is named apart from the
     # input's so a rule sharding 'embed' never names one mesh axis twice.
     "w_skip": ("embed", "embed_out"),
+    # The rank-k dense path (`Dictionary.dense_rank`): replicated along
+    # its small rank axis.
+    "w_dense_in": ("embed", None),
+    "w_dense_out": (None, "embed_out"),
 }
 
 
@@ -119,6 +123,14 @@ class Dictionary(nn.Module):
       d_out), zero at init) to the reconstruction: Gemma Scope 2's affine
       transcoders (`affine_skip_connection`). `decode` alone leaves it out
       (it has no x); `__call__` adds it.
+    dense_rank: k > 0 adds the rank-k linear path `(x @ w_dense_in) @
+      w_dense_out` (w_dense_in (d_in, k) unit-norm He-uniform columns,
+      w_dense_out (k, d_out) zero at init) to the reconstruction: a dense
+      subspace (the residual stream's massive coordinates) that the
+      latents then need not carry by firing on almost every token. Like the
+      affine skip it reads x as given (no b_dec subtracted) and `__call__`
+      adds it; `fold_for_inference` exports it as k antipodal latent pairs
+      with threshold 0, so the exported dictionary is a plain one.
     dtype: compute dtype of the two matmuls' inputs; they accumulate in fp32
       and parameters are always stored in fp32.
   """
@@ -127,6 +139,7 @@ class Dictionary(nn.Module):
   d_out: int | None = None
   pre_enc_bias: bool = True
   affine_skip: bool = False
+  dense_rank: int = 0
   dtype: Any = jnp.float32
 
   # Whether the training loop should keep decoder rows at unit norm (and
@@ -166,6 +179,14 @@ class Dictionary(nn.Module):
     if self.affine_skip:
       self.w_skip = param(self, "w_skip", nn.initializers.zeros_init(),
                           (self.d_in, self.out_dim))
+    if self.dense_rank:
+      self.w_dense_in = param(
+          self, "w_dense_in",
+          lambda k, s, d: _unit_rows_init(k, s[::-1], d).T,
+          (self.d_in, self.dense_rank))
+      self.w_dense_out = param(self, "w_dense_out",
+                               nn.initializers.zeros_init(),
+                               (self.dense_rank, self.out_dim))
 
   def pre_acts(self, x: jax.Array) -> jax.Array:
     """(..., d_in) -> (..., d_sae) fp32: (x - b_dec) @ w_enc + b_enc."""
@@ -213,12 +234,24 @@ class Dictionary(nn.Module):
                       self.w_skip.astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
+  def dense(self, x: jax.Array) -> jax.Array:
+    """(..., d_in) -> (..., d_out) fp32 dense path `(x @ w_dense_in) @
+    w_dense_out`."""
+    h = jnp.einsum("...d,dk->...k", x.astype(self.dtype),
+                   self.w_dense_in.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    return jnp.einsum("...k,ke->...e", h.astype(self.dtype),
+                      self.w_dense_out.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
   def __call__(self, x: jax.Array) -> DictOutput:
     pre = self.pre_acts(x)
     latents = self.activate(pre)
     recon = self.decode(latents)
     if self.affine_skip:
       recon = (recon.astype(jnp.float32) + self.skip(x)).astype(self.dtype)
+    if self.dense_rank:
+      recon = (recon.astype(jnp.float32) + self.dense(x)).astype(self.dtype)
     return DictOutput(latents=latents, recon=recon, pre_acts=pre)
 
   def loss(self, x: jax.Array, out: DictOutput, *, sparsity_coeff,
@@ -397,6 +430,8 @@ def fold_for_inference(params: Params, norm_scale, *, threshold,
   An affine transcoder's `w_skip` comes out as `affine_skip_connection`
   (d_in, d_out) = w_skip * out_norm_scale / norm_scale, so that
   `recon_raw = f @ w_dec + b_dec + x_raw @ affine_skip_connection`.
+  A dense path (`Dictionary.dense_rank` k) comes out as 2k more latents
+  after the trained ones (`_with_dense_pairs`).
   """
   p = {k: jnp.asarray(leaf_value(v), jnp.float32) for k, v in params.items()}
   s_in = jnp.asarray(norm_scale, jnp.float32)
@@ -416,4 +451,34 @@ def fold_for_inference(params: Params, norm_scale, *, threshold,
   }
   if "w_skip" in p:
     arrays["affine_skip_connection"] = p["w_skip"] * (s_out / s_in)
+  if "w_dense_in" in p:
+    arrays = _with_dense_pairs(arrays, p["w_dense_in"], p["w_dense_out"],
+                               s_out / s_in)
   return arrays
+
+
+def _with_dense_pairs(arrays: dict[str, jax.Array], w_in: jax.Array,
+                      w_out: jax.Array, scale) -> dict[str, jax.Array]:
+  """`arrays` with a dense path appended as 2k latents (k its rank).
+
+  Raw units: x_raw @ (w_in @ w_out) * scale = sum_j (x_raw . u_j) v_j with
+  v_j = w_out[j] / |w_out[j]| (a unit decoder row) and u_j = w_in[:, j] *
+  |w_out[j]| * scale. Since relu(z) - relu(-z) = z, the pair (encoder u_j,
+  decoder v_j) and (-u_j, -v_j), with b_enc 0 and threshold 0 (where
+  JumpReLU is relu), adds exactly that term: latents d_sae + 2j and
+  d_sae + 2j + 1. A direction whose w_out row is zero gets zero columns
+  and rows (it never fires).
+  """
+  norms = jnp.linalg.norm(w_out, axis=-1)
+  v = w_out / jnp.where(norms > 0, norms, 1.0)[:, None]
+  u = w_in * (norms * scale)[None, :]
+  k = norms.shape[0]
+  # Interleave (+u_0, -u_0, +u_1, ...): column 2j is +, 2j + 1 is -.
+  enc = jnp.stack([u, -u], axis=-1).reshape(u.shape[0], 2 * k)
+  dec = jnp.stack([v, -v], axis=1).reshape(2 * k, v.shape[-1])
+  zeros = jnp.zeros((2 * k,), jnp.float32)
+  return {**arrays,
+          "w_enc": jnp.concatenate([arrays["w_enc"], enc], axis=1),
+          "w_dec": jnp.concatenate([arrays["w_dec"], dec], axis=0),
+          "b_enc": jnp.concatenate([arrays["b_enc"], zeros]),
+          "threshold": jnp.concatenate([arrays["threshold"], zeros])}

@@ -67,6 +67,9 @@ class DictConfig:
     max_freq: JumpReLU: the firing frequency above which `freq_coeff`
       penalises a latent.
     affine_skip: transcoders only: learn the affine skip `x @ w_skip`.
+    dense_rank: single-layer JumpReLU SAEs and transcoders without the
+      affine skip: k > 0 adds the rank-k linear path `Dictionary.dense`
+      to the reconstruction; 0: off.
     n_layers: crosscoders and CLTs only (required): layers read/written.
     l0_targets: JumpReLU CLTs only: one target L0 per layer (n_layers
       floats), each layer's quadratic penalty on its own L0; None: one
@@ -91,6 +94,7 @@ class DictConfig:
   freq_coeff: float = 0.0
   max_freq: float = 0.1
   affine_skip: bool = False
+  dense_rank: int = 0
   n_layers: int | None = None
   causal: bool = False
   l0_targets: tuple[float, ...] | None = None
@@ -118,6 +122,17 @@ class DictConfig:
     if self.affine_skip and arch not in TRANSCODERS:
       raise _bad("affine_skip", f"needs a transcoder architecture "
                  f"{TRANSCODERS}, not {arch!r}", self.affine_skip)
+    if (not isinstance(self.dense_rank, int) or isinstance(
+        self.dense_rank, bool) or not 0 <= self.dense_rank < self.d_in):
+      raise _bad("dense_rank", f"must be an int in [0, d_in={self.d_in}) "
+                 "(0: off)", self.dense_rank)
+    if self.dense_rank and (arch not in ("jumprelu", "jumprelu_transcoder")
+                            or self.affine_skip
+                            or self.matryoshka_prefixes is not None):
+      raise _bad("dense_rank", "needs architecture 'jumprelu' or "
+                 "'jumprelu_transcoder' without affine_skip (which is "
+                 f"full rank already) or matryoshka_prefixes, not {arch!r}",
+                 self.dense_rank)
     if multi:
       if not isinstance(self.n_layers, int) or self.n_layers < 1:
         raise _bad("n_layers", f"must be a positive int for {arch!r}",

@@ -272,7 +272,7 @@ class JumpReLU(_base.Dictionary):
   def from_config(cls, config) -> JumpReLU:
     return cls(d_in=config.d_in, d_sae=config.d_sae, d_out=config.d_out,
                pre_enc_bias=config.pre_enc_bias, dtype=jnp.dtype(config.dtype),
-               bandwidth=config.bandwidth,
+               dense_rank=config.dense_rank, bandwidth=config.bandwidth,
                sparsity_penalty=config.sparsity_penalty,
                target_l0=config.target_l0, preact_coeff=config.preact_coeff,
                l0_preact_bandwidth=config.l0_preact_bandwidth,
@@ -295,7 +295,7 @@ class JumpReLUTranscoder(JumpReLU):
     return cls(d_in=config.d_in, d_sae=config.d_sae, d_out=config.d_out,
                pre_enc_bias=config.pre_enc_bias,
                affine_skip=config.affine_skip, dtype=jnp.dtype(config.dtype),
-               bandwidth=config.bandwidth,
+               dense_rank=config.dense_rank, bandwidth=config.bandwidth,
                sparsity_penalty=config.sparsity_penalty,
                target_l0=config.target_l0, preact_coeff=config.preact_coeff,
                l0_preact_bandwidth=config.l0_preact_bandwidth,

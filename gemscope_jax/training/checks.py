@@ -186,6 +186,9 @@ def validate(c: ml_collections.ConfigDict
                                     and t.step != "sparse"),
         "dictionary.freq_coeff", "needs a jumprelu architecture and "
         "train.step 'dense' or 'autodiff'", d.get("freq_coeff"))
+  _need(not d.get("dense_rank") or t.step != "sparse",
+        "dictionary.dense_rank", "needs train.step 'dense' or 'autodiff'",
+        d.get("dense_rank"))
   _check_l0_decay(t, d)
   _check_freq_start(t, d)
   _check_init_from(d, dictionaries)

@@ -94,6 +94,13 @@ def default_config() -> ml_collections.ConfigDict:
       dtype="float32",
       matryoshka_prefixes=config_dict.placeholder(tuple),
       affine_skip=False,        # transcoders: learn x @ w_skip as well
+      # JumpReLU SAEs and transcoders: k > 0 adds a rank-k linear path
+      # x @ w_dense_in @ w_dense_out to the reconstruction, for the dense
+      # subspace (the massive residual coordinates) that otherwise turns
+      # into latents firing on nearly every token; exported as k antipodal
+      # latent pairs with threshold 0 (each pair adds 1 to the exported
+      # L0). 0: off.
+      dense_rank=0,
       # Crosscoders and CLTs: the layers one dictionary spans ('all',
       # 'a-b', 'a+b', ints), reading the hookpoint's site (crosscoder) or
       # mlp_in -> mlp_out (CLT) at each.

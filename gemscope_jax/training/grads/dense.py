@@ -7,13 +7,15 @@ over the token axis one at a time; on a 2-core CPU that costs about a third
 of a step at width 16k. Here the same loss and gradients are written out:
 
   pre   = (x - b_dec) @ w_enc + b_enc         f = pre * (pre > threshold)
-  recon = f @ w_dec + b_dec [+ x @ w_skip]     g_r = dL/d recon = 2 (recon - y) / T
+  recon = f @ w_dec + b_dec [+ x @ w_skip] [+ (x @ w_din) @ w_dout]
+                                              g_r = dL/d recon = 2 (recon - y) / T
   g_f   = g_r @ w_dec^T
   g_pre, per-latent sums = one fused pass over (g_f, pre)  (kernels.jumprelu)
   (on the CPU the five matmuls run on oneDNN, `kernels.matmul`, about 10 %
   faster than XLA's dot at these shapes)
   dw_dec = (g_r^T f)^T    dw_enc = (x - b_dec)^T g_pre    db_enc = sum_t g_pre
   db_dec = sum_t g_r - w_enc db_enc   (the pre-encoder bias; without it sum_t g_r)
+  dw_din = x^T (g_r @ w_dout^T)       dw_dout = (x @ w_din)^T g_r  (dense path)
   dthreshold = -(1/eps) (threshold * sum_t w g_f + dP/dL0 / T * sum_t w)
                + preact_coeff / T * sum_t [pre < threshold]
                [- (1/eps) 2 c relu(fired / T - m) / (m^2 T) * sum_t w,
@@ -176,6 +178,8 @@ def _decode_and_backward(module, mm: _Matmuls, p, x, y, f):
   recon = mm.ab(f, p["w_dec"]) + p["b_dec"]
   if module.affine_skip:
     recon = recon + mm.ab(x, p["w_skip"])
+  if module.dense_rank:
+    recon = recon + (x @ p["w_dense_in"]) @ p["w_dense_out"]
   err = recon - y
   mse = jnp.mean(jnp.sum(jnp.square(err), axis=-1))
   g_r = (2.0 / x.shape[0]) * err
@@ -195,6 +199,10 @@ def _weight_grads(module, mm: _Matmuls, p, x, xc, f, g_r, g_pre, g_b_enc
   }
   if module.affine_skip:
     grads["w_skip"] = mm.atb(x, g_r)
+  if module.dense_rank:
+    # Rank k is small: plain XLA dots (the (T, k) products are cheap).
+    grads["w_dense_in"] = x.T @ (g_r @ p["w_dense_out"].T)
+    grads["w_dense_out"] = (x @ p["w_dense_in"]).T @ g_r
   return grads
 
 
