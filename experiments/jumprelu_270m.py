@@ -22,9 +22,23 @@ Arguments after the colon override fields, e.g.
   experiments/jumprelu_270m.py:width=16384,step=sparse
   experiments/jumprelu_270m.py:gs2                    the published scale
                                                       (batch 4096, lr 7e-5)
+  experiments/jumprelu_270m.py:dense_path             no dense latents
+  experiments/jumprelu_270m.py:dense_path=8           (a rank-8 path)
+
+`dense_path[=K]` (default K = DENSE_RANK): the high-frequency penalty
+(dictionary.freq_coeff 0.1, train.grad_clip_norm 300) with a rank-K dense
+path beside the latents (dictionary.dense_rank K), its sparse target L0
+lowered by K so that the exported dictionary (K antipodal pairs added, one
+of each firing per token) keeps the L0 asked for. On three epochs of this
+job's data no latent fires on more than 10 % of held-out tokens, at the
+plain SAE's FVU and a lower LM loss (README, "the high-frequency
+penalty").
 """
 
+from gemscope_jax import errors
 from gemscope_jax.training import config as config_lib
+
+DENSE_RANK = 16
 
 
 def get_config(arg=None):
@@ -38,4 +52,17 @@ def get_config(arg=None):
     # The 270M preset's CPU-sized recipe, encoder columns starting at norm
     # 0.3 (training/presets.py says why).
     c = config_lib.preset("gemma3_270m")
-  return config_lib.apply_overrides(c, overrides)
+  dense = overrides.pop("dense_path", None)
+  c = config_lib.apply_overrides(c, overrides)
+  if dense is not None:
+    k = DENSE_RANK if dense is True else dense
+    if (not isinstance(k, int) or isinstance(k, bool) or not 0 < k
+        < c.dictionary.target_l0):
+      raise errors.UsageError(
+          f"experiments/jumprelu_270m.py: dense_path={dense!r}: the path's "
+          f"rank must be an int in (0, target_l0={c.dictionary.target_l0})")
+    c.dictionary.dense_rank = k
+    c.dictionary.target_l0 = float(c.dictionary.target_l0) - k
+    c.dictionary.freq_coeff = 0.1
+    c.train.grad_clip_norm = 300.0
+  return c

@@ -2,8 +2,8 @@
 
 Its forward value against numpy; its export as k antipodal latent pairs
 computing exactly the same map (SAE with the pre-encoder bias, transcoder
-with separate scales), through the Gemma Scope 2 and SAELens files and the
-PyTorch port; its config errors; and on a synthetic problem with a known
+with separate scales), through the Gemma Scope 2 and SAELens files, the
+PyTorch port and SAELens itself; its config errors; and on a synthetic problem with a known
 continuous dense direction (what the residual stream's massive coordinates
 are), what it is for: the high-frequency penalty alone removes the dense
 latents at an FVU cost, with a rank-1 path beside it no latent fires on
@@ -123,6 +123,12 @@ def test_export_as_antipodal_pairs_is_exact(kind, tmp_path):
     port = torch_dictionary.TorchDictionary.from_folder(folder)
     got = port(torch.from_numpy(x_raw)).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    if i == 0 and kind == "sae":  # SAELens itself, an independent reader
+      from sae_lens import SAE  # pylint: disable=import-outside-toplevel
+      sae = SAE.load_from_disk(str(folder), device="cpu")
+      with torch.no_grad():
+        got = sae.decode(sae.encode(torch.from_numpy(x_raw))).numpy()
+      np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -199,3 +205,53 @@ def test_dense_path_takes_the_dense_coordinate_without_fvu_cost():
   # With the path: no dense latent and no FVU cost.
   assert path_freq.max() <= 0.105, path_freq.max()
   assert path_fvu <= plain_fvu, (path_fvu, plain_fvu)
+
+
+def test_training_run_exports_the_pairs_with_their_place():
+  """A run with `dictionary.dense_rank` (the main job's config): its state
+  has the path's parameters, and its export carries 2k more latents that
+  `metadata['dense_path_latents']` locates, computing the trained map."""
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training import export as export_lib  # pylint: disable=import-outside-toplevel
+  from gemscope_jax.training.step import Run  # pylint: disable=import-outside-toplevel
+  c = config_lib.load("experiments/jumprelu_270m.py:width=64")
+  c.dictionary.dense_rank, c.dictionary.target_l0 = 4, 16.0
+  run = Run.from_config(c, devices=jax.devices()[:1])
+  d = run.dict_config.d_in
+  scale = 37.0
+  state = run.init(jax.random.key(0), jnp.zeros((d,)), jnp.asarray(scale),
+                   jnp.asarray(scale))
+  assert state.params["w_dense_in"].shape == (d, 4)
+  rng = np.random.default_rng(0)
+  params = dict(state.params)
+  params["w_dense_out"] = jnp.asarray(rng.normal(size=(4, d)), jnp.float32)
+  params["b_dec"] = jnp.asarray(rng.normal(size=d), jnp.float32)
+  state = state.replace(params=params)
+  inf = export_lib.from_state(run, state)
+  assert inf.d_sae == 64 + 8
+  assert inf.metadata["dense_path_rank"] == 4
+  assert inf.metadata["dense_path_latents"] == [64, 72]
+  assert inf.metadata["target_l0"] == 16.0
+  x_raw = rng.normal(size=(5, d)).astype(np.float32) * scale
+  want = run.module.apply({"params": {k: D.leaf_value(v) for k, v in
+                                      params.items()}},
+                          jnp.asarray(x_raw / scale)).recon
+  np.testing.assert_allclose(np.asarray(inf(x_raw)),
+                             np.asarray(want) * scale, rtol=1e-4,
+                             atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("arg,rank,target", [
+    ("dense_path", 16, 44.0), ("dense_path=8", 8, 52.0),
+    ("target_l0=20,dense_path=4", 4, 16.0)])
+def test_experiment_flag_keeps_the_exported_l0(arg, rank, target):
+  """`experiments/jumprelu_270m.py:dense_path[=K]`: the penalty, a rank-K
+  path and a sparse target lowered by K (the pairs add K to the exported
+  L0)."""
+  from gemscope_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  c = config_lib.load(f"experiments/jumprelu_270m.py:{arg}")
+  assert (c.dictionary.dense_rank, c.dictionary.target_l0) == (rank, target)
+  assert c.dictionary.freq_coeff == 0.1 and c.train.grad_clip_norm == 300
+  config_lib.check(c)
+  with pytest.raises(ValueError, match=r"dense_path=60.*target_l0=60"):
+    config_lib.load("experiments/jumprelu_270m.py:dense_path=60")

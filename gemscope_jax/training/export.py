@@ -48,7 +48,18 @@ def _metadata(run: Run, d: plans.DictionaryPlan, state, trained: str
           "target_scale": np.asarray(jax.device_get(state.target_scale),
                                      np.float64).tolist(),
           "target_l0": d.config.target_l0,
-          "trained_tokens": int(state.step) * run.plan.step.batch_size}
+          "trained_tokens": int(state.step) * run.plan.step.batch_size,
+          **_dense_path_metadata(d.config)}
+
+
+def _dense_path_metadata(config) -> dict:
+  """Where a dense path's antipodal pairs sit among the exported latents
+  (`dictionaries.fold_for_inference`): after the trained ones."""
+  k = getattr(config, "dense_rank", 0)
+  if not k:
+    return {}
+  return {"dense_path_rank": k,
+          "dense_path_latents": [config.d_sae, config.d_sae + 2 * k]}
 
 
 def _model_name(run: Run) -> str:
