@@ -231,7 +231,9 @@ def test_training_run_exports_the_pairs_with_their_place():
   assert inf.d_sae == 64 + 8
   assert inf.metadata["dense_path_rank"] == 4
   assert inf.metadata["dense_path_latents"] == [64, 72]
-  assert inf.metadata["target_l0"] == 16.0
+  # The exported L0 target counts one latent of each pair.
+  assert inf.metadata["target_l0"] == 20.0
+  assert inf.metadata["dense_path_sparse_target_l0"] == 16.0
   x_raw = rng.normal(size=(5, d)).astype(np.float32) * scale
   want = run.module.apply({"params": {k: D.leaf_value(v) for k, v in
                                       params.items()}},

@@ -54,12 +54,16 @@ def _metadata(run: Run, d: plans.DictionaryPlan, state, trained: str
 
 def _dense_path_metadata(config) -> dict:
   """Where a dense path's antipodal pairs sit among the exported latents
-  (`dictionaries.fold_for_inference`): after the trained ones."""
+  (`dictionaries.fold_for_inference`): after the trained ones. One latent
+  of each pair fires per token, so the exported dictionary's target L0
+  (what a release folder is named by) is the sparse code's plus k."""
   k = getattr(config, "dense_rank", 0)
   if not k:
     return {}
   return {"dense_path_rank": k,
-          "dense_path_latents": [config.d_sae, config.d_sae + 2 * k]}
+          "dense_path_latents": [config.d_sae, config.d_sae + 2 * k],
+          "dense_path_sparse_target_l0": config.target_l0,
+          "target_l0": config.target_l0 + k}
 
 
 def _model_name(run: Run) -> str:
