@@ -30,9 +30,11 @@ Arguments after the colon override fields, e.g.
 path beside the latents (dictionary.dense_rank K), its sparse target L0
 lowered by K so that the exported dictionary (K antipodal pairs added, one
 of each firing per token) keeps the L0 asked for. On three epochs of this
-job's data no latent fires on more than 10 % of held-out tokens, at the
-plain SAE's FVU and a lower LM loss (README, "the high-frequency
-penalty").
+job's data (`--set data.cache_dir=DIR --set data.cache_tokens=614400
+--set train.num_tokens=1843200`: the Gemma pass once, 7 minutes, then
+about 7 minutes of training and 4.5 of evaluation) no latent of the
+sparse code fires on more than 10 % of held-out tokens, at the plain
+SAE's FVU and a lower LM loss (README, "The dense path").
 """
 
 from gemscope_jax import errors
