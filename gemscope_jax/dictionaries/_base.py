@@ -109,6 +109,12 @@ def _unit_rows_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
 
 
+def _unit_columns_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """`_unit_rows_init` of the transposed shape, transposed: every column
+  unit-norm."""
+  return _unit_rows_init(key, shape[::-1], dtype).T
+
+
 class Dictionary(nn.Module):
   """Shared parameters and forward pass; subclasses define `activate`/`penalty`.
 
@@ -168,10 +174,8 @@ class Dictionary(nn.Module):
                          (self.d_in, self.d_sae))
     else:
       # No transpose to tie to: unit-norm He-uniform columns instead.
-      self.w_enc = param(
-          self, "w_enc",
-          lambda k, s, d: _unit_rows_init(k, s[::-1], d).T,
-          (self.d_in, self.d_sae))
+      self.w_enc = param(self, "w_enc", _unit_columns_init,
+                         (self.d_in, self.d_sae))
     self.b_enc = param(self, "b_enc", nn.initializers.zeros_init(),
                        (self.d_sae,))
     self.b_dec = param(self, "b_dec", nn.initializers.zeros_init(),
@@ -180,10 +184,8 @@ class Dictionary(nn.Module):
       self.w_skip = param(self, "w_skip", nn.initializers.zeros_init(),
                           (self.d_in, self.out_dim))
     if self.dense_rank:
-      self.w_dense_in = param(
-          self, "w_dense_in",
-          lambda k, s, d: _unit_rows_init(k, s[::-1], d).T,
-          (self.d_in, self.dense_rank))
+      self.w_dense_in = param(self, "w_dense_in", _unit_columns_init,
+                              (self.d_in, self.dense_rank))
       self.w_dense_out = param(self, "w_dense_out",
                                nn.initializers.zeros_init(),
                                (self.dense_rank, self.out_dim))

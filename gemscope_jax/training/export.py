@@ -57,7 +57,7 @@ def _dense_path_metadata(config) -> dict:
   (`dictionaries.fold_for_inference`): after the trained ones. One latent
   of each pair fires per token, so the exported dictionary's target L0
   (what a release folder is named by) is the sparse code's plus k."""
-  k = getattr(config, "dense_rank", 0)
+  k = config.dense_rank
   if not k:
     return {}
   return {"dense_path_rank": k,
